@@ -1,0 +1,79 @@
+"""From a device profile's RAM and latency budgets to a byte budget for the model's weights.
+
+RAM: weights + KV cache at the profile's max context + runtime overhead must fit the model's RAM
+budget. Latency: decoding is bandwidth-bound on edge devices (every weight and the KV cache are
+read once per token), so a decode budget of t ms allows t * effective bandwidth bytes per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .compress import Projection
+from .errors import BudgetError
+
+MB = 1_000_000
+# ONNX Runtime's arena, activations and tokenizer of a small decoder: an estimate, checked against
+# measured RSS by the validation step.
+RUNTIME_OVERHEAD_MB = 100.0
+# Fraction of the datasheet bandwidth a decode loop reaches (the project's CPU machines reach
+# about 20 of ~28 GB/s copy bandwidth in ONNX Runtime): an estimate.
+BANDWIDTH_EFFICIENCY = 0.7
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def kv_cache_bytes(config, context: int, bytes_per_elem: float = 4.0) -> float:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * context * bytes_per_elem
+
+
+@dataclass
+class WeightBudget:
+    ram_bytes: float  # weights allowed by the RAM budget
+    latency_bytes: float  # weights allowed by the decode latency budget
+    precision: str
+    kv_cache_bytes: float
+
+    @property
+    def bytes(self) -> float:
+        return min(self.ram_bytes, self.latency_bytes)
+
+    @property
+    def binding(self) -> str:
+        return "ram" if self.ram_bytes <= self.latency_bytes else "latency"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bytes": self.bytes, "binding": self.binding}
+
+
+def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
+    """The weight bytes a model may have on `profile`, with KV cache kept at the same precision."""
+    per = BYTES_PER_PARAM[precision]
+    kv = kv_cache_bytes(config, profile.budget.max_context, max(per, 2.0))  # caches stay >= fp16
+    ram = profile.budget.model_ram_mb * MB - kv - RUNTIME_OVERHEAD_MB * MB
+    bandwidth = profile.hardware.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    latency = profile.budget.decode_ms_per_token / 1000.0 * bandwidth - kv
+    return WeightBudget(ram, latency, precision, kv)
+
+
+def uniform_ratio_for_budget(projections: list[Projection], total_params: int, budget_bytes: float,
+                             precision: str = "fp32") -> float:
+    """The uniform fraction of projection parameters to remove so the weights fit `budget_bytes`.
+
+    Returns 0.0 when the dense model fits. Raises BudgetError, naming the smallest feasible budget,
+    when even the smallest factorization (rank 1 everywhere) does not fit.
+    """
+    per = BYTES_PER_PARAM[precision]
+    dense = sum(p.params for p in projections)
+    fixed = total_params - dense  # embeddings, norms: not factorized
+    if total_params * per <= budget_bytes:
+        return 0.0
+    smallest = fixed + sum(p.factor_params(1) for p in projections)
+    if smallest * per > budget_bytes:
+        raise BudgetError(
+            f"budget infeasible: weights may take {budget_bytes / MB:.0f} MB but the smallest "
+            f"factorization of this model needs {smallest * per / MB:.0f} MB at {precision}"
+        )
+    allowed = budget_bytes / per - fixed
+    return min(0.99, 1.0 - allowed / dense)

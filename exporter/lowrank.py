@@ -1,0 +1,114 @@
+"""Low-rank factorization of linear layers: whitened SVD (SVD-LLM) and plain SVD.
+
+A projection W (out x in) becomes U (out x r) @ V (r x in), stored as two nn.Linear layers so
+every exporter and runtime sees ordinary MatMuls. Components are ordered by singular value, so a
+smaller rank is always a prefix of the same factors (rank-sliced levels rely on this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) with down: in -> rank and up: rank -> out (bias on `up`)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.down = nn.Linear(in_features, rank, bias=False, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @classmethod
+    def from_factors(cls, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None):
+        module = cls(down.shape[1], up.shape[0], down.shape[0], bias=bias is not None, dtype=up.dtype)
+        with torch.no_grad():
+            module.down.weight.copy_(down)
+            module.up.weight.copy_(up)
+            if bias is not None:
+                module.up.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def break_even_rank(out_features: int, in_features: int) -> int:
+    """Largest rank at which the two factors hold fewer parameters than the dense matrix."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+@dataclass
+class Decomposition:
+    """W ~= up[:, :r] @ down[:r] for any r <= len(sigma); components in descending importance."""
+
+    up: torch.Tensor  # out x k
+    down: torch.Tensor  # k x in
+    sigma: torch.Tensor  # k singular values of W (plain) or of W @ S (whitened)
+    bias: torch.Tensor | None = None
+
+    @property
+    def max_rank(self) -> int:
+        return self.sigma.numel()
+
+    def linear(self, rank: int) -> LowRankLinear:
+        return LowRankLinear.from_factors(
+            self.up[:, :rank].contiguous(), self.down[:rank].contiguous(), self.bias
+        )
+
+
+def whitening_factor(gram: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+    """Lower-triangular S with S @ S.T = gram (+ a growing diagonal shift when gram is singular)."""
+    gram = gram.double()
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    jitter = 0.0
+    for attempt in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(gram + jitter * scale * eye)
+        if int(info) == 0:
+            return factor
+        jitter = 1e-6 * 10**attempt
+    raise torch.linalg.LinAlgError("Gram matrix is not positive definite even with a diagonal shift")
+
+
+def decompose(
+    weight: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    max_rank: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> Decomposition:
+    """SVD of W (plain) or of W @ S with S S^T = X^T X (truncation-aware whitening, SVD-LLM).
+
+    Whitening makes singular values measure the output error on the calibration inputs: dropping
+    component k costs exactly sigma_k^2 of ||X W^T - X W_r^T||^2. Each component is split so its two
+    factor vectors have equal norm, which keeps later gradient training of the factors stable.
+    """
+    w = weight.detach().double()
+    if gram is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        down_dir = vh
+    else:
+        chol = whitening_factor(gram)
+        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        # down = vh @ S^-1, computed as a triangular solve: S^T down^T = vh^T.
+        down_dir = torch.linalg.solve_triangular(chol.T, vh.T, upper=True).T
+    k = s.numel() if max_rank is None else min(max_rank, s.numel())
+    u, s, down_dir = u[:, :k], s[:k], down_dir[:k]
+    down_norm = down_dir.norm(dim=1).clamp_min(1e-30)
+    up_scale = (s * down_norm).sqrt().clamp_min(1e-30)  # ||u_k|| = 1: this balances the norms
+    up = u * up_scale
+    down = down_dir * (s / up_scale).unsqueeze(1)
+    return Decomposition(
+        up.to(weight.dtype), down.to(weight.dtype), s.to(torch.float32),
+        None if bias is None else bias.detach().clone(),
+    )

@@ -1,0 +1,113 @@
+"""Calibration statistics collected one decoder layer at a time (bounded memory).
+
+The model's embedding runs once to capture the inputs of the first decoder layer (with whatever
+keyword arguments the architecture passes: rotary embeddings, masks); then every layer runs on the
+stored hidden states of all calibration samples, with hooks on its nn.Linear modules accumulating
+the Gram matrix X^T X of their inputs. Only one layer's activations are alive at a time, as in
+llm-compressor's sequential pipeline, so 1B-class models fit in a few GB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .models import decoder_layers
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
+    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
+    first = decoder_layers(model)[0]
+    captured = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        kwargs["use_cache"] = False
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for begin in range(0, input_ids.shape[0], batch_size):
+            try:
+                with torch.no_grad():
+                    model(input_ids[begin : begin + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True
+                     ) -> Iterator[tuple[int, nn.Module, dict[str, torch.Tensor]]]:
+    """Yield (index, layer, {qualified linear name: X^T X}) for every decoder layer, in order.
+
+    Linears that read the same tensor (q/k/v; gate/up) share one Gram matrix object: it is
+    accumulated once. Statistics come from the original (dense) activations, so they can be
+    reused for any rank choice. Accumulation is float32 per batch and float64 across batches.
+    """
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    prefix = _layers_prefix(model, layers)
+    states = capture_layer_inputs(model, input_ids, batch_size)
+    for index in tqdm(range(len(layers)), desc="calibration statistics", unit="layer", disable=not progress):
+        layer = layers[index]
+        batch_grams: dict[str, torch.Tensor] = {}
+        by_input: dict[tuple, torch.Tensor] = {}
+
+        def hook(name):
+            def accumulate(_module, args):
+                x = args[0].detach()
+                key = (x.data_ptr(), tuple(x.shape))
+                if key not in by_input:
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    # Holding x keeps its memory from being reused by a later input with
+                    # the same address and shape within this forward pass.
+                    by_input[key] = (x, flat.T @ flat)
+                batch_grams[name] = by_input[key][1]
+            return accumulate
+
+        handles = [
+            module.register_forward_pre_hook(hook(f"{prefix}.{index}.{name}"))
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)
+        ]
+        totals: dict[str, torch.Tensor] = {}  # shared inputs map to one float64 tensor
+        try:
+            for b, (hidden, kwargs) in enumerate(states):
+                batch_grams.clear()
+                by_input.clear()
+                with torch.no_grad():
+                    states[b] = (run_layer(layer, hidden, kwargs), kwargs)
+                added: dict[int, torch.Tensor] = {}
+                for name, gram in batch_grams.items():
+                    if id(gram) not in added:
+                        total = totals.get(name)
+                        if total is None:
+                            total = torch.zeros(gram.shape, dtype=torch.float64)
+                        added[id(gram)] = total.add_(gram.double())
+                    totals[name] = added[id(gram)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield index, layer, totals
+
+
+def _layers_prefix(model, layers) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise RuntimeError("decoder layers are not a submodule of the model")

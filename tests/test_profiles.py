@@ -1,0 +1,165 @@
+"""Tests for exporter.profiles: shipped profiles, lookup, user files and validation errors."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import ProfileError
+from exporter.profiles import (
+    PROFILES_DIR,
+    DeviceProfile,
+    format_profile,
+    format_profile_table,
+    list_profiles,
+    load_profile,
+    measure_host,
+    profile_names,
+)
+
+SHIPPED = [
+    "jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
+    "snapdragon-8-gen3", "iphone-15-pro", "raspberry-pi-5", "host",
+]
+
+# A valid user profile; malformed variants are made from it by text substitution.
+VALID = """\
+name = "my-board"
+description = "A user's own board"
+measured = false
+
+[hardware]
+memory_gb = 4.0
+memory_bandwidth_gbs = 25.6
+compute_tflops = { fp32 = 0.1, int8 = 0.4 }
+
+[hardware.sources]
+memory_gb = "board manual"
+memory_bandwidth_gbs = "board manual"
+compute_tflops = "estimate: cores x GHz x FLOPs/cycle"
+
+[runtime]
+execution_providers = ["CPUExecutionProvider"]
+weight_precision = "int8"
+
+[budget]
+model_ram_mb = 1024
+decode_ms_per_token = 80.0
+prefill_ms = 3000.0
+prefill_prompt_tokens = 256
+max_context = 2048
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "user.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads(name):
+    p = load_profile(name)
+    assert p.name == name and p.path == PROFILES_DIR / f"{name}.toml"
+    assert p.hardware.memory_gb > 0 and p.hardware.memory_bandwidth_gbs > 0
+    assert all(v > 0 for v in p.hardware.compute_tflops.values())
+    assert set(p.hardware.sources) == {"memory_gb", "memory_bandwidth_gbs", "compute_tflops"}
+    assert p.runtime.execution_providers[-1] == "CPUExecutionProvider"
+    json.dumps(p.to_dict())  # manifests need it serializable
+    assert name in format_profile(p)
+
+
+def test_list_profiles_sorted_and_complete():
+    profiles = list_profiles()
+    assert [p.name for p in profiles] == sorted(SHIPPED)
+    table = format_profile_table(profiles)
+    assert len(table.splitlines()) == len(SHIPPED) + 1
+    assert set(profile_names()) == set(SHIPPED) | {"jetson-orin"}
+
+
+def test_alias_resolves_to_smallest_orin():
+    assert load_profile("jetson-orin").name == "jetson-orin-nano-8gb"
+
+
+def test_unknown_device_lists_valid_names():
+    with pytest.raises(ProfileError) as e:
+        load_profile("jetson-thor")
+    msg = str(e.value)
+    assert "unknown device 'jetson-thor'" in msg
+    for name in SHIPPED + ["jetson-orin"]:
+        assert name in msg
+    assert ".toml" in msg
+
+
+def test_user_toml_path_loads(tmp_path):
+    p = load_profile(str(write(tmp_path, VALID)))
+    assert isinstance(p, DeviceProfile)
+    assert p.name == "my-board"  # a user file's name need not match its stem
+    assert p.runtime.weight_precision == "int8"
+    assert p.budget.prefill_prompt_tokens == 256
+    assert p.hardware.compute_tflops == {"fp32": 0.1, "int8": 0.4}
+
+
+def test_missing_user_file(tmp_path):
+    with pytest.raises(ProfileError, match="not found"):
+        load_profile(str(tmp_path / "absent.toml"))
+
+
+@pytest.mark.parametrize(
+    "old, new, field, expected",
+    [
+        ("decode_ms_per_token = 80.0\n", "", "budget.decode_ms_per_token", "missing"),
+        ("decode_ms_per_token = 80.0", 'decode_ms_per_token = "fast"', "budget.decode_ms_per_token",
+         "expected a positive number, got 'fast'"),
+        ("memory_gb = 4.0", "memory_gb = -4.0", "hardware.memory_gb", "positive"),
+        ("max_context = 2048", "max_context = 2048.5", "budget.max_context", "integer"),
+        ('weight_precision = "int8"', 'weight_precision = "int3"', "runtime.weight_precision",
+         "expected one of fp32, fp16, int8, int4"),
+        ('execution_providers = ["CPUExecutionProvider"]', "execution_providers = []",
+         "runtime.execution_providers", "non-empty list"),
+        ('memory_gb = "board manual"\n', "", "hardware.sources.memory_gb", "missing"),
+        ("int8 = 0.4", "int4 = 0.4", "hardware.compute_tflops.int4", "unknown key"),
+        ("measured = false", "measured = false\nmesured = true", "mesured", "unknown key"),
+        ("max_context = 2048", "max_context = 2048\nmax_ctx = 4096", "budget.max_ctx", "unknown key"),
+    ],
+)
+def test_malformed_profile_names_file_and_field(tmp_path, old, new, field, expected):
+    assert old in VALID
+    path = write(tmp_path, VALID.replace(old, new, 1))
+    with pytest.raises(ProfileError) as e:
+        load_profile(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and f"'{field}'" in msg and expected in msg
+
+
+def test_toml_syntax_error_names_file(tmp_path):
+    path = write(tmp_path, VALID.replace("max_context = 2048", "max_context = = 2048"))
+    with pytest.raises(ProfileError) as e:
+        load_profile(str(path))
+    assert str(path) in str(e.value) and "invalid TOML" in str(e.value)
+
+
+def test_builtin_name_must_match_stem(tmp_path, monkeypatch):
+    write(tmp_path, VALID, name="other-board.toml")
+    monkeypatch.setenv("EXPORTER_PROFILES_DIR", str(tmp_path))
+    with pytest.raises(ProfileError, match="'name'.*stem 'other-board'"):
+        load_profile("other-board")
+
+
+def test_profiles_dir_override(tmp_path, monkeypatch):
+    write(tmp_path, VALID, name="my-board.toml")
+    monkeypatch.setenv("EXPORTER_PROFILES_DIR", str(tmp_path))
+    assert profile_names() == ["my-board"]
+    assert load_profile("my-board").budget.model_ram_mb == 1024
+
+
+def test_host_is_measured():
+    t = time.perf_counter()
+    measure_host.__wrapped__()  # uncached, so the time limit is really checked
+    assert time.perf_counter() - t < 3.0
+    hw = measure_host()
+    assert hw.memory_gb > 0 and hw.memory_bandwidth_gbs > 0 and hw.compute_tflops["fp32"] > 0
+    assert all("measured on this machine" in s for s in hw.sources.values())
+    host = load_profile("host")
+    assert host.measured and host.hardware == hw  # cached: one measurement per process
