@@ -16,44 +16,59 @@ MANIFEST = "manifest.json"
 
 
 def check_target(target: Path, force: bool) -> None:
-    """Fail early (before minutes of work) when the output cannot be written."""
+    """Fail early (before minutes of work) when the output cannot be written; creates nothing."""
+    target = Path(target)
     if target.exists() and not force:
         raise ExporterError(f"{target} already exists; pass --force to replace it")
     if target.exists() and not target.is_dir():
         raise ExporterError(f"{target} exists and is not a directory")
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExporterError(f"cannot create output directory {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise ExporterError(f"output directory {parent} is not writable")
+    ancestor = target.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExporterError(f"cannot create {target}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise ExporterError(f"cannot create {target}: {ancestor} is not writable")
 
 
 @contextmanager
 def staging_dir(target: Path, force: bool = False):
     """Yield a temp dir beside `target`; rename it to `target` only if the block succeeds.
 
-    Any exception (Ctrl-C included) removes the temp dir, so no half-written artifact remains.
+    Any exception (Ctrl-C included) removes the temp dir, so no half-written artifact remains;
+    with --force the old artifact stays in place until the new one is complete.
     """
     target = Path(target)
     check_target(target, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExporterError(f"cannot create {target.parent}: {exc.strerror}") from None
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary directory
     try:
         yield tmp
-        if target.exists():  # --force: swap in the new one, then drop the old one
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "artifact")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+    os.replace(target, old / "artifact")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "artifact", target)  # put the previous artifact back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

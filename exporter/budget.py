@@ -57,23 +57,22 @@ def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
     return WeightBudget(ram, latency, precision, kv)
 
 
-def uniform_ratio_for_budget(projections: list[Projection], total_params: int, budget_bytes: float,
-                             precision: str = "fp32") -> float:
-    """The uniform fraction of projection parameters to remove so the weights fit `budget_bytes`.
+def projection_budget(projections: list[Projection], total_params: int, budget_bytes: float,
+                      precision: str = "fp32", min_rank: int = 1) -> int | None:
+    """Parameters the decoder projections may keep so all weights fit `budget_bytes`.
 
-    Returns 0.0 when the dense model fits. Raises BudgetError, naming the smallest feasible budget,
-    when even the smallest factorization (rank 1 everywhere) does not fit.
+    None when the dense model already fits. Raises BudgetError naming the smallest feasible budget
+    when even rank `min_rank` everywhere does not fit.
     """
     per = BYTES_PER_PARAM[precision]
-    dense = sum(p.params for p in projections)
-    fixed = total_params - dense  # embeddings, norms: not factorized
     if total_params * per <= budget_bytes:
-        return 0.0
-    smallest = fixed + sum(p.factor_params(1) for p in projections)
-    if smallest * per > budget_bytes:
+        return None
+    fixed = total_params - sum(p.params for p in projections)  # embeddings, norms: not factorized
+    floor = fixed + sum(min(p.params, p.factor_params(min_rank)) for p in projections)
+    if floor * per > budget_bytes:
         raise BudgetError(
-            f"budget infeasible: weights may take {budget_bytes / MB:.0f} MB but the smallest "
-            f"factorization of this model needs {smallest * per / MB:.0f} MB at {precision}"
+            f"budget infeasible: weights may take {budget_bytes / MB:.1f} MB, but the smallest this model "
+            f"can be made (rank {min_rank} everywhere) is {floor * per / MB:.1f} MB at {precision}; "
+            f"the dense model is {total_params * per / MB:.1f} MB"
         )
-    allowed = budget_bytes / per - fixed
-    return min(0.99, 1.0 - allowed / dense)
+    return int(budget_bytes / per) - fixed

@@ -24,23 +24,30 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     if not path.is_file():
         raise CalibrationError(f"calibration file not found: {path}")
     if path.suffix == ".jsonl":
-        texts = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                    raise CalibrationError(
-                        f"{path}:{number}: no field '{text_field}' (fields: {fields}); choose one with --calib-field"
-                    )
-                texts.append(str(record[text_field]))
-        return texts
+        try:
+            return _read_jsonl(path, text_field)
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{path}: not UTF-8 text ({exc.reason})") from None
     return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise CalibrationError(
+                    f"{path}:{number}: no field '{text_field}' (fields: {fields}); choose one with --calib-field"
+                )
+            texts.append(str(record[text_field]))
+    return texts
 
 
 def windows_from_texts(texts, tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Command line: `exporter export`, `exporter profiles [show NAME]`."""
+"""Command line: `exporter export`, `exporter allocate`, `exporter profiles [show NAME]`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -40,24 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     export = commands.add_parser("export", help="compress a model for a device and export it to ONNX")
-    export.add_argument("--device", required=True, help="profile name (see `exporter profiles`) or path to a .toml")
-    export.add_argument("--model", help="local Hugging Face model directory or .gguf file "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+    _compression_options(export)
     export.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-DEVICE)")
-    export.add_argument("--ratio", type=_ratio, help="fraction of every decoder projection's parameters to "
-                        "remove (default: what the device budget requires)")
-    export.add_argument("--method", choices=["whitened", "svd"], default="whitened",
-                        help="whitened SVD (SVD-LLM, default) or plain SVD")
-    export.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
-                        "(default: text sampled from the model itself)")
-    export.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
-    export.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
-                        help=f"calibration sequences (default: {DEFAULT_NUM_SAMPLES})")
-    export.add_argument("--calib-seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN,
-                        help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
-    export.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
     export.add_argument("--force", action="store_true", help="replace an existing artifact directory")
-    export.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    allocate = commands.add_parser("allocate", help="print the per-projection ranks for a device, without exporting")
+    _compression_options(allocate)
+    allocate.add_argument("--json", action="store_true", help="print the allocation as JSON")
 
     profiles = commands.add_parser("profiles", help="list device profiles, or `profiles show NAME`")
     profiles.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -65,14 +64,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export(args) -> int:
-    from .pipeline import ExportOptions, run_export
+def _compression_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", required=True, help="profile name (see `exporter profiles`) or path to a .toml")
+    command.add_argument("--model", help="local Hugging Face model directory or .gguf file "
+                         "(default: the embedded SmolLM2-135M-Instruct)")
+    size = command.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=_ratio, help="fraction of the decoder projection parameters to remove "
+                      "(default: what the device budget requires)")
+    size.add_argument("--budget-mb", type=_positive_float, help="weight budget in MB, instead of the device's")
+    command.add_argument("--allocation", choices=["fisher", "uniform"], default="fisher",
+                         help="per-projection ranks from Fisher importance (FLRC, default) or one uniform ratio")
+    command.add_argument("--method", choices=["whitened", "svd"], default="whitened",
+                         help="whitened SVD (SVD-LLM, default) or plain SVD")
+    command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
+                         "(default: text sampled from the model itself)")
+    command.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
+    command.add_argument("--calib-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES,
+                         help=f"calibration sequences (default: {DEFAULT_NUM_SAMPLES})")
+    command.add_argument("--calib-seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN,
+                         help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
+    command.add_argument("--fisher-samples", type=_positive_int, default=8,
+                         help="calibration sequences used for Fisher importance (default: 8)")
+    command.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
+    command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    manifest = run_export(ExportOptions(
-        device=args.device, model=args.model, out=args.out, ratio=args.ratio, method=args.method,
-        calib=args.calib, calib_field=args.calib_field, calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len, seed=args.seed, force=args.force, progress=not args.no_progress,
-    ))
+
+def _options(args):
+    from .pipeline import ExportOptions
+
+    return ExportOptions(
+        device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
+        budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, calib=args.calib,
+        calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
+        progress=not args.no_progress,
+    )
+
+
+def _allocate(args) -> int:
+    import json
+
+    from .pipeline import Stopwatch, plan_compression
+
+    clock = Stopwatch()
+    plan = plan_compression(_options(args), clock)
+    params = plan.parameters
+    rows = []
+    for p in plan.projections:
+        rank = plan.ranks[p.name]
+        scores = plan.importance.get(p.name) if plan.importance else None
+        kept = None
+        if scores is not None:
+            kept = 1.0 if rank is None else float(scores[:rank].sum() / scores.sum().clamp_min(1e-30))
+        rows.append({"name": p.name, "out": p.out_features, "in": p.in_features, "rank": rank,
+                     "params_kept": p.factor_params(rank) / p.params, "importance_kept": kept})
+    if args.json:
+        print(json.dumps({"parameters": params, "budget_source": plan.budget_source,
+                          "allocation": plan.allocation.to_dict() if plan.allocation else None,
+                          "projections": rows, "timings_s": clock.stages}, indent=2))
+        return 0
+    print(f"{'projection':40} {'shape':>11} {'rank':>6} {'params kept':>12} {'importance kept':>16}")
+    for r in rows:
+        imp = "-" if r["importance_kept"] is None else f"{r['importance_kept']:.2%}"
+        rank = "dense" if r["rank"] is None else r["rank"]
+        print(f"{r['name']:40} {r['out']:>5}x{r['in']:<5} {rank:>6} {r['params_kept']:>12.1%} {imp:>16}")
+    print(f"\n{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
+          f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all "
+          f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
+    if plan.allocation:
+        print(f"allocation search: {plan.allocation.seconds:.2f} s; importance: {clock.stages.get('importance', 0):.1f} s; "
+              f"predicted loss increase {plan.allocation.predicted_loss_increase:.4f} nats/token")
+    return 0
+
+
+def _export(args) -> int:
+    from .pipeline import run_export
+
+    manifest = run_export(_options(args))
     print(format_summary(manifest))
     return 0
 
@@ -111,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         _quiet_libraries()
     try:
-        return {"export": _export, "profiles": _profiles}[args.command](args)
+        return {"export": _export, "allocate": _allocate, "profiles": _profiles}[args.command](args)
     except ExporterError as exc:
         if args.debug:
             raise

@@ -54,8 +54,11 @@ def _in_layers(model, name: str, layers) -> bool:
 
 
 def decompose_model(model, method: str, input_ids: torch.Tensor | None = None, batch_size: int = 4,
-                    progress: bool = True) -> dict[str, Decomposition]:
-    """Decompose every decoder projection up to its break-even rank (larger ranks never pay)."""
+                    progress: bool = True, full_rank: bool = False) -> dict[str, Decomposition]:
+    """Decompose every decoder projection up to its break-even rank (larger ranks never pay).
+
+    `full_rank` keeps every component: importance scoring needs the factorized model to be exact.
+    """
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -65,7 +68,7 @@ def decompose_model(model, method: str, input_ids: torch.Tensor | None = None, b
 
     def add(name: str, gram):
         linear = modules[name]
-        cap = break_even_rank(linear.out_features, linear.in_features)
+        cap = None if full_rank else break_even_rank(linear.out_features, linear.in_features)
         result[name] = decompose(linear.weight, gram, max_rank=cap, bias=linear.bias)
 
     if method == "svd":
@@ -91,19 +94,22 @@ def uniform_ranks(projections: list[Projection], ratio: float) -> dict[str, int 
     return ranks
 
 
+def replace_module(model, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
 def apply_ranks(model, decompositions: dict[str, Decomposition], ranks: dict[str, int | None]) -> None:
-    """Replace each projection with its rank-r factors; None (or no saving) keeps it dense."""
+    """Replace each projection with its rank-r factors; None, or no saving, keeps it dense."""
     for name, rank in ranks.items():
         if rank is None:
             continue
         decomposition = decompositions[name]
-        if rank > decomposition.max_rank:
+        out_features, in_features = decomposition.up.shape[0], decomposition.down.shape[1]
+        if rank > min(decomposition.max_rank, break_even_rank(out_features, in_features)):
             continue  # at or above break-even the dense matrix is smaller: keep it
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        new = decomposition.linear(rank).to(old.weight.dtype)
-        setattr(parent, child, new)
+        dtype = model.get_submodule(name).weight.dtype
+        replace_module(model, name, decomposition.linear(rank).to(dtype))
 
 
 def effective_ranks(model, projections: list[Projection]) -> dict[str, int | None]:

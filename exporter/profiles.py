@@ -39,6 +39,8 @@ class Hardware:
 class Runtime:
     execution_providers: tuple[str, ...]
     weight_precision: str
+    # Ranks are rounded to multiples of this: matrix kernels run full tiles only at such sizes.
+    rank_multiple: int = 16
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ def _parse(path: Path, builtin: bool) -> DeviceProfile:
         sources=sources,
     )
 
-    rt = top.sub("runtime", ("execution_providers", "weight_precision"))
+    rt = top.sub("runtime", ("execution_providers", "weight_precision", "rank_multiple"))
     runtime = Runtime(
         execution_providers=tuple(rt.get(
             "execution_providers", lambda v: _text_list(v) and len(v) > 0,
@@ -196,6 +198,7 @@ def _parse(path: Path, builtin: bool) -> DeviceProfile:
         weight_precision=rt.get(
             "weight_precision", lambda v: v in WEIGHT_PRECISIONS,
             f"expected one of {', '.join(WEIGHT_PRECISIONS)}"),
+        rank_multiple=rt.get("rank_multiple", _positive_int, "expected a positive integer", default=16),
     )
 
     bd = top.sub("budget", (
@@ -353,6 +356,7 @@ def format_profile(p: DeviceProfile) -> str:
         "runtime:",
         f"  execution providers: {', '.join(rt.execution_providers)}",
         f"  weight precision:    {rt.weight_precision}",
+        f"  rank multiple:       {rt.rank_multiple}",
         "budget:",
         f"  model RAM:   {bd.model_ram_mb:g} MB (weights + KV cache + runtime)",
         f"  decode:      {bd.decode_ms_per_token:g} ms/token",

@@ -1,0 +1,369 @@
+"""exporter.cli end to end on a tiny Llama directory, and its one-line errors."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import main
+from exporter.lowrank import break_even_rank
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST_KEYS = {"source_model", "profile", "method", "ranks", "parameters", "files", "versions", "parity"}
+
+
+def export_args(model, calib, out, *extra):
+    return ["export", "--model", str(model), "--calib", str(calib), "--calib-samples", "4",
+            "--calib-seq-len", "32", "--ratio", "0.3", "--out", str(out), "--device", "host", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, llama_dir, calib_file):
+    """One export of the tiny Llama: (parent dir, artifact dir, exit code, stdout, stderr)."""
+    parent = tmp_path_factory.mktemp("cli-out")
+    out = parent / "x"
+    capture = pytest.MonkeyPatch()  # capsys is function-scoped: capture by hand
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", stdout)
+    capture.setattr(sys, "stderr", stderr)
+    try:
+        code = main(export_args(llama_dir, calib_file, out))
+    finally:
+        capture.undo()
+    return parent, out, code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_export_succeeds_and_writes_the_artifact(artifact):
+    parent, out, code, stdout, stderr = artifact
+    assert code == 0, stderr
+    assert sorted(p.name for p in parent.iterdir()) == ["x"]  # no temp dirs left beside it
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "manifest.json", "report.md", "config.json", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert not any(n.startswith(".") for n in names)
+    assert f"artifact:   {out}" in stdout and "passed" in stdout
+    assert "Traceback" not in stderr
+
+
+def test_manifest_contents(artifact, llama_dir):
+    _parent, out, _code, _stdout, _stderr = artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert MANIFEST_KEYS <= set(manifest)
+    assert manifest["source_model"]["path"] == str(llama_dir.resolve())
+    assert manifest["source_model"]["model_type"] == "llama"
+    assert manifest["source_model"]["architecture"] == "LlamaForCausalLM"
+    assert manifest["profile"]["name"] == "host" and manifest["profile"]["measured"] is True
+    method = manifest["method"]
+    assert method["factorization"] == "whitened-svd" and "4 x 32 tokens" in method["calibration"]
+    ranks = manifest["ranks"]
+    assert len(ranks) == 2 * 7
+    assert ranks["model.layers.0.self_attn.q_proj"]["out"] == 64 and ranks["model.layers.0.mlp.down_proj"]["in"] == 128
+    for name, r in ranks.items():  # whatever the allocation: below break-even, or dense
+        assert r["rank"] is None or 1 <= r["rank"] <= break_even_rank(r["out"], r["in"]), name
+    params = manifest["parameters"]
+    assert 0.3 - 1e-6 <= params["projection_fraction_removed"] < 0.45  # at least what --ratio asks
+    assert params["total_params"] < params["total_params_dense"]
+    kept = sum(r["out"] * r["in"] if r["rank"] is None else r["rank"] * (r["out"] + r["in"]) for r in ranks.values())
+    assert params["projection_params"] == kept
+    parity = manifest["parity"]
+    assert parity["passed"] is True and parity["max_abs_logit_diff"] <= parity["atol"]
+    assert {"torch", "transformers", "onnx", "onnxruntime", "python", "exporter"} <= set(manifest["versions"])
+    files = manifest["files"]
+    assert "manifest.json" not in files and {"model.onnx", "report.md", "tokenizer.json"} <= set(files)
+    assert set(files) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    for name, entry in files.items():
+        data = (out / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+
+
+def test_report_and_tokenizer(artifact):
+    _parent, out, _code, _stdout, _stderr = artifact
+    report = (out / "report.md").read_text()
+    assert report.startswith("# ") and "for host" in report and "passed" in report
+    assert "| layer |" in report and "q_proj" in report
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.decode(tokenizer("a small robot")["input_ids"], skip_special_tokens=True) == "a small robot"
+
+
+def test_existing_output_without_force_is_an_error(artifact, llama_dir, calib_file, capsys):
+    parent, out, _code, _stdout, _stderr = artifact
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code = main(export_args(llama_dir, calib_file, out))
+    assert code != 0
+    assert_one_line_error(capsys, "already exists")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert sorted(p.name for p in parent.iterdir()) == ["x"]
+
+
+def test_force_replaces_with_plain_svd(tmp_path, llama_dir, calib_file, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    code = main(["export", "--model", str(llama_dir), "--ratio", "0.5", "--method", "svd", "--allocation", "uniform",
+                 "--out", str(out), "--device", "host", "--no-progress", "--force"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and not (out / "stale.txt").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"]["factorization"] == "svd" and manifest["method"]["calibration"] is None
+    assert manifest["method"]["allocation"] == "uniform"
+    for r in manifest["ranks"].values():  # the same half of every projection's parameters
+        assert r["rank"] == int(0.5 * r["out"] * r["in"] / (r["out"] + r["in"]))
+    assert manifest["parity"]["passed"] is True
+
+
+def test_dense_model_that_fits_the_budget_is_exported_dense(tmp_path, qwen3_dir, capsys):
+    out = tmp_path / "x"
+    code = main(["export", "--model", str(qwen3_dir), "--out", str(out), "--device", "jetson-orin", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "exporting it dense" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["profile"]["name"] == "jetson-orin-nano-8gb"
+    assert all(r["rank"] is None for r in manifest["ranks"].values())
+    assert manifest["parameters"]["total_params"] == manifest["parameters"]["total_params_dense"]
+    assert manifest["parity"]["passed"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: exit non-zero, one line on stderr, no traceback, nothing written
+
+
+def assert_one_line_error(capsys, *fragments) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("exporter: error:")]
+    assert len(errors) == 1, err
+    assert err.rstrip("\n").splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory whose listing must not change when an export fails (inputs are made before)."""
+    return tmp_path
+
+
+def run_failing(workdir, capsys, args, *fragments) -> str:
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    code = main(args)
+    assert code != 0
+    message = assert_one_line_error(capsys, *fragments)
+    assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
+    return message
+
+
+def test_unknown_device_lists_valid_names(workdir, capsys, llama_dir, calib_file):
+    message = run_failing(workdir, capsys, export_args(llama_dir, calib_file, workdir / "x")[:-3]
+                          + ["--device", "jetson-thor", "--no-progress"], "unknown device 'jetson-thor'")
+    for name in ("jetson-orin", "jetson-orin-nano-8gb", "raspberry-pi-5", "host"):
+        assert name in message
+
+
+def test_malformed_device_toml(workdir, capsys, llama_dir, calib_file):
+    bad = workdir / "board.toml"
+    bad.write_text('name = "board"\nmeasured = = false\n')
+    run_failing(workdir, capsys, export_args(llama_dir, calib_file, workdir / "x") + ["--device", str(bad)],
+                str(bad), "invalid TOML")
+
+
+def test_missing_model_path(workdir, capsys, calib_file):
+    run_failing(workdir, capsys, export_args(workdir / "absent", calib_file, workdir / "x"), "model not found")
+
+
+def test_hub_name_is_not_downloaded(workdir, capsys, calib_file):
+    run_failing(workdir, capsys, export_args("HuggingFaceTB/SmolLM2-135M", calib_file, workdir / "x"),
+                "model not found", "never downloaded")
+
+
+def test_model_file_that_is_not_gguf(workdir, capsys, calib_file):
+    weights = workdir / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    run_failing(workdir, capsys, export_args(weights, calib_file, workdir / "x"), "unsupported model file")
+
+
+def test_model_gguf_that_is_not_gguf(workdir, capsys, calib_file):
+    fake = workdir / "model.gguf"
+    fake.write_text("not a gguf file")
+    run_failing(workdir, capsys, export_args(fake, calib_file, workdir / "x"), "cannot load model")
+
+
+def test_model_dir_without_config(workdir, capsys, calib_file):
+    (workdir / "model").mkdir()
+    (workdir / "model" / "tokenizer.json").write_text("{}")
+    run_failing(workdir, capsys, export_args(workdir / "model", calib_file, workdir / "x"), "no config.json")
+
+
+def test_model_dir_with_broken_config(workdir, capsys, calib_file):
+    (workdir / "model").mkdir()
+    (workdir / "model" / "config.json").write_text("{broken")
+    (workdir / "model" / "tokenizer.json").write_text("{}")
+    run_failing(workdir, capsys, export_args(workdir / "model", calib_file, workdir / "x"), "cannot load model")
+
+
+def test_model_dir_without_tokenizer(workdir, capsys, calib_file, llama_dir):
+    import shutil
+
+    model = workdir / "model"
+    model.mkdir()
+    for f in llama_dir.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model / f.name)
+    run_failing(workdir, capsys, export_args(model, calib_file, workdir / "x"), "has no tokenizer")
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n \t\n"], ids=["empty", "blank"])
+def test_empty_calibration_file(workdir, capsys, llama_dir, content):
+    calib = workdir / "calib.txt"
+    calib.write_text(content)
+    run_failing(workdir, capsys, export_args(llama_dir, calib, workdir / "x"), "calibration file is empty")
+
+
+def test_missing_calibration_file(workdir, capsys, llama_dir):
+    run_failing(workdir, capsys, export_args(llama_dir, workdir / "absent.txt", workdir / "x"),
+                "calibration file not found")
+
+
+def test_calibration_file_too_short(workdir, capsys, llama_dir):
+    calib = workdir / "calib.txt"
+    calib.write_text("A small robot reads.")
+    run_failing(workdir, capsys, export_args(llama_dir, calib, workdir / "x"), "too short", "--calib-seq-len=32")
+
+
+def test_jsonl_without_the_field(workdir, capsys, llama_dir, calib_text):
+    calib = workdir / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"content": line}) + "\n" for line in calib_text.splitlines()))
+    run_failing(workdir, capsys, export_args(llama_dir, calib, workdir / "x"),
+                f"{calib}:1: no field 'text'", "fields: content", "--calib-field")
+
+
+def test_jsonl_with_a_bad_line(workdir, capsys, llama_dir):
+    calib = workdir / "calib.jsonl"
+    calib.write_text('{"text": "fine"}\n\n{"text": broken}\n')
+    run_failing(workdir, capsys, export_args(llama_dir, calib, workdir / "x"), f"{calib}:3: not valid JSON")
+
+
+def test_jsonl_with_another_field_works(tmp_path, capsys, llama_dir, calib_text):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"content": line}) + "\n" for line in calib_text.splitlines()))
+    code = main(export_args(llama_dir, calib, tmp_path / "x", "--calib-field", "content"))
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]["passed"] is True
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "1.5", "-0.1", "lots"])
+def test_ratio_out_of_range_is_a_usage_error(workdir, capsys, llama_dir, calib_file, ratio):
+    args = export_args(llama_dir, calib_file, workdir / "x")
+    args[args.index("--ratio") + 1] = ratio
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ratio" in err and "Traceback" not in err
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--calib-samples", "--calib-seq-len"])
+def test_non_positive_calibration_sizes_are_usage_errors(workdir, capsys, llama_dir, calib_file, option):
+    args = export_args(llama_dir, calib_file, workdir / "x")
+    args[args.index(option) + 1] = "0"
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_output_under_a_regular_file(workdir, capsys, llama_dir, calib_file):
+    blocker = workdir / "a-file"
+    blocker.write_text("not a directory")
+    run_failing(workdir, capsys, export_args(llama_dir, calib_file, blocker / "x"), "is not a directory")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_output_that_is_a_file_even_with_force(workdir, capsys, llama_dir, calib_file):
+    target = workdir / "x"
+    target.write_text("keep me")
+    run_failing(workdir, capsys, export_args(llama_dir, calib_file, target, "--force"), "not a directory")
+    assert target.read_text() == "keep me"
+
+
+def test_parity_failure_leaves_nothing(tmp_path, capsys, llama_dir, calib_file):
+    from exporter.errors import ParityError
+    from exporter.pipeline import ExportOptions, run_export
+
+    options = ExportOptions(device="host", model=str(llama_dir), out=tmp_path / "x", ratio=0.3,
+                            calib=str(calib_file), calib_samples=4, calib_seq_len=32, parity_steps=4,
+                            parity_atol=-1.0, progress=False)  # no difference passes a negative tolerance
+    with pytest.raises(ParityError, match="parity failed") as e:
+        run_export(options)
+    assert e.value.exit_code == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_export_leaves_nothing(tmp_path, capsys, monkeypatch, llama_dir, calib_file):
+    import exporter.pipeline
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter.pipeline, "check_parity", interrupt)  # after model.onnx is written
+    code = main(export_args(llama_dir, calib_file, tmp_path / "x"))
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1] == "exporter: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Other commands
+
+
+def test_profiles_list(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].split()[0] == "device"
+    for name in ("jetson-orin-nano-8gb", "raspberry-pi-5", "iphone-15-pro", "host"):
+        assert any(line.startswith(name) for line in lines[1:])
+    assert main(["profiles", "list"]) == 0 and capsys.readouterr().out == out
+
+
+def test_profiles_show_alias(capsys):
+    assert main(["profiles", "show", "jetson-orin"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("jetson-orin-nano-8gb") and "jetson-orin" in out.splitlines()[0]
+    for field in ("memory bandwidth", "GB/s", "source:", "execution providers", "max context"):
+        assert field in out
+
+
+def test_profiles_show_errors(capsys):
+    assert main(["profiles", "show"]) != 0
+    assert_one_line_error(capsys, "usage")
+    assert main(["profiles", "show", "jetson-thor"]) != 0
+    assert_one_line_error(capsys, "unknown device")
+
+
+def test_python_m_exporter_help():
+    result = subprocess.run([sys.executable, "-m", "exporter", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: exporter") and "export" in result.stdout and "profiles" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "exporter", "export", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--calib-seq-len" in result.stdout and "--device" in result.stdout
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from exporter import __version__
+
+    assert capsys.readouterr().out.strip() == f"exporter {__version__}"
