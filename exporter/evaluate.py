@@ -35,3 +35,23 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+def ort_perplexity(decoder, windows, progress: bool = True) -> float:
+    """Perplexity of an ONNX decoder (an exporter.runtime.OrtDecoder): one prefill per window.
+
+    Lets artifacts that exist only as ONNX (quantized graphs, other exporters' outputs) be scored
+    on exactly the windows the PyTorch models are scored on.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(np.asarray(windows), desc="perplexity (onnxruntime)", unit="window", disable=not progress):
+        logits, _ = decoder.step(window[None, :-1], decoder.empty_cache(1))
+        logits = logits[0].astype(np.float64)
+        peak = logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+        total_nll += float((log_norm - logits[np.arange(len(window) - 1), window[1:]]).sum())
+        total_tokens += len(window) - 1
+    return math.exp(total_nll / total_tokens)

@@ -1,0 +1,559 @@
+"""A fused ONNX Runtime decoder graph for (possibly factorized) Llama-family and Qwen2/3 models.
+
+The graph uses ONNX Runtime's fused contrib ops (domain com.microsoft), as the onnxruntime-genai
+model builder does, which decodes markedly faster than a traced export of the same weights:
+
+* `GroupQueryAttention` with the KV cache and rotary embedding inside (`do_rotary=1`, cos/sin caches);
+* `SkipSimplifiedLayerNormalization` for every RMSNorm that follows a residual add (it also returns the
+  new residual stream); the one plain RMSNorm (layer 0's input norm) and Qwen3's per-head q/k norms
+  use ONNX's own `RMSNormalization` (opset 23; ORT's `SimplifiedLayerNormalization` would work too, but
+  it sits in the default domain without an ONNX schema, so onnx.checker rejects it);
+* one first-stage MatMul for q/k/v and one for gate/up (projections that share an input are fused);
+* `MatMulNBits` for 4-bit weights, written by ONNX Runtime's own quantizer.
+
+Projections. Each decoder projection is read as `ProjectionWeights`: an optional dense W (out x in),
+a list of low-rank pairs (down V: r x in, up U: out x r) and an optional bias; y = W x + sum U_k V_k x + b.
+A `LowRankLinear` is one pair; an `nn.Linear` is dense. `_emit_projections` writes a group of projections
+that share an input: the first stage is one MatMul of x with the column concatenation of every W^T and
+V^T, then a Split, then one MatMul by U^T per low-rank projection. Several pairs of one projection (a
+corrective branch y += B(A x)) are folded into one pair by stacking factor rows/columns, so they cost no
+extra node.
+
+Initializer layout (fp32). Every weight is stored MatMul-ready (in x out, transposed when written):
+ONNX Runtime pre-packs a constant MatMul B, and `MatMulNBitsQuantizer` only quantizes MatMul (and
+Gather) nodes, so a V stored r x in behind Gemm/FusedMatMul(transB=1) would stay fp32 in the int4 graph.
+Hence the second stage U^T (r x out) has the rank as its outer dimension, while V^T sits as columns of
+the fused first stage (in x cols); after MatMulNBits packing (B packed N-outer) it is the other way
+round: V's rank outer, U's rank the blocked inner dimension.
+
+Rank-sliced levels (next step, not implemented). `_emit_projections(..., active_ranks=)` already writes
+a rank-r' graph from rank-r factors (via `ProjectionWeights.fold`: prefix rows of `down`, prefix columns
+of `up`), but with sliced copies. To share one copy between level graphs, that same function would
+reference the full-rank initializers and slice in-graph: U^T by Slice [0:r'] on axis 0 (a contiguous
+byte prefix, so a level file could even point its external-data entry at the same offset with a
+shorter length) and the fused first stage by a constant Gather of its columns; ONNX Runtime
+constant-folds both at session load and pre-packs as usual. In int4, the slices are over the packed
+N-outer rows for V, and over blocks of U's rank (r' a multiple of block_size).
+
+Corrective branches (next step). y += B(A x) is one more `LowRankPair` in `ProjectionWeights.pairs`;
+`fold` stacks all pairs of a projection into one (down, up), so a correction costs extra columns in the
+fused first stage and rows in U^T, not extra nodes. Only `from_module` needs to learn the new module.
+
+Unsupported (NotImplementedError, so callers can fall back to the optimum export): dynamic / longrope
+rope scaling (sequence-length dependent), partial rotary, activations other than SiLU, fp16 weights,
+architectures other than Llama/Mistral/Qwen2/Qwen3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .lowrank import LowRankLinear
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+WEIGHT_FORMATS = ("fp32", "int4", "int8")
+OPSET = 23  # RMSNormalization
+MS_DOMAIN = "com.microsoft"
+# Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
+# attention_scaling (which multiplies cos and sin) describe them completely.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+
+
+# --------------------------------------------------------------------------- projection weights
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+@dataclass
+class LowRankPair:
+    """x -> up @ (down @ x); components ordered by importance, so a rank prefix is a smaller pair."""
+
+    down: np.ndarray  # r x in
+    up: np.ndarray  # out x r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class ProjectionWeights:
+    """y = dense @ x + sum_k up_k @ (down_k @ x) + bias, all parts optional but not all empty."""
+
+    name: str
+    in_features: int
+    out_features: int
+    dense: np.ndarray | None = None  # out x in
+    pairs: list[LowRankPair] = field(default_factory=list)
+    bias: np.ndarray | None = None
+
+    @classmethod
+    def from_module(cls, name: str, module: nn.Module) -> ProjectionWeights:
+        if isinstance(module, LowRankLinear):
+            bias = None if module.up.bias is None else _np(module.up.bias)
+            pair = LowRankPair(_np(module.down.weight), _np(module.up.weight))
+            return cls(name, module.in_features, module.out_features, pairs=[pair], bias=bias)
+        if isinstance(module, nn.Linear):
+            bias = None if module.bias is None else _np(module.bias)
+            return cls(name, module.in_features, module.out_features, dense=_np(module.weight), bias=bias)
+        raise NotImplementedError(f"{name}: cannot write a {type(module).__name__} projection")
+
+    def fold(self, active_rank: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """All pairs as one (down r_total x in, up out x r_total); `active_rank` keeps a prefix of the
+        first (primary) pair, the rank-sliced level; further (corrective) pairs are kept whole."""
+        if not self.pairs:
+            return None, None
+        downs, ups = [], []
+        for index, pair in enumerate(self.pairs):
+            rank = pair.rank if index or active_rank is None else active_rank
+            if not 1 <= rank <= pair.rank:
+                raise ValueError(f"{self.name}: active rank {rank} outside 1..{pair.rank}")
+            downs.append(pair.down[:rank])
+            ups.append(pair.up[:, :rank])
+        return np.concatenate(downs, axis=0), np.concatenate(ups, axis=1)
+
+
+# --------------------------------------------------------------------------- graph building
+
+
+class _Graph:
+    """Nodes and initializers with unique, readable names."""
+
+    def __init__(self):
+        from onnx import helper
+
+        self.helper = helper
+        self.nodes, self.initializers, self.names = [], [], set()
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name in self.names:
+            raise ValueError(f"duplicate initializer {name}")
+        self.names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))  # keeps 0-d
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, outputs: int | Sequence[str] = 1,
+           domain: str = "", **attrs):
+        """Add a node named `name`; returns its output name (or names when several are asked for)."""
+        if name in self.names:
+            raise ValueError(f"duplicate node name {name}")
+        self.names.add(name)
+        if isinstance(outputs, int):
+            outs = [f"{name}/output_{k}" for k in range(outputs)]
+        else:
+            outs = list(outputs)
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None,
+                                                **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
+                      fuse: bool = True, packed: bool = False,
+                      active_ranks: dict[str, int | None] | None = None) -> list[str]:
+    """Write projections of one input `x`; returns one output per projection (or, with `packed` and
+    only dense projections, one output holding them concatenated along the last axis).
+
+    fuse: one first-stage MatMul against [W^T | V^T ...] for the whole group, then a Split; otherwise
+    one first-stage MatMul per block. Then one MatMul by U^T per low-rank projection, adds, biases.
+    """
+    active_ranks = active_ranks or {}
+    stem = prefix.strip("/").replace("/", ".")  # initializer names: model.layers.0.attn.qkv_proj...
+    blocks = []  # (projection index, "dense" | "down", in x cols matrix)
+    ups: list[np.ndarray | None] = []
+    for index, proj in enumerate(projections):
+        down, up = proj.fold(active_ranks.get(proj.name))
+        if proj.dense is not None:
+            blocks.append((index, "dense", proj.dense.T))
+        if down is not None:
+            blocks.append((index, "down", down.T))
+        ups.append(up)
+    all_dense = all(up is None for up in ups)
+    if packed and not (all_dense and fuse):
+        raise ValueError("packed output needs fused, all-dense projections")
+
+    # First stage.
+    first: list[str] = []
+    if fuse:
+        weight = np.concatenate([b[2] for b in blocks], axis=1) if len(blocks) > 1 else blocks[0][2]
+        y = g.op("MatMul", [x, g.constant(f"{stem}.MatMul.weight", weight)], f"{prefix}/MatMul")
+        if all_dense and any(p.bias is not None for p in projections):  # one Add for the whole group
+            bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.out_features, np.float32)
+                                   for p in projections])
+            y = g.op("Add", [y, g.constant(f"{stem}.Add.bias", bias)], f"{prefix}/Add")
+        if packed:
+            return [y]
+        if len(blocks) > 1:
+            sizes = g.constant(f"{stem}.Split.sizes", np.array([b[2].shape[1] for b in blocks], np.int64))
+            first = g.op("Split", [y, sizes], f"{prefix}/Split", outputs=len(blocks), axis=-1)
+        else:
+            first = [y]
+    else:
+        for (index, kind, matrix) in blocks:
+            short = projections[index].name.rsplit(".", 1)[-1]
+            weight = g.constant(f"{stem}.{short}.{kind}.MatMul.weight", matrix)
+            first.append(g.op("MatMul", [x, weight], f"{prefix}/{short}/{kind}/MatMul"))
+
+    # Second stage, sums, biases.
+    outputs = []
+    for index, proj in enumerate(projections):
+        short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
+        parts = {kind: first[k] for k, (i, kind, _) in enumerate(blocks) if i == index}
+        terms = []
+        if "dense" in parts:
+            terms.append(parts["dense"])
+        if "down" in parts:
+            up_t = g.constant(f"{proj.name}.up.weight_T", ups[index].T)  # r x out: rank outer
+            terms.append(g.op("MatMul", [parts["down"], up_t], f"{short}/up/MatMul"))
+        y = terms[0] if len(terms) == 1 else g.op("Add", terms, f"{short}/Sum")
+        if proj.bias is not None and not (fuse and all_dense):
+            y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
+        outputs.append(y)
+    return outputs
+
+
+# --------------------------------------------------------------------------- model inspection
+
+
+def _arch(model) -> str:
+    return type(model).__name__
+
+
+def _rotary(model):
+    base = model.model
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        rotary = getattr(base.layers[0].self_attn, "rotary_emb", None)
+    return rotary
+
+
+def _check(model) -> None:
+    """Raise NotImplementedError naming the first feature this writer cannot express."""
+    arch = _arch(model)
+    if arch not in ARCHITECTURES:
+        raise NotImplementedError(f"graph writer supports {', '.join(ARCHITECTURES)}, not {arch}")
+    config = model.config
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise NotImplementedError(f"graph writer supports the SiLU MLP only, not hidden_act={act!r}")
+    rotary = _rotary(model)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise NotImplementedError("graph writer needs the model's rotary embedding (rotary_emb.inv_freq)")
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise NotImplementedError(
+            f"graph writer does not implement rope_scaling type {rope_type!r} (its tables depend on the "
+            f"sequence length); supported: {', '.join(STATIC_ROPE_TYPES)}")
+    head_dim = _head_dim(config)
+    if 2 * rotary.inv_freq.numel() != head_dim:
+        raise NotImplementedError("graph writer does not implement partial rotary embeddings")
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "is_causal", True) is False:
+            raise NotImplementedError("graph writer writes causal attention only")
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise NotImplementedError("graph writer does not write an lm_head bias")
+
+
+def supports(model) -> bool:
+    """Whether `write_decoder` can write this model (architecture, activation, rope type)."""
+    try:
+        _check(model)
+    except (NotImplementedError, AttributeError):
+        return False
+    return True
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _sliding_window(model, layer) -> int | None:
+    window = getattr(layer.self_attn, "sliding_window", None)  # Qwen2/3: None on full-attention layers
+    if window is None and _arch(model) == "MistralForCausalLM":
+        window = getattr(model.config, "sliding_window", None)
+    return window
+
+
+def _rope_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, head_dim / 2], computed like HF (float32, times attention_scaling)."""
+    rotary = _rotary(model)
+    inv_freq = rotary.inv_freq.detach().float().cpu()
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+def _norm_weight(module) -> tuple[np.ndarray, float]:
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(module, "eps")
+    return _np(module.weight), float(eps)
+
+
+def _projections(layer_prefix: str, parent, names: Sequence[str]) -> list[ProjectionWeights]:
+    return [ProjectionWeights.from_module(f"{layer_prefix}.{n}", getattr(parent, n)) for n in names]
+
+
+def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
+    """RMSNorm over head_dim of [batch, seq, heads * head_dim] (Qwen3's q_norm / k_norm)."""
+    weight, eps = _norm_weight(module)
+    stem = prefix.strip("/").replace("/", ".")
+    shape = g.constant(f"{stem}.heads_shape", np.array([0, 0, -1, head_dim], np.int64))
+    flat = g.constant(f"{stem}.flat_shape", np.array([0, 0, -1], np.int64))
+    y = g.op("Reshape", [x, shape], f"{prefix}/Reshape")
+    y = g.op("RMSNormalization", [y, g.constant(f"{stem}.weight", weight)], f"{prefix}/RMSNorm",
+             axis=-1, epsilon=eps)
+    return g.op("Reshape", [y, flat], f"{prefix}/Reshape_1")
+
+
+def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None):
+    """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data)."""
+    from onnx import TensorProto, helper
+
+    _check(model)
+    config = model.config
+    base = model.model
+    layers = base.layers
+    n_layers = len(layers)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = _head_dim(config)
+    vocab = config.vocab_size
+    max_positions = int(getattr(config, "max_position_embeddings", 4096))
+    g = _Graph()
+
+    # Inputs / outputs.
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    for i in range(n_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(
+                f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "past_sequence_length", head_dim]))
+            outputs.append(helper.make_tensor_value_info(
+                f"present.{i}.{kv}", TensorProto.FLOAT,
+                ["batch_size", kv_heads, "total_sequence_length", head_dim]))
+
+    # Sequence lengths for GroupQueryAttention (it derives positions from them).
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.constant("one_axis", np.array([1], np.int64))],
+                    "/model/attn_mask_reformat/ReduceSum", keepdims=0)
+    seqlens = g.op("Sub", [mask_sum, g.constant("one_i64", np.array(1, np.int64))],
+                   "/model/attn_mask_reformat/Sub")
+    seqlens_k = g.op("Cast", [seqlens], "/model/attn_mask_reformat/seqlens_k", to=TensorProto.INT32)
+    mask_shape = g.op("Shape", ["attention_mask"], "/model/attn_mask_reformat/Shape")
+    total = g.op("Gather", [mask_shape, g.constant("one_index", np.array(1, np.int64))],
+                 "/model/attn_mask_reformat/Gather", axis=0)
+    total_len = g.op("Cast", [total], "/model/attn_mask_reformat/total_seq_len", to=TensorProto.INT32)
+    cos, sin = _rope_tables(model, max_positions)
+    cos_cache, sin_cache = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
+
+    # Embedding.
+    embed = _np(base.embed_tokens.weight)
+    hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
+    g.constant("model.embed_tokens.weight", embed)
+
+    residual, normed = hidden, None
+    for i, layer in enumerate(layers):
+        lp = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        weight, eps = _norm_weight(layer.input_layernorm)
+        if i == 0:
+            normed = g.op("RMSNormalization", [hidden, g.constant(f"{lp}.input_layernorm.weight", weight)],
+                          f"/model/layers.{i}/input_layernorm/RMSNorm", axis=-1, epsilon=eps)
+        # else: `normed` and `residual` come from the previous layer's last SkipSimplifiedLayerNorm.
+
+        # Attention.
+        qkv = _projections(f"{lp}.self_attn", attn, QKV)
+        has_head_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+        packed = fuse and not has_head_norm and all(p.dense is not None and not p.pairs for p in qkv)
+        ys = _emit_projections(g, normed, qkv, f"/model/layers.{i}/attn/qkv_proj", fuse=fuse, packed=packed,
+                               active_ranks=active_ranks)
+        if packed:
+            q, k, v = ys[0], "", ""
+        else:
+            q, k, v = ys
+        if has_head_norm:
+            q = _head_norm(g, q, attn.q_norm, f"/model/layers.{i}/attn/q_norm", head_dim)
+            k = _head_norm(g, k, attn.k_norm, f"/model/layers.{i}/attn/k_norm", head_dim)
+        window = _sliding_window(model, layer)
+        attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                     scale=float(attn.scaling), local_window_size=-1 if window is None else int(window))
+        attn_out, _, _ = g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+             cos_cache, sin_cache],
+            f"/model/layers.{i}/attn/GroupQueryAttention",
+            outputs=[f"/model/layers.{i}/attn/GroupQueryAttention/output_0", f"present.{i}.key",
+                     f"present.{i}.value"],
+            domain=MS_DOMAIN, **attrs)
+        (o,) = _emit_projections(g, attn_out, _projections(f"{lp}.self_attn", attn, ["o_proj"]),
+                                 f"/model/layers.{i}/attn/o_proj", fuse=fuse, active_ranks=active_ranks)
+
+        weight, eps = _norm_weight(layer.post_attention_layernorm)
+        normed, _, _, residual = g.op(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, g.constant(f"{lp}.post_attention_layernorm.weight", weight)],
+            f"/model/layers.{i}/post_attention_layernorm/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
+            epsilon=eps)
+
+        # MLP: down(silu(gate(x)) * up(x)).
+        gate, up = _emit_projections(g, normed, _projections(f"{lp}.mlp", mlp, GATE_UP),
+                                     f"/model/layers.{i}/mlp/gate_up_proj", fuse=fuse, active_ranks=active_ranks)
+        sig = g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/act/Sigmoid")
+        act = g.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/act/Mul")
+        prod = g.op("Mul", [act, up], f"/model/layers.{i}/mlp/Mul")
+        (down,) = _emit_projections(g, prod, _projections(f"{lp}.mlp", mlp, ["down_proj"]),
+                                    f"/model/layers.{i}/mlp/down_proj", fuse=fuse, active_ranks=active_ranks)
+
+        # Next norm (next layer's input norm, or the final norm) fused with the residual add.
+        if i + 1 < n_layers:
+            weight, eps = _norm_weight(layers[i + 1].input_layernorm)
+            gamma = g.constant(f"model.layers.{i + 1}.input_layernorm.weight", weight)
+            node = f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
+            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [down, residual, gamma], node,
+                                          outputs=4, domain=MS_DOMAIN, epsilon=eps)
+        else:
+            weight, eps = _norm_weight(base.norm)
+            normed = g.op("SkipSimplifiedLayerNormalization",
+                          [down, residual, g.constant("model.norm.weight", weight)],
+                          "/model/norm/SkipLayerNorm", outputs=["/model/norm/output_0"], domain=MS_DOMAIN,
+                          epsilon=eps)
+
+    # lm_head (with tied embeddings this is a transposed copy of the embedding).
+    lm_head = _np(model.lm_head.weight).T  # hidden x vocab
+    g.op("MatMul", [normed, g.constant("lm_head.MatMul.weight", lm_head)], "/lm_head/MatMul", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="exporter.graph_writer")
+    proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    return proto
+
+
+# --------------------------------------------------------------------------- quantization and files
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizers call logging.basicConfig(level=INFO) at import and log per tensor
+    (INFO on their own loggers, warnings on the root logger): silence them while they run and leave
+    the caller's logging configuration as it was."""
+    root, ours = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
+    guard = logging.NullHandler()  # stops logging.warning() from calling basicConfig itself
+    root.addHandler(guard)
+    root.setLevel(logging.ERROR)
+    ours.setLevel(logging.ERROR)
+    try:
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (runs its basicConfig now)
+    except ImportError:
+        pass  # reported by the caller
+    for handler in root.handlers[:]:
+        if handler not in handlers and handler is not guard:
+            root.removeHandler(handler)
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer",):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        ours.setLevel(our_level)
+
+
+def _quantize_int4(proto, block_size: int, accuracy_level: int | None):
+    with _quiet_quantizer():
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        except ImportError as exc:  # onnxruntime >= 1.23's quantizer needs the separate onnx-ir package
+            raise ImportError(f"int4 weights need ONNX Runtime's MatMulNBitsQuantizer: {exc} "
+                              "(pip install onnx-ir)") from exc
+        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        quantizer.process()
+        return quantizer.model.model
+
+
+def _quantize_int8(proto, work_dir: Path):
+    """Per-channel int8 weights for MatMuls with a constant B (activations quantized dynamically)."""
+    import onnx
+
+    with _quiet_quantizer():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        src, dst = work_dir / "fp32.onnx", work_dir / "int8.onnx"
+        _save(proto, src)
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=True,
+                         # onnx shape inference stops at the contrib ops: their outputs are float32
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        return onnx.load(str(dst))
+
+
+def _save(proto, path: Path) -> None:
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for stale in (path, data):  # onnx appends to an existing data file
+        if stale.exists():
+            stale.unlink()
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+
+
+def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
+                  accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True) -> Path:
+    """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
+
+    weights: "fp32"; "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
+    MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
+    """
+    import tempfile
+
+    import onnx
+
+    if weights not in WEIGHT_FORMATS:
+        if weights == "fp16":
+            raise NotImplementedError("graph writer does not write fp16 weights yet")
+        raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        proto = build_decoder(model, fuse=_fuse)
+    if weights == "int4":
+        proto = _quantize_int4(proto, block_size, accuracy_level)
+    elif weights == "int8":
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
+            proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
+    meta = {"writer": "exporter.graph_writer", "weights": weights, "fused": str(_fuse)}
+    if weights == "int4":
+        meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
+    onnx.helper.set_model_props(proto, meta)
+    path = out_dir / filename
+    _save(proto, path)
+    onnx.checker.check_model(str(path))
+    model.config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
+    return path

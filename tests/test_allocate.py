@@ -1,0 +1,147 @@
+"""FLRC allocation: budgets met, monotone in the budget, sensitivity respected, clear failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exporter.allocate import allocate
+from exporter.budget import MB, projection_budget
+from exporter.compress import Projection, decompose_model, decoder_projections
+from exporter.errors import BudgetError
+from exporter.importance import component_fisher
+
+
+def synthetic(n_layers: int = 6, seed: int = 0):
+    """Llama-like projection shapes with decaying random component importances."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": (256, 256), "k_proj": (64, 256), "v_proj": (64, 256), "o_proj": (256, 256),
+              "gate_proj": (512, 256), "up_proj": (512, 256), "down_proj": (256, 512)}
+    projections, scores = [], {}
+    for layer in range(n_layers):
+        for kind, (out, inp) in shapes.items():
+            p = Projection(f"model.layers.{layer}.{kind}", out, inp)
+            projections.append(p)
+            k = min(out, inp)
+            decay = torch.rand(1, generator=generator).item() * 0.05 + 0.005
+            scores[p.name] = torch.exp(-decay * torch.arange(k, dtype=torch.float64)) * (
+                1 + torch.rand(k, generator=generator, dtype=torch.float64))
+    return projections, scores
+
+
+def cost(projections, ranks) -> int:
+    return sum(p.factor_params(ranks[p.name]) for p in projections)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.45, 0.6, 0.75, 0.9])
+def test_budget_is_met_within_half_a_percent(fraction):
+    projections, scores = synthetic()
+    budget = int(fraction * sum(p.params for p in projections))
+    result = allocate(projections, scores, budget, multiple=8)
+    used = cost(projections, result.ranks)
+    assert used == result.projection_params
+    assert used <= budget
+    assert used >= 0.995 * budget
+
+
+def test_ranks_respect_multiple_min_and_break_even():
+    projections, scores = synthetic()
+    result = allocate(projections, scores, int(0.5 * sum(p.params for p in projections)), multiple=16)
+    for p in projections:
+        rank = result.ranks[p.name]
+        if rank is not None:
+            assert rank % 16 == 0 and rank >= 16
+            assert p.factor_params(rank) < p.params  # factorized only where it saves parameters
+
+
+def test_allocation_is_monotone_in_the_budget():
+    projections, scores = synthetic()
+    dense = sum(p.params for p in projections)
+    previous = None
+    for fraction in [0.25, 0.35, 0.5, 0.65, 0.8, 0.95]:
+        result = allocate(projections, scores, int(fraction * dense), multiple=8)
+        if previous is not None:
+            assert result.predicted_loss_increase <= previous.predicted_loss_increase
+            for p in projections:
+                old, new = previous.ranks[p.name], result.ranks[p.name]
+                assert new is None or (old is not None and new >= old), p.name
+        previous = result
+
+
+def test_more_sensitive_projection_gets_more_rank():
+    projections, scores = synthetic(seed=3)
+    target = "model.layers.2.o_proj"
+    twin = "model.layers.3.o_proj"
+    scores[twin] = scores[target].clone()
+    scores[target] = scores[target] * 20.0  # same spectrum shape, 20x the loss sensitivity
+    result = allocate(projections, scores, int(0.4 * sum(p.params for p in projections)), multiple=8)
+    rank = lambda name: 10**9 if result.ranks[name] is None else result.ranks[name]  # noqa: E731
+    assert rank(target) > rank(twin)
+
+
+def test_deterministic():
+    projections, scores = synthetic()
+    budget = int(0.5 * sum(p.params for p in projections))
+    assert allocate(projections, scores, budget).ranks == allocate(projections, scores, budget).ranks
+
+
+def test_budget_above_dense_keeps_everything_dense():
+    projections, scores = synthetic()
+    result = allocate(projections, scores, sum(p.params for p in projections), multiple=8)
+    assert all(rank is None for rank in result.ranks.values())
+    assert result.predicted_loss_increase == 0.0
+
+
+def test_infeasible_budget_names_the_smallest_feasible():
+    projections, scores = synthetic()
+    with pytest.raises(BudgetError, match="at least [0-9,]+ parameters"):
+        allocate(projections, scores, 1000, multiple=16)
+
+
+def test_projection_budget_messages():
+    projections, _ = synthetic()
+    dense = sum(p.params for p in projections)
+    total = dense + 100_000  # embeddings etc.
+    assert projection_budget(projections, total, total * 4.0, "fp32") is None  # already fits: dense
+    allowed = projection_budget(projections, total, 0.5 * total * 4.0, "fp32")
+    assert allowed == int(0.5 * total) - 100_000
+    with pytest.raises(BudgetError, match=r"smallest this model can be made .* is [0-9.]+ MB"):
+        projection_budget(projections, total, 0.01 * MB, "fp32", min_rank=16)
+
+
+def test_fisher_prices_every_component_of_a_real_model(tiny_models, calib_ids):
+    model = tiny_models.load("llama")
+    decompositions = decompose_model(model, "whitened", calib_ids[:4], progress=False, full_rank=True)
+    fisher = component_fisher(model, decompositions, calib_ids[:4], progress=False)
+    projections = decoder_projections(model)
+    assert set(fisher) == {p.name for p in projections}
+    for p in projections:
+        scores = fisher[p.name]
+        assert scores.numel() == min(p.out_features, p.in_features)
+        assert torch.isfinite(scores).all() and (scores >= 0).all() and scores.sum() > 0
+    # The model itself is untouched (importance works on a copy).
+    assert not any(type(m).__name__ == "LowRankLinear" for m in model.modules())
+
+
+def test_fisher_allocation_beats_uniform_on_calibration_loss(tiny_models, calib_ids):
+    """The point of FLRC: at the same parameter count, Fisher ranks lose less than uniform ranks."""
+    import copy
+
+    from exporter.compress import apply_ranks, effective_ranks, uniform_ranks
+
+    model = tiny_models.load("llama")
+    decompositions = decompose_model(model, "whitened", calib_ids, progress=False, full_rank=True)
+    fisher = component_fisher(model, decompositions, calib_ids[:6], progress=False)
+    projections = decoder_projections(model)
+
+    def loss(ranks):
+        candidate = copy.deepcopy(model)
+        apply_ranks(candidate, decompositions, ranks)
+        with torch.no_grad():
+            return candidate(calib_ids, labels=calib_ids).loss.item(), effective_ranks(candidate, projections)
+
+    uniform_loss, uniform = loss(uniform_ranks(projections, 0.5))
+    budget = cost(projections, uniform)
+    fisher_loss, chosen = loss(allocate(projections, fisher, budget, multiple=1).ranks)
+    assert cost(projections, chosen) <= budget
+    assert fisher_loss < uniform_loss

@@ -1,0 +1,252 @@
+"""The fused ONNX Runtime decoder writer (GroupQueryAttention, SkipSimplifiedLayerNormalization,
+fused q/k/v and gate/up first stages, MatMulNBits): parity with PyTorch on dense, factorized and
+mixed tiny models of every family, fusion structure, quantized variants and config variants."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
+from exporter.graph_writer import LowRankPair, ProjectionWeights, build_decoder, supports, write_decoder
+from exporter.lowrank import LowRankLinear
+from exporter.onnx_export import torch_greedy
+from exporter.runtime import OrtDecoder
+
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral"]
+PROMPT = "The engineer explains the last question with great care. Then a small robot"
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer):
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"][:12]
+    assert len(ids) == 12
+    return ids
+
+
+def _factorize(model, calib_ids, keep_dense=()):
+    """Whitened SVD at ratio 0.3 on every projection except those whose name ends with keep_dense."""
+    decompositions = decompose_model(model, "whitened", calib_ids[:4], progress=False)
+    ranks = uniform_ranks(decoder_projections(model), 0.3)
+    ranks = {name: None if name.endswith(tuple(keep_dense)) else rank for name, rank in ranks.items()}
+    apply_ranks(model, decompositions, ranks)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, calib_ids):
+    """{(family, variant): model} for variant in dense / lowrank / mixed, built lazily."""
+    cache = {}
+
+    def get(family, variant):
+        if (family, variant) not in cache:
+            model = tiny_models.load(family)
+            if variant == "lowrank":
+                _factorize(model, calib_ids)
+            elif variant == "mixed":  # layer 0: q, v, gate low-rank; layer 1: k, o, up, down low-rank
+                _factorize(model, calib_ids, keep_dense=("0.self_attn.k_proj", "0.self_attn.o_proj",
+                                                         "0.mlp.up_proj", "0.mlp.down_proj",
+                                                         "1.self_attn.q_proj", "1.self_attn.v_proj",
+                                                         "1.mlp.gate_proj"))
+            cache[family, variant] = model
+        return cache[family, variant]
+
+    return get
+
+
+def _run(path, prompt, ref_tokens):
+    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, STEPS, forced_tokens=ref_tokens)
+    return logits
+
+
+def _ops(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+@pytest.mark.parametrize("variant", ["dense", "lowrank", "mixed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_parity(models, family, variant, prompt, tmp_path):
+    model = models(family, variant)
+    kinds = {type(getattr(getattr(layer, part), name)) for layer in model.model.layers
+             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                 ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
+    assert kinds == {"dense": {torch.nn.Linear}, "lowrank": {LowRankLinear},
+                     "mixed": {torch.nn.Linear, LowRankLinear}}[variant]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    path = write_decoder(model, tmp_path)
+    assert path == tmp_path / "model.onnx" and (tmp_path / "model.onnx.data").is_file()
+    logits = _run(path, prompt, ref_tokens)
+    assert logits.shape == ref_logits.shape == (STEPS, model.config.vocab_size)
+    assert np.abs(logits - ref_logits).max() <= 1e-3
+    assert list(np.argmax(logits, axis=-1)) == ref_tokens
+
+
+def _first_stage_counts(graph):
+    """MatMuls reading each norm output that feeds projections (attention input, MLP input)."""
+    norms = [n.output[0] for n in graph.node
+             if n.op_type in ("RMSNormalization", "SkipSimplifiedLayerNormalization") and "/norm/" not in n.name
+             and "_norm/" not in n.name]  # final norm (lm_head) and Qwen3 q/k norms excluded
+    matmuls = Counter(n.input[0] for n in graph.node if n.op_type in ("MatMul", "MatMulNBits"))
+    return [matmuls[name] for name in norms]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_fused_first_stage_and_unfused_equivalence(models, family, tmp_path):
+    model = models(family, "mixed")
+    layers = model.config.num_hidden_layers
+    fused = write_decoder(model, tmp_path / "fused")
+    unfused = write_decoder(model, tmp_path / "unfused", _fuse=False)
+    assert _first_stage_counts(_ops(fused)) == [1, 1] * layers  # q/k/v, gate/up
+    # Unfused: one first-stage MatMul per projection (a dense + low-rank projection would count twice).
+    assert _first_stage_counts(_ops(unfused)) == [3, 2] * layers
+    ids = np.array([[5, 17, 42, 9, 33, 2, 61, 7]], dtype=np.int64)
+    outs = []
+    for path in (fused, unfused):
+        decoder = OrtDecoder(path, threads=1)
+        logits, cache = decoder.step(ids, decoder.empty_cache(1))
+        step, _ = decoder.step(ids[:, :1], cache)
+        outs.append(np.concatenate([logits, step], axis=1))
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-4
+
+
+def test_graph_ops_io_and_checker(models, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model = models("qwen3", "lowrank")
+    path = write_decoder(model, tmp_path)
+    onnx.checker.check_model(str(path))
+    graph = _ops(path)
+    ops = Counter(n.op_type for n in graph.node)
+    layers, kv_heads, head_dim = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers  # post-attention, next input / final norm
+    assert ops["RMSNormalization"] == 1 + 2 * layers  # layer 0's input norm, Qwen3's q/k norms
+    assert {n.domain for n in graph.node if n.op_type == "GroupQueryAttention"} == {"com.microsoft"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", *past]
+    assert [o.name for o in session.get_outputs()] == ["logits", *present]
+    meta = {i.name: i for i in session.get_inputs()}
+    assert meta["input_ids"].type == meta["attention_mask"].type == "tensor(int64)"
+    assert meta["past_key_values.1.value"].shape[1::2] == [kv_heads, head_dim]
+    assert meta["past_key_values.1.value"].type == "tensor(float)"
+    logits = session.get_outputs()[0]
+    assert logits.type == "tensor(float)" and logits.shape[2] == model.config.vocab_size
+    assert (tmp_path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4(models, family, prompt, tmp_path):
+    pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBitsQuantizer imports it
+    model = models(family, "lowrank")
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    path = write_decoder(model, tmp_path, weights="int4", block_size=32)
+    ops = Counter(n.op_type for n in _ops(path).node)
+    # per layer: qkv first stage + 3 ups, o (2), gate/up first stage + 2 ups, down (2); plus lm_head
+    assert ops["MatMulNBits"] == 11 * model.config.num_hidden_layers + 1 and ops["MatMul"] == 0
+    logits = _run(path, prompt, ref_tokens)
+    # Tolerance: 4-bit symmetric blocks of 32 on 64-wide tiny layers; logits here span about +-7.
+    agreement = np.mean(np.argmax(logits, axis=-1) == np.asarray(ref_tokens))
+    assert agreement >= 0.75
+    assert np.abs(logits - ref_logits).mean() <= 0.25
+
+
+def test_int8(models, prompt, tmp_path):
+    model = models("llama", "mixed")
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    path = write_decoder(model, tmp_path, weights="int8")
+    ops = Counter(n.op_type for n in _ops(path).node)
+    assert ops["MatMulInteger"] > 0 and ops["MatMul"] == 0
+    logits = _run(path, prompt, ref_tokens)
+    assert np.mean(np.argmax(logits, axis=-1) == np.asarray(ref_tokens)) >= 0.875
+    assert np.abs(logits - ref_logits).mean() <= 0.05
+
+
+def test_active_rank_is_a_prefix_of_the_factors(tiny_models, calib_ids, prompt):
+    """Rank-sliced levels: writing rank r' from rank-r factors equals the model factorized at r'."""
+    import onnxruntime as ort
+
+    model = tiny_models.load("llama")
+    decompositions = decompose_model(model, "whitened", calib_ids[:4], progress=False)
+    names = [p.name for p in decoder_projections(model)]
+    apply_ranks(model, decompositions, {n: 16 for n in names})
+    active = {n: 9 for n in names if n.endswith(("q_proj", "up_proj"))}
+    proto = build_decoder(model, active_ranks=active)
+    reference = tiny_models.load("llama")
+    apply_ranks(reference, decompositions, {n: active.get(n, 16) for n in names})
+    _, ref_logits = torch_greedy(reference, prompt, 1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    kv = model.config.num_key_value_heads, model.config.head_dim
+    feed = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64)}
+    feed.update({i.name: np.zeros((1, kv[0], 0, kv[1]), np.float32) for i in session.get_inputs()[2:]})
+    logits = session.run(["logits"], feed)[0]
+    assert np.abs(logits[0, -1] - ref_logits[0]).max() <= 1e-3
+    _, full_logits = torch_greedy(model, prompt, 1)  # the slicing matters: rank 16 differs
+    assert np.abs(full_logits - ref_logits).max() > 1e-2
+
+
+def test_corrective_pairs_fold_into_one_pair():
+    rng = np.random.default_rng(0)
+    main = LowRankPair(rng.normal(size=(6, 10)).astype(np.float32), rng.normal(size=(8, 6)).astype(np.float32))
+    fix = LowRankPair(rng.normal(size=(2, 10)).astype(np.float32), rng.normal(size=(8, 2)).astype(np.float32))
+    proj = ProjectionWeights("p", 10, 8, pairs=[main, fix])
+    down, up = proj.fold(4)
+    assert down.shape == (6, 10) and up.shape == (8, 6)
+    expected = main.up[:, :4] @ main.down[:4] + fix.up @ fix.down
+    np.testing.assert_allclose(up @ down, expected, rtol=1e-5, atol=1e-5)
+
+
+def _random_model(family, **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen3": Qwen3Config}[family]
+    config = config_class(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                          initializer_range=0.1, **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+VARIANTS = {
+    "tied": ("llama", dict(tie_word_embeddings=True)),
+    "biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "sliding-window": ("mistral", dict(sliding_window=5)),
+    "llama3-rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "wide-heads": ("qwen3", dict(head_dim=32)),  # heads * head_dim != hidden
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants(variant, tmp_path):
+    family, overrides = VARIANTS[variant]
+    model = _random_model(family, **overrides)
+    assert supports(model)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    logits = _run(write_decoder(model, tmp_path), prompt, ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * max(1.0, np.abs(ref_logits).max())
+
+
+def test_unsupported_models_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dynamic = _random_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert not supports(dynamic)
+    with pytest.raises(NotImplementedError, match="dynamic"):
+        write_decoder(dynamic, tmp_path)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert not supports(gpt2)
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
+        write_decoder(gpt2, tmp_path)
+    with pytest.raises(NotImplementedError, match="fp16"):
+        write_decoder(_random_model("llama"), tmp_path, weights="fp16")
