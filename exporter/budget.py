@@ -1,8 +1,10 @@
 """From a device profile's RAM and latency budgets to a byte budget for the model's weights.
 
 RAM: weights + KV cache at the profile's max context + runtime overhead must fit the model's RAM
-budget. Latency: decoding is bandwidth-bound on edge devices (every weight and the KV cache are
-read once per token), so a decode budget of t ms allows t * effective bandwidth bytes per token.
+budget. Decode: bandwidth-bound on edge devices (every weight and the KV cache are read once per
+token), so a decode budget of t ms allows t * effective bandwidth bytes per token. Prefill:
+compute-bound (2 FLOPs per parameter per prompt token), so a prefill budget of t ms for n tokens
+allows t * effective throughput / (2 n) parameters.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ RUNTIME_OVERHEAD_MB = 100.0
 # Fraction of the datasheet bandwidth a decode loop reaches (the project's CPU machines reach
 # about 20 of ~28 GB/s copy bandwidth in ONNX Runtime): an estimate.
 BANDWIDTH_EFFICIENCY = 0.7
+# Fraction of peak matrix throughput a prefill reaches in ONNX Runtime: an estimate.
+COMPUTE_EFFICIENCY = 0.5
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
@@ -32,16 +36,21 @@ def kv_cache_bytes(config, context: int, bytes_per_elem: float = 4.0) -> float:
 class WeightBudget:
     ram_bytes: float  # weights allowed by the RAM budget
     latency_bytes: float  # weights allowed by the decode latency budget
+    prefill_bytes: float  # weights allowed by the prefill budget
     precision: str
     kv_cache_bytes: float
 
     @property
+    def limits(self) -> dict[str, float]:
+        return {"ram": self.ram_bytes, "decode latency": self.latency_bytes, "prefill latency": self.prefill_bytes}
+
+    @property
     def bytes(self) -> float:
-        return min(self.ram_bytes, self.latency_bytes)
+        return min(self.limits.values())
 
     @property
     def binding(self) -> str:
-        return "ram" if self.ram_bytes <= self.latency_bytes else "latency"
+        return min(self.limits, key=self.limits.get)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "bytes": self.bytes, "binding": self.binding}
@@ -54,7 +63,11 @@ def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
     ram = profile.budget.model_ram_mb * MB - kv - RUNTIME_OVERHEAD_MB * MB
     bandwidth = profile.hardware.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
     latency = profile.budget.decode_ms_per_token / 1000.0 * bandwidth - kv
-    return WeightBudget(ram, latency, precision, kv)
+    compute = profile.hardware.compute_tflops
+    tflops = compute.get(precision) or compute.get("fp32") or max(compute.values())
+    prefill_params = (profile.budget.prefill_ms / 1000.0 * tflops * 1e12 * COMPUTE_EFFICIENCY
+                      / (2.0 * profile.budget.prefill_prompt_tokens))
+    return WeightBudget(ram, latency, prefill_params * per, precision, kv)
 
 
 def projection_budget(projections: list[Projection], total_params: int, budget_bytes: float,

@@ -120,6 +120,7 @@ def _allocate(args) -> int:
                      "params_kept": p.factor_params(rank) / p.params, "importance_kept": kept})
     if args.json:
         print(json.dumps({"parameters": params, "budget_source": plan.budget_source,
+                          "device_budget": plan.budget.to_dict(),
                           "allocation": plan.allocation.to_dict() if plan.allocation else None,
                           "projections": rows, "timings_s": clock.stages}, indent=2))
         return 0
@@ -131,6 +132,9 @@ def _allocate(args) -> int:
     print(f"\n{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
           f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all "
           f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
+    limits = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in plan.budget.limits.items())
+    print(f"{plan.profile.name} allows weights of: {limits} ({plan.budget.precision}); "
+          f"the {plan.budget.binding} budget binds")
     if plan.allocation:
         print(f"allocation search: {plan.allocation.seconds:.2f} s; importance: {clock.stages.get('importance', 0):.1f} s; "
               f"predicted loss increase {plan.allocation.predicted_loss_increase:.4f} nats/token")

@@ -121,7 +121,8 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         target_params = None if options.ratio == 0 else round((1.0 - options.ratio) * dense_projection)
     else:
         budget_bytes = budget.bytes if options.budget_mb is None else options.budget_mb * MB
-        budget_source = "--budget-mb" if options.budget_mb is not None else f"{profile.name} {budget.binding} budget"
+        budget_source = ("--budget-mb" if options.budget_mb is not None
+                         else f"{profile.name} {budget.binding} budget")
         target_params = projection_budget(projections, total_dense, budget_bytes, EXPORT_PRECISION, multiple)
         if target_params is None:
             say(f"the dense model ({total_dense * BYTES_PER_PARAM[EXPORT_PRECISION] / MB:.0f} MB at "

@@ -87,9 +87,9 @@ def write_report(directory: Path, manifest: dict) -> None:
         "",
         f"{profile['description']}: model RAM budget {profile['budget']['model_ram_mb']:.0f} MB, decode "
         f"{profile['budget']['decode_ms_per_token']} ms/token, max context {profile['budget']['max_context']}.",
-        f"Weights may take {b['ram_bytes'] / MB:.0f} MB under the RAM budget and {b['latency_bytes'] / MB:.0f} MB "
-        f"under the latency budget (KV cache at max context: {b['kv_cache_bytes'] / MB:.0f} MB); the "
-        f"{b['binding']} budget binds.",
+        f"Weights may take {b['ram_bytes'] / MB:.0f} MB under the RAM budget, {b['latency_bytes'] / MB:.0f} MB "
+        f"under the decode latency budget and {b['prefill_bytes'] / MB:.0f} MB under the prefill budget "
+        f"(KV cache at max context: {b['kv_cache_bytes'] / MB:.0f} MB); the {b['binding']} budget binds.",
         "",
         "## ONNX Runtime parity (CPU provider)",
         "",

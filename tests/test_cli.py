@@ -367,3 +367,43 @@ def test_version(capsys):
     from exporter import __version__
 
     assert capsys.readouterr().out.strip() == f"exporter {__version__}"
+
+
+def test_allocate_prints_ranks_without_exporting(workdir, capsys, llama_dir, calib_file):
+    import json
+
+    args = ["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "4",
+            "--calib-seq-len", "32", "--fisher-samples", "2", "--ratio", "0.4", "--device", "host",
+            "--no-progress", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["projections"]) == 14  # 2 layers x 7 projections
+    assert out["parameters"]["projection_fraction_removed"] >= 0.4 - 0.005
+    assert out["allocation"]["projection_params"] <= out["allocation"]["budget_params"]
+    assert set(out["device_budget"]) >= {"ram_bytes", "latency_bytes", "prefill_bytes", "binding"}
+    assert not any(workdir.iterdir())  # nothing written
+    assert main(args[:-1]) == 0  # the table form
+    table = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in table and "the " in table and "budget binds" in table
+
+
+def test_dense_model_that_fits_is_exported_dense(tmp_path, capsys, llama_dir, calib_file):
+    import json
+
+    out = tmp_path / "dense"
+    args = ["export", "--model", str(llama_dir), "--calib", str(calib_file), "--device", "host",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "exporting it dense" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(entry["rank"] is None for entry in manifest["ranks"].values())
+    assert manifest["parameters"]["projection_fraction_removed"] == 0.0
+
+
+def test_budget_mb_too_small_names_the_smallest_feasible(tmp_path, capsys, llama_dir, calib_file):
+    args = ["export", "--model", str(llama_dir), "--calib", str(calib_file), "--device", "host",
+            "--out", str(tmp_path / "x"), "--budget-mb", "0.01", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "budget infeasible" in err and "smallest this model can be made" in err
+    assert not (tmp_path / "x").exists()
