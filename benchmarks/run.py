@@ -1,6 +1,7 @@
-"""Benchmark: quality, compression time, ONNX Runtime decode speed and size, all in one run.
+"""Benchmark: quality, compression time, ONNX Runtime decode speed, memory and size, in one run.
 
     python benchmarks/run.py [--model M] [--windows 64] [--rows dense,whitened-20,...]
+                             [--builder-python .venv-builder/bin/python]
 
 Every row is built from the same loaded model, calibration data and evaluation windows, so the
 ratios between rows are meaningful even on a noisy machine. Prints a Markdown table and writes
@@ -13,6 +14,8 @@ import argparse
 import copy
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +32,16 @@ from exporter.calibration import calibration_ids  # noqa: E402
 from exporter.compress import (apply_ranks, count_params, decompose_model, decoder_projections,  # noqa: E402
                                effective_ranks, parameter_summary, uniform_ranks)
 from exporter.allocate import allocate  # noqa: E402
-from exporter.evaluate import perplexity, text_windows  # noqa: E402
+from exporter.evaluate import ort_perplexity, perplexity, text_windows  # noqa: E402
 from exporter.importance import component_fisher  # noqa: E402
-from exporter.models import load_model, resolve_model  # noqa: E402
+from exporter.models import hf_directory, load_model, resolve_model  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
 from exporter.runtime import OrtDecoder  # noqa: E402
+
+try:
+    from exporter.graph_writer import write_decoder
+except ImportError:  # the fused writer is optional for the foundation rows
+    write_decoder = None
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -44,37 +52,67 @@ class Row:
     method: str  # dense | svd | whitened
     allocation: str  # - | uniform | fisher
     ratio: float
+    graph: str = "optimum"  # optimum | writer (ours, fused) | builder (onnxruntime-genai)
+    weights: str = "fp32"
     projection_removed: float = 0.0
     params: int = 0
     perplexity: float = float("nan")
+    perplexity_runtime: str = "torch"  # torch (same weights as the graph, parity-checked) | onnxruntime
     compress_s: float = 0.0
     search_s: float = float("nan")  # fisher rows: importance + allocation
     decode_tok_s: float = float("nan")
     prefill_ms: float = float("nan")
-    artifact_mb: float = float("nan")
+    peak_rss_mb: float = float("nan")
+    artifact_mb: float = float("nan")  # ONNX graph + weights on disk
+
+
+def spec(method, allocation, ratio, graph="optimum", weights="fp32"):
+    return {"method": method, "allocation": allocation, "ratio": ratio, "graph": graph, "weights": weights}
 
 
 ROWS = {
-    "dense": ("dense", "-", 0.0),
-    "svd-20": ("svd", "uniform", 0.2),
-    "svd-40": ("svd", "uniform", 0.4),
-    "whitened-20": ("whitened", "uniform", 0.2),
-    "whitened-40": ("whitened", "uniform", 0.4),
-    "flrc-20": ("whitened", "fisher", 0.2),
-    "flrc-40": ("whitened", "fisher", 0.4),
+    # the foundation's table (optimum export, fp32)
+    "dense": spec("dense", "-", 0.0),
+    "svd-20": spec("svd", "uniform", 0.2),
+    "svd-40": spec("svd", "uniform", 0.4),
+    "whitened-20": spec("whitened", "uniform", 0.2),
+    "whitened-40": spec("whitened", "uniform", 0.4),
+    "flrc-20": spec("whitened", "fisher", 0.2),
+    "flrc-40": spec("whitened", "fisher", 0.4),
+    # what users compare with, and our fused graph
+    "builder-fp32": spec("dense", "-", 0.0, "builder", "fp32"),
+    "builder-int4": spec("dense", "-", 0.0, "builder", "int4"),
+    "writer-dense": spec("dense", "-", 0.0, "writer", "fp32"),
+    "writer-flrc-20": spec("whitened", "fisher", 0.2, "writer", "fp32"),
+    "writer-flrc-40": spec("whitened", "fisher", 0.4, "writer", "fp32"),
+    "writer-dense-int4": spec("dense", "-", 0.0, "writer", "int4"),
+    "writer-flrc-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4"),
+    "writer-flrc-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4"),
+    "writer-flrc-55-int4": spec("whitened", "fisher", 0.55, "writer", "int4"),
+    "writer-flrc-70-int4": spec("whitened", "fisher", 0.7, "writer", "int4"),
 }
+FOUNDATION_ROWS = ["dense", "svd-20", "svd-40", "whitened-20", "whitened-40", "flrc-20", "flrc-40"]
 
 
-def decode_speed(onnx_path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int = 3):
-    """Median decode tokens/s and median prefill ms (greedy, KV cache, `threads` intra-op threads)."""
-    decoder = OrtDecoder(onnx_path, threads=threads)
-    decoder.greedy(prompt[:16], 4)  # warm-up: first runs allocate and pick kernels
-    steps, prefills = [], []
-    for _ in range(repeats):
-        _, _, timing = decoder.greedy(prompt, new_tokens)
-        steps.extend(timing.step_s)
-        prefills.append(timing.prefill_s)
-    return 1.0 / float(np.median(steps)), 1000.0 * float(np.median(prefills))
+def probe(onnx_path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
+    """Decode tok/s, prefill ms and peak RSS of one graph, measured in a fresh process."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "decode_probe.py"), str(onnx_path),
+               "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build_with_builder(builder_python: str, model_dir: Path, out: Path, precision: str) -> Path:
+    """The onnxruntime-genai model builder, run from its own environment (it needs a newer transformers)."""
+    if not (out / "model.onnx").is_file():
+        command = [builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", str(out.parent / "builder-cache")]
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out / "model.onnx"
+
+
+def onnx_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx")) / 1e6
 
 
 SWEEP_KEEP = 0.6  # the sweep truncates each projection to 60% of its parameters
@@ -98,14 +136,14 @@ def sensitivity_sweep(model, decompositions, projections, samples: torch.Tensor)
     return {"seconds": time.perf_counter() - start, "projections": len(projections), "losses": losses}
 
 
-def dir_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local model dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of: {', '.join(ROWS)}; "
+                        "'foundation' for the first seven")
+    parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env); "
+                        "builder rows are skipped without it")
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
     parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -119,58 +157,89 @@ def main(argv=None) -> int:
                              "sample's mean per projection x the projection count, each costing the same forwards)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    names = [n.strip() for n in args.rows.replace("foundation", ",".join(FOUNDATION_ROWS)).split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
 
     torch.manual_seed(0)
-    model, tokenizer = load_model(resolve_model(args.model))
+    source = resolve_model(args.model)
+    model, tokenizer = load_model(source)
     projections = decoder_projections(model)
     total = count_params(model)
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
     prompt = windows[-1, : args.prompt_tokens].tolist()
     calib, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"),
                                args.calib_samples, args.calib_seq_len, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="exporter-bench-"))
 
     decompositions, decompose_s = {}, {}
     fisher, fisher_s = None, 0.0
+    candidates: dict[tuple, tuple] = {}  # (method, allocation, ratio) -> (model, compress_s, search_s, torch ppl)
     rows = []
     for name in names:
-        method, allocation, ratio = ROWS[name]
-        row = Row(name, method, allocation, ratio)
-        candidate = model
-        if method != "dense":
-            if method not in decompositions:  # one decomposition serves every ratio and allocation
+        s_ = ROWS[name]
+        row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"])
+        if row.graph == "builder" and not args.builder_python:
+            print(f"[{name}] skipped: pass --builder-python (make builder-env)", file=sys.stderr)
+            continue
+        if row.graph == "writer" and write_decoder is None:
+            print(f"[{name}] skipped: exporter.graph_writer is not available", file=sys.stderr)
+            continue
+        key = (row.method, row.allocation, row.ratio)
+        if key not in candidates:
+            candidate, compress_s, search_s = model, 0.0, float("nan")
+            if row.method != "dense":
+                if row.method not in decompositions:  # one decomposition serves every ratio and allocation
+                    start = time.perf_counter()
+                    decompositions[row.method] = decompose_model(
+                        model, row.method, calib if row.method == "whitened" else None,
+                        full_rank=row.method == "whitened")
+                    decompose_s[row.method] = time.perf_counter() - start
                 start = time.perf_counter()
-                decompositions[method] = decompose_model(model, method, calib if method == "whitened" else None,
-                                                         full_rank=method == "whitened")
-                decompose_s[method] = time.perf_counter() - start
-            start = time.perf_counter()
-            if allocation == "fisher":
-                if fisher is None:
-                    fisher = component_fisher(model, decompositions[method], calib[: args.fisher_samples])
-                    fisher_s = time.perf_counter() - start
-                budget = round((1.0 - ratio) * sum(p.params for p in projections))
-                result = allocate(projections, fisher, budget, multiple=args.rank_multiple)
-                ranks, row.search_s = result.ranks, fisher_s + result.seconds
-            else:
-                ranks = uniform_ranks(projections, ratio)
-            candidate = copy.deepcopy(model)
-            apply_ranks(candidate, decompositions[method], ranks)
-            row.compress_s = decompose_s[method] + time.perf_counter() - start
+                if row.allocation == "fisher":
+                    if fisher is None:
+                        fisher = component_fisher(model, decompositions[row.method], calib[: args.fisher_samples])
+                        fisher_s = time.perf_counter() - start
+                    budget = round((1.0 - row.ratio) * sum(p.params for p in projections))
+                    result = allocate(projections, fisher, budget, multiple=args.rank_multiple)
+                    ranks, search_s = result.ranks, fisher_s + result.seconds
+                else:
+                    ranks = uniform_ranks(projections, row.ratio)
+                candidate = copy.deepcopy(model)
+                apply_ranks(candidate, decompositions[row.method], ranks)
+                compress_s = decompose_s[row.method] + time.perf_counter() - start
+            candidates[key] = (candidate, compress_s, search_s, None)
+        candidate, row.compress_s, row.search_s, torch_ppl = candidates[key]
         summary = parameter_summary(projections, effective_ranks(candidate, projections), total)
         row.projection_removed, row.params = summary["projection_fraction_removed"], summary["total_params"]
-        print(f"[{name}] perplexity on {windows.shape[0]} windows", file=sys.stderr)
-        row.perplexity = perplexity(candidate, windows)
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = export_onnx(candidate, Path(tmp))
-            row.artifact_mb = dir_mb(Path(tmp))
-            row.decode_tok_s, row.prefill_ms = decode_speed(onnx_path, prompt, args.new_tokens, args.threads)
+
+        folder = work / name
+        folder.mkdir()
+        if row.graph == "optimum":
+            onnx_path = export_onnx(candidate, folder)
+        elif row.graph == "writer":
+            onnx_path = write_decoder(candidate, folder, weights=row.weights, block_size=args.block_size)
+        else:
+            onnx_path = build_with_builder(args.builder_python, hf_directory(source), folder, row.weights)
+        row.artifact_mb = onnx_mb(folder)
+        if row.graph == "optimum" or (row.graph == "writer" and row.weights == "fp32" and torch_ppl is not None):
+            if torch_ppl is None:
+                print(f"[{name}] perplexity on {windows.shape[0]} windows", file=sys.stderr)
+                torch_ppl = perplexity(candidate, windows)
+                candidates[key] = (candidate, row.compress_s, row.search_s, torch_ppl)
+            row.perplexity = torch_ppl
+        else:  # quantized or foreign graphs: score the ONNX model itself
+            print(f"[{name}] perplexity (onnxruntime) on {windows.shape[0]} windows", file=sys.stderr)
+            row.perplexity = ort_perplexity(OrtDecoder(onnx_path, threads=args.threads), windows)
+            row.perplexity_runtime = "onnxruntime"
+        measured = probe(onnx_path, prompt, args.new_tokens, args.threads)
+        row.decode_tok_s, row.prefill_ms, row.peak_rss_mb = (
+            measured["decode_tok_s"], measured["prefill_ms"], measured["peak_rss_mb"])
         rows.append(row)
         print(f"[{name}] {asdict(row)}", file=sys.stderr)
-        if candidate is not model:
-            del candidate
+        for f in folder.iterdir():
+            f.unlink()
 
     sweep = None
     if fisher is not None and args.sweep_projections > 0:
@@ -194,6 +263,10 @@ def main(argv=None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"bench-{stamp}.md").write_text(table + "\n")
+    if len(rows) > 1:
+        plot_frontier([r for r in rows if r.perplexity < 1e4], args.out / f"frontier-{stamp}.png")
+    shutil.rmtree(work, ignore_errors=True)
     (args.out / f"bench-{stamp}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows], "sweep": sweep,
          "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}, indent=2))
@@ -202,22 +275,86 @@ def main(argv=None) -> int:
 
 def format_table(rows: list[Row], n_windows: int, args) -> str:
     lines = [
-        f"| row | method | allocation | projection params removed | params | WikiText-2 ppl ({n_windows}x512) "
-        f"| compression s | rank search s | decode tok/s ({args.threads} thr) | prefill ms ({args.prompt_tokens} tok) "
-        "| artifact MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| row | graph | weights | method | allocation | projection params removed | params "
+        f"| WikiText-2 ppl ({n_windows}x512) | compression s | rank search s | decode tok/s ({args.threads} thr) "
+        f"| prefill ms ({args.prompt_tokens} tok) | peak RSS MB | ONNX MB |",
+        "|---" * 14 + "|",
     ]
     for r in rows:
+        search = "-" if r.search_s != r.search_s else f"{r.search_s:.1f}"
+        ppl = f"{r.perplexity:.2f}" + ("" if r.perplexity_runtime == "torch" else " (ort)")
         lines.append(
-            f"| {r.name} | {r.method} | {r.allocation} | {r.projection_removed:.1%} | {r.params / 1e6:.1f}M "
-            f"| {r.perplexity:.2f} | {r.compress_s:.1f} | {'-' if r.search_s != r.search_s else f'{r.search_s:.1f}'} "
-            f"| {r.decode_tok_s:.1f} | {r.prefill_ms:.0f} | {r.artifact_mb:.0f} |"
+            f"| {r.name} | {r.graph} | {r.weights} | {r.method} | {r.allocation} | {r.projection_removed:.1%} "
+            f"| {r.params / 1e6:.1f}M | {ppl} | {r.compress_s:.1f} | {search} | {r.decode_tok_s:.1f} "
+            f"| {r.prefill_ms:.0f} | {r.peak_rss_mb:.0f} | {r.artifact_mb:.1f} |"
         )
-    lines.append("")
-    lines.append("compression s: decomposition of every projection (shared by all rows of a method; whitened "
-                 "includes calibration statistics and keeps every component) plus this row's rank choice. "
-                 "rank search s: Fisher importance (computed once, shared by the fisher rows) + allocation.")
+    lines += [
+        "",
+        "compression s: decomposition of every projection (shared by all rows of a method; whitened includes "
+        "calibration statistics and keeps every component) plus this row's rank choice. rank search s: Fisher "
+        "importance (computed once, shared by the fisher rows) + allocation. Perplexity: PyTorch on the same "
+        "weights for fp32 optimum rows (parity-checked export); '(ort)': the ONNX graph itself in ONNX Runtime. "
+        "Decode, prefill and peak RSS: a fresh process per graph (benchmarks/decode_probe.py).",
+    ]
+    comparisons = compare(rows)
+    if comparisons:
+        lines += ["", *comparisons]
     return "\n".join(lines)
+
+
+def compare(rows: list[Row]) -> list[str]:
+    """Same-run ratios the project's targets are stated in."""
+    by = {r.name: r for r in rows}
+    out = []
+
+    def ratio(a, b, field):
+        if a in by and b in by:
+            return getattr(by[a], field) / getattr(by[b], field)
+        return None
+
+    checks = [
+        ("flrc-20 / whitened-20 perplexity", ratio("flrc-20", "whitened-20", "perplexity"), "<= 0.75"),
+        ("flrc-40 / whitened-40 perplexity", ratio("flrc-40", "whitened-40", "perplexity"), "<= 0.70"),
+        ("writer-dense / builder-fp32 decode tok/s", ratio("writer-dense", "builder-fp32", "decode_tok_s"), ">= 1.0"),
+        ("writer-dense / dense (optimum) decode tok/s", ratio("writer-dense", "dense", "decode_tok_s"), ">= 1.3"),
+        ("writer-flrc-20-int4 / builder-int4 ONNX MB", ratio("writer-flrc-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
+        ("writer-flrc-20-int4 / builder-int4 decode tok/s", ratio("writer-flrc-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
+        ("writer-flrc-20-int4 / builder-int4 perplexity", ratio("writer-flrc-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
+        ("writer-flrc-40-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+    ]
+    for label, value, target in checks:
+        if value is not None:
+            out.append(f"- {label}: {value:.2f} (target {target})")
+    return out
+
+
+def plot_frontier(rows: list[Row], path: Path) -> None:
+    """Perplexity vs ONNX size: our points and the builder's, one marker per graph and precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(f"{r.graph} {r.weights}", []).append(r)
+    for label, members in sorted(groups.items()):
+        members.sort(key=lambda r: r.artifact_mb)
+        ax.plot([r.artifact_mb for r in members], [r.perplexity for r in members], "o-" if len(members) > 1 else "s",
+                label=label)
+        for r in members:
+            ax.annotate(r.name, (r.artifact_mb, r.perplexity), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("ONNX weights on disk (MB)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title("Quality vs size, one benchmark run")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ RUNTIME_OVERHEAD_MB = 100.0
 BANDWIDTH_EFFICIENCY = 0.7
 # Fraction of peak matrix throughput a prefill reaches in ONNX Runtime: an estimate.
 COMPUTE_EFFICIENCY = 0.5
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+# int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
 
 
 def kv_cache_bytes(config, context: int, bytes_per_elem: float = 4.0) -> float:

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _compression_options(export)
     export.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-DEVICE)")
     export.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    export.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
+                        help="fused ONNX Runtime decoder (exporter's writer; default where supported) or "
+                        "optimum-onnx's export")
+    export.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default: 32)")
 
     allocate = commands.add_parser("allocate", help="print the per-projection ranks for a device, without exporting")
     _compression_options(allocate)
@@ -85,6 +89,8 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
     command.add_argument("--fisher-samples", type=_positive_int, default=8,
                          help="calibration sequences used for Fisher importance (default: 8)")
+    command.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                         help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32)")
     command.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -97,6 +103,7 @@ def _options(args):
         budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
+        weights=args.weights, graph=getattr(args, "graph", "auto"), block_size=getattr(args, "block_size", 32),
         progress=not args.no_progress,
     )
 
@@ -154,11 +161,14 @@ def format_summary(manifest: dict) -> str:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
     return "\n".join([
         f"artifact:   {manifest['artifact']} ({manifest['artifact_bytes'] / 1e6:.1f} MB on disk)",
-        f"device:     {manifest['profile']['name']} (weights {manifest['precision']})",
+        f"device:     {manifest['profile']['name']} (weights {manifest['precision']}, "
+        f"{manifest['onnx']['graph']} graph)",
         f"parameters: {p['total_params_dense'] / 1e6:.1f}M -> {p['total_params'] / 1e6:.1f}M "
         f"({p['projection_fraction_removed']:.1%} of decoder projections, {p['total_fraction_removed']:.1%} of all)",
         f"parity:     max |logit diff| {par['max_abs_logit_diff']:.2e}, greedy agreement "
-        f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: {'passed' if par['passed'] else 'FAILED'}",
+        f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: {'passed' if par['passed'] else 'FAILED'}"
+        + (f"; {manifest['precision']}: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
+           if "quantized" in par else ""),
         f"time:       {times}",
     ])
 

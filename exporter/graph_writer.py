@@ -269,11 +269,16 @@ def _check(model) -> None:
 
 def supports(model) -> bool:
     """Whether `write_decoder` can write this model (architecture, activation, rope type)."""
+    return unsupported_reason(model) is None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `write_decoder` cannot write this model, or None when it can."""
     try:
         _check(model)
-    except (NotImplementedError, AttributeError):
-        return False
-    return True
+    except (NotImplementedError, AttributeError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def _head_dim(config) -> int:
@@ -494,6 +499,44 @@ def _quantize_int4(proto, block_size: int, accuracy_level: int | None):
         return quantizer.model.model
 
 
+def _share_tied_embedding(proto, block_size: int) -> None:
+    """With tied embeddings, gather the embedding from lm_head's 4-bit blocks (GatherBlockQuantized).
+
+    MatMulNBits stores lm_head as [vocab, blocks, block_size / 2] uint8 with scales per (row, block):
+    row v is exactly embedding row v quantized along hidden, which is GatherBlockQuantized's layout
+    (gather_axis 0, quantize_axis 1). Dropping the fp32 embedding saves vocab x hidden x 4 bytes.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
+    if lm_head is None or gather is None or gather.input[0] not in init:
+        return
+    embedding = numpy_helper.to_array(init[gather.input[0]])
+    vocab, hidden = embedding.shape
+    weight, scales = lm_head.input[1], lm_head.input[2]
+    shape_data = helper.make_tensor("/model/embed_tokens/data_shape", 7, [2], [vocab, hidden // 2])
+    shape_scales = helper.make_tensor("/model/embed_tokens/scales_shape", 7, [2], [vocab, hidden // block_size])
+    graph.initializer.extend([shape_data, shape_scales])
+    nodes = [
+        helper.make_node("Reshape", [weight, shape_data.name], ["/model/embed_tokens/data"],
+                         name="/model/embed_tokens/ReshapeData"),
+        helper.make_node("Reshape", [scales, shape_scales.name], ["/model/embed_tokens/scales"],
+                         name="/model/embed_tokens/ReshapeScales"),
+        helper.make_node("GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1],
+                                                  "/model/embed_tokens/scales"], list(gather.output),
+                         name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
+                         bits=4, block_size=block_size, gather_axis=0, quantize_axis=1),
+    ]
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.remove(init[gather.input[0]])
+
+
 def _quantize_int8(proto, work_dir: Path):
     """Per-channel int8 weights for MatMuls with a constant B (activations quantized dynamically)."""
     import onnx
@@ -542,6 +585,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
         proto = build_decoder(model, fuse=_fuse)
     if weights == "int4":
         proto = _quantize_int4(proto, block_size, accuracy_level)
+        if getattr(model.config, "tie_word_embeddings", False) and model.config.hidden_size % block_size == 0:
+            _share_tied_embedding(proto, block_size)
     elif weights == "int8":
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
             proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data

@@ -114,6 +114,16 @@ def load_model(source: ModelSource, dtype=None):
     return model, tokenizer
 
 
+def hf_directory(source: ModelSource) -> Path:
+    """A Hugging Face model directory for `source` (for GGUF: the converted cache, after load_model)."""
+    if not source.gguf_file:
+        return source.path
+    cached = _gguf_cache_path(source)
+    if not (cached / "config.json").is_file():
+        raise ModelError(f"{source.describe()} has not been converted yet: load it once first")
+    return cached
+
+
 def _save_cache(model, tokenizer, target: Path) -> None:
     """Write the converted model atomically; a failed write only costs the next run 20 s."""
     import tempfile

@@ -20,6 +20,7 @@ from .compress import (apply_ranks, count_params, decompose_model, decoder_proje
 from .errors import ExporterError
 from .importance import component_fisher
 from .models import load_model, resolve_model
+from .graph_writer import unsupported_reason, write_decoder
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
 from .report import write_report
@@ -29,7 +30,11 @@ PARITY_PROMPT = (
     "each projection becomes the product of two thin matrices, and the result is checked"
 )
 ALLOCATIONS = ("fisher", "uniform")
-EXPORT_PRECISION = "fp32"  # weights are written in fp32 until quantized export lands
+GRAPHS = ("auto", "fused", "optimum")
+WEIGHTS = ("fp32", "int8", "int4")
+# A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
+# and the quantized graph's greedy agreement is recorded; this loose floor only catches a broken one.
+QUANTIZED_MIN_AGREEMENT = 0.25
 
 
 @dataclass
@@ -48,6 +53,10 @@ class ExportOptions:
     fisher_samples: int = 8
     seed: int = 0
     force: bool = False
+    graph: str = "auto"  # fused (exporter.graph_writer) where supported, else optimum
+    weights: str = "fp32"
+    block_size: int = 32
+    accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
     parity_steps: int = 16
     parity_atol: float = 1e-2
     progress: bool = True
@@ -112,7 +121,9 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     projections = decoder_projections(model)
     total_dense = count_params(model)
     dense_projection = sum(p.params for p in projections)
-    budget = weight_budget(profile, model.config, EXPORT_PRECISION)
+    if options.weights not in WEIGHTS:
+        raise ExporterError(f"unknown --weights {options.weights!r}; expected one of {', '.join(WEIGHTS)}")
+    budget = weight_budget(profile, model.config, options.weights)
     multiple = profile.runtime.rank_multiple if options.allocation == "fisher" else 1
 
     if options.ratio is not None:
@@ -123,10 +134,10 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         budget_bytes = budget.bytes if options.budget_mb is None else options.budget_mb * MB
         budget_source = ("--budget-mb" if options.budget_mb is not None
                          else f"{profile.name} {budget.binding} budget")
-        target_params = projection_budget(projections, total_dense, budget_bytes, EXPORT_PRECISION, multiple)
+        target_params = projection_budget(projections, total_dense, budget_bytes, options.weights, multiple)
         if target_params is None:
-            say(f"the dense model ({total_dense * BYTES_PER_PARAM[EXPORT_PRECISION] / MB:.0f} MB at "
-                f"{EXPORT_PRECISION}) fits {budget_source} ({budget_bytes / MB:.0f} MB of weights): "
+            say(f"the dense model ({total_dense * BYTES_PER_PARAM[options.weights] / MB:.0f} MB at "
+                f"{options.weights}) fits {budget_source} ({budget_bytes / MB:.0f} MB of weights): "
                 "exporting it dense (pass --ratio to compress anyway)")
     plan = Plan(model, tokenizer, source, profile, projections, total_dense, budget, budget_source,
                 target_params, {p.name: None for p in projections})
@@ -167,14 +178,23 @@ def run_export(options: ExportOptions) -> dict:
         f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all parameters "
         f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
 
+    graph = choose_graph(model, options)
     with staging_dir(target, options.force) as staging:
+        prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
         with clock.stage("export"):
-            say("exporting to ONNX with KV cache")
-            onnx_path = export_onnx(model, staging)
+            say(f"writing the ONNX decoder with KV cache ({graph} graph, fp32)")
+            onnx_path = export_onnx(model, staging) if graph == "optimum" else write_decoder(model, staging)
             tokenizer.save_pretrained(staging)
         with clock.stage("parity"):
-            prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
-            parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol)
+            parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol).to_dict()
+        if options.weights != "fp32":
+            with clock.stage("quantize"):
+                say(f"quantizing weights to {options.weights}")
+                write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
+                              accuracy_level=options.accuracy_level if options.weights == "int4" else None)
+            with clock.stage("parity"):
+                parity["quantized"] = check_parity(model, onnx_path, prompt, options.parity_steps,
+                                                   atol=float("inf"), min_agreement=QUANTIZED_MIN_AGREEMENT).to_dict()
         compressed = plan.target_params is not None
         manifest = {
             "format_version": 1,
@@ -192,13 +212,16 @@ def run_export(options: ExportOptions) -> dict:
                 "allocation_details": plan.allocation.to_dict() if plan.allocation else None,
                 "calibration": plan.calibration, "seed": options.seed,
             },
-            "precision": EXPORT_PRECISION,
+            "precision": options.weights,
             "budget": plan.budget.to_dict(),
             "parameters": params,
             "ranks": {p.name: {"rank": plan.ranks[p.name], "out": p.out_features, "in": p.in_features}
                       for p in plan.projections},
-            "onnx": {"file": onnx_path.name, "task": "text-generation-with-past"},
-            "parity": parity.to_dict(),
+            "onnx": {"file": onnx_path.name, "task": "text-generation-with-past", "graph": graph,
+                     "weights": options.weights,
+                     **({"block_size": options.block_size, "accuracy_level": options.accuracy_level}
+                        if options.weights == "int4" else {})},
+            "parity": parity,
             "versions": _versions(),
             "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},
         }
@@ -207,6 +230,23 @@ def run_export(options: ExportOptions) -> dict:
     manifest["artifact"] = str(target)
     manifest["artifact_bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     return manifest
+
+
+def choose_graph(model, options: ExportOptions) -> str:
+    """The fused writer where it supports the model (say so when falling back), else optimum."""
+    if options.graph not in GRAPHS:
+        raise ExporterError(f"unknown --graph {options.graph!r}; expected one of {', '.join(GRAPHS)}")
+    if options.graph == "optimum":
+        if options.weights != "fp32":
+            raise ExporterError(f"--weights {options.weights} needs the fused graph (--graph fused)")
+        return "optimum"
+    reason = unsupported_reason(model)
+    if reason is None:
+        return "fused"
+    if options.graph == "fused" or options.weights != "fp32":
+        raise ExporterError(f"the fused graph writer cannot write this model: {reason}")
+    say(f"the fused graph writer cannot write this model ({reason}): using the optimum-onnx export")
+    return "optimum"
 
 
 def _versions() -> dict:

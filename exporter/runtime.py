@@ -42,6 +42,7 @@ class OrtDecoder:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        self.model_path = str(model_path)
         self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -53,8 +54,24 @@ class OrtDecoder:
         for name in self.past_names:
             meta = self.inputs[name]
             _, heads, _, head_dim = meta.shape
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                heads, head_dim = self._kv_dims()
             tensors[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TO_NUMPY[meta.type])
         return KVCache(tensors, 0)
+
+    def _kv_dims(self) -> tuple[int, int]:
+        """KV heads and head size when the graph leaves them symbolic (the genai builder does)."""
+        import json
+        from pathlib import Path
+
+        folder = Path(self.model_path).parent
+        genai = folder / "genai_config.json"
+        if genai.is_file():
+            decoder = json.loads(genai.read_text())["model"]["decoder"]
+            return decoder["num_key_value_heads"], decoder["head_size"]
+        config = json.loads((folder / "config.json").read_text())
+        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        return heads, config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
     def step(self, input_ids: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
         """Run new tokens [batch, n] after the cached ones; returns logits [batch, n, vocab]."""

@@ -407,3 +407,44 @@ def test_budget_mb_too_small_names_the_smallest_feasible(tmp_path, capsys, llama
     err = capsys.readouterr().err
     assert "budget infeasible" in err and "smallest this model can be made" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_int4_export_uses_matmulnbits_and_records_both_parities(tmp_path, llama_dir, calib_file):
+    pytest.importorskip("onnx_ir", reason="ONNX Runtime's int4 quantizer needs onnx-ir")
+    import json
+
+    import onnx
+
+    out = tmp_path / "int4"
+    assert main(export_args(llama_dir, calib_file, out, "--weights", "int4")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int4" and manifest["onnx"]["graph"] == "fused"
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_diff"] < 1e-3  # fp32 twin
+    assert manifest["parity"]["quantized"]["greedy_agreement"] >= 0.25
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+
+
+def test_optimum_graph_on_request_and_int4_needs_the_fused_graph(tmp_path, capsys, llama_dir, calib_file):
+    import json
+
+    out = tmp_path / "opt"
+    assert main(export_args(llama_dir, calib_file, out, "--graph", "optimum")) == 0
+    assert json.loads((out / "manifest.json").read_text())["onnx"]["graph"] == "optimum"
+    assert main(export_args(llama_dir, calib_file, tmp_path / "bad", "--graph", "optimum", "--weights", "int4")) == 2
+    assert "needs the fused graph" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_budget_in_mb_buys_more_rank_at_int4_than_at_fp32(capsys, llama_dir, calib_file):
+    import json
+
+    def removed(weights):
+        args = ["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "4",
+                "--calib-seq-len", "32", "--fisher-samples", "2", "--device", "host", "--no-progress", "--json",
+                "--allocation", "uniform", "--weights", weights, "--budget-mb", "0.3"]
+        assert main(args) == 0
+        return json.loads(capsys.readouterr().out)["parameters"]["projection_fraction_removed"]
+
+    at_int4, at_fp32 = removed("int4"), removed("fp32")
+    assert at_fp32 > 0.0 and at_int4 < at_fp32
