@@ -23,6 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from exporter.runtime import OrtDecoder  # noqa: E402
 
 
+def peak_rss_mb() -> float:
+    """VmHWM: this process's peak resident set. (ru_maxrss would carry the parent's peak across exec.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -44,7 +55,7 @@ def main() -> int:
     print(json.dumps({
         "decode_tok_s": 1.0 / float(np.median(steps)),
         "prefill_ms": 1000.0 * float(np.median(prefills)),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),
         "load_s": load_s,
     }))
     return 0

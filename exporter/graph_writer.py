@@ -328,7 +328,8 @@ def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
     return g.op("Reshape", [y, flat], f"{prefix}/Reshape_1")
 
 
-def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None):
+def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
+                  share_tied: bool = True):
     """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data)."""
     from onnx import TensorProto, helper
 
@@ -370,10 +371,17 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     cos, sin = _rope_tables(model, max_positions)
     cos_cache, sin_cache = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
 
-    # Embedding.
-    embed = _np(base.embed_tokens.weight)
-    hidden = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "/model/embed_tokens/Gather")
-    g.constant("model.embed_tokens.weight", embed)
+    # Embedding. Tied fp32 weights are stored once, MatMul-ready for lm_head (hidden x vocab); the
+    # embedding gathers from its Transpose, which ONNX Runtime folds at load (as the genai builder does).
+    # Quantized graphs keep a separate embedding: the quantizer rewrites lm_head's MatMul, and int4
+    # then gathers from lm_head's 4-bit blocks instead (_share_tied_embedding).
+    tied_once = share_tied and model.lm_head.weight is base.embed_tokens.weight
+    if tied_once:
+        table = g.op("Transpose", [g.constant("lm_head.MatMul.weight", _np(model.lm_head.weight).T)],
+                     "/model/embed_tokens/Transpose", perm=[1, 0])
+    else:
+        table = g.constant("model.embed_tokens.weight", _np(base.embed_tokens.weight))
+    hidden = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
 
     residual, normed = hidden, None
     for i, layer in enumerate(layers):
@@ -442,9 +450,9 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
                           "/model/norm/SkipLayerNorm", outputs=["/model/norm/output_0"], domain=MS_DOMAIN,
                           epsilon=eps)
 
-    # lm_head (with tied embeddings this is a transposed copy of the embedding).
-    lm_head = _np(model.lm_head.weight).T  # hidden x vocab
-    g.op("MatMul", [normed, g.constant("lm_head.MatMul.weight", lm_head)], "/lm_head/MatMul", outputs=["logits"])
+    lm_head = "lm_head.MatMul.weight" if tied_once else g.constant("lm_head.MatMul.weight",
+                                                                   _np(model.lm_head.weight).T)  # hidden x vocab
+    g.op("MatMul", [normed, lm_head], "/lm_head/MatMul", outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
@@ -582,7 +590,7 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        proto = build_decoder(model, fuse=_fuse)
+        proto = build_decoder(model, fuse=_fuse, share_tied=weights == "fp32")
     if weights == "int4":
         proto = _quantize_int4(proto, block_size, accuracy_level)
         if getattr(model.config, "tie_word_embeddings", False) and model.config.hidden_size % block_size == 0:
