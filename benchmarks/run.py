@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env); "
                         "builder rows are skipped without it")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    parser.add_argument("--accuracy-level", type=int, default=4,
+                        help="int4 MatMulNBits accuracy_level (4: int8 activations, the builder's CPU default)")
     parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=512)
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
         if row.graph == "optimum":
             onnx_path = export_onnx(candidate, folder)
         elif row.graph == "writer":
-            onnx_path = write_decoder(candidate, folder, weights=row.weights, block_size=args.block_size)
+            onnx_path = write_decoder(candidate, folder, weights=row.weights, block_size=args.block_size,
+                                      accuracy_level=args.accuracy_level if row.weights == "int4" else None)
         else:
             onnx_path = build_with_builder(args.builder_python, hf_directory(source), folder, row.weights)
         row.artifact_mb = onnx_mb(folder)

@@ -20,6 +20,7 @@ from .compress import (apply_ranks, count_params, decompose_model, decoder_proje
 from .errors import ExporterError
 from .importance import component_fisher
 from .models import load_model, resolve_model
+from .genai_config import write_genai_config
 from .graph_writer import unsupported_reason, write_decoder
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
@@ -185,6 +186,8 @@ def run_export(options: ExportOptions) -> dict:
             say(f"writing the ONNX decoder with KV cache ({graph} graph, fp32)")
             onnx_path = export_onnx(model, staging) if graph == "optimum" else write_decoder(model, staging)
             tokenizer.save_pretrained(staging)
+            if graph == "fused":  # the builder's I/O contract: onnxruntime-genai can load it
+                write_genai_config(staging, model.config, tokenizer, onnx_path.name, profile.budget.max_context)
         with clock.stage("parity"):
             parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol).to_dict()
         if options.weights != "fp32":

@@ -1,0 +1,64 @@
+"""genai_config.json: lets onnxruntime-genai (its Python, C#, Java/Kotlin and Swift/Objective-C APIs)
+load a fused-graph artifact with `og.Model(artifact_dir)`.
+
+The fused graph has the builder's I/O names, so the config only describes the model and how to
+search. Our graph concatenates past and new keys (a growing cache, like optimum's), so
+`past_present_share_buffer` is false.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# transformers model_type -> onnxruntime-genai model type
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def genai_config(config, tokenizer, filename: str = "model.onnx", context_length: int | None = None) -> dict:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    eos = sorted(set(_ids(config.eos_token_id)) | set(_ids(getattr(tokenizer, "eos_token_id", None))))
+    context = context_length or int(getattr(config, "max_position_embeddings", 2048))
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else (eos[0] if eos else 0)
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id if config.bos_token_id is not None else pad,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": head_dim,
+                "hidden_size": config.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            },
+            "eos_token_id": eos if len(eos) != 1 else eos[0],
+            "pad_token_id": pad,
+            "type": GENAI_TYPES.get(config.model_type, config.model_type),
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(out_dir: Path, config, tokenizer, filename: str = "model.onnx",
+                       context_length: int | None = None) -> Path:
+    path = Path(out_dir) / "genai_config.json"
+    path.write_text(json.dumps(genai_config(config, tokenizer, filename, context_length), indent=4) + "\n")
+    return path

@@ -1,0 +1,31 @@
+"""onnxruntime-genai loads a fused-graph artifact and generates what the exporter's runtime generates."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.cli import main
+from exporter.runtime import OrtDecoder
+
+
+def test_onnxruntime_genai_generates_like_the_exporter_runtime(tmp_path, llama_dir, calib_file):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    out = tmp_path / "art"
+    args = ["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "4",
+            "--calib-seq-len", "32", "--ratio", "0.3", "--out", str(out), "--device", "host", "--no-progress"]
+    assert main(args) == 0
+    assert (out / "genai_config.json").is_file()
+
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    steps = 8
+    expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, steps)
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    generated = list(generator.get_sequence(0))[len(prompt):]
+    assert len(generated) >= 1 and generated == expected[: len(generated)]
