@@ -72,7 +72,7 @@ def write_report(directory: Path, manifest: dict) -> None:
         f"# {manifest['source_model']['name']} for {profile['name']}",
         "",
         f"Exported by exporter {manifest['exporter_version']}: factorization {m['factorization']}, "
-        f"allocation {m['allocation']}, sized by the {m['budget_source']}.",
+        f"allocation {m['allocation']}, budget from {m['budget_source']}.",
         f"Calibration: {m['calibration'] or 'none needed'}. Weights: {manifest['precision']}.",
         "",
         "## Parameters",
