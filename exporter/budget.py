@@ -88,5 +88,7 @@ def projection_budget(projections: list[Projection], total_params: int, budget_b
             f"budget infeasible: weights may take {budget_bytes / MB:.1f} MB, but the smallest this model "
             f"can be made (rank {min_rank} everywhere) is {floor * per / MB:.1f} MB at {precision}; "
             f"the dense model is {total_params * per / MB:.1f} MB"
+            + ("" if precision == "int4" else
+               f"; with --weights int4 the smallest is {floor * BYTES_PER_PARAM['int4'] / MB:.1f} MB")
         )
     return int(budget_bytes / per) - fixed
