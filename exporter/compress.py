@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import BudgetError
 from .lowrank import Decomposition, LowRankLinear, break_even_rank, decompose
-from .models import decoder_layers
+from .models import layers_prefix
 from .stats import iter_layer_grams
 
 METHODS = ("whitened", "svd")
@@ -40,17 +40,10 @@ class Projection:
 
 def decoder_projections(model) -> list[Projection]:
     """Every nn.Linear inside the decoder layers (q, k, v, o, gate, up, down for Llama-likes)."""
-    layers = decoder_layers(model)
-    projections = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _in_layers(model, name, layers):
-            projections.append(Projection(name, module.out_features, module.in_features))
-    return projections
-
-
-def _in_layers(model, name: str, layers) -> bool:
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return name.startswith(prefix + ".")
+    prefix = layers_prefix(model) + "."
+    return [Projection(name, module.out_features, module.in_features)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefix)]
 
 
 def decompose_model(model, method: str, input_ids: torch.Tensor | None = None, batch_size: int = 4,

@@ -144,6 +144,12 @@ def _save_cache(model, tokenizer, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def layers_prefix(model) -> str:
+    """Qualified name of the decoder layer list (e.g. `model.layers`)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
 def decoder_layers(model):
     """The list of decoder blocks of a causal LM (Llama, Qwen2/3, Mistral, Phi3, Gemma ...)."""
     base = getattr(model, model.base_model_prefix, model)

@@ -107,13 +107,14 @@ def default_out(model_name: str, device: str) -> Path:
     return Path("artifacts") / f"{model_name}-{device}"
 
 
-def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None) -> Plan:
+def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
+                     profile=None, source=None) -> Plan:
     """Load the model, turn the budget into projection parameters, and factorize to fit it."""
     torch.manual_seed(options.seed)
     if options.allocation not in ALLOCATIONS:
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
-    profile = load_profile(options.device)
-    source = resolve_model(options.model)
+    profile = profile or load_profile(options.device)
+    source = source or resolve_model(options.model)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
     with clock.stage("load"):
@@ -171,9 +172,9 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
 def run_export(options: ExportOptions) -> dict:
     """Run the whole job; returns the manifest written into the artifact."""
     clock = Stopwatch()
-    profile_name = load_profile(options.device).name
-    target = Path(options.out or default_out(resolve_model(options.model).name, profile_name))
-    plan = plan_compression(options, clock, target)
+    profile, source = load_profile(options.device), resolve_model(options.model)
+    target = Path(options.out or default_out(source.name, profile.name))
+    plan = plan_compression(options, clock, target, profile, source)
     model, tokenizer, profile, params = plan.model, plan.tokenizer, plan.profile, plan.parameters
     say(f"{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
         f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all parameters "

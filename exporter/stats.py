@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .models import decoder_layers
+from .models import decoder_layers, layers_prefix
 
 
 class _StopForward(Exception):
@@ -62,7 +62,7 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
-    prefix = _layers_prefix(model, layers)
+    prefix = layers_prefix(model)
     states = capture_layer_inputs(model, input_ids, batch_size)
     for index in tqdm(range(len(layers)), desc="calibration statistics", unit="layer", disable=not progress):
         layer = layers[index]
@@ -104,10 +104,3 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
             for handle in handles:
                 handle.remove()
         yield index, layer, totals
-
-
-def _layers_prefix(model, layers) -> str:
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise RuntimeError("decoder layers are not a submodule of the model")
