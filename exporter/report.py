@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-MB = 1_000_000
+from .budget import MB
+
 
 
 def _by_layer(ranks: dict) -> tuple[dict[str, dict[str, dict]], list[str]]:
