@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -28,14 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.calibration import calibration_ids  # noqa: E402
-from exporter.compress import (apply_ranks, count_params, decompose_model, decoder_projections,  # noqa: E402
-                               effective_ranks, parameter_summary, uniform_ranks)
+from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
+                               decoder_projections, effective_ranks, parameter_summary, uniform_ranks)
 from exporter.allocate import allocate  # noqa: E402
-from exporter.evaluate import ort_perplexity, perplexity, text_windows  # noqa: E402
+from exporter.corrective import (CorrectiveOptions, attach_correctives, settle_ranks,  # noqa: E402
+                                 train_correctives)
+from exporter.quant import fake_quantize_linears  # noqa: E402
+from exporter.evaluate import (evaluate_summarization, ort_perplexity, perplexity, read_articles,  # noqa: E402
+                               text_windows)
 from exporter.importance import component_fisher  # noqa: E402
 from exporter.models import hf_directory, load_model, resolve_model  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
-from exporter.runtime import OrtDecoder  # noqa: E402
+from exporter.pipeline import branch_linears, primary_linears  # noqa: E402
+from exporter.runtime import OrtDecoder, Runtime  # noqa: E402
 
 try:
     from exporter.graph_writer import write_decoder
@@ -63,10 +69,14 @@ class Row:
     prefill_ms: float = float("nan")
     peak_rss_mb: float = float("nan")
     artifact_mb: float = float("nan")  # ONNX graph + weights on disk
+    calr: str = "-"  # - | fp32 (correctives trained against the fp32 primary path) | int4 (against int4)
+    train_s: float = float("nan")  # corrective training
+    rouge_l: float = float("nan")  # CNN/DailyMail ROUGE-L F1 through ONNX Runtime (--rouge-rows)
 
 
-def spec(method, allocation, ratio, graph="optimum", weights="fp32"):
-    return {"method": method, "allocation": allocation, "ratio": ratio, "graph": graph, "weights": weights}
+def spec(method, allocation, ratio, graph="optimum", weights="fp32", calr="-"):
+    return {"method": method, "allocation": allocation, "ratio": ratio, "graph": graph, "weights": weights,
+            "calr": calr}
 
 
 ROWS = {
@@ -89,7 +99,17 @@ ROWS = {
     "writer-flrc-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4"),
     "writer-flrc-55-int4": spec("whitened", "fisher", 0.55, "writer", "int4"),
     "writer-flrc-70-int4": spec("whitened", "fisher", 0.7, "writer", "int4"),
+    # CALR: corrective branches at the same total parameters (primary ranks shrink to pay for them)
+    "calr-20": spec("whitened", "uniform", 0.2, calr="fp32"),
+    "calr-40": spec("whitened", "uniform", 0.4, calr="fp32"),
+    "flrc-calr-20": spec("whitened", "fisher", 0.2, calr="fp32"),
+    "flrc-calr-40": spec("whitened", "fisher", 0.4, calr="fp32"),
+    "writer-flrc-calr-20": spec("whitened", "fisher", 0.2, "writer", "fp32", calr="fp32"),
+    "writer-flrc-calr-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", calr="int4"),
+    "writer-flrc-calr-20-int4-fp32trained": spec("whitened", "fisher", 0.2, "writer", "int4", calr="fp32"),
+    "writer-flrc-calr-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4", calr="int4"),
 }
+CALR_ROWS = ["whitened-20", "whitened-40", "flrc-20", "flrc-40", "calr-20", "calr-40", "flrc-calr-20", "flrc-calr-40"]
 FOUNDATION_ROWS = ["dense", "svd-20", "svd-40", "whitened-20", "whitened-40", "flrc-20", "flrc-40"]
 
 
@@ -156,9 +176,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-projections", type=int, default=42,
                         help="projections the sensitivity sweep times (0: skip; the full sweep's time is this "
                              "sample's mean per projection x the projection count, each costing the same forwards)")
+    parser.add_argument("--corrective-rank", type=int, default=CorrectiveOptions.rank)
+    parser.add_argument("--corrective-epochs", type=int, default=CorrectiveOptions.epochs)
+    parser.add_argument("--kl-steps", type=int, default=CorrectiveOptions.kl_steps)
+    parser.add_argument("--rouge-rows", default="", help="rows also scored on CNN/DailyMail summarization (ROUGE-L)")
+    parser.add_argument("--rouge-examples", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.rows.replace("foundation", ",".join(FOUNDATION_ROWS)).split(",") if n.strip()]
+    rows_text = args.rows.replace("foundation", ",".join(FOUNDATION_ROWS)).replace("calr", ",".join(CALR_ROWS))
+    names = list(dict.fromkeys(n.strip() for n in rows_text.split(",") if n.strip()))
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
@@ -173,23 +199,26 @@ def main(argv=None) -> int:
     calib, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"),
                                args.calib_samples, args.calib_seq_len, seed=0)
     work = Path(tempfile.mkdtemp(prefix="exporter-bench-"))
+    rouge_rows = {n.strip() for n in args.rouge_rows.split(",") if n.strip()}
+    articles = read_articles(DATA / "cnn_dailymail" / "validation.jsonl", args.rouge_examples) if rouge_rows else []
 
     decompositions, decompose_s = {}, {}
     fisher, fisher_s = None, 0.0
+    train_seconds: dict[tuple, float] = {}
     candidates: dict[tuple, tuple] = {}  # (method, allocation, ratio) -> (model, compress_s, search_s, torch ppl)
     rows = []
     for name in names:
         s_ = ROWS[name]
-        row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"])
+        row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"], calr=s_["calr"])
         if row.graph == "builder" and not args.builder_python:
             print(f"[{name}] skipped: pass --builder-python (make builder-env)", file=sys.stderr)
             continue
         if row.graph == "writer" and write_decoder is None:
             print(f"[{name}] skipped: exporter.graph_writer is not available", file=sys.stderr)
             continue
-        key = (row.method, row.allocation, row.ratio)
+        key = (row.method, row.allocation, row.ratio, row.calr)
         if key not in candidates:
-            candidate, compress_s, search_s = model, 0.0, float("nan")
+            candidate, compress_s, search_s, train_s = model, 0.0, float("nan"), float("nan")
             if row.method != "dense":
                 if row.method not in decompositions:  # one decomposition serves every ratio and allocation
                     start = time.perf_counter()
@@ -202,17 +231,45 @@ def main(argv=None) -> int:
                     if fisher is None:
                         fisher = component_fisher(model, decompositions[row.method], calib[: args.fisher_samples])
                         fisher_s = time.perf_counter() - start
-                    budget = round((1.0 - row.ratio) * sum(p.params for p in projections))
-                    result = allocate(projections, fisher, budget, multiple=args.rank_multiple)
-                    ranks, search_s = result.ranks, fisher_s + result.seconds
+                dense_projection = sum(p.params for p in projections)
+                budget = round((1.0 - row.ratio) * dense_projection)
+                options = None if row.calr == "-" else CorrectiveOptions(
+                    rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
+                if row.allocation == "fisher":
+                    if fisher is None:
+                        fisher = component_fisher(model, decompositions[row.method], calib[: args.fisher_samples])
+                        fisher_s = time.perf_counter() - start
+                    multiple = args.rank_multiple
+                    if row.weights == "int4":  # as the export does: ranks in whole int4 blocks
+                        multiple = math.lcm(multiple, args.block_size)
+                    ranks, branches = settle_ranks(
+                        lambda params: allocate(projections, fisher, params, multiple=multiple).ranks,
+                        projections, options, budget)
+                    search_s = time.perf_counter() - start
                 else:
-                    ranks = uniform_ranks(projections, row.ratio)
+                    ranks, branches = settle_ranks(
+                        lambda params: uniform_ranks(projections, 1.0 - params / dense_projection),
+                        projections, options, budget)
                 candidate = copy.deepcopy(model)
                 apply_ranks(candidate, decompositions[row.method], ranks)
                 compress_s = decompose_s[row.method] + time.perf_counter() - start
+                if options is not None:
+                    start = time.perf_counter()
+                    applied = effective_ranks(candidate, projections)
+                    attach_correctives(candidate, decompositions[row.method],
+                                       {n: r for n, r in branches.items() if applied.get(n) is not None})
+                    if row.calr == "int4":
+                        fake_quantize_linears(primary_linears(candidate, projections), args.block_size)
+                    train_correctives(candidate, model, calib, options)
+                    if row.calr == "int4":
+                        fake_quantize_linears(branch_linears(candidate, projections), args.block_size)
+                    train_s = time.perf_counter() - start
             candidates[key] = (candidate, compress_s, search_s, None)
+            train_seconds[key] = train_s
         candidate, row.compress_s, row.search_s, torch_ppl = candidates[key]
-        summary = parameter_summary(projections, effective_ranks(candidate, projections), total)
+        row.train_s = train_seconds[key]
+        summary = parameter_summary(projections, effective_ranks(candidate, projections), total,
+                                    corrective_ranks(candidate, projections))
         row.projection_removed, row.params = summary["projection_fraction_removed"], summary["total_params"]
 
         folder = work / name
@@ -235,13 +292,20 @@ def main(argv=None) -> int:
             print(f"[{name}] perplexity (onnxruntime) on {windows.shape[0]} windows", file=sys.stderr)
             row.perplexity = ort_perplexity(OrtDecoder(onnx_path, threads=args.threads), windows)
             row.perplexity_runtime = "onnxruntime"
+        if name in rouge_rows:
+            if row.graph == "optimum":
+                raise SystemExit(f"--rouge-rows: {name} is an optimum row; score a writer row instead")
+            tokenizer.save_pretrained(folder)
+            print(f"[{name}] ROUGE-L on {len(articles)} CNN/DailyMail articles", file=sys.stderr)
+            runtime = Runtime(folder, threads=args.threads)
+            result = evaluate_summarization(runtime, articles, runtime.parse_schedule(None))
+            row.rouge_l = result["rougeL"]
         measured = probe(onnx_path, prompt, args.new_tokens, args.threads)
         row.decode_tok_s, row.prefill_ms, row.peak_rss_mb = (
             measured["decode_tok_s"], measured["prefill_ms"], measured["peak_rss_mb"])
         rows.append(row)
         print(f"[{name}] {asdict(row)}", file=sys.stderr)
-        for f in folder.iterdir():
-            f.unlink()
+        shutil.rmtree(folder)
 
     sweep = None
     if fisher is not None and args.sweep_projections > 0:
@@ -279,8 +343,8 @@ def format_table(rows: list[Row], n_windows: int, args) -> str:
     lines = [
         f"| row | graph | weights | method | allocation | projection params removed | params "
         f"| WikiText-2 ppl ({n_windows}x512) | compression s | rank search s | decode tok/s ({args.threads} thr) "
-        f"| prefill ms ({args.prompt_tokens} tok) | peak RSS MB | ONNX MB |",
-        "|---" * 14 + "|",
+        f"| prefill ms ({args.prompt_tokens} tok) | peak RSS MB | ONNX MB | CALR trained on | train s | ROUGE-L |",
+        "|---" * 17 + "|",
     ]
     for r in rows:
         search = "-" if r.search_s != r.search_s else f"{r.search_s:.1f}"
@@ -288,7 +352,9 @@ def format_table(rows: list[Row], n_windows: int, args) -> str:
         lines.append(
             f"| {r.name} | {r.graph} | {r.weights} | {r.method} | {r.allocation} | {r.projection_removed:.1%} "
             f"| {r.params / 1e6:.1f}M | {ppl} | {r.compress_s:.1f} | {search} | {r.decode_tok_s:.1f} "
-            f"| {r.prefill_ms:.0f} | {r.peak_rss_mb:.0f} | {r.artifact_mb:.1f} |"
+            f"| {r.prefill_ms:.0f} | {r.peak_rss_mb:.0f} | {r.artifact_mb:.1f} | {r.calr} "
+            f"| {'-' if r.train_s != r.train_s else f'{r.train_s:.0f}'} "
+            f"| {'-' if r.rouge_l != r.rouge_l else f'{r.rouge_l:.4f}'} |"
         )
     lines += [
         "",
@@ -323,6 +389,16 @@ def compare(rows: list[Row]) -> list[str]:
         ("writer-flrc-20-int4 / builder-int4 decode tok/s", ratio("writer-flrc-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
         ("writer-flrc-20-int4 / builder-int4 perplexity", ratio("writer-flrc-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
         ("writer-flrc-40-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+        ("flrc-calr-20 / dense perplexity", ratio("flrc-calr-20", "dense", "perplexity"), "<= 1.4"),
+        ("flrc-calr-40 / dense perplexity", ratio("flrc-calr-40", "dense", "perplexity"), "<= 2.5"),
+        ("calr-20 / whitened-20 perplexity (same params)", ratio("calr-20", "whitened-20", "perplexity"), "<= 0.85"),
+        ("calr-40 / whitened-40 perplexity (same params)", ratio("calr-40", "whitened-40", "perplexity"), "<= 0.85"),
+        ("flrc-calr-20 / flrc-20 perplexity (same params)", ratio("flrc-calr-20", "flrc-20", "perplexity"), "<= 0.85"),
+        ("flrc-calr-40 / flrc-40 perplexity (same params)", ratio("flrc-calr-40", "flrc-40", "perplexity"), "<= 0.85"),
+        ("writer-flrc-calr-20-int4 / writer-flrc-calr-20-int4-fp32trained perplexity",
+         ratio("writer-flrc-calr-20-int4", "writer-flrc-calr-20-int4-fp32trained", "perplexity"), "< 1"),
+        ("writer-flrc-calr-20-int4 / builder-int4 perplexity",
+         ratio("writer-flrc-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
     ]
     for label, value, target in checks:
         if value is not None:

@@ -1,4 +1,5 @@
-"""Command line: `exporter export`, `exporter allocate`, `exporter profiles [show NAME]`."""
+"""Command line: `exporter export`, `exporter allocate`, `exporter profiles [show NAME]`,
+`exporter generate ARTIFACT`, `exporter evaluate ARTIFACT`, `exporter validate ARTIFACT`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+from .settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
 from .errors import ExporterError
 
 
@@ -43,6 +44,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _corrective_ranks(text: str) -> tuple[int, dict[str, int]]:
+    """`16` or `16,k_proj=8,v_proj=8` or `q_proj=8,...` (unnamed types keep the default)."""
+    default, by_kind = CorrectiveOptions.rank, {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, value = part.rpartition("=")
+        try:
+            rank = _positive_int(value)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected N or TYPE=N (e.g. 16,k_proj=8), got {part!r}") from None
+        if kind:
+            by_kind[kind] = rank
+        else:
+            default = rank
+    return default, by_kind
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exporter", description=__doc__)
     parser.add_argument("--version", action="version", version=f"exporter {__version__}")
@@ -57,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fused ONNX Runtime decoder (exporter's writer; default where supported) or "
                         "optimum-onnx's export")
     export.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default: 32)")
+    export.add_argument("--levels",
+                        help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
+                        "down (default: 1.0,0.85,0.7; 1.0: one level; fp32 and int4 only)")
+    export.add_argument("--schedule", help="the level each generated token uses: static, a level name, or "
+                        "LEVEL:START,... (e.g. r100:0,r85:32); default: derived from calibration measurements")
 
     allocate = commands.add_parser("allocate", help="print the per-projection ranks for a device, without exporting")
     _compression_options(allocate)
@@ -65,7 +97,65 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = commands.add_parser("profiles", help="list device profiles, or `profiles show NAME`")
     profiles.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     profiles.add_argument("name", nargs="?", help="profile name or path (with `show`)")
+    _generation_commands(commands)
+    _validate_command(commands)
     return parser
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _generation_commands(commands) -> None:
+    schedule_help = ("rank levels by step: static (full rank), a level name, or LEVEL:START,... "
+                     "(e.g. r100:0,r85:32); default: the artifact's schedule")
+    generate = commands.add_parser("generate", help="generate text with an artifact (ONNX Runtime), streaming it")
+    generate.add_argument("artifact", type=Path, help="artifact directory")
+    generate.add_argument("--prompt", required=True, help="the user message")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=128, help="(default: 128)")
+    generate.add_argument("--temperature", type=_nonnegative_float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument("--schedule", help=schedule_help)
+    generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    generate.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
+
+    evaluate = commands.add_parser("evaluate", help="score an artifact: summarization ROUGE or perplexity")
+    evaluate.add_argument("artifact", type=Path, help="artifact directory")
+    evaluate.add_argument("--task", choices=["summarization", "perplexity"], required=True)
+    evaluate.add_argument("--data", type=Path, required=True,
+                          help="summarization: .jsonl with article and highlights; perplexity: a text file")
+    evaluate.add_argument("--limit", type=_positive_int,
+                          help="articles (default: 20) or windows (default: 64) to score")
+    evaluate.add_argument("--schedule", help=schedule_help + "; perplexity takes one level")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=96, help="summary length cap (default: 96)")
+    evaluate.add_argument("--max-prompt-tokens", type=_positive_int, default=1024,
+                          help="articles are cut to fit this many prompt tokens (default: 1024)")
+    evaluate.add_argument("--window", type=_positive_int, default=512,
+                          help="perplexity window in tokens (default: 512)")
+    evaluate.add_argument("--no-chat-template", action="store_true", help="summarization: raw prompt, no chat template")
+    evaluate.add_argument("--threads", type=_positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _validate_command(commands) -> None:
+    validate = commands.add_parser("validate", help="check an artifact's speed, memory and accuracy against "
+                                   "its device budgets (exit 4 when one fails)")
+    validate.add_argument("artifact", type=Path, help="artifact directory")
+    validate.add_argument("--device", help="profile name or .toml (default: the artifact's profile); "
+                          "`host` measures, other devices are predicted with the cost model")
+    validate.add_argument("--text", type=Path, help="text file for perplexity through ONNX Runtime (default: skipped)")
+    validate.add_argument("--windows", type=_positive_int, default=8,
+                          help="perplexity windows of 512 tokens to score (default: 8)")
+    validate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    validate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _compression_options(command: argparse.ArgumentParser) -> None:
@@ -91,6 +181,20 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help="calibration sequences used for Fisher importance (default: 8)")
     command.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
                          help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32)")
+    command.add_argument("--correctives", action="store_true",
+                         help="add a CALR corrective branch beside every factorized projection, fitted to the "
+                         "functional residual; they count in the budget (default: off, plain SVD path)")
+    command.add_argument("--corrective-rank", type=_corrective_ranks, default=(CorrectiveOptions.rank, {}),
+                         help=f"rank r_c of the corrective branches: one number, or per projection type "
+                         f"(16,k_proj=8,v_proj=8); the branches take at most a tenth of the budget "
+                         f"(default: {CorrectiveOptions.rank})")
+    command.add_argument("--corrective-epochs", type=_nonnegative_int, default=CorrectiveOptions.epochs,
+                         help=f"block-wise training passes (default: {CorrectiveOptions.epochs})")
+    command.add_argument("--kl-steps", type=_nonnegative_int, default=CorrectiveOptions.kl_steps,
+                         help=f"end-to-end KL distillation steps after the block-wise stage "
+                         f"(default: {CorrectiveOptions.kl_steps})")
+    command.add_argument("--tune-factors", action="store_true",
+                         help="also train the SVD factors (default: frozen; only the branches train)")
     command.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -105,6 +209,9 @@ def _options(args):
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights=args.weights, graph=getattr(args, "graph", "auto"), block_size=getattr(args, "block_size", 32),
         progress=not args.no_progress,
+        correctives=None if not args.correctives else CorrectiveOptions(
+            rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
+            kl_steps=args.kl_steps, tune_factors=args.tune_factors),
     )
 
 
@@ -114,7 +221,7 @@ def _allocate(args) -> int:
     from .pipeline import Stopwatch, plan_compression
 
     clock = Stopwatch()
-    plan = plan_compression(_options(args), clock)
+    plan = plan_compression(_options(args), clock, train=False)
     params = plan.parameters
     rows = []
     for p in plan.projections:
@@ -150,8 +257,10 @@ def _allocate(args) -> int:
 
 def _export(args) -> int:
     from .pipeline import run_export
+    from .schedule import parse_levels
 
-    manifest = run_export(_options(args))
+    levels = None if args.levels is None else parse_levels(args.levels)
+    manifest = run_export(_options(args), levels=levels, schedule=args.schedule)
     print(format_summary(manifest))
     return 0
 
@@ -169,8 +278,100 @@ def format_summary(manifest: dict) -> str:
         f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: {'passed' if par['passed'] else 'FAILED'}"
         + (f"; {manifest['precision']}: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
            if "quantized" in par else ""),
+        f"levels:     {', '.join(level['name'] for level in manifest['levels'])}; schedule "
+        + ",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"]),
         f"time:       {times}",
     ])
+
+
+def _generate(args) -> int:
+    import time
+
+    from .runtime import GenerationStats, Runtime, TextStream
+
+    runtime = Runtime(args.artifact, threads=args.threads)
+    schedule = runtime.parse_schedule(args.schedule)
+    ids = runtime.prompt_ids(args.prompt, chat=not args.no_chat_template)
+    room = runtime.room(len(ids))
+    if room is not None and 0 < room < args.max_new_tokens:
+        print(f"exporter: only {room} new tokens fit the context of {runtime.max_context}", file=sys.stderr)
+    stream, steps = TextStream(runtime.tokenizer), []
+    start = time.perf_counter()
+    for step in runtime.generate(ids, args.max_new_tokens, schedule, args.temperature, args.top_p, args.seed):
+        steps.append(step)
+        if step.token not in runtime.stop_ids:
+            sys.stdout.write(stream.add(step.token))
+            sys.stdout.flush()
+    print(stream.finish())
+    stats = GenerationStats().add(steps)
+    levels = ", ".join(f"{level} {n}" for level, n in stats.level_tokens.items())
+    print(f"{stats.tokens} tokens in {time.perf_counter() - start:.2f} s: prompt {len(ids)} tokens, "
+          f"prefill {stats.prefill_s * 1000:.0f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s; "
+          f"tokens per level: {levels}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from .evaluate import evaluate_perplexity, evaluate_summarization, read_articles, text_windows
+    from .runtime import Runtime
+
+    runtime = Runtime(args.artifact, threads=args.threads)
+    schedule = runtime.parse_schedule(args.schedule)
+    if not args.data.is_file():
+        raise ExporterError(f"data file not found: {args.data}")
+    progress = not args.no_progress
+    if args.task == "summarization":
+        limit = args.limit or 20
+        examples = read_articles(args.data, limit)
+        if args.limit and len(examples) < limit:
+            print(f"exporter: {args.data} has {len(examples)} examples; evaluating {len(examples)} (--limit {limit})",
+                  file=sys.stderr)
+        result = evaluate_summarization(runtime, examples, schedule, args.max_new_tokens, args.max_prompt_tokens,
+                                        chat=not args.no_chat_template, progress=progress)
+    else:
+        if len(schedule) > 1:
+            raise ExporterError("perplexity scores one level: pass --schedule LEVEL "
+                                f"(levels: {', '.join(runtime.level_names)})")
+        if runtime.max_context is not None and args.window > runtime.max_context:
+            raise ExporterError(f"--window {args.window} exceeds the context of {runtime.max_context} tokens")
+        limit = args.limit or 64
+        windows = text_windows(runtime.require_tokenizer(), args.data, args.window, limit)
+        if args.limit and windows.shape[0] < limit:
+            print(f"exporter: {args.data} has {windows.shape[0]} windows of {args.window} tokens; "
+                  f"evaluating {windows.shape[0]} (--limit {limit})", file=sys.stderr)
+        result = evaluate_perplexity(runtime, windows, schedule[0][0], progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_evaluation(result))
+    return 0
+
+
+def format_evaluation(result: dict) -> str:
+    head = f"{result['task']} of {result['artifact']} (schedule {result['schedule']}, {result['examples']} examples)"
+    if result["task"] == "perplexity":
+        return f"{head}\nperplexity: {result['perplexity']:.2f} ({result['window']}-token windows)"
+    levels = ", ".join(f"{level} {rate:.1f}" for level, rate in result["level_decode_tokens_per_s"].items())
+    return "\n".join([
+        head,
+        f"ROUGE-L F1: {result['rougeL']:.4f} (ROUGE-1 {result['rouge1']:.4f}, ROUGE-2 {result['rouge2']:.4f})",
+        f"generated:  {result['mean_generated_tokens']:.1f} tokens on average; "
+        f"prompt {result['mean_prompt_tokens']:.0f} tokens on average, {result['truncated_articles']} articles cut to fit",
+        f"speed:      decode {result['decode_tokens_per_s']:.1f} tokens/s (per level: {levels}), "
+        f"prefill {result['prefill_s_mean'] * 1000:.0f} ms on average",
+    ])
+
+
+def _validate(args) -> int:
+    import json
+
+    from .validate import EXIT_BUDGET_FAILED, format_result, validate
+
+    result = validate(args.artifact, args.device, args.text, args.windows, progress=not args.no_progress)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0 if result["passed"] else EXIT_BUDGET_FAILED
 
 
 def _profiles(args) -> int:
@@ -193,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         _quiet_libraries()
     try:
-        return {"export": _export, "allocate": _allocate, "profiles": _profiles}[args.command](args)
+        return {"export": _export, "allocate": _allocate, "profiles": _profiles,
+                "generate": _generate, "evaluate": _evaluate, "validate": _validate}[args.command](args)
     except ExporterError as exc:
         if args.debug:
             raise

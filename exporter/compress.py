@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import BudgetError
-from .lowrank import Decomposition, LowRankLinear, break_even_rank, decompose
+from .lowrank import CorrectedLinear, Decomposition, LowRankLinear, break_even_rank, decompose
 from .models import layers_prefix
 from .stats import iter_layer_grams
 
@@ -34,8 +34,11 @@ class Projection:
     def params(self) -> int:
         return self.out_features * self.in_features
 
-    def factor_params(self, rank: int | None) -> int:
-        return self.params if rank is None else rank * (self.out_features + self.in_features)
+    def factor_params(self, rank: int | None, corrective_rank: int = 0) -> int:
+        """Parameters at `rank` (None: dense), plus a corrective branch of `corrective_rank`."""
+        if rank is None:
+            return self.params
+        return (rank + corrective_rank) * (self.out_features + self.in_features)
 
 
 def decoder_projections(model) -> list[Projection]:
@@ -108,14 +111,23 @@ def apply_ranks(model, decompositions: dict[str, Decomposition], ranks: dict[str
 def effective_ranks(model, projections: list[Projection]) -> dict[str, int | None]:
     """The rank each projection has in `model` now (None where it is dense)."""
     modules = dict(model.named_modules())
-    return {p.name: modules[p.name].rank if isinstance(modules[p.name], LowRankLinear) else None
+    return {p.name: modules[p.name].rank if isinstance(modules[p.name], (LowRankLinear, CorrectedLinear))
+            else None for p in projections}
+
+
+def corrective_ranks(model, projections: list[Projection]) -> dict[str, int]:
+    """The corrective branch rank of each projection in `model` (0 where it has none)."""
+    modules = dict(model.named_modules())
+    return {p.name: modules[p.name].corrective_rank if isinstance(modules[p.name], CorrectedLinear) else 0
             for p in projections}
 
 
-def parameter_summary(projections: list[Projection], ranks: dict[str, int | None], total_dense: int) -> dict:
+def parameter_summary(projections: list[Projection], ranks: dict[str, int | None], total_dense: int,
+                      correctives: dict[str, int] | None = None) -> dict:
     """Parameter counts and the fractions removed, of projections and of the whole model."""
+    correctives = correctives or {}
     dense = sum(p.params for p in projections)
-    kept = sum(p.factor_params(ranks.get(p.name)) for p in projections)
+    kept = sum(p.factor_params(ranks.get(p.name), correctives.get(p.name, 0)) for p in projections)
     removed = dense - kept
     return {
         "total_params_dense": total_dense,

@@ -26,14 +26,20 @@ Hence the second stage U^T (r x out) has the rank as its outer dimension, while 
 the fused first stage (in x cols); after MatMulNBits packing (B packed N-outer) it is the other way
 round: V's rank outer, U's rank the blocked inner dimension.
 
-Rank-sliced levels (next step, not implemented). `_emit_projections(..., active_ranks=)` already writes
-a rank-r' graph from rank-r factors (via `ProjectionWeights.fold`: prefix rows of `down`, prefix columns
-of `up`), but with sliced copies. To share one copy between level graphs, that same function would
-reference the full-rank initializers and slice in-graph: U^T by Slice [0:r'] on axis 0 (a contiguous
-byte prefix, so a level file could even point its external-data entry at the same offset with a
-shorter length) and the fused first stage by a constant Gather of its columns; ONNX Runtime
-constant-folds both at session load and pre-packs as usual. In int4, the slices are over the packed
-N-outer rows for V, and over blocks of U's rank (r' a multiple of block_size).
+Rank-sliced levels (`write_levels`): one complete decoder per level (model.onnx at full rank,
+model.rNN.onnx below), all reading the full level's one data file. In a level graph
+(`_emit_level_projections`) every rank-dependent tensor has the rank outer and is ordered so that each
+level's tensor is a byte prefix of the full level's. The first stage stacks rows (out x in): per
+projection its dense W, corrective rows and the smallest level's primary rows, then the rows each larger
+level adds; fp32 multiplies by it with FusedMatMul(transB=1), int4 with MatMulNBits (N-outer: the same
+prefix), and each projection's columns of the product come out of one Split (smallest level) or a Gather.
+U^T (rank x out, corrective rows first) is a row prefix in fp32; int4's MatMulNBits blocks the rank (its
+inner K), so an int4 level reads the full U^T through a Slice of whole blocks (level ranks rounded up to
+block_size), which ONNX Runtime folds at load. A level file's external-data entries point at the full
+level's offsets with their own lengths (`_point_into` compares every byte). Tied fp32 levels gather the
+embedding from lm_head's columns instead of a folded transposed copy, which would be private to each
+session. In memory, each session maps and prepacks its weights privately; `exporter.shared_weights`
+gives fp32 sessions one copy (benchmarks/levels_probe.py measures the trade-offs).
 
 Corrective branches (next step). y += B(A x) is one more `LowRankPair` in `ProjectionWeights.pairs`;
 `fold` stacks all pairs of a projection into one (down, up), so a correction costs extra columns in the
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +63,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .lowrank import LowRankLinear
+from .errors import ExporterError
+from .lowrank import CorrectedLinear, LowRankLinear
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 WEIGHT_FORMATS = ("fp32", "int4", "int8")
@@ -101,6 +109,10 @@ class ProjectionWeights:
 
     @classmethod
     def from_module(cls, name: str, module: nn.Module) -> ProjectionWeights:
+        if isinstance(module, CorrectedLinear):  # CALR: primary pair first, then the corrective branch
+            weights = cls.from_module(name, module.base)
+            weights.pairs.append(LowRankPair(_np(module.corrective_down.weight), _np(module.corrective_up.weight)))
+            return weights
         if isinstance(module, LowRankLinear):
             bias = None if module.up.bias is None else _np(module.up.bias)
             pair = LowRankPair(_np(module.down.weight), _np(module.up.weight))
@@ -225,6 +237,75 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
     return outputs
 
 
+def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str,
+                            levels: Sequence[dict[str, int]], level: int, transposed: bool) -> list[str]:
+    """Write projections of one input at rank level `level` of `levels` (one dict per level, largest first:
+    primary rank of every low-rank projection), laid out so that every level's factors are byte prefixes of
+    the full level's.
+
+    First stage: one stack of rows (out x in, rank outer): per projection its dense W, its corrective rows
+    and the primary rows of the smallest level; then, level by level up to `level`, the primary rows that
+    level adds. fp32 (`transposed`) multiplies by it with FusedMatMul(transB=1); int4 writes a MatMul by its
+    transpose, which MatMulNBits stores N-outer (rows outer) again. Each projection's columns of the product
+    are taken with one Split where they are contiguous (the smallest level), else one Gather each.
+    Second stage: U^T with the corrective rows first, then the primary rows by importance (rank x out).
+    """
+    stem = prefix.strip("/").replace("/", ".")
+    rows: list[np.ndarray] = []
+    columns: dict[tuple[int, str], list[int]] = {}  # (projection index, part) -> its columns of the product
+
+    def add(index: int, part: str, block: np.ndarray) -> None:
+        start = sum(len(r) for r in rows)
+        rows.append(block)
+        columns.setdefault((index, part), []).extend(range(start, start + len(block)))
+
+    for index, proj in enumerate(projections):
+        if proj.dense is not None:
+            add(index, "dense", proj.dense)
+        if proj.pairs:
+            corrections = [pair.down for pair in proj.pairs[1:]]
+            add(index, "down", np.concatenate([*corrections, proj.pairs[0].down[:levels[-1][proj.name]]]))
+    for j in range(len(levels) - 2, level - 1, -1):  # the rows each larger level adds
+        for index, proj in enumerate(projections):
+            if proj.pairs:
+                add(index, "down", proj.pairs[0].down[levels[j + 1][proj.name]:levels[j][proj.name]])
+    weight = np.concatenate(rows)
+    if transposed:
+        y = g.op("FusedMatMul", [x, g.constant(f"{stem}.MatMul.weight_T", weight)], f"{prefix}/MatMul",
+                 domain=MS_DOMAIN, transB=1)
+    else:
+        y = g.op("MatMul", [x, g.constant(f"{stem}.MatMul.weight", weight.T)], f"{prefix}/MatMul")
+
+    parts = list(columns)
+    flat = [c for key in parts for c in columns[key]]
+    if len(parts) == 1:
+        first = {parts[0]: y}
+    elif flat == list(range(len(flat))):  # each part contiguous and in order
+        sizes = g.constant(f"{stem}.Split.sizes", np.array([len(columns[k]) for k in parts], np.int64))
+        first = dict(zip(parts, g.op("Split", [y, sizes], f"{prefix}/Split", outputs=len(parts), axis=-1)))
+    else:
+        first = {}
+        for index, part in parts:
+            short = projections[index].name.rsplit(".", 1)[-1]
+            indices = g.constant(f"{stem}.{short}.{part}.columns", np.array(columns[index, part], np.int64))
+            first[index, part] = g.op("Gather", [y, indices], f"{prefix}/{short}/{part}/Gather", axis=-1)
+
+    outputs = []
+    for index, proj in enumerate(projections):
+        short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
+        terms = [first[index, "dense"]] if proj.dense is not None else []
+        if proj.pairs:
+            rank = levels[level][proj.name]
+            up = np.concatenate([*(pair.up for pair in proj.pairs[1:]), proj.pairs[0].up[:, :rank]], axis=1)
+            up_t = g.constant(f"{proj.name}.up.weight_T", up.T)  # rank x out: rank outer
+            terms.append(g.op("MatMul", [first[index, "down"], up_t], f"{short}/up/MatMul"))
+        y = terms[0] if len(terms) == 1 else g.op("Add", terms, f"{short}/Sum")
+        if proj.bias is not None:
+            y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
+        outputs.append(y)
+    return outputs
+
+
 # --------------------------------------------------------------------------- model inspection
 
 
@@ -329,8 +410,13 @@ def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
 
 
 def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
-                  share_tied: bool = True):
-    """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data)."""
+                  share_tied: bool = True, levels: Sequence[dict[str, int]] | None = None, level: int = 0,
+                  transposed: bool = True):
+    """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data).
+
+    levels, level: write rank level `level` of `levels` in the prefix layout of `_emit_level_projections`
+    (`transposed`: fp32 first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
+    """
     from onnx import TensorProto, helper
 
     _check(model)
@@ -375,13 +461,25 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     # embedding gathers from its Transpose, which ONNX Runtime folds at load (as the genai builder does).
     # Quantized graphs keep a separate embedding: the quantizer rewrites lm_head's MatMul, and int4
     # then gathers from lm_head's 4-bit blocks instead (_share_tied_embedding).
+    # Level graphs gather lm_head's columns instead ([hidden, batch, seq], then a Transpose of those few
+    # values): a folded table would be a private copy per session, and level sessions share one copy.
     tied_once = share_tied and model.lm_head.weight is base.embed_tokens.weight
-    if tied_once:
-        table = g.op("Transpose", [g.constant("lm_head.MatMul.weight", _np(model.lm_head.weight).T)],
-                     "/model/embed_tokens/Transpose", perm=[1, 0])
+    if tied_once and levels is not None:
+        columns = g.op("Gather", [g.constant("lm_head.MatMul.weight", _np(model.lm_head.weight).T), "input_ids"],
+                       "/model/embed_tokens/Gather", axis=1)
+        hidden = g.op("Transpose", [columns], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
     else:
-        table = g.constant("model.embed_tokens.weight", _np(base.embed_tokens.weight))
-    hidden = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
+        if tied_once:
+            table = g.op("Transpose", [g.constant("lm_head.MatMul.weight", _np(model.lm_head.weight).T)],
+                         "/model/embed_tokens/Transpose", perm=[1, 0])
+        else:
+            table = g.constant("model.embed_tokens.weight", _np(base.embed_tokens.weight))
+        hidden = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
+
+    def emit(x: str, projections: list[ProjectionWeights], prefix: str, packed: bool = False) -> list[str]:
+        if levels is not None and any(p.pairs for p in projections):
+            return _emit_level_projections(g, x, projections, prefix, levels, level, transposed)
+        return _emit_projections(g, x, projections, prefix, fuse=fuse, packed=packed, active_ranks=active_ranks)
 
     residual, normed = hidden, None
     for i, layer in enumerate(layers):
@@ -397,8 +495,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
         qkv = _projections(f"{lp}.self_attn", attn, QKV)
         has_head_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
         packed = fuse and not has_head_norm and all(p.dense is not None and not p.pairs for p in qkv)
-        ys = _emit_projections(g, normed, qkv, f"/model/layers.{i}/attn/qkv_proj", fuse=fuse, packed=packed,
-                               active_ranks=active_ranks)
+        ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=packed)
         if packed:
             q, k, v = ys[0], "", ""
         else:
@@ -417,8 +514,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
             outputs=[f"/model/layers.{i}/attn/GroupQueryAttention/output_0", f"present.{i}.key",
                      f"present.{i}.value"],
             domain=MS_DOMAIN, **attrs)
-        (o,) = _emit_projections(g, attn_out, _projections(f"{lp}.self_attn", attn, ["o_proj"]),
-                                 f"/model/layers.{i}/attn/o_proj", fuse=fuse, active_ranks=active_ranks)
+        (o,) = emit(attn_out, _projections(f"{lp}.self_attn", attn, ["o_proj"]), f"/model/layers.{i}/attn/o_proj")
 
         weight, eps = _norm_weight(layer.post_attention_layernorm)
         normed, _, _, residual = g.op(
@@ -428,13 +524,11 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
             epsilon=eps)
 
         # MLP: down(silu(gate(x)) * up(x)).
-        gate, up = _emit_projections(g, normed, _projections(f"{lp}.mlp", mlp, GATE_UP),
-                                     f"/model/layers.{i}/mlp/gate_up_proj", fuse=fuse, active_ranks=active_ranks)
+        gate, up = emit(normed, _projections(f"{lp}.mlp", mlp, GATE_UP), f"/model/layers.{i}/mlp/gate_up_proj")
         sig = g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/act/Sigmoid")
         act = g.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/act/Mul")
         prod = g.op("Mul", [act, up], f"/model/layers.{i}/mlp/Mul")
-        (down,) = _emit_projections(g, prod, _projections(f"{lp}.mlp", mlp, ["down_proj"]),
-                                    f"/model/layers.{i}/mlp/down_proj", fuse=fuse, active_ranks=active_ranks)
+        (down,) = emit(prod, _projections(f"{lp}.mlp", mlp, ["down_proj"]), f"/model/layers.{i}/mlp/down_proj")
 
         # Next norm (next layer's input norm, or the final norm) fused with the residual add.
         if i + 1 < n_layers:
@@ -561,15 +655,65 @@ def _quantize_int8(proto, work_dir: Path):
         return onnx.load(str(dst))
 
 
-def _save(proto, path: Path) -> None:
+SIZE_THRESHOLD = 1024  # initializers of at least this many bytes go to the external data file
+
+
+def _small_weight(tensor) -> bool:
+    """Below SIZE_THRESHOLD but external in level artifacts, so levels share it too (tiny models' int4
+    blocks); shape and index vectors (int64) stay inline, where shape inference can read them."""
+    from onnx import TensorProto
+
+    return tensor.data_type != TensorProto.INT64 and 64 <= len(tensor.raw_data) < SIZE_THRESHOLD
+
+
+def _save(proto, path: Path, small_weights: bool = False) -> None:
     import onnx
+    from onnx.external_data_helper import set_external_data
 
     data = path.with_name(path.name + ".data")
     for stale in (path, data):  # onnx appends to an existing data file
         if stale.exists():
             stale.unlink()
+    if small_weights:
+        for tensor in proto.graph.initializer:
+            if _small_weight(tensor):
+                set_external_data(tensor, data.name)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+                    location=data.name, size_threshold=SIZE_THRESHOLD)
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in WEIGHT_FORMATS:
+        if weights == "fp16":
+            raise NotImplementedError("graph writer does not write fp16 weights yet")
+        raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
+
+
+def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path):
+    """The fp32 proto at `weights` precision."""
+    import tempfile
+
+    if weights == "int4":
+        proto = _quantize_int4(proto, block_size, accuracy_level)
+        if getattr(model.config, "tie_word_embeddings", False) and model.config.hidden_size % block_size == 0:
+            _share_tied_embedding(proto, block_size)
+    elif weights == "int8":
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
+            proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
+    return proto
+
+
+def _set_props(proto, meta: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, {"writer": "exporter.graph_writer", **meta})
+
+
+def _save_configs(model, out_dir: Path) -> None:
+    model.config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
 
 
 def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
@@ -579,34 +723,202 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     weights: "fp32"; "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
     MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
     """
-    import tempfile
-
     import onnx
 
-    if weights not in WEIGHT_FORMATS:
-        if weights == "fp16":
-            raise NotImplementedError("graph writer does not write fp16 weights yet")
-        raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
+    _check_weights(weights)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         proto = build_decoder(model, fuse=_fuse, share_tied=weights == "fp32")
-    if weights == "int4":
-        proto = _quantize_int4(proto, block_size, accuracy_level)
-        if getattr(model.config, "tie_word_embeddings", False) and model.config.hidden_size % block_size == 0:
-            _share_tied_embedding(proto, block_size)
-    elif weights == "int8":
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
-            proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
-    meta = {"writer": "exporter.graph_writer", "weights": weights, "fused": str(_fuse)}
+    proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
+    meta = {"weights": weights, "fused": str(_fuse)}
     if weights == "int4":
         meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
-    onnx.helper.set_model_props(proto, meta)
+    _set_props(proto, meta)
     path = out_dir / filename
     _save(proto, path)
     onnx.checker.check_model(str(path))
-    model.config.save_pretrained(out_dir)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out_dir)
+    _save_configs(model, out_dir)
     return path
+
+
+# --------------------------------------------------------------------------- rank-sliced levels
+
+
+LEVEL_WEIGHTS = ("fp32", "int4")
+DEFAULT_FRACTIONS = (1.0, 0.85, 0.7)
+
+
+def level_name(fraction: float) -> str:
+    return f"r{round(100 * fraction)}"
+
+
+def _check_fractions(fractions: Sequence[float]) -> None:
+    names = [level_name(f) for f in fractions]
+    if (not fractions or fractions[0] != 1.0 or not all(0.0 < f <= 1.0 for f in fractions)
+            or any(b >= a for a, b in zip(fractions, fractions[1:])) or len(set(names)) != len(names)):
+        raise ExporterError(f"rank levels must start at 1.0 and strictly decrease within (0, 1], at least 0.01 "
+                            f"apart; got {list(fractions)}")
+
+
+def _pair_ranks(model) -> dict[str, list[int]]:
+    """Ranks of every decoder projection's pairs (primary first, then correctives); [] for dense ones."""
+    ranks = {}
+    for i, layer in enumerate(model.model.layers):
+        for part, names in (("self_attn", (*QKV, "o_proj")), ("mlp", (*GATE_UP, "down_proj"))):
+            for proj in _projections(f"model.layers.{i}.{part}", getattr(layer, part), names):
+                ranks[proj.name] = [pair.rank for pair in proj.pairs]
+    return ranks
+
+
+def level_ranks(model, fractions: Sequence[float], multiple: int = 1) -> list[dict[str, int]]:
+    """Primary rank of every low-rank projection at each level: ceil(fraction x allocated rank), rounded up
+    so that corrective + primary rank is a multiple of `multiple` (int4: the block size, so a level's second
+    stage keeps whole blocks of the full level's), and at most the allocated rank."""
+    levels: list[dict[str, int]] = [{} for _ in fractions]
+    for name, pair_ranks in _pair_ranks(model).items():
+        if not pair_ranks:
+            continue
+        full, extra = pair_ranks[0], sum(pair_ranks[1:])
+        for level, fraction in zip(levels, fractions):
+            rank = math.ceil(round(fraction * full, 6))  # round: 0.85 * 100 is 85.00000000000001
+            level[name] = min(full, -(-(extra + rank) // multiple) * multiple - extra)
+    return levels
+
+
+def sliced_copy(model, ranks: dict[str, int]):
+    """A copy of `model` whose low-rank projections keep their first `ranks[name]` primary components (the
+    PyTorch reference of a level); corrective branches are kept whole."""
+    import copy
+
+    from .compress import replace_module
+
+    sliced = copy.deepcopy(model)
+    for name, rank in ranks.items():
+        module = sliced.get_submodule(name)
+        primary = module.base if isinstance(module, CorrectedLinear) else module
+        if not isinstance(primary, LowRankLinear):
+            raise NotImplementedError(f"{name}: cannot slice a {type(primary).__name__}")
+        with torch.no_grad():
+            smaller = LowRankLinear.from_factors(primary.up.weight[:, :rank], primary.down.weight[:rank],
+                                                 primary.up.bias)
+        if isinstance(module, CorrectedLinear):
+            module.base = smaller
+        else:
+            replace_module(sliced, name, smaller)
+    return sliced
+
+
+def _external_index(onnx_path: Path) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """name -> (offset, length, dims) of every external initializer of a saved model."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return {t.name: (ExternalDataInfo(t).offset or 0, ExternalDataInfo(t).length, tuple(t.dims))
+            for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _set_external(tensor, location: str, offset: int, length: int) -> None:
+    from onnx import TensorProto
+
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def _point_into(proto, data: Path, index: dict) -> None:
+    """Make a level graph read its weights from the full level's data file instead of carrying copies.
+
+    A tensor equal to the full level's, or to its prefix along axis 0 (rank-outer factors), becomes an
+    external-data entry at the same offset with its own length. A prefix along another axis (the int4
+    second stage: MatMulNBits blocks of the rank) reads the full tensor through a Slice, which ONNX Runtime
+    folds at load. Every tensor is compared with the bytes it will read, so a layout bug cannot pass silently.
+    """
+    from onnx import helper, numpy_helper
+
+    mapped = np.memmap(data, dtype=np.uint8, mode="r")
+    graph = proto.graph
+    for tensor in list(graph.initializer):
+        if tensor.name not in index:
+            if len(tensor.raw_data) >= SIZE_THRESHOLD or _small_weight(tensor):
+                raise ValueError(f"{tensor.name}: level tensor has no counterpart in the full level")
+            continue  # small constants stay inline
+        offset, length, dims = index[tensor.name]
+        array = numpy_helper.to_array(tensor)
+        full = np.frombuffer(mapped, array.dtype, length // array.itemsize, offset).reshape(dims)
+        axes = [a for a, (n, m) in enumerate(zip(array.shape, dims)) if n != m]
+        if array.ndim != len(dims) or len(axes) > 1 or any(array.shape[a] > dims[a] for a in axes):
+            raise ValueError(f"{tensor.name}: level shape {array.shape} is not a slice of {dims}")
+        axis = axes[0] if axes else 0
+        if not np.array_equal(full[(slice(None),) * axis + (slice(0, array.shape[axis]),)], array):
+            raise ValueError(f"{tensor.name}: level tensor is not a prefix of the full level's")
+        if axis == 0:
+            _set_external(tensor, data.name, offset, array.nbytes)
+            continue
+        sliced = f"{tensor.name}/level_slice"
+        for node in graph.node:
+            node.input[:] = [sliced if name == tensor.name else name for name in node.input]
+        del tensor.dims[:]
+        tensor.dims.extend(dims)  # the initializer is now the full tensor
+        _set_external(tensor, data.name, offset, length)
+        bounds = [numpy_helper.from_array(np.array(v, np.int64), f"{sliced}/{key}")
+                  for key, v in (("starts", [0]), ("ends", [array.shape[axis]]), ("axes", [axis]))]
+        graph.initializer.extend(bounds)
+        graph.node.insert(0, helper.make_node("Slice", [tensor.name, *(b.name for b in bounds)], [sliced],
+                                              name=f"/levels/{tensor.name}/Slice"))
+
+
+def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, weights: str = "fp32",
+                 block_size: int = 32, accuracy_level: int | None = None, progress: bool = True) -> list[dict]:
+    """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
+    `levels` list.
+
+    Level 0 (fraction 1.0) is model.onnx with model.onnx.data; level rNN is model.rNN.onnx, whose
+    external-data entries point into that same model.onnx.data (see `_point_into`). Entries: name,
+    fraction, file, and rank_multiple (level ranks are rounded up to it: the int4 block size),
+    active_factor_params (primary + corrective factor parameters of the low-rank projections) and
+    weight_bytes (the initializers the level reads).
+    """
+    import onnx
+    from onnx import numpy_helper
+    from tqdm.auto import tqdm
+
+    fractions = [float(f) for f in fractions]
+    _check_fractions(fractions)
+    if weights not in LEVEL_WEIGHTS:
+        raise ExporterError(f"rank levels are written with weights {' or '.join(LEVEL_WEIGHTS)}, not {weights!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    multiple = block_size if weights == "int4" else 1
+    ranks = level_ranks(model, fractions, multiple)
+    extra = {name: sum(r[1:]) for name, r in _pair_ranks(model).items() if r}
+    sizes = {name: model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in extra}
+    data, index, entries = out_dir / "model.onnx.data", {}, []
+    for j, fraction in enumerate(tqdm(fractions, desc="writing levels", unit="level", disable=not progress)):
+        name = level_name(fraction)
+        path = out_dir / ("model.onnx" if j == 0 else f"model.{name}.onnx")
+        with torch.no_grad():
+            proto = build_decoder(model, share_tied=weights == "fp32", levels=ranks, level=j,
+                                  transposed=weights == "fp32")
+        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
+        meta = {"weights": weights, "level": name, "fraction": str(fraction)}
+        if weights == "int4":
+            meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
+        _set_props(proto, meta)
+        weight_bytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+        if j == 0:
+            _save(proto, path, small_weights=True)
+            index = _external_index(path)
+        else:
+            _point_into(proto, data, index)
+            path.write_bytes(proto.SerializeToString())
+        onnx.checker.check_model(str(path))
+        entries.append({"name": name, "fraction": fraction, "file": path.name, "rank_multiple": multiple,
+                        "active_factor_params": sum((extra[n] + r) * sizes[n] for n, r in ranks[j].items()),
+                        "weight_bytes": weight_bytes})
+    _save_configs(model, out_dir)
+    return entries

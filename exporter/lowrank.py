@@ -43,6 +43,42 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class CorrectedLinear(nn.Module):
+    """CALR: a low-rank primary path plus a parallel, learned low-rank corrective branch.
+
+    y = base(x) + corrective_up(corrective_down(x)). `corrective_up` starts at zero, so an untrained
+    branch reproduces the primary path exactly; training (exporter.corrective) fits the branch to
+    what the compressed model's outputs lose, not to the weight residual. Wraps the primary module
+    the way PEFT's LoRA layers wrap a base Linear.
+    """
+
+    def __init__(self, base: LowRankLinear, rank: int, down_init: torch.Tensor | None = None):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        dtype = base.down.weight.dtype
+        self.corrective_down = nn.Linear(self.in_features, rank, bias=False, dtype=dtype)
+        self.corrective_up = nn.Linear(rank, self.out_features, bias=False, dtype=dtype)
+        with torch.no_grad():
+            if down_init is not None:  # e.g. the next whitened SVD directions: a useful input subspace
+                self.corrective_down.weight.copy_(down_init)
+            nn.init.zeros_(self.corrective_up.weight)
+
+    @property
+    def rank(self) -> int:
+        return self.base.rank
+
+    @property
+    def corrective_rank(self) -> int:
+        return self.corrective_down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.corrective_up(self.corrective_down(x))
+
+    def extra_repr(self) -> str:
+        return f"corrective_rank={self.corrective_rank}"
+
+
 def break_even_rank(out_features: int, in_features: int) -> int:
     """Largest rank at which the two factors hold fewer parameters than the dense matrix."""
     return (out_features * in_features - 1) // (out_features + in_features)

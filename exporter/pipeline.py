@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -15,12 +16,17 @@ from .artifact import check_target, staging_dir, write_manifest
 from .allocate import Allocation, allocate
 from .budget import BYTES_PER_PARAM, MB, projection_budget, weight_budget
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
-from .compress import (apply_ranks, count_params, decompose_model, decoder_projections, effective_ranks,
-                       parameter_summary, uniform_ranks)
-from .errors import ExporterError
+from .compress import (apply_ranks, corrective_ranks, count_params, decompose_model, decoder_projections,
+                       effective_ranks, parameter_summary, uniform_ranks)
+from .corrective import (CorrectiveOptions, attach_correctives, branch_ranks, dense_teacher, settle_ranks,
+                         train_correctives)
+from .errors import BudgetError, ExporterError
 from .importance import component_fisher
+from .lowrank import CorrectedLinear, LowRankLinear
+from .quant import fake_quantize_linears
 from .models import load_model, resolve_model
 from .genai_config import write_genai_config
+from .golden import write_golden
 from .graph_writer import unsupported_reason, write_decoder
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
@@ -58,6 +64,10 @@ class ExportOptions:
     weights: str = "fp32"
     block_size: int = 32
     accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
+    # CALR branches (None: plain SVD path). Off by default: on SmolLM2-135M the fitted branches have not
+    # yet beaten spending the same parameters on primary rank (see README, "Corrective branches").
+    correctives: CorrectiveOptions | None = None
+    quantization_aware: bool = True  # int4: train the correctives against the int4 primary path
     parity_steps: int = 16
     parity_atol: float = 1e-2
     progress: bool = True
@@ -93,10 +103,13 @@ class Plan:
     calibration: str | None = None
     allocation: Allocation | None = None
     importance: dict | None = None  # projection -> Fisher score of each component
+    corrective_ranks: dict = field(default_factory=dict)  # projection -> r_c (0: no branch)
+    rank_multiple: int = 1
+    corrective_report: object = None  # CorrectiveReport when correctives were trained
 
     @property
     def parameters(self) -> dict:
-        return parameter_summary(self.projections, self.ranks, self.total_dense)
+        return parameter_summary(self.projections, self.ranks, self.total_dense, self.corrective_ranks)
 
 
 def say(message: str) -> None:
@@ -108,8 +121,11 @@ def default_out(model_name: str, device: str) -> Path:
 
 
 def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
-                     profile=None, source=None) -> Plan:
-    """Load the model, turn the budget into projection parameters, and factorize to fit it."""
+                     profile=None, source=None, train: bool = True) -> Plan:
+    """Load the model, turn the budget into projection parameters, and factorize to fit it.
+
+    `train=False` attaches the corrective branches (they count in the budget) without training them.
+    """
     torch.manual_seed(options.seed)
     if options.allocation not in ALLOCATIONS:
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
@@ -126,7 +142,12 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     if options.weights not in WEIGHTS:
         raise ExporterError(f"unknown --weights {options.weights!r}; expected one of {', '.join(WEIGHTS)}")
     budget = weight_budget(profile, model.config, options.weights)
-    multiple = profile.runtime.rank_multiple if options.allocation == "fisher" else 1
+    multiple = base_multiple = profile.runtime.rank_multiple if options.allocation == "fisher" else 1
+    if options.weights == "int4" and options.allocation == "fisher":
+        # Ranks in whole int4 blocks: MatMulNBits blocks run along the rank in U, so a rank that ends
+        # mid-block would share a scale with the corrective branch folded after it (and the
+        # rank-sliced levels cut the same blocks).
+        multiple = math.lcm(multiple, options.block_size)
 
     if options.ratio is not None:
         uniform_ranks(projections, options.ratio)  # validates the range
@@ -136,7 +157,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         budget_bytes = budget.bytes if options.budget_mb is None else options.budget_mb * MB
         budget_source = ("--budget-mb" if options.budget_mb is not None
                          else f"{profile.name} {budget.binding} budget")
-        target_params = projection_budget(projections, total_dense, budget_bytes, options.weights, multiple)
+        target_params = projection_budget(projections, total_dense, budget_bytes, options.weights, base_multiple)
         if target_params is None:
             say(f"the dense model ({total_dense * BYTES_PER_PARAM[options.weights] / MB:.0f} MB at "
                 f"{options.weights}) fits {budget_source} ({budget_bytes / MB:.0f} MB of weights): "
@@ -147,7 +168,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         return plan
 
     ids = None
-    if options.method == "whitened" or options.allocation == "fisher":
+    if options.method == "whitened" or options.allocation == "fisher" or options.correctives is not None:
         with clock.stage("calibration"):
             ids, plan.calibration = calibration_ids(
                 model, tokenizer, options.calib, options.calib_samples, options.calib_seq_len,
@@ -159,21 +180,57 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         with clock.stage("importance"):
             plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
                                                progress=options.progress)
-        with clock.stage("allocate"):
-            plan.allocation = allocate(projections, plan.importance, target_params, multiple=multiple)
-        ranks = plan.allocation.ranks
-    else:
-        ranks = uniform_ranks(projections, 1.0 - target_params / dense_projection)
+
+    def primary_ranks(params: int) -> dict:
+        if options.allocation == "uniform":
+            return uniform_ranks(projections, 1.0 - params / dense_projection)
+        plan.rank_multiple = multiple
+        try:
+            plan.allocation = allocate(projections, plan.importance, params, multiple=multiple)
+        except BudgetError:
+            if multiple == base_multiple:
+                raise
+            # Whole int4 blocks everywhere do not fit (tiny models): the profile's multiple does.
+            plan.rank_multiple = base_multiple
+            plan.allocation = allocate(projections, plan.importance, params, multiple=base_multiple)
+        return plan.allocation.ranks
+
+    correctives = options.correctives
+    with clock.stage("allocate"):
+        ranks, _ = settle_ranks(primary_ranks, projections, correctives, target_params)
+    teacher = dense_teacher(model) if correctives is not None and train else None
     apply_ranks(model, decompositions, ranks)
     plan.ranks = effective_ranks(model, projections)
+    if correctives is not None:
+        attach_correctives(model, decompositions, branch_ranks(projections, plan.ranks, correctives, target_params))
+        plan.corrective_ranks = corrective_ranks(model, projections)
+        del decompositions
+        if train:
+            quantized = options.weights == "int4" and options.quantization_aware
+            if quantized:  # train against the primary path as the int4 graph computes it
+                fake_quantize_linears(primary_linears(model, projections), options.block_size)
+            with clock.stage("correctives"):
+                plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress)
+            if quantized:  # and hold the branches as int4 will, so PyTorch and the graph agree
+                fake_quantize_linears(branch_linears(model, projections), options.block_size)
+        del teacher
     return plan
 
 
-def run_export(options: ExportOptions) -> dict:
-    """Run the whole job; returns the manifest written into the artifact."""
+def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, schedule: str | None = None) -> dict:
+    """Run the whole job; returns the manifest written into the artifact.
+
+    `levels`: rank fractions of the progressive levels to write (default `schedule.DEFAULT_LEVELS`; one level
+    where the graph cannot be sliced); `schedule`: `--schedule` text, instead of the one derived from
+    calibration measurements (exporter.schedule).
+    """
+    from .graph_writer import level_name, write_levels
+    from .runtime import schedule_text
+
     clock = Stopwatch()
     profile, source = load_profile(options.device), resolve_model(options.model)
     target = Path(options.out or default_out(source.name, profile.name))
+    fractions = _requested_levels(options, levels, schedule)  # bad --levels / --schedule fail before the work
     plan = plan_compression(options, clock, target, profile, source)
     model, tokenizer, profile, params = plan.model, plan.tokenizer, plan.profile, plan.parameters
     say(f"{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
@@ -181,11 +238,20 @@ def run_export(options: ExportOptions) -> dict:
         f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
 
     graph = choose_graph(model, options)
+    fractions = _exported_levels(plan, graph, options, fractions, explicit=levels is not None)
+    leveled = len(fractions) > 1
     with staging_dir(target, options.force) as staging:
         prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
         with clock.stage("export"):
-            say(f"writing the ONNX decoder with KV cache ({graph} graph, fp32)")
-            onnx_path = export_onnx(model, staging) if graph == "optimum" else write_decoder(model, staging)
+            say(f"writing the ONNX decoder with KV cache ({graph} graph, fp32"
+                + (f", levels {', '.join(level_name(f) for f in fractions)})" if leveled else ")"))
+            if graph == "optimum":
+                onnx_path = export_onnx(model, staging)
+            elif leveled and options.weights == "fp32":
+                entries = write_levels(model, staging, fractions, progress=options.progress)
+                onnx_path = staging / entries[0]["file"]
+            else:  # one level, or the fp32 twin of the quantized levels
+                onnx_path = write_decoder(model, staging)
             tokenizer.save_pretrained(staging)
             if graph == "fused":  # the builder's I/O contract: onnxruntime-genai can load it
                 write_genai_config(staging, model.config, tokenizer, onnx_path.name, profile.budget.max_context)
@@ -194,11 +260,25 @@ def run_export(options: ExportOptions) -> dict:
         if options.weights != "fp32":
             with clock.stage("quantize"):
                 say(f"quantizing weights to {options.weights}")
-                write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
-                              accuracy_level=options.accuracy_level if options.weights == "int4" else None)
+                accuracy_level = options.accuracy_level if options.weights == "int4" else None
+                if leveled:
+                    entries = write_levels(model, staging, fractions, weights=options.weights,
+                                           block_size=options.block_size, accuracy_level=accuracy_level,
+                                           progress=options.progress)
+                else:
+                    write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
+                                  accuracy_level=accuracy_level)
             with clock.stage("parity"):
                 parity["quantized"] = check_parity(model, onnx_path, prompt, options.parity_steps,
                                                    atol=float("inf"), min_agreement=QUANTIZED_MIN_AGREEMENT).to_dict()
+        with clock.stage("levels"):
+            if leveled:
+                level_entries, derivation = _check_levels(plan, options, staging, entries, prompt, parity)
+            else:
+                level_entries = [{"name": level_name(1.0), "fraction": 1.0, "file": onnx_path.name}]
+                derivation = {"source": "single level"}
+            chosen = _choose_schedule(level_entries, derivation, schedule)
+        say(f"schedule: {schedule_text(chosen)} ({derivation['source']})")
         compressed = plan.target_params is not None
         manifest = {
             "format_version": 1,
@@ -212,28 +292,60 @@ def run_export(options: ExportOptions) -> dict:
                 "allocation": options.allocation if compressed else "none",
                 "budget_source": plan.budget_source,
                 "projection_params_target": plan.target_params,
-                "rank_multiple": profile.runtime.rank_multiple if options.allocation == "fisher" else 1,
+                "rank_multiple": plan.rank_multiple,
                 "allocation_details": plan.allocation.to_dict() if plan.allocation else None,
                 "calibration": plan.calibration, "seed": options.seed,
+                "correctives": _corrective_summary(options, plan) if compressed else None,
             },
             "precision": options.weights,
             "budget": plan.budget.to_dict(),
             "parameters": params,
-            "ranks": {p.name: {"rank": plan.ranks[p.name], "out": p.out_features, "in": p.in_features}
+            "ranks": {p.name: {"rank": plan.ranks[p.name], "corrective_rank": plan.corrective_ranks.get(p.name, 0),
+                               "out": p.out_features, "in": p.in_features}
                       for p in plan.projections},
             "onnx": {"file": onnx_path.name, "task": "text-generation-with-past", "graph": graph,
                      "weights": options.weights,
                      **({"block_size": options.block_size, "accuracy_level": options.accuracy_level}
                         if options.weights == "int4" else {})},
+            "levels": level_entries,
+            "schedule": [{"level": level, "start": start} for level, start in chosen],
+            "schedule_derivation": derivation,
             "parity": parity,
             "versions": _versions(),
             "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},
         }
+        write_golden(staging, onnx_path, tokenizer, manifest["onnx"])  # golden.json, checked on devices
         write_report(staging, manifest)
         write_manifest(staging, manifest)
     manifest["artifact"] = str(target)
     manifest["artifact_bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     return manifest
+
+
+def primary_linears(model, projections) -> list:
+    """The nn.Linear layers of every projection's primary path (dense, or both low-rank factors)."""
+    linears = []
+    for p in projections:
+        module = model.get_submodule(p.name)
+        module = getattr(module, "base", module)  # CorrectedLinear -> its LowRankLinear
+        linears += [module.down, module.up] if isinstance(module, LowRankLinear) else [module]
+    return linears
+
+
+def branch_linears(model, projections) -> list:
+    modules = [model.get_submodule(p.name) for p in projections]
+    return [linear for m in modules if isinstance(m, CorrectedLinear)
+            for linear in (m.corrective_down, m.corrective_up)]
+
+
+def _corrective_summary(options: ExportOptions, plan: Plan) -> dict | None:
+    c = options.correctives
+    if c is None:
+        return None
+    report = plan.corrective_report.to_dict() if plan.corrective_report else {}
+    return {"rank": c.rank, "epochs": c.epochs, "lr": c.lr, "kl_steps": c.kl_steps, "kl_lr": c.kl_lr,
+            "tune_factors": c.tune_factors, "form": "folded",
+            "quantization_aware": options.weights == "int4" and options.quantization_aware, **report}
 
 
 def choose_graph(model, options: ExportOptions) -> str:
@@ -260,3 +372,124 @@ def _versions() -> dict:
 
     return {"exporter": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+# --------------------------------------------------------------------------- progressive decoding levels
+
+
+def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
+                      schedule: str | None) -> tuple[float, ...]:
+    """The checked `--levels` (default: schedule.DEFAULT_LEVELS); one level where the options rule levels out
+    (an error if levels were asked for explicitly). A `--schedule` must name these levels."""
+    from .graph_writer import LEVEL_WEIGHTS, level_name
+    from .runtime import parse_schedule
+    from .schedule import DEFAULT_LEVELS, check_levels
+
+    fractions = check_levels(DEFAULT_LEVELS if levels is None else levels)
+    reason = None
+    if options.graph == "optimum":
+        reason = "the optimum graph has no rank levels (the fused graph has)"
+    elif options.weights not in LEVEL_WEIGHTS:
+        reason = f"{options.weights} graphs have no rank levels (only {' and '.join(LEVEL_WEIGHTS)} have)"
+    if len(fractions) > 1 and reason:
+        if levels is not None:
+            raise ExporterError(f"--levels: {reason}; pass --levels 1.0")
+        say(f"{reason}: writing one level")
+        fractions = (1.0,)
+    if schedule is not None:
+        parse_schedule(schedule, [level_name(f) for f in fractions])
+    return fractions
+
+
+def _exported_levels(plan: Plan, graph: str, options: ExportOptions, fractions: tuple[float, ...],
+                     explicit: bool) -> tuple[float, ...]:
+    """One level where the compressed model has nothing to slice or the graph cannot be sliced."""
+    if len(fractions) == 1:
+        return fractions
+    if graph != "fused":
+        if explicit:
+            raise ExporterError("--levels: this model is exported with the optimum graph, which has no rank levels; "
+                                "pass --levels 1.0")
+        say("the optimum graph has no rank levels: writing one level")
+        return (1.0,)
+    if all(rank is None for rank in plan.ranks.values()):
+        if explicit:
+            say("--levels: the model is exported dense, nothing to slice: writing one level")
+        return (1.0,)
+    return fractions
+
+
+def _held_out_windows(plan: Plan, options: ExportOptions):
+    """(windows, description): the calibration windows corrective training holds out (the last ones; Fisher
+    importance reads the first), or (None, reason) where the export read no calibration data."""
+    from .settings import CorrectiveOptions
+
+    if options.calib is None and plan.calibration is None:
+        return None, "no calibration data was read (plain SVD, uniform ranks, no correctives)"
+    # The same call as plan_compression's: the same windows (self-generated text comes from the cache).
+    ids, description = calibration_ids(plan.model, plan.tokenizer, options.calib, options.calib_samples,
+                                       options.calib_seq_len, options.seed, options.calib_field,
+                                       model_key=plan.source.describe(), progress=options.progress)
+    holdout = (options.correctives or CorrectiveOptions()).holdout
+    count = max(1, min(holdout, ids.shape[0] // 4))
+    return ids[-count:], f"the last {count} windows of {description}"
+
+
+def _check_levels(plan: Plan, options: ExportOptions, staging: Path, entries: list[dict], prompt: list[int],
+                  parity: dict) -> tuple[list[dict], dict]:
+    """Every level against the PyTorch model sliced to its ranks: ONNX Runtime parity (fp32: the export's
+    tolerances; quantized: the quantized floor), and the NLL increase on held-out calibration windows that the
+    schedule is derived from. Returns the manifest's `levels` entries and the schedule's derivation."""
+    from tqdm.auto import tqdm
+
+    from .errors import ParityError
+    from .graph_writer import level_ranks, sliced_copy
+    from .runtime import schedule_text
+    from .schedule import (HORIZON_TOKENS, POSITION_BUCKETS, RULE, TOLERANCE_NATS, derive_schedule,
+                           nll_increase, token_nll)
+
+    model, quantized = plan.model, options.weights != "fp32"
+    windows, calibration = _held_out_windows(plan, options)
+    base = token_nll(model, windows) if windows is not None else None
+    ranks = level_ranks(model, [e["fraction"] for e in entries], entries[0]["rank_multiple"])
+    checked = []
+    bar = tqdm(list(zip(entries, ranks)), desc="checking levels", unit="level", disable=not options.progress)
+    for j, (entry, level) in enumerate(bar):
+        entry = dict(entry)
+        reference = model if j == 0 else sliced_copy(model, level)
+        if j == 0:
+            entry["parity"] = parity.get("quantized", parity)
+        else:
+            report = check_parity(reference, staging / entry["file"], prompt, options.parity_steps,
+                                  float("inf") if quantized else options.parity_atol,
+                                  QUANTIZED_MIN_AGREEMENT if quantized else 0.9, raise_on_fail=False)
+            if not report.passed:
+                raise ParityError(f"level {entry['name']}: ONNX Runtime parity against PyTorch at its ranks failed: "
+                                  f"max |logit diff| {report.max_abs_logit_diff:.3g}, greedy agreement "
+                                  f"{report.greedy_agreement:.0%}")
+            entry["parity"] = report.to_dict()
+        if base is not None:
+            entry.update(nll_increase(base, base if j == 0 else token_nll(reference, windows)))
+        checked.append(entry)
+        del reference
+    derivation = {"source": "calibration", "rule": RULE, "horizon_tokens": HORIZON_TOKENS,
+                  "tolerance_nats": TOLERANCE_NATS, "calibration": calibration}
+    if base is None:
+        derivation["source"] = "static: " + calibration
+        return checked, derivation
+    derived = derive_schedule([e["name"] for e in checked], [e["nll_increase"] for e in checked])
+    derivation.update(base_nll=round(float(base.mean()), 6), position_buckets=POSITION_BUCKETS,
+                      derived=schedule_text(derived))
+    return checked, derivation
+
+
+def _choose_schedule(entries: list[dict], derivation: dict, schedule: str | None) -> list[tuple[str, int]]:
+    """`--schedule` where given (recorded as the source), else the derived schedule, else full rank."""
+    from .runtime import parse_schedule
+
+    names = [e["name"] for e in entries]
+    if schedule is not None:
+        derivation["source"] = f"--schedule {schedule}"
+        return parse_schedule(schedule, names)
+    return parse_schedule(derivation.get("derived", "static"), names)
+

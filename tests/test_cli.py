@@ -68,7 +68,10 @@ def test_manifest_contents(artifact, llama_dir):
     params = manifest["parameters"]
     assert 0.3 - 1e-6 <= params["projection_fraction_removed"] < 0.45  # at least what --ratio asks
     assert params["total_params"] < params["total_params_dense"]
-    kept = sum(r["out"] * r["in"] if r["rank"] is None else r["rank"] * (r["out"] + r["in"]) for r in ranks.values())
+    kept = sum(r["out"] * r["in"] if r["rank"] is None else (r["rank"] + r["corrective_rank"]) * (r["out"] + r["in"])
+               for r in ranks.values())
+    assert not any(r["corrective_rank"] for r in ranks.values())  # CALR branches are off by default
+    assert manifest["method"]["correctives"] is None
     assert params["projection_params"] == kept
     parity = manifest["parity"]
     assert parity["passed"] is True and parity["max_abs_logit_diff"] <= parity["atol"]
@@ -114,7 +117,8 @@ def test_force_replaces_with_plain_svd(tmp_path, llama_dir, calib_file, capsys):
     assert manifest["method"]["factorization"] == "svd" and manifest["method"]["calibration"] is None
     assert manifest["method"]["allocation"] == "uniform"
     for r in manifest["ranks"].values():  # the same half of every projection's parameters
-        assert r["rank"] == int(0.5 * r["out"] * r["in"] / (r["out"] + r["in"]))
+        assert r["rank"] == int(0.5 * r["out"] * r["in"] / (r["out"] + r["in"])) and r["corrective_rank"] == 0
+    assert manifest["method"]["correctives"] is None
     assert manifest["parity"]["passed"] is True
 
 
@@ -448,3 +452,19 @@ def test_budget_in_mb_buys_more_rank_at_int4_than_at_fp32(capsys, llama_dir, cal
 
     at_int4, at_fp32 = removed("int4"), removed("fp32")
     assert at_fp32 > 0.0 and at_int4 < at_fp32
+
+
+def test_correctives_on_request_count_in_the_budget(tmp_path, llama_dir, calib_file):
+    import json
+
+    out = tmp_path / "calr"
+    assert main(export_args(llama_dir, calib_file, out, "--correctives", "--corrective-rank", "2")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    ranks, params = manifest["ranks"], manifest["parameters"]
+    assert {r["corrective_rank"] for r in ranks.values() if r["rank"] is not None} == {2}
+    kept = sum(r["out"] * r["in"] if r["rank"] is None else (r["rank"] + r["corrective_rank"]) * (r["out"] + r["in"])
+               for r in ranks.values())
+    assert params["projection_params"] == kept and params["projection_fraction_removed"] >= 0.3 - 1e-6
+    correctives = manifest["method"]["correctives"]
+    assert correctives["rank"] == 2 and len(correctives["block_error_before"]) == 2
+    assert manifest["parity"]["passed"]  # the folded branches are in the graph: it still matches PyTorch

@@ -46,6 +46,7 @@ def test_smollm2_export_parity_and_manifest(smollm2_artifact):
     assert manifest["profile"]["name"] == "jetson-orin-nano-8gb"
     assert manifest["method"]["factorization"] == "whitened-svd"
     assert "8 x 256 tokens" in manifest["method"]["calibration"]
+    assert manifest["method"]["correctives"] is None  # CALR is opt-in (--correctives)
 
     parity = manifest["parity"]
     assert parity["passed"] is True and parity["max_abs_logit_diff"] <= parity["atol"]
@@ -63,7 +64,9 @@ def test_smollm2_export_parity_and_manifest(smollm2_artifact):
     params = manifest["parameters"]
     assert params["total_params_dense"] == SMOLLM2_135M_PARAMS
     assert 0.2 - 1e-6 <= params["projection_fraction_removed"] < 0.25  # at least what --ratio asks
-    kept = sum(e["out"] * e["in"] if e["rank"] is None else e["rank"] * (e["out"] + e["in"]) for e in ranks.values())
+    assert all(e["corrective_rank"] == 0 for e in ranks.values())
+    kept = sum(e["out"] * e["in"] if e["rank"] is None else (e["rank"] + e["corrective_rank"]) * (e["out"] + e["in"])
+               for e in ranks.values())
     assert params["projection_params"] == kept
     assert params["total_params"] == SMOLLM2_135M_PARAMS - (params["projection_params_dense"] - params["projection_params"])
 

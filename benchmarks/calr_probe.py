@@ -1,0 +1,87 @@
+"""CALR at equal parameters, quickly: FLRC ranks with and without corrective branches on SmolLM2.
+
+    python benchmarks/calr_probe.py --ratio 0.4 --corrective-rank 0     # FLRC alone
+    python benchmarks/calr_probe.py --ratio 0.4 --corrective-rank 16    # FLRC + CALR, same parameters
+
+Calibration (WikiText-2 valid, 32 x 512), decompositions and Fisher importance are computed once and
+cached in --cache, so each variant costs only its branch fitting and the perplexity windows. For the
+full table with ONNX export and speed, use `benchmarks/run.py --rows calr`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporter.allocate import allocate  # noqa: E402
+from exporter.calibration import calibration_ids  # noqa: E402
+from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
+                               decoder_projections, effective_ranks, parameter_summary)
+from exporter.corrective import (CorrectiveOptions, attach_correctives, dense_teacher, settle_ranks,  # noqa: E402
+                                 train_correctives)
+from exporter.evaluate import perplexity, text_windows  # noqa: E402
+from exporter.importance import component_fisher  # noqa: E402
+from exporter.models import load_model, resolve_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--corrective-rank", type=int, default=16, help="0: no branches (FLRC alone)")
+    parser.add_argument("--epochs", type=int, default=0, help="block-wise gradient epochs after the fit")
+    parser.add_argument("--kl-steps", type=int, default=0)
+    parser.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 512 tokens")
+    parser.add_argument("--rank-multiple", type=int, default=16)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/exporter-calr-probe.pt"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_model(resolve_model(None))
+    if args.cache.is_file():
+        prep = torch.load(args.cache, weights_only=False)
+    else:
+        ids, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"), 32, 512, seed=0)
+        decompositions = decompose_model(model, "whitened", ids, full_rank=True)
+        prep = {"ids": ids, "dec": decompositions, "imp": component_fisher(model, decompositions, ids[:8])}
+        torch.save(prep, args.cache)
+    projections = decoder_projections(model)
+    budget = round((1 - args.ratio) * sum(p.params for p in projections))
+    options = None if args.corrective_rank == 0 else CorrectiveOptions(
+        rank=args.corrective_rank, epochs=args.epochs, kl_steps=args.kl_steps)
+    ranks, branches = settle_ranks(lambda params: allocate(projections, prep["imp"], params,
+                                                           multiple=args.rank_multiple).ranks,
+                                   projections, options, budget)
+    total = count_params(model)
+    teacher = dense_teacher(model) if options else None
+    apply_ranks(model, prep["dec"], ranks)
+    seconds = 0.0
+    if options:
+        applied = effective_ranks(model, projections)
+        attach_correctives(model, prep["dec"], {n: r for n, r in branches.items() if applied[n] is not None})
+        start = time.perf_counter()
+        report = train_correctives(model, teacher, prep["ids"], options)
+        seconds = time.perf_counter() - start
+    summary = parameter_summary(projections, effective_ranks(model, projections), total,
+                                corrective_ranks(model, projections))
+    windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
+    result = {"ratio": args.ratio, "corrective_rank": args.corrective_rank, "epochs": args.epochs,
+              "kl_steps": args.kl_steps, "windows": int(windows.shape[0]),
+              "projection_fraction_removed": summary["projection_fraction_removed"],
+              "fit_s": round(seconds, 1), "perplexity": perplexity(model, torch.as_tensor(windows))}
+    if options:
+        result["blocks_reset"] = report.blocks_reset
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

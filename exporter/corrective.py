@@ -1,0 +1,357 @@
+"""CALR corrective branches: attach them beside the factorized projections and train them.
+
+A branch fitted to its own layer's weight residual on the original inputs is no better than whitened
+SVD at rank r + r_c (that is already the best rank-(r + r_c) fit). Correctives pay off when they learn
+the *functional* residual, so training is:
+
+1. block by block (sequential, as llm-compressor calibrates): decoder block i of the compressed model
+   runs on the hidden states produced by the already-corrected blocks 0..i-1, and its correctives are
+   fitted so its output matches the original block's output on the original hidden states. Each block
+   thus corrects the error it inherits as well as its own. Only one block's activations (original
+   inputs, their original outputs, compressed inputs) are alive at a time.
+2. optionally end to end: KL divergence between the original and the compressed next-token
+   distributions on calibration text.
+
+The primary factors stay frozen unless `tune_factors` is set.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .compress import Projection, replace_module
+from .errors import ExporterError
+from .lowrank import CorrectedLinear, Decomposition, LowRankLinear
+from .models import decoder_layers
+from .settings import CorrectiveOptions
+from .stats import capture_layer_inputs, run_layer
+
+
+@dataclass
+class CorrectiveReport:
+    """Held-out relative error of every block's output before and after training, and timings."""
+
+    block_error_before: list[float] = field(default_factory=list)
+    block_error_after: list[float] = field(default_factory=list)
+    blocks_reset: list[int] = field(default_factory=list)  # blocks whose fit raised the held-out error
+    kl_before: float | None = None
+    kl_after: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"block_error_before": [round(e, 5) for e in self.block_error_before],
+                "block_error_after": [round(e, 5) for e in self.block_error_after],
+                "blocks_reset": self.blocks_reset,
+                "kl_before": self.kl_before, "kl_after": self.kl_after, "seconds": round(self.seconds, 1)}
+
+
+def branch_ranks(projections: list[Projection], ranks: dict[str, int | None], options: CorrectiveOptions,
+                 budget_params: int) -> dict[str, int]:
+    """r_c of every factorized projection (dense ones get none).
+
+    The configured ranks shrink in proportion when the branches would take more than
+    `max_budget_share` of the projection budget (small models, tight budgets), down to 1.
+    """
+    wanted = {p.name: options.rank_by_kind.get(p.kind, options.rank) for p in projections
+              if ranks.get(p.name) is not None}
+    sizes = {p.name: p.in_features + p.out_features for p in projections}
+    cost = sum(r * sizes[name] for name, r in wanted.items())
+    limit = options.max_budget_share * budget_params
+    scale = min(1.0, limit / cost) if cost else 1.0
+    return {name: max(1, int(r * scale)) for name, r in wanted.items()}
+
+
+def settle_ranks(primary_ranks, projections: list[Projection], options: CorrectiveOptions | None,
+                 budget_params: int) -> tuple[dict[str, int | None], dict[str, int]]:
+    """Primary ranks and branch ranks that together fit `budget_params`.
+
+    `primary_ranks(params)` allocates the primary path (Fisher or uniform). The branches count in
+    the budget, so the primary ranks get what they leave; which projections stay dense (and carry
+    no branch) depends on the primary budget, so this settles in a few passes.
+    """
+    ranks = primary_ranks(budget_params)
+    if options is None:
+        return ranks, {}
+    primary_params = budget_params
+    for _ in range(4):
+        branches = branch_ranks(projections, ranks, options, budget_params)
+        total = sum(p.factor_params(ranks[p.name], branches.get(p.name, 0)) for p in projections)
+        if total <= budget_params:
+            break
+        primary_params -= total - budget_params
+        ranks = primary_ranks(primary_params)
+    return ranks, branch_ranks(projections, ranks, options, budget_params)
+
+
+def attach_correctives(model, decompositions: dict[str, Decomposition], ranks: dict[str, int] | int
+                       ) -> dict[str, int]:
+    """Wrap each LowRankLinear named in `ranks` (an int: every one) in a CorrectedLinear whose branch of
+    that rank outputs zero until trained.
+
+    The branch's down factor starts at the next r_c whitened directions after the primary rank (the
+    input subspace the truncation dropped first) where the decomposition has them, else random.
+    """
+    attached = {}
+    generator = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LowRankLinear) or (isinstance(ranks, dict) and name not in ranks):
+            continue
+        rank = ranks[name] if isinstance(ranks, dict) else ranks
+        down = decompositions[name].down
+        r = module.rank
+        if down.shape[0] >= r + rank:
+            init = down[r : r + rank]
+        else:  # LoRA's Kaiming-uniform scale
+            bound = 1.0 / math.sqrt(module.in_features)
+            init = (torch.rand(rank, module.in_features, generator=generator) * 2 - 1) * bound
+        replace_module(model, name, CorrectedLinear(module, rank, init.to(module.down.weight.dtype)))
+        attached[name] = rank
+    return attached
+
+
+def _trainable(module: nn.Module, tune_factors: bool) -> tuple[list, list]:
+    branch, factors = [], []
+    for sub in module.modules():
+        if isinstance(sub, CorrectedLinear):
+            branch += [sub.corrective_down.weight, sub.corrective_up.weight]
+            if tune_factors:
+                factors += [sub.base.down.weight, sub.base.up.weight]
+    return branch, factors
+
+
+def _optimizer(module: nn.Module, options: CorrectiveOptions, lr: float):
+    branch, factors = _trainable(module, options.tune_factors)
+    groups = [{"params": branch, "lr": lr}]
+    if factors:
+        groups.append({"params": factors, "lr": lr * options.factor_lr_scale})
+    for p in branch + factors:
+        p.requires_grad_(True)
+    return torch.optim.Adam(groups), branch + factors
+
+
+def _relative_error(layer, states, targets) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for (hidden, kwargs), target in zip(states, targets):
+            out = run_layer(layer, hidden, kwargs)
+            num += float((out - target).pow(2).sum())
+            den += float(target.pow(2).sum())
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def _linear_inputs(layer, states, names: list[str]) -> tuple[list[dict], list[torch.Tensor]]:
+    """Run `layer` on each state, recording the input of each named sub-module ([{name: [tokens, in]}])
+    and the layer's outputs."""
+    recorded, outputs, handles = [], [], []
+    current: dict = {}
+    for name in names:
+        def grab(_m, args, name=name):
+            current[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in states:
+                current = {}
+                outputs.append(run_layer(layer, hidden, kwargs))
+                recorded.append(current)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded, outputs
+
+
+def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -> None:
+    """Least-squares branches for every CorrectedLinear of one block.
+
+    For a projection with teacher weight W, student primary path P = U V, and inputs X_t (original
+    model) and X_s (compressed model, inheriting upstream error), the branch M (rank r_c) minimises
+    ||X_t W^T - X_s P^T - X_s M^T||: a reduced-rank regression, solved exactly by whitening with
+    X_s^T X_s = S S^T and truncating the SVD of S^-1 X_s^T (X_t W^T - X_s P^T). One pass of the block
+    gives every projection's inputs (the branches of one block are fitted together; projections that
+    read the same tensor, q/k/v and gate/up, share their statistics).
+    """
+    from .lowrank import whitening_factor
+
+    names = [n for n, m in s_layer.named_modules() if isinstance(m, CorrectedLinear)]
+    if not names:
+        return
+    student_inputs, _ = _linear_inputs(s_layer, student_states, names)
+    groups: dict[tuple, list[str]] = {}
+    for name, x in student_inputs[0].items():
+        groups.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
+    for group in groups.values():
+        gram = cross = None
+        for xs_by_name, xt_by_name in zip(student_inputs, teacher_inputs):
+            xs, xt = xs_by_name[group[0]].float(), xt_by_name[group[0]].float()
+            g, c = (xs.T @ xs).double(), (xs.T @ xt).double()
+            gram = g if gram is None else gram + g
+            cross = c if cross is None else cross + c
+        # Ridge damping (1% of the mean input energy, as GPTQ damps its Hessian): without it, input
+        # directions the calibration barely excites get huge, ill-conditioned branch weights.
+        damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        chol = whitening_factor(damped)
+        for name in group:
+            module = s_layer.get_submodule(name)
+            teacher_weight = t_layer.get_submodule(name).weight.double()  # out x in
+            primary = (module.base.up.weight.double() @ module.base.down.weight.double())  # out x in
+            target = cross @ teacher_weight.T - gram @ primary.T  # X_s^T R, in x out (undamped)
+            z = torch.linalg.solve_triangular(chol, target, upper=False)  # S^-1 X_s^T R
+            u, sigma, vh = torch.linalg.svd(z, full_matrices=False)
+            r = module.corrective_rank
+            down = torch.linalg.solve_triangular(chol.T, u[:, :r], upper=True).T  # r x in
+            up = vh[:r].T * sigma[:r]  # out x r
+            scale = (up.norm(dim=0) / down.norm(dim=1).clamp_min(1e-30)).sqrt().clamp_min(1e-30)
+            with torch.no_grad():  # balanced, as the primary factors are (stable Adam steps later)
+                module.corrective_down.weight.copy_(down * scale.unsqueeze(1))
+                module.corrective_up.weight.copy_(up / scale)
+
+
+def _reset_branches(layer) -> None:
+    with torch.no_grad():
+        for module in layer.modules():
+            if isinstance(module, CorrectedLinear):
+                module.corrective_up.weight.zero_()
+
+
+def _holdout(input_ids: torch.Tensor, options: CorrectiveOptions) -> int:
+    """Sequences kept out of training: `options.holdout`, at most a quarter of them, at least one."""
+    n = input_ids.shape[0]
+    if n < 2:
+        raise ExporterError(f"corrective training needs at least 2 calibration sequences (got {n}); "
+                            "raise --calib-samples or drop --correctives")
+    return max(1, min(options.holdout, n // 4))
+
+
+def train_blockwise(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
+                    progress: bool = True, report: CorrectiveReport | None = None) -> CorrectiveReport:
+    """Sequential block-wise training of the correctives of `student` against `teacher` (see module doc)."""
+    from tqdm.auto import tqdm
+
+    report = report or CorrectiveReport()
+    start = time.perf_counter()
+    holdout = _holdout(input_ids, options)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    # One sequence per entry, so training batches can be reshuffled; the last `holdout` measure.
+    teacher_states = capture_layer_inputs(teacher, input_ids, 1)
+    student_hidden = [hidden.clone() for hidden, _ in teacher_states]
+    n_train = len(teacher_states) - holdout
+    student_layers, teacher_layers = decoder_layers(student), decoder_layers(teacher)
+    generator = torch.Generator().manual_seed(0)
+    bar = tqdm(range(len(student_layers)), desc="training correctives", unit="block", disable=not progress)
+    for index in bar:
+        s_layer, t_layer = student_layers[index], teacher_layers[index]
+        branches = [n for n, m in s_layer.named_modules() if isinstance(m, CorrectedLinear)]
+        teacher_inputs, targets = _linear_inputs(t_layer, teacher_states, branches if options.solve else [])
+        student_states = [(hidden, kwargs) for hidden, (_, kwargs) in zip(student_hidden, teacher_states)]
+        held = slice(n_train, None)
+        before = _relative_error(s_layer, student_states[held], targets[held])
+        if options.solve:
+            _solve_block(s_layer, t_layer, student_states[:n_train], teacher_inputs[:n_train])
+        del teacher_inputs
+        optimizer, params = _optimizer(s_layer, options, options.lr)
+        if params and options.epochs:
+            s_layer.train()
+            for _epoch in range(options.epochs):
+                order = torch.randperm(n_train, generator=generator).tolist()
+                for begin in range(0, n_train, options.batch_size):
+                    batch = order[begin : begin + options.batch_size]
+                    hidden = torch.cat([student_states[b][0] for b in batch])
+                    target = torch.cat([targets[b] for b in batch])
+                    kwargs = _batched_kwargs(student_states[batch[0]][1], len(batch))
+                    out = run_layer(s_layer, hidden, kwargs)
+                    loss = (out - target).pow(2).mean() / target.pow(2).mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            s_layer.eval()
+            for p in params:
+                p.requires_grad_(False)
+        after = _relative_error(s_layer, student_states[held], targets[held])
+        if after > before:  # the fit did not carry over to held-out text: keep the plain SVD path here
+            _reset_branches(s_layer)
+            after = before
+            report.blocks_reset.append(index)
+        report.block_error_before.append(before)
+        report.block_error_after.append(after)
+        bar.set_postfix(err=f"{before:.4f}->{after:.4f}")
+        with torch.no_grad():
+            student_hidden = [run_layer(s_layer, hidden, kwargs) for hidden, kwargs in student_states]
+        teacher_states = [(target, kwargs) for target, (_, kwargs) in zip(targets, teacher_states)]
+    report.seconds += time.perf_counter() - start
+    return report
+
+
+def _batched_kwargs(kwargs: dict, batch: int) -> dict:
+    """Per-sequence layer kwargs (rotary tables, masks) expanded to a batch of `batch` sequences."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1 and batch > 1:
+            value = value.expand(batch, *value.shape[1:])
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            value = tuple(v.expand(batch, *v.shape[1:]) if v.dim() > 0 and v.shape[0] == 1 else v for v in value)
+        out[key] = value
+    return out
+
+
+def _kl(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+    logits = student(batch, use_cache=False).logits.float()
+    return nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean") \
+        / batch.shape[1]
+
+
+def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
+                     progress: bool = True, report: CorrectiveReport | None = None) -> CorrectiveReport:
+    """KL(teacher || student) on calibration text, per token, over `options.kl_steps` steps."""
+    from tqdm.auto import tqdm
+
+    report = report or CorrectiveReport()
+    if options.kl_steps <= 0:
+        return report
+    start = time.perf_counter()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    holdout = _holdout(input_ids, options)
+    held, train = input_ids[-holdout:], input_ids[:-holdout]
+    with torch.no_grad():
+        report.kl_before = float(_kl(student, teacher, held))
+    optimizer, params = _optimizer(student, options, options.kl_lr)
+    generator = torch.Generator().manual_seed(1)
+    student.train()
+    bar = tqdm(range(options.kl_steps), desc="end-to-end KL", unit="step", disable=not progress)
+    for _ in bar:
+        batch = train[torch.randint(len(train), (options.kl_batch_size,), generator=generator)]
+        loss = _kl(student, teacher, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+    student.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        report.kl_after = float(_kl(student, teacher, held))
+    report.seconds += time.perf_counter() - start
+    return report
+
+
+def train_correctives(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
+                      progress: bool = True) -> CorrectiveReport:
+    report = train_blockwise(student, teacher, input_ids, options, progress)
+    return train_end_to_end(student, teacher, input_ids, options, progress, report)
+
+
+def dense_teacher(model):
+    """A frozen copy of the model before factorization (the functional target)."""
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,26 @@
+"""Defaults and option records the command line needs, kept free of torch so `exporter generate`,
+`evaluate` and `validate` start without importing it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_NUM_SAMPLES = 32  # calibration sequences
+DEFAULT_SEQ_LEN = 512  # tokens per calibration sequence
+
+
+@dataclass
+class CorrectiveOptions:
+    rank: int = 16  # r_c of every factorized projection ...
+    rank_by_kind: dict[str, int] = field(default_factory=dict)  # ... or per projection type (q_proj: 8)
+    max_budget_share: float = 0.1  # branches take at most this share of the projection budget
+    solve: bool = True  # start each block from the least-squares fit of its projections' residuals
+    epochs: int = 0  # block-wise gradient passes over the training part of the calibration set
+    lr: float = 1e-3
+    batch_size: int = 4
+    holdout: int = 4  # calibration sequences kept out of training to measure the error
+    kl_steps: int = 0  # end-to-end KL distillation steps after the block-wise stage
+    kl_lr: float = 1e-4
+    kl_batch_size: int = 2
+    tune_factors: bool = False  # also train the primary factors (lower learning rate)
+    factor_lr_scale: float = 0.1

@@ -1,0 +1,143 @@
+"""A KV-cache decode loop over ONNX Runtime that needs only onnxruntime and numpy, and a probe that
+times it in a fresh process (so its peak RSS is the model's, not pytest's):
+
+    python ort_loop.py ARTIFACT/model.onnx --providers CPUExecutionProvider --prompt-tokens 128 --new-tokens 64
+
+prints one JSON object: load, time to first token, prefill and per-step decode times, peak RSS.
+Inputs `input_ids`, `attention_mask`, optional `position_ids`, `past_key_values.N.key/value`;
+outputs `logits`, `present.N.key/value` (the exporter's and optimum's names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class Decoder:
+    def __init__(self, model_path, providers=("CPUExecutionProvider",), threads: int | None = None):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = Path(model_path)
+        self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past = [n for n in self.inputs if PAST.fullmatch(n)]
+        config_file = self.path.parent / "config.json"
+        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+    def empty_cache(self) -> dict:
+        cache = {}
+        for name in self.past:
+            _, heads, _, head_dim = self.inputs[name].shape
+            if not isinstance(heads, int) or not isinstance(head_dim, int):  # symbolic: read config.json
+                c = self.config
+                heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+                head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+            cache[name] = np.zeros((1, heads, 0, head_dim), DTYPES[self.inputs[name].type])
+        return cache
+
+    def step(self, ids, cache: dict, past_len: int):
+        """Logits [n, vocab] of n new tokens after `past_len` cached ones, and the new cache."""
+        ids = np.asarray(ids, dtype=np.int64)[None, :]
+        total = past_len + ids.shape[1]
+        feed = {"input_ids": ids, **cache}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, total), np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
+        out = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        return out["logits"][0], {n: out[n.replace("past_key_values", "present")] for n in self.past}
+
+    def replay(self, prompt, tokens) -> np.ndarray:
+        """Teacher forcing: logits [len(tokens), vocab], row i predicting tokens[i]."""
+        logits, cache = self.step(prompt, self.empty_cache(), 0)
+        rows, length = [logits[-1]], len(prompt)
+        for token in tokens[:-1]:
+            logits, cache = self.step([token], cache, length)
+            rows.append(logits[-1])
+            length += 1
+        return np.stack(rows).astype(np.float32)
+
+    def vocab_size(self) -> int:
+        size = self.session.get_outputs()[self.outputs.index("logits")].shape[-1]
+        return size if isinstance(size, int) else int(self.config["vocab_size"])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB (10^6 bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    import resource  # no /proc (macOS): ru_maxrss is in bytes there, KiB on Linux
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
+
+
+def probe(model_path, providers, prompt_tokens: int, new_tokens: int, threads=None, seed: int = 0) -> dict:
+    start = time.perf_counter()
+    decoder = Decoder(model_path, providers, threads)
+    load_s = time.perf_counter() - start
+    limit = decoder.config.get("max_position_embeddings")
+    if limit and prompt_tokens + new_tokens > limit:  # rotary tables end there
+        prompt_tokens = limit - new_tokens
+    prompt = np.random.default_rng(seed).integers(0, decoder.vocab_size(), prompt_tokens)
+
+    def prefill():
+        start = time.perf_counter()
+        logits, cache = decoder.step(prompt, decoder.empty_cache(), 0)
+        token = int(np.argmax(logits[-1]))
+        return (time.perf_counter() - start) * 1e3, token, cache
+
+    ttft_ms, _, _ = prefill()  # cold: the first request after loading
+    runs = [prefill() for _ in range(3)]
+    _, token, cache = runs[-1]
+    step_ms, length = [], prompt_tokens
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        logits, cache = decoder.step([token], cache, length)
+        token = int(np.argmax(logits[-1]))
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        length += 1
+    return {
+        "providers": decoder.session.get_providers(),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "load_s": load_s,
+        "ttft_ms": ttft_ms,
+        "prefill_ms": float(np.median([r[0] for r in runs])),
+        "decode_ms": step_ms,
+        "decode_ms_p50": float(np.percentile(step_ms, 50)),
+        "decode_ms_p95": float(np.percentile(step_ms, 95)),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated, in order")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's)")
+    args = parser.parse_args()
+    print(json.dumps(probe(args.model, args.providers.split(","), args.prompt_tokens, args.new_tokens, args.threads)))
+
+
+if __name__ == "__main__":
+    main()
