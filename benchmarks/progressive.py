@@ -7,16 +7,16 @@
    with --correctives, to keep it fast): one artifact with the rank levels and the schedule derived from
    calibration measurements;
 2. ROUGE-L on the first --examples CNN/DailyMail validation articles (`exporter evaluate --task summarization`:
-   greedy, 96 new tokens) at static full rank and with the progressive schedule (the artifact's, or
-   --schedule);
+   greedy, 96 new tokens) of the dense model (reference), and of the artifact at static full rank and with
+   the progressive schedule (the artifact's, or --schedule);
 3. the average active decoder-projection parameters per generated token of the progressive run (every
    generated token counted at the level of the pass that produced it) give the matching ratio; the baselines
    are exported at it as one static level: uniform ranks (the issue's static uniform-rank compression) and
    FLRC ranks; ROUGE-L of each;
 4. fresh processes: decode tokens/s of every level (2 threads, 128-token prompt, 64 new tokens, medians of
    interleaved repeats) with plain sessions and with the shared sessions a multi-level schedule uses; peak RSS
-   (VmHWM) with one level loaded (static schedule: plain session) and with every level loaded (a schedule
-   that visits them all: shared sessions);
+   (VmHWM) with one level loaded (plain session, as `static` loads it; and shared) and with every level loaded
+   (a schedule that visits them all: shared sessions);
 5. disk: every level's files against the full level alone.
 
 Prints a Markdown summary and writes it with the JSON figures to benchmarks/results/progressive-*.{md,json}.
@@ -42,9 +42,10 @@ THREADS, PROMPT_TOKENS, NEW_TOKENS = 2, 128, 64
 
 
 def exporter(*args: str, capture: bool = False) -> str:
-    """`python -m exporter ARGS` in a fresh process; progress bars go to the terminal."""
+    """`python -m exporter ARGS` in a fresh process; progress bars (and, without `capture`, its output) go to
+    stderr, so this script's stdout is the summary."""
     result = subprocess.run([sys.executable, "-m", "exporter", *args], check=True, text=True,
-                            stdout=subprocess.PIPE if capture else None)
+                            stdout=subprocess.PIPE if capture else sys.stderr)
     return result.stdout if capture else ""
 
 
@@ -96,11 +97,15 @@ def _prompt(runtime) -> list[int]:
 
 
 def child_rss(artifact: str, schedule: str) -> dict:
-    """Peak RSS of a process that generates 16 tokens with `schedule` (the sessions it loads are the product's)."""
+    """Peak RSS of a process that generates 16 tokens with `schedule` (the sessions it loads are the product's);
+    `shared`: the full level alone in a shared session, as a multi-level schedule loads it."""
     from exporter.runtime import Runtime
 
     runtime = Runtime(artifact, threads=THREADS)
-    list(runtime.generate(_prompt(runtime), 16, runtime.parse_schedule(schedule), stop=False))
+    if schedule == "shared":
+        runtime.decoder(runtime.level_names[0], shared=True).greedy(_prompt(runtime), 16)
+    else:
+        list(runtime.generate(_prompt(runtime), 16, runtime.parse_schedule(schedule), stop=False))
     return memory_mb()
 
 
@@ -166,9 +171,11 @@ def summary(r: dict) -> str:
     rss, disk = r["rss_mb"], r["disk_mb"]
     lines += ["", f"disk: every level {disk['all_levels']:.1f} MB = {disk['all_levels'] / disk['full_level']:.4f}x the "
               f"full level alone ({disk['full_level']:.1f} MB) (target <= 1.05x)",
-              f"peak RSS: one level (static, plain session) {rss['one_level']['VmHWM']:.0f} MB; every level "
+              f"peak RSS (fresh process, 16 tokens): one level {rss['one_level']['VmHWM']:.0f} MB as `static` loads "
+              f"it (plain session), {rss['one_level_shared']['VmHWM']:.0f} MB in a shared session; every level "
               f"(schedule {r['rss_schedule']}, shared) {rss['all_levels']['VmHWM']:.0f} MB = "
-              f"{rss['all_levels']['VmHWM'] / rss['one_level']['VmHWM']:.3f}x (target <= 1.15x)", ""]
+              f"{rss['all_levels']['VmHWM'] / rss['one_level']['VmHWM']:.3f}x / "
+              f"{rss['all_levels']['VmHWM'] / rss['one_level_shared']['VmHWM']:.3f}x (target <= 1.15x)", ""]
     return "\n".join(lines)
 
 
@@ -198,14 +205,16 @@ def main() -> int:
         names = [lv["name"] for lv in manifest["levels"]]
         schedule = args.schedule or ",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"])
         entries = parse_schedule(schedule, names)
-        dense = manifest["parameters"]["projection_params_dense"]
+        dense_params = manifest["parameters"]["projection_params_dense"]
         rows = {}
 
         def add(name, artifact, manifest, schedule, result):
             active = average_params(manifest, result["level_tokens"])
-            rows[name] = {"schedule": schedule, "active_params": active, "removed": 1 - active / dense,
+            rows[name] = {"schedule": schedule, "active_params": active, "removed": 1 - active / dense_params,
                           "artifact_mb": sum(f.stat().st_size for f in artifact.iterdir()) / 1e6, **result}
 
+        dense = export(work / "dense", 0.0, "fisher", "1.0", False)  # the uncompressed model, for reference
+        add("dense", work / "dense", dense, "static", summarize(work / "dense", args.examples, "static"))
         add("static-full", art, manifest, "static", summarize(art, args.examples, "static"))
         add("progressive", art, manifest, schedule_text(entries), summarize(art, args.examples, schedule))
         matched = rows["progressive"]["removed"]
@@ -224,6 +233,7 @@ def main() -> int:
             "speed": run_child("speed", str(art), str(args.repeats)),
             "rss_schedule": visit_all,
             "rss_mb": {"one_level": run_child("rss", str(art), "static"),
+                       "one_level_shared": run_child("rss", str(art), "shared"),
                        "all_levels": run_child("rss", str(art), visit_all)},
             "disk_mb": {"all_levels": model_mb(art, {p.name for p in art.glob("model*")}),
                         "full_level": model_mb(art, [full, full + ".data"])},
