@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 from exporter.allocate import allocate  # noqa: E402
 from exporter.calibration import calibration_ids  # noqa: E402
 from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
-                               decoder_projections, effective_ranks, parameter_summary)
-from exporter.corrective import (CorrectiveOptions, attach_correctives, dense_teacher, settle_ranks,  # noqa: E402
-                                 train_correctives)
+                               decoder_projections, effective_ranks, parameter_summary, uniform_ranks)
+from exporter.corrective import (CorrectiveOptions, CorrectiveReport, attach_correctives, dense_teacher,  # noqa: E402
+                                 settle_ranks, train_blockwise, train_end_to_end)
 from exporter.evaluate import perplexity, text_windows  # noqa: E402
 from exporter.importance import component_fisher  # noqa: E402
 from exporter.models import load_model, resolve_model  # noqa: E402
@@ -40,9 +40,16 @@ def main() -> int:
     parser.add_argument("--corrective-rank", type=int, default=16, help="0: no branches (FLRC alone)")
     parser.add_argument("--epochs", type=int, default=0, help="block-wise gradient epochs after the fit")
     parser.add_argument("--kl-steps", type=int, default=0)
+    parser.add_argument("--kl-lr", type=float, default=CorrectiveOptions.kl_lr)
+    parser.add_argument("--tune-factors", action="store_true", help="also train the SVD factors in the KL stage")
+    parser.add_argument("--factor-lr-scale", type=float, default=CorrectiveOptions.factor_lr_scale)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--rank-multiple", type=int, default=16)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/exporter-calr-probe.pt"))
+    parser.add_argument("--allocation", choices=["fisher", "uniform"], default="fisher")
+    parser.add_argument("--skip-blockwise", action="store_true", help="end-to-end KL only")
+    parser.add_argument("--blockwise-cache", type=Path, default=None,
+                        help="reuse (or save) the model state after the block-wise stage, to compare KL settings")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model(resolve_model(None))
@@ -56,10 +63,16 @@ def main() -> int:
     projections = decoder_projections(model)
     budget = round((1 - args.ratio) * sum(p.params for p in projections))
     options = None if args.corrective_rank == 0 else CorrectiveOptions(
-        rank=args.corrective_rank, epochs=args.epochs, kl_steps=args.kl_steps)
-    ranks, branches = settle_ranks(lambda params: allocate(projections, prep["imp"], params,
-                                                           multiple=args.rank_multiple).ranks,
-                                   projections, options, budget)
+        rank=args.corrective_rank, epochs=args.epochs, kl_steps=args.kl_steps, kl_lr=args.kl_lr,
+        tune_factors=args.tune_factors, factor_lr_scale=args.factor_lr_scale)
+    dense_params = sum(p.params for p in projections)
+
+    def primary_ranks(params):
+        if args.allocation == "uniform":
+            return uniform_ranks(projections, 1.0 - params / dense_params)
+        return allocate(projections, prep["imp"], params, multiple=args.rank_multiple).ranks
+
+    ranks, branches = settle_ranks(primary_ranks, projections, options, budget)
     total = count_params(model)
     teacher = dense_teacher(model) if options else None
     apply_ranks(model, prep["dec"], ranks)
@@ -68,17 +81,27 @@ def main() -> int:
         applied = effective_ranks(model, projections)
         attach_correctives(model, prep["dec"], {n: r for n, r in branches.items() if applied[n] is not None})
         start = time.perf_counter()
-        report = train_correctives(model, teacher, prep["ids"], options)
+        if args.skip_blockwise:
+            report = CorrectiveReport()
+        elif args.blockwise_cache and args.blockwise_cache.is_file():
+            model.load_state_dict(torch.load(args.blockwise_cache))
+            report = CorrectiveReport()
+        else:
+            report = train_blockwise(model, teacher, prep["ids"], options)
+            if args.blockwise_cache:
+                torch.save(model.state_dict(), args.blockwise_cache)
+        report = train_end_to_end(model, teacher, prep["ids"], options, report=report)
         seconds = time.perf_counter() - start
     summary = parameter_summary(projections, effective_ranks(model, projections), total,
                                 corrective_ranks(model, projections))
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
-    result = {"ratio": args.ratio, "corrective_rank": args.corrective_rank, "epochs": args.epochs,
-              "kl_steps": args.kl_steps, "windows": int(windows.shape[0]),
+    result = {"ratio": args.ratio, "allocation": args.allocation, "corrective_rank": args.corrective_rank, "epochs": args.epochs,
+              "kl_steps": args.kl_steps, "skip_blockwise": args.skip_blockwise, "kl_lr": args.kl_lr, "tune_factors": args.tune_factors,
+              "factor_lr_scale": args.factor_lr_scale, "windows": int(windows.shape[0]),
               "projection_fraction_removed": summary["projection_fraction_removed"],
               "fit_s": round(seconds, 1), "perplexity": perplexity(model, torch.as_tensor(windows))}
     if options:
-        result["blocks_reset"] = report.blocks_reset
+        result.update(blocks_reset=report.blocks_reset, kl_before=report.kl_before, kl_after=report.kl_after)
     print(json.dumps(result))
     return 0
 

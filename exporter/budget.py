@@ -26,6 +26,26 @@ COMPUTE_EFFICIENCY = 0.5
 # int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
 
+# Decode cost model (exporter validate): per token, decode_ms = bandwidth_ms + overhead_ms + dequant_ms:
+#   bandwidth_ms = (weights read + KV cache traffic) bytes / the bandwidth a matrix-vector product reaches
+#   overhead_ms  = graph nodes x per-node cost
+#   dequant_ms   = int4/int8 weights x their compute per weight, added to the reads (a decode step's
+#                  matrices are small: their compute does not hide behind the memory reads)
+# A measured profile (host) carries all four figures in hardware.decode_costs (profiles.measure_host:
+# ONNX Runtime micro-benchmarks); other devices use the estimates below, labelled as such.
+DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_ns_per_param")
+# ESTIMATES for devices where nothing was measured, by the profile's first execution provider. CPU
+# providers: about twice what measure_host() measured on this project's 2-core x86 host (ONNX Runtime
+# 1.32: 1.1-1.5 us per node, int4 0.020 and int8 0.012 ns per weight), for the slower cores of edge
+# boards and phones. CUDA: a kernel launch and its share of stream synchronisation per node, consistent
+# with the reference anchor of SmolLM2-135M at ~165 tokens/s on a Jetson Orin Nano Super (6 ms/token,
+# mostly per-kernel overhead at this size; llama.cpp, not ONNX Runtime); dequantisation assumed hidden
+# behind the memory reads by the GPU's parallelism.
+NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 8.0}
+DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
+                       "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
+ESTIMATE_DEFAULT_PROVIDER = "CPUExecutionProvider"  # other providers (CoreML, QNN, XNNPACK): as for CPU
+
 
 def kv_cache_bytes(config, context: int, bytes_per_elem: float = 4.0) -> float:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -92,3 +112,33 @@ def projection_budget(projections: list[Projection], total_params: int, budget_b
                f"; with --weights int4 the smallest is {floor * BYTES_PER_PARAM['int4'] / MB:.1f} MB")
         )
     return int(budget_bytes / per) - fixed
+
+
+def decode_costs(profile) -> tuple[dict[str, float], str]:
+    """The decode cost figures of `profile` (DECODE_COST_KEYS) and where they come from: measured
+    (hardware.decode_costs, a measured profile) or this module's estimates."""
+    hardware = profile.hardware
+    measured = getattr(hardware, "decode_costs", None) or {}
+    if all(key in measured for key in DECODE_COST_KEYS):
+        return ({key: float(measured[key]) for key in DECODE_COST_KEYS},
+                "measured on this machine (ONNX Runtime micro-benchmarks of exporter.profiles.measure_host)")
+    providers = getattr(getattr(profile, "runtime", None), "execution_providers", None) or ("",)
+    provider = providers[0] if providers[0] in NODE_US_ESTIMATE else ESTIMATE_DEFAULT_PROVIDER
+    dequant = DEQUANT_NS_ESTIMATE[provider]
+    costs = {"gemv_bandwidth_gbs": hardware.memory_bandwidth_gbs * BANDWIDTH_EFFICIENCY,
+             "node_us": NODE_US_ESTIMATE[provider],
+             **{f"{precision}_ns_per_param": ns for precision, ns in dequant.items()}}
+    return costs, (f"ESTIMATES (exporter.budget): bandwidth {BANDWIDTH_EFFICIENCY:g} x the profile's "
+                   f"{hardware.memory_bandwidth_gbs:g} GB/s, {costs['node_us']:g} us per node and dequantisation "
+                   f"int4 {dequant['int4']:g} / int8 {dequant['int8']:g} ns per weight as for {provider}")
+
+
+def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],
+                 costs: dict[str, float]) -> dict[str, float]:
+    """The three terms of one decode step in ms (see DECODE_COST_KEYS above) and their sum."""
+    bandwidth_ms = bytes_per_token / (costs["gemv_bandwidth_gbs"] * 1e9) * 1e3
+    overhead_ms = nodes * costs["node_us"] / 1e3
+    dequant_ms = sum(params * costs.get(f"{precision}_ns_per_param", 0.0)
+                     for precision, params in quantized_params.items()) / 1e6
+    return {"bandwidth_ms": bandwidth_ms, "overhead_ms": overhead_ms, "dequant_ms": dequant_ms,
+            "decode_ms": bandwidth_ms + overhead_ms + dequant_ms}

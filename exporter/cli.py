@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "down (default: 1.0,0.85,0.7; 1.0: one level; fp32 and int4 only)")
     export.add_argument("--schedule", help="the level each generated token uses: static, a level name, or "
                         "LEVEL:START,... (e.g. r100:0,r85:32); default: derived from calibration measurements")
+    export.add_argument("--ort", action="store_true",
+                        help="also write model.ort, the ORT format of ONNX Runtime Mobile (full level only; checked "
+                        "against model.onnx; at most 2 GB of weights)")
 
     allocate = commands.add_parser("allocate", help="print the per-projection ranks for a device, without exporting")
     _compression_options(allocate)
@@ -154,6 +157,13 @@ def _validate_command(commands) -> None:
     validate.add_argument("--text", type=Path, help="text file for perplexity through ONNX Runtime (default: skipped)")
     validate.add_argument("--windows", type=_positive_int, default=8,
                           help="perplexity windows of 512 tokens to score (default: 8)")
+    validate.add_argument("--summaries", type=Path,
+                          help=".jsonl with article and highlights: ROUGE-L F1 of greedy summaries through ONNX "
+                          "Runtime (default: skipped)")
+    validate.add_argument("--summary-examples", type=_positive_int, default=20,
+                          help="articles of --summaries to summarize (default: 20)")
+    validate.add_argument("--report", type=Path, metavar="DIR",
+                          help="also write DIR/validation.md and DIR/latency.png (outside the artifact)")
     validate.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     validate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -181,9 +191,9 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help="calibration sequences used for Fisher importance (default: 8)")
     command.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
                          help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32)")
-    command.add_argument("--correctives", action="store_true",
-                         help="add a CALR corrective branch beside every factorized projection, fitted to the "
-                         "functional residual; they count in the budget (default: off, plain SVD path)")
+    command.add_argument("--correctives", action=argparse.BooleanOptionalAction, default=True,
+                         help="a CALR corrective branch beside every factorized projection, trained to recover the "
+                         "model's function; they count in the budget (default: on; --no-correctives: plain SVD path)")
     command.add_argument("--corrective-rank", type=_corrective_ranks, default=(CorrectiveOptions.rank, {}),
                          help=f"rank r_c of the corrective branches: one number, or per projection type "
                          f"(16,k_proj=8,v_proj=8); the branches take at most a tenth of the budget "
@@ -208,7 +218,7 @@ def _options(args):
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights=args.weights, graph=getattr(args, "graph", "auto"), block_size=getattr(args, "block_size", 32),
-        progress=not args.no_progress,
+        progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
             kl_steps=args.kl_steps, tune_factors=args.tune_factors),
@@ -280,6 +290,9 @@ def format_summary(manifest: dict) -> str:
            if "quantized" in par else ""),
         f"levels:     {', '.join(level['name'] for level in manifest['levels'])}; schedule "
         + ",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"]),
+        *([f"ort format: {manifest['ort_format']['file']} ({manifest['ort_format']['bytes'] / 1e6:.1f} MB), max |logit "
+           f"diff| vs {manifest['ort_format']['source']} {manifest['ort_format']['check']['max_abs_logit_diff']:.2e}"]
+          if manifest.get("ort_format") else []),
         f"time:       {times}",
     ])
 
@@ -369,7 +382,8 @@ def _validate(args) -> int:
 
     from .validate import EXIT_BUDGET_FAILED, format_result, validate
 
-    result = validate(args.artifact, args.device, args.text, args.windows, progress=not args.no_progress)
+    result = validate(args.artifact, args.device, args.text, args.windows, progress=not args.no_progress,
+                      summaries=args.summaries, summary_examples=args.summary_examples, report=args.report)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0 if result["passed"] else EXIT_BUDGET_FAILED
 

@@ -15,9 +15,8 @@ Projections. Each decoder projection is read as `ProjectionWeights`: an optional
 a list of low-rank pairs (down V: r x in, up U: out x r) and an optional bias; y = W x + sum U_k V_k x + b.
 A `LowRankLinear` is one pair; an `nn.Linear` is dense. `_emit_projections` writes a group of projections
 that share an input: the first stage is one MatMul of x with the column concatenation of every W^T and
-V^T, then a Split, then one MatMul by U^T per low-rank projection. Several pairs of one projection (a
-corrective branch y += B(A x)) are folded into one pair by stacking factor rows/columns, so they cost no
-extra node.
+V^T, then a Split, then one MatMul by U^T per low-rank projection. A CALR corrective branch
+y += B(A x) is written in one of two forms (`corrective_form`, below).
 
 Initializer layout (fp32). Every weight is stored MatMul-ready (in x out, transposed when written):
 ONNX Runtime pre-packs a constant MatMul B, and `MatMulNBitsQuantizer` only quantizes MatMul (and
@@ -41,9 +40,22 @@ embedding from lm_head's columns instead of a folded transposed copy, which woul
 session. In memory, each session maps and prepacks its weights privately; `exporter.shared_weights`
 gives fp32 sessions one copy (benchmarks/levels_probe.py measures the trade-offs).
 
-Corrective branches (next step). y += B(A x) is one more `LowRankPair` in `ProjectionWeights.pairs`;
-`fold` stacks all pairs of a projection into one (down, up), so a correction costs extra columns in the
-fused first stage and rows in U^T, not extra nodes. Only `from_module` needs to learn the new module.
+Corrective branches (`corrective_form`). y += B(A x) is one more `LowRankPair` in
+`ProjectionWeights.pairs` (a `CorrectedLinear`: primary pair first). "folded" (default): `fold` stacks all
+pairs of a projection into one (down [V; A], up [U, B]), so a branch costs extra columns in the fused
+first stage and rows in U^T, no extra node. "separate" (`_emit_branches`): one more first-stage MatMul
+per group of projections sharing an input, by the concatenated A^T of the group (fused like the V^T),
+a Split, then a MatMul by B^T and an Add per projection. Both compute the same function (fp32: equal
+to float rounding). int4: separate B^T is quantized in blocks of its own; folded, U^T's last block
+shares scales with B^T's rows unless the primary rank is a whole number of blocks (as the pipeline's
+int4 Fisher ranks are), in which case both forms hold the same 4-bit weights. Levels: the separate
+form keeps the branches out of the rank-prefixed stacks, and int4 level ranks round the primary rank
+alone to whole blocks (`level_ranks(..., corrective_form)`). Folded stays the default because it decodes
+faster: SmolLM2-135M, 20% removed (uniform ranks in whole blocks), r_c 16 on all 210 projections, 128-token
+prompt, 64 greedy steps, 2 threads, 7 alternating repeats (benchmarks/corrective_form.py, on the shared
+2-core machine at load average 4-6): fp32 63.5 folded vs 71.3 ms/token separate, int4 28.0 vs 34.4
+(paired separate/folded 1.11x and 1.22x; every repeat slower). The separate form doubles the node count
+(580 -> 1180 nodes), and at decode every node's fixed cost outweighs the few FLOPs a branch adds.
 
 Unsupported (NotImplementedError, so callers can fall back to the optimum export): dynamic / longrope
 rope scaling (sequence-length dependent), partial rotary, activations other than SiLU, fp16 weights,
@@ -75,6 +87,14 @@ MS_DOMAIN = "com.microsoft"
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
+CORRECTIVE_FORMS = ("folded", "separate")  # how CALR branches are written; see the module docstring
+DEFAULT_CORRECTIVE_FORM = "folded"
+
+
+def _check_form(corrective_form: str) -> str:
+    if corrective_form not in CORRECTIVE_FORMS:
+        raise ValueError(f"unknown corrective_form {corrective_form!r}; expected one of {CORRECTIVE_FORMS}")
+    return corrective_form
 
 
 # --------------------------------------------------------------------------- projection weights
@@ -122,19 +142,28 @@ class ProjectionWeights:
             return cls(name, module.in_features, module.out_features, dense=_np(module.weight), bias=bias)
         raise NotImplementedError(f"{name}: cannot write a {type(module).__name__} projection")
 
-    def fold(self, active_rank: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def fold(self, active_rank: int | None = None, correctives: bool = True
+             ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """All pairs as one (down r_total x in, up out x r_total); `active_rank` keeps a prefix of the
-        first (primary) pair, the rank-sliced level; further (corrective) pairs are kept whole."""
+        first (primary) pair, the rank-sliced level; further (corrective) pairs are kept whole.
+        `correctives=False`: the primary pair alone (the separate form writes `corrective()` apart)."""
         if not self.pairs:
             return None, None
         downs, ups = [], []
-        for index, pair in enumerate(self.pairs):
+        for index, pair in enumerate(self.pairs if correctives else self.pairs[:1]):
             rank = pair.rank if index or active_rank is None else active_rank
             if not 1 <= rank <= pair.rank:
                 raise ValueError(f"{self.name}: active rank {rank} outside 1..{pair.rank}")
             downs.append(pair.down[:rank])
             ups.append(pair.up[:, :rank])
         return np.concatenate(downs, axis=0), np.concatenate(ups, axis=1)
+
+    def corrective(self) -> LowRankPair | None:
+        """The corrective pairs (all but the first) stacked into one, or None without any."""
+        if len(self.pairs) < 2:
+            return None
+        rest = self.pairs[1:]
+        return LowRankPair(np.concatenate([p.down for p in rest], axis=0), np.concatenate([p.up for p in rest], axis=1))
 
 
 # --------------------------------------------------------------------------- graph building
@@ -173,21 +202,66 @@ class _Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
+def _sum(g: _Graph, terms: Sequence[str], name: str) -> str:
+    """terms[0] + terms[1] + ..., as a chain of Adds (`name`, `name`_1, ...)."""
+    y = terms[0]
+    for k, term in enumerate(terms[1:]):
+        y = g.op("Add", [y, term], name if k == 0 else f"{name}_{k}")
+    return y
+
+
+def _emit_branches(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
+                   fuse: bool = True) -> dict[int, str]:
+    """The separate corrective form: B (A x) of every projection of input `x` that has a branch, as
+    {projection index: output}. fuse: one MatMul of x by the column concatenation of the group's A^T,
+    then a Split (as the primary first stage is fused); otherwise one MatMul per branch. Then one MatMul
+    by B^T (r_c x out) per branch."""
+    stem = prefix.strip("/").replace("/", ".")
+    branches = [(index, pair) for index, proj in enumerate(projections)
+                if (pair := proj.corrective()) is not None]
+    if not branches:
+        return {}
+    if fuse:
+        weight = np.concatenate([pair.down.T for _, pair in branches], axis=1)
+        y = g.op("MatMul", [x, g.constant(f"{stem}.corrective.MatMul.weight", weight)], f"{prefix}/corrective/MatMul")
+        if len(branches) > 1:
+            sizes = g.constant(f"{stem}.corrective.Split.sizes", np.array([p.rank for _, p in branches], np.int64))
+            downs = g.op("Split", [y, sizes], f"{prefix}/corrective/Split", outputs=len(branches), axis=-1)
+        else:
+            downs = [y]
+    else:
+        downs = []
+        for index, pair in branches:
+            short = projections[index].name.rsplit(".", 1)[-1]
+            weight = g.constant(f"{stem}.{short}.corrective_down.MatMul.weight", pair.down.T)
+            downs.append(g.op("MatMul", [x, weight], f"{prefix}/{short}/corrective_down/MatMul"))
+    outputs = {}
+    for (index, pair), down in zip(branches, downs):
+        proj = projections[index]
+        up_t = g.constant(f"{proj.name}.corrective_up.weight_T", pair.up.T)  # r_c x out
+        outputs[index] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/corrective_up/MatMul")
+    return outputs
+
+
 def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
                       fuse: bool = True, packed: bool = False,
-                      active_ranks: dict[str, int | None] | None = None) -> list[str]:
+                      active_ranks: dict[str, int | None] | None = None,
+                      corrective_form: str = "folded") -> list[str]:
     """Write projections of one input `x`; returns one output per projection (or, with `packed` and
     only dense projections, one output holding them concatenated along the last axis).
 
     fuse: one first-stage MatMul against [W^T | V^T ...] for the whole group, then a Split; otherwise
     one first-stage MatMul per block. Then one MatMul by U^T per low-rank projection, adds, biases.
+    corrective_form: "folded" stacks each corrective branch onto its primary pair (V^T columns, U^T
+    rows); "separate" writes the branches apart (`_emit_branches`) and adds them to the primary outputs.
     """
     active_ranks = active_ranks or {}
+    separate = _check_form(corrective_form) == "separate"
     stem = prefix.strip("/").replace("/", ".")  # initializer names: model.layers.0.attn.qkv_proj...
     blocks = []  # (projection index, "dense" | "down", in x cols matrix)
     ups: list[np.ndarray | None] = []
     for index, proj in enumerate(projections):
-        down, up = proj.fold(active_ranks.get(proj.name))
+        down, up = proj.fold(active_ranks.get(proj.name), correctives=not separate)
         if proj.dense is not None:
             blocks.append((index, "dense", proj.dense.T))
         if down is not None:
@@ -219,7 +293,8 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
             weight = g.constant(f"{stem}.{short}.{kind}.MatMul.weight", matrix)
             first.append(g.op("MatMul", [x, weight], f"{prefix}/{short}/{kind}/MatMul"))
 
-    # Second stage, sums, biases.
+    # Second stage (and the separate corrective branches), sums, biases.
+    branches = _emit_branches(g, x, projections, prefix, fuse=fuse) if separate else {}
     outputs = []
     for index, proj in enumerate(projections):
         short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
@@ -230,7 +305,9 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
         if "down" in parts:
             up_t = g.constant(f"{proj.name}.up.weight_T", ups[index].T)  # r x out: rank outer
             terms.append(g.op("MatMul", [parts["down"], up_t], f"{short}/up/MatMul"))
-        y = terms[0] if len(terms) == 1 else g.op("Add", terms, f"{short}/Sum")
+        if index in branches:
+            terms.append(branches[index])
+        y = _sum(g, terms, f"{short}/Sum")
         if proj.bias is not None and not (fuse and all_dense):
             y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
         outputs.append(y)
@@ -238,7 +315,8 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
 
 
 def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str,
-                            levels: Sequence[dict[str, int]], level: int, transposed: bool) -> list[str]:
+                            levels: Sequence[dict[str, int]], level: int, transposed: bool,
+                            corrective_form: str = "folded") -> list[str]:
     """Write projections of one input at rank level `level` of `levels` (one dict per level, largest first:
     primary rank of every low-rank projection), laid out so that every level's factors are byte prefixes of
     the full level's.
@@ -249,7 +327,10 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
     transpose, which MatMulNBits stores N-outer (rows outer) again. Each projection's columns of the product
     are taken with one Split where they are contiguous (the smallest level), else one Gather each.
     Second stage: U^T with the corrective rows first, then the primary rows by importance (rank x out).
+    The separate corrective form leaves the corrective rows out of both stages and writes the branches
+    with `_emit_branches` (their tensors do not depend on the level, so every level reads the same bytes).
     """
+    separate = _check_form(corrective_form) == "separate"
     stem = prefix.strip("/").replace("/", ".")
     rows: list[np.ndarray] = []
     columns: dict[tuple[int, str], list[int]] = {}  # (projection index, part) -> its columns of the product
@@ -263,7 +344,7 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
         if proj.dense is not None:
             add(index, "dense", proj.dense)
         if proj.pairs:
-            corrections = [pair.down for pair in proj.pairs[1:]]
+            corrections = [] if separate else [pair.down for pair in proj.pairs[1:]]
             add(index, "down", np.concatenate([*corrections, proj.pairs[0].down[:levels[-1][proj.name]]]))
     for j in range(len(levels) - 2, level - 1, -1):  # the rows each larger level adds
         for index, proj in enumerate(projections):
@@ -290,16 +371,20 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
             indices = g.constant(f"{stem}.{short}.{part}.columns", np.array(columns[index, part], np.int64))
             first[index, part] = g.op("Gather", [y, indices], f"{prefix}/{short}/{part}/Gather", axis=-1)
 
+    branches = _emit_branches(g, x, projections, prefix) if separate else {}
     outputs = []
     for index, proj in enumerate(projections):
         short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
         terms = [first[index, "dense"]] if proj.dense is not None else []
         if proj.pairs:
             rank = levels[level][proj.name]
-            up = np.concatenate([*(pair.up for pair in proj.pairs[1:]), proj.pairs[0].up[:, :rank]], axis=1)
+            corrections = [] if separate else [pair.up for pair in proj.pairs[1:]]
+            up = np.concatenate([*corrections, proj.pairs[0].up[:, :rank]], axis=1)
             up_t = g.constant(f"{proj.name}.up.weight_T", up.T)  # rank x out: rank outer
             terms.append(g.op("MatMul", [first[index, "down"], up_t], f"{short}/up/MatMul"))
-        y = terms[0] if len(terms) == 1 else g.op("Add", terms, f"{short}/Sum")
+        if index in branches:
+            terms.append(branches[index])
+        y = _sum(g, terms, f"{short}/Sum")
         if proj.bias is not None:
             y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
         outputs.append(y)
@@ -411,14 +496,16 @@ def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
 
 def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
                   share_tied: bool = True, levels: Sequence[dict[str, int]] | None = None, level: int = 0,
-                  transposed: bool = True):
+                  transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM):
     """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data).
 
     levels, level: write rank level `level` of `levels` in the prefix layout of `_emit_level_projections`
     (`transposed`: fp32 first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
+    corrective_form: CALR branches "folded" into the primary factors or written as a "separate" branch.
     """
     from onnx import TensorProto, helper
 
+    _check_form(corrective_form)
     _check(model)
     config = model.config
     base = model.model
@@ -478,8 +565,9 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
 
     def emit(x: str, projections: list[ProjectionWeights], prefix: str, packed: bool = False) -> list[str]:
         if levels is not None and any(p.pairs for p in projections):
-            return _emit_level_projections(g, x, projections, prefix, levels, level, transposed)
-        return _emit_projections(g, x, projections, prefix, fuse=fuse, packed=packed, active_ranks=active_ranks)
+            return _emit_level_projections(g, x, projections, prefix, levels, level, transposed, corrective_form)
+        return _emit_projections(g, x, projections, prefix, fuse=fuse, packed=packed, active_ranks=active_ranks,
+                                 corrective_form=corrective_form)
 
     residual, normed = hidden, None
     for i, layer in enumerate(layers):
@@ -717,21 +805,24 @@ def _save_configs(model, out_dir: Path) -> None:
 
 
 def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
-                  accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True) -> Path:
+                  accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True,
+                  corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> Path:
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
     weights: "fp32"; "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
     MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
+    corrective_form: how CALR branches are written, "folded" (default) or "separate" (module docstring).
     """
     import onnx
 
     _check_weights(weights)
+    _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        proto = build_decoder(model, fuse=_fuse, share_tied=weights == "fp32")
+        proto = build_decoder(model, fuse=_fuse, share_tied=weights == "fp32", corrective_form=corrective_form)
     proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
-    meta = {"weights": weights, "fused": str(_fuse)}
+    meta = {"weights": weights, "fused": str(_fuse), "corrective_form": corrective_form}
     if weights == "int4":
         meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
     _set_props(proto, meta)
@@ -771,15 +862,18 @@ def _pair_ranks(model) -> dict[str, list[int]]:
     return ranks
 
 
-def level_ranks(model, fractions: Sequence[float], multiple: int = 1) -> list[dict[str, int]]:
+def level_ranks(model, fractions: Sequence[float], multiple: int = 1,
+                corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> list[dict[str, int]]:
     """Primary rank of every low-rank projection at each level: ceil(fraction x allocated rank), rounded up
     so that corrective + primary rank is a multiple of `multiple` (int4: the block size, so a level's second
-    stage keeps whole blocks of the full level's), and at most the allocated rank."""
+    stage keeps whole blocks of the full level's), and at most the allocated rank. In the separate
+    corrective form the second stage holds the primary rank alone, so that is what gets rounded."""
+    separate = _check_form(corrective_form) == "separate"
     levels: list[dict[str, int]] = [{} for _ in fractions]
     for name, pair_ranks in _pair_ranks(model).items():
         if not pair_ranks:
             continue
-        full, extra = pair_ranks[0], sum(pair_ranks[1:])
+        full, extra = pair_ranks[0], 0 if separate else sum(pair_ranks[1:])
         for level, fraction in zip(levels, fractions):
             rank = math.ceil(round(fraction * full, 6))  # round: 0.85 * 100 is 85.00000000000001
             level[name] = min(full, -(-(extra + rank) // multiple) * multiple - extra)
@@ -873,7 +967,8 @@ def _point_into(proto, data: Path, index: dict) -> None:
 
 
 def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, weights: str = "fp32",
-                 block_size: int = 32, accuracy_level: int | None = None, progress: bool = True) -> list[dict]:
+                 block_size: int = 32, accuracy_level: int | None = None, progress: bool = True,
+                 corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> list[dict]:
     """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
     `levels` list.
 
@@ -881,7 +976,8 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     external-data entries point into that same model.onnx.data (see `_point_into`). Entries: name,
     fraction, file, and rank_multiple (level ranks are rounded up to it: the int4 block size),
     active_factor_params (primary + corrective factor parameters of the low-rank projections) and
-    weight_bytes (the initializers the level reads).
+    weight_bytes (the initializers the level reads). `corrective_form` as in `write_decoder`; level ranks
+    then come from `level_ranks(model, fractions, rank_multiple, corrective_form)`.
     """
     import onnx
     from onnx import numpy_helper
@@ -891,10 +987,11 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     _check_fractions(fractions)
     if weights not in LEVEL_WEIGHTS:
         raise ExporterError(f"rank levels are written with weights {' or '.join(LEVEL_WEIGHTS)}, not {weights!r}")
+    _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     multiple = block_size if weights == "int4" else 1
-    ranks = level_ranks(model, fractions, multiple)
+    ranks = level_ranks(model, fractions, multiple, corrective_form)
     extra = {name: sum(r[1:]) for name, r in _pair_ranks(model).items() if r}
     sizes = {name: model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in extra}
     data, index, entries = out_dir / "model.onnx.data", {}, []
@@ -903,9 +1000,9 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
         path = out_dir / ("model.onnx" if j == 0 else f"model.{name}.onnx")
         with torch.no_grad():
             proto = build_decoder(model, share_tied=weights == "fp32", levels=ranks, level=j,
-                                  transposed=weights == "fp32")
+                                  transposed=weights == "fp32", corrective_form=corrective_form)
         proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
-        meta = {"weights": weights, "level": name, "fraction": str(fraction)}
+        meta = {"weights": weights, "level": name, "fraction": str(fraction), "corrective_form": corrective_form}
         if weights == "int4":
             meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
         _set_props(proto, meta)

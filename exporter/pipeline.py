@@ -30,7 +30,7 @@ from .golden import write_golden
 from .graph_writer import unsupported_reason, write_decoder
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
-from .report import write_report
+from .report import allocation_curve, write_report
 
 PARITY_PROMPT = (
     "Edge devices run small language models close to their users. To fit, a model is compressed: "
@@ -71,6 +71,7 @@ class ExportOptions:
     parity_steps: int = 16
     parity_atol: float = 1e-2
     progress: bool = True
+    ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.packaging)
 
 
 @dataclass
@@ -279,6 +280,13 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 derivation = {"source": "single level"}
             chosen = _choose_schedule(level_entries, derivation, schedule)
         say(f"schedule: {schedule_text(chosen)} ({derivation['source']})")
+        ort_format = None
+        if options.ort_format:  # before the report and the manifest's file table, which list it
+            from .packaging import write_ort_format
+
+            with clock.stage("ort format"):
+                say(f"converting {onnx_path.name} to the ORT format (ONNX Runtime Mobile)")
+                ort_format = write_ort_format(staging, onnx_path, prompt, [e["file"] for e in level_entries[1:]])
         compressed = plan.target_params is not None
         manifest = {
             "format_version": 1,
@@ -294,6 +302,8 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 "projection_params_target": plan.target_params,
                 "rank_multiple": plan.rank_multiple,
                 "allocation_details": plan.allocation.to_dict() if plan.allocation else None,
+                "allocation_curve": allocation_curve(plan.projections, plan.importance, plan.rank_multiple)
+                if plan.allocation else None,
                 "calibration": plan.calibration, "seed": options.seed,
                 "correctives": _corrective_summary(options, plan) if compressed else None,
             },
@@ -310,6 +320,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
             "levels": level_entries,
             "schedule": [{"level": level, "start": start} for level, start in chosen],
             "schedule_derivation": derivation,
+            **({"ort_format": ort_format} if ort_format else {}),
             "parity": parity,
             "versions": _versions(),
             "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},

@@ -33,6 +33,9 @@ class Hardware:
     memory_bandwidth_gbs: float
     compute_tflops: dict[str, float]  # precision -> peak TFLOP/s (int8: TOPS)
     sources: dict[str, str]  # figure name -> where it comes from
+    # Measured profiles only: ONNX Runtime decode costs (exporter.budget.DECODE_COST_KEYS), measured by
+    # measure_host(); other profiles use exporter.budget's labelled estimates.
+    decode_costs: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,7 @@ def measure_host() -> Hardware:
     fp32_tflops = 2 * size**3 / best_mm / 1e12
 
     where = f"measured on this machine at {stamp}"
+    decode_costs = _measure_decode_costs()
     return Hardware(
         # RAM is sized in binary units, so an "8 GB" machine reads as ~8 here; GB/s is decimal.
         memory_gb=round(ram_bytes / 2**30, 2),
@@ -330,7 +334,136 @@ def measure_host() -> Hardware:
             "memory_bandwidth_gbs": f"{where} (numpy copy of {n * 4 >> 20} MB, read + write bytes, best of 4)",
             "compute_tflops": f"{where} (numpy fp32 {size}x{size} matmul, best of 5)",
         },
+        decode_costs=decode_costs,
     )
+
+
+def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
+    """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] for
+    micro-benchmarks. `small` (name, array) pairs are stored in the graph; `large` {name: array} go to
+    an external file in `folder` (much faster to write and load than a serialized graph)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(a, name) for name, a in small]
+    stem, offset = f"probe{len(os.listdir(folder))}", 0  # a new file each: sessions may map theirs
+    with open(os.path.join(folder, stem + ".bin"), "wb") as data:
+        for name, array in (large or {}).items():
+            tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                 dims=array.shape, data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", stem + ".bin"), ("offset", str(offset)), ("length", str(array.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            array.tofile(data)
+            offset += array.nbytes
+            initializers.append(tensor)
+    vectors = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, size]) for name, size in (("x", k), ("y", n))]
+    graph = helper.make_graph(nodes, "probe", vectors[:1], vectors[1:], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    path = os.path.join(folder, stem + ".onnx")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def int4_chain(length: int, sizes: tuple[int, int], block: int = 32) -> tuple[list, dict]:
+    """Nodes and weights of `length` MatMulNBits (4 bits, accuracy level 4, as exported) alternating
+    sizes[0] -> sizes[1] -> sizes[0], from x to y."""
+    from onnx import helper
+
+    import numpy as np
+
+    nodes, large, x = [], {}, "x"
+    for i in range(length):
+        y = "y" if i == length - 1 else f"t{i}"
+        rows, cols = sizes if i % 2 == 0 else sizes[::-1]
+        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block // 2))
+        large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
+        nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
+                                      K=rows, N=cols, bits=4, block_size=block, accuracy_level=4))
+        x = y
+    return nodes, large
+
+
+def _measure_decode_costs() -> dict[str, float]:
+    """What one decode step costs in ONNX Runtime here besides reading its bytes (about 1-2 s; empty
+    where onnxruntime or onnx is missing, and the cost model then uses its estimates):
+
+    * gemv_bandwidth_gbs: bytes/s of an fp32 MatMul [1, 4096] x [4096, 4096] (64 MB constant weight,
+      beyond the caches): the bandwidth a decode step's matrix-vector products reach;
+    * node_us and int4_ns_per_param: a MatMulNBits node (4 bits, block 32, accuracy level 4, as
+      exported) takes node_us + weights x int4_ns_per_param when its weights are in cache, solved from
+      chains of rank-64 factors (576 -> 64 -> 576) and of MLP-sized nodes (576 -> 1536 -> 576); the
+      decode step adds this compute to the memory reads: its matrices are small, each computed while
+      the next one's weights are still to be read;
+    * int8_ns_per_param: the same for quantize_dynamic's int8 pattern (DynamicQuantizeLinear,
+      MatMulInteger, Cast, 2 Mul: five nodes), 1536 x 1536, less its five nodes.
+
+    Each is the best of several runs, so other load on the machine inflates it less.
+    """
+    import tempfile
+
+    import numpy as np
+
+    try:
+        import onnxruntime  # noqa: F401
+        from onnx import TensorProto, helper
+    except ImportError:
+        return {}
+
+    def best(sess, k: int, runs: int) -> float:
+        feed = {"x": np.ones((1, k), np.float32)}
+        sess.run(None, feed)
+        fastest = math.inf
+        for _ in range(runs):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            fastest = min(fastest, time.perf_counter() - t)
+        return fastest
+
+    def per_node(folder: str, sizes: tuple[int, int], short: int, long: int) -> float:
+        """Seconds per MatMulNBits node of a chain alternating `sizes`: (long chain - short chain) / extra nodes."""
+        times = []
+        for length in (long, short):
+            nodes, large = int4_chain(length, sizes)
+            times.append(best(probe_session(folder, nodes, sizes[0], sizes[0], (), large), sizes[0], 20))
+        return (times[0] - times[1]) / (long - short)
+
+    def int8_pattern(prefix: str, x: str, y: str) -> list:
+        """quantize_dynamic's int8 MatMul: five nodes."""
+        return [helper.make_node("DynamicQuantizeLinear", [x], [f"{prefix}q", f"{prefix}s", f"{prefix}z"]),
+                helper.make_node("MatMulInteger", [f"{prefix}q", "w", f"{prefix}z", "wz"], [f"{prefix}i"]),
+                helper.make_node("Cast", [f"{prefix}i"], [f"{prefix}f"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{prefix}s", "ws"], [f"{prefix}c"]),
+                helper.make_node("Mul", [f"{prefix}f", f"{prefix}c"], [y])]
+
+    size, factor, hidden, inner = 4096, (576, 64), 576, 1536
+    with tempfile.TemporaryDirectory(prefix="exporter-probe-") as folder:
+        weight = np.full((size, size), 0.01, np.float32)
+        gemv = probe_session(folder, [helper.make_node("MatMul", ["x", "w"], ["y"])], size, size, (), {"w": weight})
+        bandwidth = weight.nbytes / best(gemv, size, 16)
+        del gemv, weight
+
+        # Per node t = node + params x c: rank-64 factors (36,864 weights) and MLP-sized nodes (884,736), in cache.
+        small, large = factor[0] * factor[1], hidden * inner
+        t_small, t_large = per_node(folder, factor, 2, 202), per_node(folder, (hidden, inner), 2, 18)
+        int4_s = max(0.0, (t_large - t_small) / (large - small))
+        node_s = max(0.0, t_small - small * int4_s)
+
+        # int8: five chained patterns vs one, 1536 x 1536 (in cache): per pattern, less its five nodes.
+        weight8 = np.resize(np.arange(-128, 128, dtype=np.int8), (inner, inner))
+        consts = [("wz", np.zeros(inner, np.int8)), ("ws", np.full(inner, 0.01, np.float32))]
+        times = []
+        for count in (5, 1):
+            names = ["x", *(f"h{i}" for i in range(count - 1)), "y"]
+            nodes = [node for i in range(count) for node in int8_pattern(f"p{i}", names[i], names[i + 1])]
+            times.append(best(probe_session(folder, nodes, inner, inner, consts, {"w": weight8}), inner, 20))
+        int8_s = max(0.0, (times[0] - times[1]) / 4 - 5 * node_s)
+    return {"gemv_bandwidth_gbs": round(bandwidth / 1e9, 3), "node_us": round(node_s * 1e6, 4),
+            "int4_ns_per_param": round(int4_s * 1e9, 5), "int8_ns_per_param": round(int8_s / weight8.size * 1e9, 5)}
 
 
 def _tflops_text(compute: dict[str, float]) -> str:

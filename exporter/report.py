@@ -1,12 +1,24 @@
-"""report.md: what a person reads first in an artifact."""
+"""report.md and report.html: what a person reads first in an artifact.
+
+report.html is self-contained (images as base64 data URIs, inline CSS, no scripts, nothing fetched):
+the rank-per-layer heatmap, a quality-vs-compression plot, the device budget table with pass/fail,
+and the sizes on disk. matplotlib (Agg backend) is imported only when a plot is drawn.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
+from .artifact import MANIFEST
 from .budget import MB
 
+HTML = "report.html"
 
 
 def _by_layer(ranks: dict) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -35,11 +47,9 @@ def _rank_table(ranks: dict) -> list[str]:
 
 def plot_ranks(path: Path, ranks: dict, title: str) -> None:
     """Heatmap: layers across, projection kinds down; colour = fraction of parameters kept."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = _pyplot()
 
     entries, kinds = _by_layer(ranks)
     layers = list(entries)
@@ -65,7 +75,8 @@ def plot_ranks(path: Path, ranks: dict, title: str) -> None:
 
 
 def write_report(directory: Path, manifest: dict) -> None:
-    """report.md plus ranks.png in the artifact directory."""
+    """report.md, ranks.png and report.html in the artifact directory (call it before the manifest's file
+    table is computed, so they are listed with their checksums)."""
     directory = Path(directory)
     m, p, par, b = manifest["method"], manifest["parameters"], manifest["parity"], manifest["budget"]
     profile = manifest["profile"]
@@ -75,6 +86,7 @@ def write_report(directory: Path, manifest: dict) -> None:
         f"Exported by exporter {manifest['exporter_version']}: factorization {m['factorization']}, "
         f"allocation {m['allocation']}, budget from {m['budget_source']}.",
         f"Calibration: {m['calibration'] or 'none needed'}. Weights: {manifest['precision']}.",
+        f"[{HTML}]({HTML}) shows the same with plots: ranks, quality vs compression, the device budgets.",
         "",
         "## Parameters",
         "",
@@ -113,6 +125,8 @@ def write_report(directory: Path, manifest: dict) -> None:
     (directory / "report.md").write_text("\n".join(lines))
     plot_ranks(directory / "ranks.png", manifest["ranks"],
                f"{manifest['source_model']['name']} for {profile['name']}: rank per layer and projection")
+    page = html_report(directory, manifest, (directory / "ranks.png").read_bytes(), plot_quality(manifest))
+    (directory / HTML).write_text(page, encoding="utf-8")
 
 
 def _allocation_lines(method: dict) -> list[str]:
@@ -128,4 +142,319 @@ def _allocation_lines(method: dict) -> list[str]:
         f"components): {details['predicted_loss_increase']:.4f} nats/token. Search time "
         f"{details['seconds']:.2f} s.",
         "",
+        *_curve_lines(method),
     ]
+
+
+def _curve_lines(method: dict) -> list[str]:
+    points = (method.get("allocation_curve") or {}).get("points") or []
+    if not points:
+        return []
+    return [
+        "Predicted loss increase of the same allocator at other budgets (plotted in report.html):",
+        "",
+        "| projection parameters removed | " + " | ".join(f"{c['fraction_removed']:.1%}" for c in points) + " |",
+        "|---" * (len(points) + 1) + "|",
+        "| nats/token | " + " | ".join(f"{c['predicted_loss_increase']:.4g}" for c in points) + " |",
+        "",
+    ]
+
+
+# --------------------------------------------------------------------------- quality vs compression
+
+CURVE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def allocation_curve(projections, importance: dict, multiple: int,
+                     fractions: tuple[float, ...] = CURVE_FRACTIONS) -> dict:
+    """The Fisher allocator's predicted loss increase at a handful of budgets, for the report's
+    quality-vs-compression plot: {points: [{target_fraction_removed, fraction_removed, projection_params,
+    predicted_loss_increase}], rank_multiple, seconds}. Budgets the allocator cannot meet are left out.
+    The allocator is fast (hundredths of a second per budget on SmolLM2-135M), so this costs little."""
+    from .allocate import allocate
+    from .errors import BudgetError
+
+    start = time.perf_counter()
+    dense = sum(p.params for p in projections)
+    points = []
+    for fraction in fractions:
+        try:
+            allocation = allocate(projections, importance, round((1.0 - fraction) * dense), multiple=multiple)
+        except BudgetError:
+            continue  # below the smallest the projections can be made
+        points.append({"target_fraction_removed": fraction,
+                       "fraction_removed": 1.0 - allocation.projection_params / dense,
+                       "projection_params": allocation.projection_params,
+                       "predicted_loss_increase": allocation.predicted_loss_increase})
+    return {"points": points, "rank_multiple": multiple, "seconds": time.perf_counter() - start}
+
+
+def _chosen_point(manifest: dict) -> tuple[float, float] | None:
+    """(fraction of projection parameters removed, predicted loss increase) of the exported allocation."""
+    details = manifest["method"].get("allocation_details")
+    if not details:
+        return None
+    dense = manifest["parameters"]["projection_params_dense"]
+    return 1.0 - details["projection_params"] / dense, details["predicted_loss_increase"]
+
+
+def _level_points(manifest: dict) -> list[tuple[str, float, float]]:
+    """(level, fraction of projection parameters removed, measured held-out NLL increase over the full level)."""
+    levels = [e for e in manifest.get("levels") or [] if e.get("nll_increase") is not None]
+    if len(levels) < 2 or "active_factor_params" not in levels[0]:
+        return []
+    p = manifest["parameters"]
+    full = levels[0]["active_factor_params"]
+    return [(e["name"], 1.0 - (p["projection_params"] - (full - e["active_factor_params"])) / p["projection_params_dense"],
+             e["nll_increase"]) for e in levels]
+
+
+def plot_quality(manifest: dict) -> bytes | None:
+    """PNG: predicted loss increase vs fraction of projection parameters removed (the allocator's curve,
+    the export marked), and beside it the rank levels' measured NLL increase; None without a curve."""
+    curve = (manifest["method"].get("allocation_curve") or {}).get("points") or []
+    levels = _level_points(manifest)
+    if not curve and not levels:
+        return None
+    plt = _pyplot()
+    panels = 1 + bool(curve and levels)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    if curve:
+        xs = [100 * c["fraction_removed"] for c in curve]
+        ax.plot(xs, [c["predicted_loss_increase"] for c in curve], "o-", color="tab:blue", ms=4,
+                label="Fisher allocation at other budgets (predicted)")
+        chosen = _chosen_point(manifest)
+        if chosen is not None:
+            ax.plot([100 * chosen[0]], [chosen[1]], "*", color="tab:red", ms=14, label="this export")
+            ax.annotate(f"{chosen[0]:.1%}, {chosen[1]:.3g} nats", (100 * chosen[0], chosen[1]),
+                        textcoords="offset points", xytext=(8, -12), fontsize=8, color="tab:red")
+        ax.set_xlabel("projection parameters removed (%)")
+        ax.set_ylabel("predicted loss increase (nats/token)")
+        ax.set_title("quality vs compression: sum of F_k / 2 over dropped components", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+        ax = axes[0][-1]
+    if levels:
+        xs = [100 * x for _, x, _ in levels]
+        ax.plot(xs, [y for _, _, y in levels], "s-", color="tab:green", ms=5)
+        for name, x, y in levels:
+            ax.annotate(name, (100 * x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("projection parameters removed at the level (%)")
+        ax.set_ylabel("measured NLL increase over r100 (nats/token)")
+        ax.set_title("rank levels: held-out calibration windows (measured)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- report.html
+
+
+def model_bytes(sizes: dict[str, int], onnx_file: str) -> int:
+    """The ONNX graph and its external data as stored (the rule of exporter.validate.model_bytes)."""
+    return sum(n for f, n in sizes.items() if f == onnx_file or f.startswith(onnx_file + "."))
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {p.relative_to(directory).as_posix(): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, HTML)}
+
+
+def _predicted(directory: Path, manifest: dict, sizes: dict[str, int]) -> dict | str:
+    """exporter validate's cost model on the recorded profile, or why it cannot run (the report says so
+    rather than failing the export)."""
+    from types import SimpleNamespace
+
+    try:
+        from .validate import predict
+
+        profile = manifest["profile"]
+        ns = SimpleNamespace(**{part: SimpleNamespace(**profile[part]) for part in ("hardware", "runtime", "budget")})
+        files = {name: {"bytes": size} for name, size in sizes.items()}
+        return predict(directory, {**manifest, "files": files}, ns, profile["budget"]["prefill_prompt_tokens"])
+    except Exception as exc:  # noqa: BLE001 - any failure of the estimate is reported in the page
+        return f"{type(exc).__name__}: {exc}"
+
+
+def budget_rows(directory: Path, manifest: dict, sizes: dict[str, int]) -> tuple[list[dict], str | None]:
+    """One row per device budget (RAM, decode, prefill): the budget, the weights it allows, this export's
+    weights against it, and the cost model's prediction against it; plus why a prediction is missing, or
+    where the cost model's decode figures come from."""
+    b, budget = manifest["budget"], manifest["profile"]["budget"]
+    weights = model_bytes(sizes, manifest["onnx"]["file"])
+    predicted = _predicted(directory, manifest, sizes)
+    missing = predicted if isinstance(predicted, str) else None
+    predicted = {} if missing else predicted
+    source = predicted.get("decode_costs_source")
+    specs = [
+        ("ram", "RAM", budget["model_ram_mb"], "MB", b["ram_bytes"], predicted.get("ram_mb")),
+        ("decode latency", "decode", budget["decode_ms_per_token"], "ms/token", b["latency_bytes"],
+         predicted.get("decode_ms")),
+        ("prefill latency", f"prefill ({budget['prefill_prompt_tokens']} tokens)", budget["prefill_ms"], "ms",
+         b["prefill_bytes"], predicted.get("prefill_ms")),
+    ]
+    rows = []
+    for key, label, limit, unit, allowed, value in specs:
+        rows.append({"budget": label, "limit": limit, "unit": unit, "weights_allowed_bytes": allowed,
+                     "binds": b["binding"] == key, "weights_bytes": weights, "weights_fit": weights <= allowed,
+                     "predicted": value, "predicted_passed": None if value is None else value <= limit})
+    return rows, (f"prediction unavailable: {missing}" if missing else
+                  f"decode costs: {source}" if source else None)
+
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list], classes: list[list[str]] | None = None) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
+    for i, row in enumerate(rows):
+        cells = []
+        for j, cell in enumerate(row):
+            cls = classes[i][j] if classes else ""
+            cells.append(f'<td class="{cls}">{cell}</td>' if cls else f"<td>{cell}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _verdict(passed: bool | None) -> tuple[str, str]:
+    if passed is None:
+        return "-", ""
+    return ("pass", "pass") if passed else ("FAIL", "fail")
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.pass { background: #e3f4e3; color: #185c18; font-weight: 600; }
+td.fail { background: #fbe0e0; color: #8a1010; font-weight: 600; }
+td.binds { font-weight: 600; }
+img { max-width: 100%; } .note { color: #555; font-size: 0.88em; }
+.summary td { text-align: left; }
+"""
+
+
+def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: bytes | None) -> str:
+    """report.html's text: self-contained (images as data URIs, inline CSS, no scripts, no links out)."""
+    directory = Path(directory)
+    m, p, par, profile = manifest["method"], manifest["parameters"], manifest["parity"], manifest["profile"]
+    title = f"{manifest['source_model']['name']} for {profile['name']}"
+    sizes = _file_sizes(directory)
+    parity = (f"max |logit difference| {par['max_abs_logit_diff']:.2e} (tolerance {par['atol']}), greedy agreement "
+              f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: "
+              f"<b>{'passed' if par['passed'] else 'FAILED'}</b>")
+    if "quantized" in par:
+        parity += f"; {manifest['precision']} graph: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
+    summary = [
+        ["exported", f"{_esc(manifest['precision'])} weights, {_esc(manifest['onnx'].get('graph', ''))} graph, "
+                     f"exporter {_esc(manifest['exporter_version'])}"],
+        ["method", f"factorization {_esc(m['factorization'])}, allocation {_esc(m['allocation'])}, "
+                   f"budget from {_esc(m['budget_source'])}"],
+        ["calibration", _esc(m["calibration"] or "none needed")],
+        ["parameters", f"{p['total_params_dense']:,} &rarr; {p['total_params']:,} "
+                       f"({p['projection_fraction_removed']:.1%} of the decoder projections, "
+                       f"{p['total_fraction_removed']:.1%} of all)"],
+        ["ONNX Runtime parity (CPU)", parity],
+    ]
+    derivation = manifest.get("schedule_derivation") or {}
+    if derivation.get("base_nll") is not None:
+        summary.append(["held-out NLL", f"{derivation['base_nll']:.4f} nats/token (perplexity "
+                                        f"{math.exp(derivation['base_nll']):.2f}) on {_esc(derivation.get('calibration', ''))}"])
+    if manifest.get("schedule"):
+        summary.append(["progressive schedule", _esc(",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"]))])
+    ort = manifest.get("ort_format")
+    if ort:
+        check = ort.get("check", {})
+        summary.append(["ORT format", f"{_esc(ort['file'])} from {_esc(ort['source'])}: max |logit difference| "
+                                      f"{check.get('max_abs_logit_diff', float('nan')):.2e} against the .onnx"])
+    body = [f"<h1>{_esc(title)}</h1>", f"<p>{_esc(profile['description'])}</p>",
+            '<table class="summary">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table>"]
+
+    body += ["<h2>Ranks per layer</h2>",
+             '<p class="note">Colour: fraction of a projection\'s parameters kept; the number is its rank, D a '
+             "projection kept dense.</p>", _img(ranks_png, "rank per layer and projection")]
+
+    body.append("<h2>Quality vs compression</h2>")
+    if quality_png is not None:
+        body.append(_img(quality_png, "predicted loss increase vs fraction of projection parameters removed"))
+        curve = (m.get("allocation_curve") or {}).get("points") or []
+        if curve:
+            body.append('<p class="note">Predicted: the allocator run again at other budgets on the same Fisher '
+                        "importances; the loss increase it predicts is half the Fisher mass of the components it "
+                        "drops (a second-order estimate, not a measurement). Measured: the rank levels' mean "
+                        "next-token NLL increase over the full level on held-out calibration windows.</p>")
+            body.append(_table(["projection parameters removed", "predicted loss increase (nats/token)"],
+                               [[f"{c['fraction_removed']:.1%}", f"{c['predicted_loss_increase']:.4g}"] for c in curve]))
+    else:
+        why = ("the model was exported dense: nothing was allocated" if m["allocation"] == "none" else
+               f"the ranks were not chosen from Fisher importances (allocation {_esc(m['allocation'])})")
+        body.append(f'<p class="note">No curve: {why}, so there is no predicted loss to plot.</p>')
+
+    rows, note = budget_rows(directory, manifest, sizes)
+    table, classes = [], []
+    for r in rows:
+        fit, fit_cls = _verdict(r["weights_fit"])
+        pred, pred_cls = _verdict(r["predicted_passed"])
+        table.append([_esc(r["budget"]) + (" (binds)" if r["binds"] else ""), f"{r['limit']:g} {_esc(r['unit'])}",
+                      f"{r['weights_allowed_bytes'] / MB:,.1f}", f"{r['weights_bytes'] / MB:,.1f}", fit,
+                      "-" if r["predicted"] is None else f"{r['predicted']:,.2f} {_esc(r['unit'])}", pred])
+        classes.append(["binds" if r["binds"] else "", "", "", "", fit_cls, "", pred_cls])
+    b = manifest["budget"]
+    body += ["<h2>Device budget</h2>",
+             f"<p>{_esc(profile['name'])}: KV cache at max context {profile['budget']['max_context']} takes "
+             f"{b['kv_cache_bytes'] / MB:,.1f} MB; the {_esc(b['binding'])} budget binds (allows the fewest weight "
+             f"bytes at {_esc(b['precision'])}).</p>",
+             _table(["budget", "limit", "weights may take (MB)", "this export's weights (MB)", "weights fit",
+                     "predicted by the cost model", "predicted"], table, classes),
+             '<p class="note">Weights: the ONNX graph and its external data as stored. Predicted: the cost model of '
+             "<code>exporter validate</code> on the recorded profile (decode from the bytes read per token, prefill "
+             "from compute, RAM with the KV cache at max context and the runtime): an estimate, not a measurement. "
+             "Measure with <code>exporter validate ARTIFACT</code> on the host or <code>pytest runtime_tests "
+             "--artifact ARTIFACT</code> on the device." + (f" {_esc(note[0].upper() + note[1:])}." if note
+                                                          else "") + "</p>"]
+
+    body.append("<h2>Sizes on disk</h2>")
+    total = sum(sizes.values())
+    body.append(_table(["file", "MB", "share"], [[_esc(name), f"{size / MB:,.3f}", f"{size / total:.1%}" if total else "-"]
+                                                  for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])]
+                       + [["<b>total</b>", f"<b>{total / MB:,.3f}</b>", ""]]))
+    body.append(f'<p class="note">Every file but {HTML} itself and {MANIFEST}, which is written last and lists '
+                f"the size and sha256 of every other file, {HTML} included.</p>")
+
+    if manifest.get("levels") and len(manifest["levels"]) > 1:
+        body += ["<h2>Rank levels</h2>", _table(
+            ["level", "file", "weight bytes read (MB)", "measured NLL increase (nats/token)", "parity"],
+            [[_esc(e["name"]), _esc(e["file"]), f"{e.get('weight_bytes', 0) / MB:,.3f}",
+              "-" if e.get("nll_increase") is None else f"{e['nll_increase']:.4g}",
+              "passed" if (e.get("parity") or {}).get("passed") else "-"] for e in manifest["levels"]])]
+    body += ["<h2>Time per stage (s)</h2>",
+             _table(list(manifest["timings_s"]), [[f"{v:g}" for v in manifest["timings_s"].values()]])]
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body)
+            + "\n</body>\n</html>\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buffer.getvalue()

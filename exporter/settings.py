@@ -20,7 +20,7 @@ class CorrectiveOptions:
     batch_size: int = 4
     holdout: int = 4  # calibration sequences kept out of training to measure the error
     kl_steps: int = 40  # end-to-end KL distillation steps after the block-wise stage (measured: README)
-    kl_lr: float = 1e-4
+    kl_lr: float = 1e-3
     kl_batch_size: int = 2
     tune_factors: bool = False  # also train the primary factors (lower learning rate)
     factor_lr_scale: float = 0.1

@@ -2,14 +2,17 @@
 
 On a measured profile (`host`) latency and memory are measured in a fresh process that imports only
 onnxruntime and numpy (so its peak RSS is the model's, not torch's); the cost model of
-exporter.budget predicts them too, and the two are compared. For any other device they are predicted
-and marked so. Accuracy is always measured here, through ONNX Runtime.
+exporter.budget predicts them too, and the two are compared (with the machine's load, measured
+before and after, as a factor). For any other device they are predicted and marked so. Accuracy
+(perplexity, summarization ROUGE, agreement with the PyTorch model) is always measured here, through
+ONNX Runtime. `--report DIR` writes validation.md and latency.png there.
 
 This module imports no torch at the top: `python -m exporter.validate MODEL PROMPT NEW` is the probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +33,16 @@ DECODE_TOKENS = 64
 PPL_WINDOW = 512
 REFERENCE_STEPS = 16
 COST_MODEL_TARGET = 0.2  # predicted decode latency within +-20% of the measured one
+LOAD_NODES = 64  # MatMulNBits nodes of load_gauge's graph
+LOAD_WINDOW_S = 0.3  # each load_gauge measurement, before and after the probe
+SUMMARY_NEW_TOKENS = 96  # summary length cap of the ROUGE check (exporter evaluate's default)
 KV_BYTES_PER_ELEM = 4.0  # the exporter's graphs keep the KV cache in fp32
+# Times a decode step moves the KV cache: the graphs return the whole cache each step (present = past
+# + the new token: past read, present written), attention reads present, and the runtime copies
+# present out of the session (read and written again).
+KV_PASSES = 5
+# Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
+INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
 @dataclass
@@ -88,34 +100,100 @@ def model_bytes(artifact: Path, manifest: dict) -> int:
     return sum(e["bytes"] for f, e in manifest["files"].items() if f == name or f.startswith(name + "."))
 
 
+def graph_stats(model_path: Path) -> dict:
+    """Nodes of the ONNX graph (one pass each per decode step) and its quantized weights by precision:
+    MatMulNBits' K x N (int4, or int8 at 8 bits) and the constant B of MatMulInteger-style nodes (int8).
+    Reads the graph only (load_external_data=False)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends on a corrupt file
+        raise ExporterError(f"cannot read {model_path}: {type(exc).__name__}: {exc}") from None
+    initializers = {t.name: t for t in model.graph.initializer}
+    quantized = {"int4": 0, "int8": 0}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            quantized["int8" if attrs.get("bits", 4) == 8 else "int4"] += int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type in INT8_MATMULS and len(node.input) > 1 and node.input[1] in initializers:
+            quantized["int8"] += math.prod(initializers[node.input[1]].dims)
+    return {"nodes": len(model.graph.node), "quantized_params": quantized}
+
+
 def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict:
-    """The cost model: decode reads every weight and the KV cache once per token (bandwidth-bound);
-    prefill does 2 FLOPs per parameter per token (compute-bound); RAM holds weights, the KV cache at
+    """The cost model (exporter.budget.decode_terms). Decode: every weight read once per token and the
+    KV cache moved KV_PASSES times, at the bandwidth a matrix-vector product reaches, plus a cost per
+    graph node, plus the dequantisation of int4/int8 weights not hidden behind those reads; prefill
+    does 2 FLOPs per parameter per token (compute-bound); RAM holds weights, the KV cache at
     max_context and the runtime."""
-    from .budget import BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY, MB, RUNTIME_OVERHEAD_MB, kv_cache_bytes
+    from .budget import COMPUTE_EFFICIENCY, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms, kv_cache_bytes
 
     config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
     stored = model_bytes(artifact, manifest)
     read = stored
     if not getattr(config, "tie_word_embeddings", False):  # an untied embedding is read one row per token
         read -= config.vocab_size * config.hidden_size * 4
-    kv_prompt = kv_cache_bytes(config, prompt_tokens, KV_BYTES_PER_ELEM)
-    bandwidth = profile.hardware.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
+    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, KV_BYTES_PER_ELEM)
+    graph = graph_stats(artifact / manifest["onnx"]["file"])
+    costs, costs_source = decode_costs(profile)
+    terms = decode_terms(read + kv_prompt, graph["nodes"], graph["quantized_params"], costs)
     compute = profile.hardware.compute_tflops
     tflops = compute.get(manifest["precision"]) or compute.get("fp32") or max(compute.values())
     params = manifest["parameters"]["total_params"]
     prefill_s = 2.0 * params * prompt_tokens / (tflops * 1e12 * COMPUTE_EFFICIENCY)
     kv_max = kv_cache_bytes(config, profile.budget.max_context, KV_BYTES_PER_ELEM)
     return {
-        "decode_ms": (read + kv_prompt) / bandwidth * 1e3,
+        "decode_ms": terms["decode_ms"],
+        "decode_terms": {key: terms[key] for key in ("bandwidth_ms", "overhead_ms", "dequant_ms")},
         "prefill_ms": prefill_s * 1e3,
         "ram_mb": (stored + kv_max) / MB + RUNTIME_OVERHEAD_MB,
         "bytes_per_token": read + kv_prompt,
+        "graph_nodes": graph["nodes"],
+        "quantized_params": graph["quantized_params"],
         "bandwidth_gbs": profile.hardware.memory_bandwidth_gbs,
-        "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
+        "decode_bandwidth_gbs": costs["gemv_bandwidth_gbs"],
+        "bandwidth_efficiency": costs["gemv_bandwidth_gbs"] / profile.hardware.memory_bandwidth_gbs,
+        "node_us": costs["node_us"],
+        "dequant_ns_per_param": {key: costs[f"{key}_ns_per_param"] for key in ("int4", "int8")},
+        "decode_costs_source": costs_source,
         "compute_tflops": tflops,
         "compute_efficiency": COMPUTE_EFFICIENCY,
     }
+
+
+@contextlib.contextmanager
+def load_gauge():
+    """Yields measure(): how much slower ONNX Runtime runs on this machine now than at its best.
+
+    The graph: LOAD_NODES MatMulNBits nodes alternating 576 <-> 1536 (int4, 35 MB of weights, beyond
+    the caches as a decode step's are), default threads as the probe uses; measure() runs it back to
+    back for LOAD_WINDOW_S: factor = mean time per run / fastest run. A decode step lasts many such
+    runs, so its typical time is their mean: on an idle machine the factor is about 1, on a shared one
+    it grows with the share of the CPU that other processes take. Independent of the artifact."""
+    import tempfile
+
+    from .profiles import int4_chain, probe_session
+
+    with tempfile.TemporaryDirectory(prefix="exporter-load-") as folder:
+        nodes, weights = int4_chain(LOAD_NODES, (576, 1536))
+        session = probe_session(folder, nodes, 576, 576, (), weights)
+        del weights
+        feed = {"x": np.ones((1, 576), np.float32)}
+        session.run(None, feed)
+
+        def measure() -> dict:
+            times, start = [], time.perf_counter()
+            while time.perf_counter() - start < LOAD_WINDOW_S or len(times) < 3:
+                t = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - t)
+            wall = time.perf_counter() - start
+            return {"factor": wall / len(times) / min(times), "runs": len(times), "best_ms": min(times) * 1e3,
+                    "mean_ms": wall / len(times) * 1e3, "loadavg_1min": os.getloadavg()[0]}
+
+        yield measure
+        del session
 
 
 def measure(model_path: Path, prompt_tokens: int, new_tokens: int = DECODE_TOKENS) -> dict:
@@ -159,7 +237,7 @@ def _probe(model_path: str, prompt_tokens: int, new_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "load_s": load_s, "ttft_ms": ttft_ms,
             "prefill_ms": float(np.median([r[0] for r in runs])),
             "decode_ms_p50": float(np.percentile(steps, 50)), "decode_ms_p95": float(np.percentile(steps, 95)),
-            "peak_rss_mb": _peak_rss_mb(), "imports_torch": "torch" in sys.modules}
+            "decode_ms_steps": steps, "peak_rss_mb": _peak_rss_mb(), "imports_torch": "torch" in sys.modules}
 
 
 def _peak_rss_mb() -> float:
@@ -207,9 +285,38 @@ def _reference(manifest: dict, model_path: Path, prompts: list[list[int]]) -> di
             "max_abs_logit_diff": max(r.max_abs_logit_diff for r in reports)}
 
 
+def check_report_dir(report: Path, artifact: Path) -> Path:
+    """--report DIR: a directory outside the artifact (whose manifest lists every file's sha256)."""
+    report = Path(report)
+    inside = report.resolve() == artifact.resolve() or artifact.resolve() in report.resolve().parents
+    if inside:
+        raise ExporterError(f"--report {report} is inside the artifact {artifact}; its manifest lists every file's "
+                            f"sha256, so write the report elsewhere")
+    if report.exists() and not report.is_dir():
+        raise ExporterError(f"--report {report} exists and is not a directory")
+    return report
+
+
+def _summarization(artifact: Path, examples: list[dict], progress: bool) -> dict:
+    """ROUGE of greedy summaries through ONNX Runtime (exporter.evaluate), at the artifact's schedule."""
+    from .evaluate import evaluate_summarization
+    from .runtime import Runtime
+
+    runtime = Runtime(artifact)
+    runtime.require_tokenizer()
+    chat = runtime.chat_template is not None
+    result = evaluate_summarization(runtime, examples, runtime.schedule, SUMMARY_NEW_TOKENS, chat=chat,
+                                    progress=progress)
+    return {key: result[key] for key in ("examples", "rouge1", "rouge2", "rougeL", "schedule", "mean_prompt_tokens",
+                                         "truncated_articles", "mean_generated_tokens", "max_new_tokens",
+                                         "chat_template")}
+
+
 def validate(artifact: Path, device: str | None = None, text: Path | None = None, windows: int = 8,
-             progress: bool = True) -> dict:
-    """Every figure, and the budget checks; raises ExporterError on bad input before measuring."""
+             progress: bool = True, summaries: Path | None = None, summary_examples: int = 20,
+             report: Path | None = None) -> dict:
+    """Every figure, and the budget checks; raises ExporterError on bad input before measuring.
+    `report`: also write report/validation.md and report/latency.png (write_report)."""
     from .golden import GOLDEN
 
     artifact = Path(artifact)
@@ -222,7 +329,16 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
         model_path = artifact / manifest["onnx"]["file"]
     except (KeyError, TypeError, AttributeError) as exc:
         raise ExporterError(f"{artifact}/manifest.json is malformed ({type(exc).__name__}: {exc})") from None
+    if report is not None:
+        report = check_report_dir(report, artifact)
     windows_ids = _text_windows(artifact, Path(text), windows) if text is not None else None
+    examples = None
+    if summaries is not None:
+        from .evaluate import read_articles
+
+        examples = read_articles(summaries, summary_examples)
+        if not (artifact / "tokenizer.json").is_file():
+            raise ExporterError(f"{artifact} has no tokenizer.json: --summaries needs one")
     prompt_tokens = profile.budget.prefill_prompt_tokens
     budget = profile.budget
     mode = "measured" if profile.measured else "predicted"
@@ -233,12 +349,20 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
     cost_model = None
     if profile.measured:
         say(f"measuring {model_path.name} in ONNX Runtime: prefill of {prompt_tokens} tokens, "
-            f"{DECODE_TOKENS} decode steps, in a fresh process")
-        measured = measure(model_path, prompt_tokens)
+            f"{DECODE_TOKENS} decode steps, in a fresh process (and this machine's load before and after)")
+        with load_gauge() as gauge:
+            before = gauge()
+            measured = measure(model_path, prompt_tokens)
+            after = gauge()
         performance.update(measured)
-        ratio = predicted["decode_ms"] / measured["decode_ms_p50"]
-        cost_model = {"predicted_decode_ms": predicted["decode_ms"], "measured_decode_ms_p50": measured["decode_ms_p50"],
-                      "ratio": ratio, "within_target": abs(ratio - 1.0) <= COST_MODEL_TARGET,
+        load = {"factor": (before["factor"] + after["factor"]) / 2, "before": before, "after": after}
+        under_load = predicted["decode_ms"] * load["factor"]
+        ratio = under_load / measured["decode_ms_p50"]
+        cost_model = {"predicted_decode_ms": predicted["decode_ms"], "decode_terms": predicted["decode_terms"],
+                      "load_factor": load["factor"], "load": load, "predicted_decode_ms_under_load": under_load,
+                      "measured_decode_ms_p50": measured["decode_ms_p50"], "ratio": ratio,
+                      "ratio_idle_model": predicted["decode_ms"] / measured["decode_ms_p50"],
+                      "within_target": abs(ratio - 1.0) <= COST_MODEL_TARGET,
                       "predicted_prefill_ms": predicted["prefill_ms"], "measured_prefill_ms": measured["prefill_ms"]}
         checks = [BudgetCheck("peak RSS", measured["peak_rss_mb"], budget.model_ram_mb, "MB", mode),
                   BudgetCheck("decode p95", measured["decode_ms_p95"], budget.decode_ms_per_token, "ms/token", mode),
@@ -262,6 +386,12 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
     else:
         accuracy["perplexity"] = None
         accuracy["perplexity_text"] = "skipped (no --text)"
+    if examples is not None:
+        say(f"summarizing {len(examples)} articles of {summaries} through ONNX Runtime for ROUGE")
+        accuracy["summarization"] = {"data": str(summaries), **_summarization(artifact, examples, progress),
+                                     "budget": "none (no ROUGE threshold in the profile or manifest): reported only"}
+    else:
+        accuracy["summarization"] = {"skipped": "no --summaries"}
     golden_path = artifact / GOLDEN
     if golden_path.is_file():
         say(f"comparing with the PyTorch reference {manifest['source_model']['path']}")
@@ -269,13 +399,22 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
         accuracy["reference"] = _reference(manifest, model_path, prompts)
     else:
         accuracy["reference"] = {"skipped": f"no {GOLDEN} in the artifact (its prompts are the reference's)"}
-    return {"artifact": str(artifact), "device": profile.name, "mode": mode, "precision": manifest["precision"],
-            "performance": performance, "predicted": predicted, "cost_model": cost_model, "accuracy": accuracy,
-            "budgets": [c.to_dict() for c in checks], "passed": all(c.passed for c in checks)}
+    result = {"artifact": str(artifact), "device": profile.name, "mode": mode, "precision": manifest["precision"],
+              "decode_budget_ms": budget.decode_ms_per_token,
+              "performance": performance, "predicted": predicted, "cost_model": cost_model, "accuracy": accuracy,
+              "budgets": [c.to_dict() for c in checks], "passed": all(c.passed for c in checks)}
+    if report is not None:
+        result["report"] = write_report(result, report)
+    return result
+
+
+def _terms_text(terms: dict) -> str:
+    return (f"bandwidth {terms['bandwidth_ms']:.2f} + overhead {terms['overhead_ms']:.2f} + "
+            f"dequant {terms['dequant_ms']:.2f} ms")
 
 
 def format_result(result: dict) -> str:
-    perf, acc, cost = result["performance"], result["accuracy"], result["cost_model"]
+    perf, acc, cost, pred = result["performance"], result["accuracy"], result["cost_model"], result["predicted"]
     how = ("latency and memory measured on this machine" if result["mode"] == "measured" else
            "latency and memory PREDICTED by the cost model, not measured; accuracy measured on this machine")
     lines = [f"validate {result['artifact']} for {result['device']}, weights {result['precision']}: {how}", ""]
@@ -288,14 +427,24 @@ def format_result(result: dict) -> str:
     for c in result["budgets"]:
         lines.append(f"{c['figure']:22} {c['value']:9.2f} {c['budget']:9g}  {c['unit']:9} {c['source']:10} "
                      f"{'pass' if c['passed'] else 'FAIL'}")
+    lines += ["", f"cost model: decode {pred['decode_ms']:.2f} ms/token = {_terms_text(pred['decode_terms'])} "
+              f"({pred['bytes_per_token'] / 1e6:.1f} MB at {pred['decode_bandwidth_gbs']:.1f} GB/s; {pred['graph_nodes']} "
+              f"nodes x {pred['node_us']:.2f} us; "
+              + ", ".join(f"{n / 1e6:.1f}M {p} weights x {pred['dequant_ns_per_param'][p]:.4f} ns"
+                          for p, n in pred["quantized_params"].items() if n) + ")"
+              + ("" if any(pred["quantized_params"].values()) else "no quantized weights)"),
+              f"  figures: {pred['decode_costs_source']}"]
     if cost:
-        lines += ["", f"cost model on this host: decode predicted {cost['predicted_decode_ms']:.2f} ms/token vs measured "
-                  f"p50 {cost['measured_decode_ms_p50']:.2f}: ratio {cost['ratio']:.2f} (target 1 +- "
-                  f"{COST_MODEL_TARGET:.0%}: {'within' if cost['within_target'] else 'OUTSIDE'}); prefill predicted "
-                  f"{cost['predicted_prefill_ms']:.1f} ms vs measured {cost['measured_prefill_ms']:.1f}"]
+        lines += [f"  on this host: x {cost['load_factor']:.2f} for the machine's load now (ONNX Runtime runs this much "
+                  f"slower than at their best) = {cost['predicted_decode_ms_under_load']:.2f} ms vs measured p50 "
+                  f"{cost['measured_decode_ms_p50']:.2f}: ratio {cost['ratio']:.2f} (target 1 +- {COST_MODEL_TARGET:.0%}: "
+                  f"{'within' if cost['within_target'] else 'OUTSIDE'}; without the load factor "
+                  f"{cost['ratio_idle_model']:.2f})",
+                  f"  prefill predicted {cost['predicted_prefill_ms']:.1f} ms vs measured {cost['measured_prefill_ms']:.1f}"]
     lines.append("")
     ppl = acc["perplexity"]
     lines.append(f"perplexity            {acc['perplexity_text'] if ppl is None else f'{ppl:.2f} on ' + acc['perplexity_text']}")
+    lines.append("summarization         " + _summary_text(acc["summarization"]))
     ref = acc["reference"]
     lines.append("vs PyTorch reference  " + (ref["skipped"] if "skipped" in ref else
                  f"greedy agreement {ref['greedy_agreement']:.0%}, max |logit diff| {ref['max_abs_logit_diff']:.3g} "
@@ -303,7 +452,125 @@ def format_result(result: dict) -> str:
     failed = [c["figure"] for c in result["budgets"] if not c["passed"]]
     lines += ["", f"budgets: {len(result['budgets']) - len(failed)} passed, {len(failed)} failed"
               + (f" ({', '.join(failed)})" if failed else "")]
+    if "report" in result:
+        lines.append(f"report: {result['report']['markdown']}, {result['report']['plot']}")
     return "\n".join(lines)
+
+
+def _summary_text(summary: dict) -> str:
+    if "skipped" in summary:
+        return f"skipped ({summary['skipped']})"
+    return (f"ROUGE-L F1 {summary['rougeL']:.4f} (ROUGE-1 {summary['rouge1']:.4f}, ROUGE-2 {summary['rouge2']:.4f}) "
+            f"on {summary['examples']} articles of {summary['data']}, summaries of at most {summary['max_new_tokens']} "
+            f"tokens; no ROUGE budget")
+
+
+# --------------------------------------------------------------------------- --report DIR
+
+
+def _plot_latency(result: dict, path: Path) -> None:
+    """Latency per decode step against the decode budget, p50 and p95 marked (predicted: one line)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ExporterError("--report needs matplotlib for latency.png (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    perf, budget = result["performance"], result["decode_budget_ms"]
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    steps = perf.get("decode_ms_steps")
+    if steps:
+        axes.plot(range(1, len(steps) + 1), steps, marker=".", linewidth=1, label="measured, per step")
+        axes.axhline(perf["decode_ms_p50"], color="tab:green", linestyle="--", linewidth=1,
+                     label=f"p50 {perf['decode_ms_p50']:.2f} ms")
+        axes.axhline(perf["decode_ms_p95"], color="tab:orange", linestyle="--", linewidth=1,
+                     label=f"p95 {perf['decode_ms_p95']:.2f} ms")
+        cost = result["cost_model"]
+        if cost:
+            axes.axhline(cost["predicted_decode_ms_under_load"], color="tab:purple", linestyle=":", linewidth=1,
+                         label=f"cost model x load {cost['predicted_decode_ms_under_load']:.2f} ms")
+        axes.set_xlim(0, len(steps) + 1)
+        title = f"decode latency per step on {result['device']} (measured, {perf['prompt_tokens']}-token prompt)"
+    else:
+        axes.axhline(perf["decode_ms_p50"], color="tab:blue", linewidth=2,
+                     label=f"predicted {perf['decode_ms_p50']:.2f} ms (cost model, not measured)")
+        title = f"decode latency on {result['device']}: PREDICTED, not measured"
+    axes.axhline(budget, color="tab:red", linewidth=2, label=f"budget {budget:g} ms/token")
+    axes.set_ylim(0, max([budget, perf["decode_ms_p95"], *(steps or [])]) * 1.35)  # room for the legend
+    axes.set_xlabel("decode step")
+    axes.set_ylabel("ms per token")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, loc="upper left", ncol=3)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def format_markdown(result: dict) -> str:
+    perf, acc, cost, pred = result["performance"], result["accuracy"], result["cost_model"], result["predicted"]
+    how = ("latency and memory **measured** on this machine" if result["mode"] == "measured" else
+           "latency and memory **predicted** by the cost model, not measured; accuracy measured on this machine")
+    failed = [c for c in result["budgets"] if not c["passed"]]
+    lines = [f"# Validation of `{result['artifact']}`", "",
+             f"Device profile `{result['device']}`, weights {result['precision']}: {how}.", "",
+             f"**{'PASS' if result['passed'] else 'FAIL'}**: {len(result['budgets']) - len(failed)} of "
+             f"{len(result['budgets'])} budgets pass.", "",
+             "| budget | value | limit | unit | source | result |", "|---|---:|---:|---|---|---|"]
+    lines += [f"| {c['figure']} | {c['value']:.2f} | {c['budget']:g} | {c['unit']} | {c['source']} | "
+              f"{'pass' if c['passed'] else '**FAIL**'} |" for c in result["budgets"]]
+    lines += ["", "![decode latency per step](latency.png)", "", "## Latency and memory", ""]
+    if result["mode"] == "measured":
+        lines += [f"- time to first token: {perf['ttft_ms']:.1f} ms (cold prefill of {perf['prompt_tokens']} tokens "
+                  f"after a {perf['load_s']:.2f} s load); prefill {perf['prefill_ms']:.1f} ms",
+                  f"- decode: p50 {perf['decode_ms_p50']:.2f}, p95 {perf['decode_ms_p95']:.2f} ms/token over "
+                  f"{perf['new_tokens']} steps (budget {result['decode_budget_ms']:g})",
+                  f"- peak RSS {perf['peak_rss_mb']:.0f} MB (a process with onnxruntime and numpy only)"]
+    else:
+        lines += [f"- decode {perf['decode_ms_p50']:.2f} ms/token, prefill {perf['prefill_ms']:.1f} ms for "
+                  f"{perf['prompt_tokens']} tokens, RAM {perf['peak_rss_mb']:.0f} MB: all predicted"]
+    lines += [f"- artifact size {perf['artifact_mb']:.1f} MB", "", "## Cost model", "",
+              f"decode = bytes / bandwidth + nodes x per-node cost + quantized weights x dequantisation cost "
+              f"= {_terms_text(pred['decode_terms'])} = **{pred['decode_ms']:.2f} ms/token**", "",
+              "| term | figure |", "|---|---|",
+              f"| bytes read per token | {pred['bytes_per_token'] / 1e6:.1f} MB at {pred['decode_bandwidth_gbs']:.2f} GB/s |",
+              f"| graph nodes | {pred['graph_nodes']} x {pred['node_us']:.3f} us |",
+              *(f"| {p} weights | {n / 1e6:.2f}M x {pred['dequant_ns_per_param'][p]:.5f} ns |"
+                for p, n in pred["quantized_params"].items() if n),
+              f"| source of the figures | {pred['decode_costs_source']} |"]
+    if cost:
+        load = cost["load"]
+        lines += ["", f"On this host the machine's load multiplies it by {cost['load_factor']:.2f} (ONNX Runtime runs of a "
+                  f"synthetic graph took {load['before']['mean_ms']:.2f} / {load['after']['mean_ms']:.2f} ms on average "
+                  f"before / after the measurement, at best {load['before']['best_ms']:.2f} / {load['after']['best_ms']:.2f} "
+                  f"ms): {cost['predicted_decode_ms_under_load']:.2f} ms vs measured p50 "
+                  f"{cost['measured_decode_ms_p50']:.2f} ms, ratio **{cost['ratio']:.2f}** (target 1 +- "
+                  f"{COST_MODEL_TARGET:.0%}: {'within' if cost['within_target'] else 'outside'}); without the load factor "
+                  f"{cost['ratio_idle_model']:.2f}. Prefill: predicted {cost['predicted_prefill_ms']:.1f} ms, measured "
+                  f"{cost['measured_prefill_ms']:.1f} ms."]
+    ppl, ref = acc["perplexity"], acc["reference"]
+    lines += ["", "## Accuracy (ONNX Runtime)", "",
+              f"- perplexity: {acc['perplexity_text'] if ppl is None else f'{ppl:.2f} on ' + acc['perplexity_text']}",
+              f"- summarization: {_summary_text(acc['summarization'])}",
+              "- vs the PyTorch reference: " + (ref["skipped"] if "skipped" in ref else
+              f"greedy agreement {ref['greedy_agreement']:.0%}, max |logit diff| {ref['max_abs_logit_diff']:.3g} "
+              f"({ref['prompts']} prompts x {ref['steps']} steps; {ref['model']}, before compression)"), ""]
+    return "\n".join(lines)
+
+
+def write_report(result: dict, directory: Path) -> dict:
+    """DIR/validation.md (pass/fail table per budget, figures, cost model) and DIR/latency.png."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        plot = directory / "latency.png"
+        _plot_latency(result, plot)
+        markdown = directory / "validation.md"
+        markdown.write_text(format_markdown(result), encoding="utf-8")
+    except OSError as exc:
+        raise ExporterError(f"cannot write the report in {directory}: {exc.strerror or exc}") from None
+    return {"markdown": str(markdown), "plot": str(plot)}
 
 
 if __name__ == "__main__":  # the probe: python -m exporter.validate MODEL PROMPT_TOKENS NEW_TOKENS

@@ -70,8 +70,8 @@ def test_manifest_contents(artifact, llama_dir):
     assert params["total_params"] < params["total_params_dense"]
     kept = sum(r["out"] * r["in"] if r["rank"] is None else (r["rank"] + r["corrective_rank"]) * (r["out"] + r["in"])
                for r in ranks.values())
-    assert not any(r["corrective_rank"] for r in ranks.values())  # CALR branches are off by default
-    assert manifest["method"]["correctives"] is None
+    assert all(r["corrective_rank"] > 0 for r in ranks.values() if r["rank"] is not None)  # CALR is on by default
+    assert manifest["method"]["correctives"]["kl_steps"] > 0
     assert params["projection_params"] == kept
     parity = manifest["parity"]
     assert parity["passed"] is True and parity["max_abs_logit_diff"] <= parity["atol"]
@@ -110,7 +110,7 @@ def test_force_replaces_with_plain_svd(tmp_path, llama_dir, calib_file, capsys):
     out.mkdir()
     (out / "stale.txt").write_text("from an older export")
     code = main(["export", "--model", str(llama_dir), "--ratio", "0.5", "--method", "svd", "--allocation", "uniform",
-                 "--out", str(out), "--device", "host", "--no-progress", "--force"])
+                 "--no-correctives", "--out", str(out), "--device", "host", "--no-progress", "--force"])
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"] and not (out / "stale.txt").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -454,11 +454,11 @@ def test_budget_in_mb_buys_more_rank_at_int4_than_at_fp32(capsys, llama_dir, cal
     assert at_fp32 > 0.0 and at_int4 < at_fp32
 
 
-def test_correctives_on_request_count_in_the_budget(tmp_path, llama_dir, calib_file):
+def test_correctives_count_in_the_budget(tmp_path, llama_dir, calib_file):
     import json
 
     out = tmp_path / "calr"
-    assert main(export_args(llama_dir, calib_file, out, "--correctives", "--corrective-rank", "2")) == 0
+    assert main(export_args(llama_dir, calib_file, out, "--corrective-rank", "2")) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     ranks, params = manifest["ranks"], manifest["parameters"]
     assert {r["corrective_rank"] for r in ranks.values() if r["rank"] is not None} == {2}

@@ -1,15 +1,21 @@
 """`exporter validate` on a tiny exported artifact: the figures, the budget verdict (exit 4), the
-cost-model prediction for other devices, and one-line errors for bad input."""
+cost model (its terms, and its prediction for other devices), ROUGE through ONNX Runtime, the
+--report directory, and one-line errors for bad input."""
 
 import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from exporter.artifact import read_manifest
+from exporter.budget import DECODE_COST_KEYS, NODE_US_ESTIMATE, decode_costs, decode_terms
 from exporter.cli import main
-from exporter.validate import EXIT_BUDGET_FAILED
+from exporter.profiles import load_profile
+from exporter.validate import EXIT_BUDGET_FAILED, graph_stats, predict
 
 REPO = Path(__file__).resolve().parents[1]
 PERFORMANCE = {"ttft_ms", "prefill_ms", "decode_ms_p50", "decode_ms_p95", "peak_rss_mb", "artifact_mb", "prompt_tokens"}
@@ -45,10 +51,22 @@ def test_json_has_every_figure_and_passes_host_budgets(artifact, calib_file, cap
     perf = result["performance"]
     assert PERFORMANCE <= set(perf) and perf["imports_torch"] is False  # RSS of an onnxruntime-only process
     assert 0 < perf["decode_ms_p50"] <= perf["decode_ms_p95"] and perf["new_tokens"] >= 64
+    steps = perf["decode_ms_steps"]  # every step, for plots against the budget
+    assert len(steps) == perf["new_tokens"] and all(t > 0 for t in steps)
+    assert perf["decode_ms_p50"] == pytest.approx(float(np.percentile(steps, 50)))
+    assert perf["decode_ms_p95"] == pytest.approx(float(np.percentile(steps, 95)))
     assert 10 < perf["peak_rss_mb"] < 1000 and perf["prompt_tokens"] == 128
     assert math.isclose(perf["artifact_mb"], sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()) / 1e6)
-    cost = result["cost_model"]
-    assert cost["ratio"] == pytest.approx(cost["predicted_decode_ms"] / cost["measured_decode_ms_p50"])
+    cost, predicted = result["cost_model"], result["predicted"]
+    terms = cost["decode_terms"]
+    assert cost["predicted_decode_ms"] == pytest.approx(sum(terms.values())) == predicted["decode_ms"]
+    assert terms["bandwidth_ms"] > 0 and terms["overhead_ms"] >= 0 and terms["dequant_ms"] == 0  # fp32 weights
+    assert predicted["decode_costs_source"].startswith("measured on this machine")
+    assert cost["load_factor"] >= 1.0 and cost["predicted_decode_ms_under_load"] == pytest.approx(
+        cost["predicted_decode_ms"] * cost["load_factor"])
+    assert cost["ratio"] == pytest.approx(cost["predicted_decode_ms_under_load"] / cost["measured_decode_ms_p50"])
+    assert cost["ratio_idle_model"] == pytest.approx(cost["predicted_decode_ms"] / cost["measured_decode_ms_p50"])
+    assert cost["within_target"] == (abs(cost["ratio"] - 1) <= 0.2)
     accuracy = result["accuracy"]
     assert 1.0 < accuracy["perplexity"] < 384 and "2 x 256 tokens" in accuracy["perplexity_text"]
     reference = accuracy["reference"]
@@ -57,11 +75,102 @@ def test_json_has_every_figure_and_passes_host_budgets(artifact, calib_file, cap
     assert all(c["passed"] and c["source"] == "measured" for c in result["budgets"])
 
 
-def test_budget_below_the_measured_figure_exits_4(artifact, tmp_path, capsys):
-    code, out, _ = validate(capsys, artifact, "--device", strict_profile(tmp_path, "0.0001"))
+def test_budget_below_the_measured_figure_exits_4_and_the_report_says_so(artifact, tmp_path, capsys):
+    files_before = {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()}
+    report = tmp_path / "reports" / "strict"  # created, parents too
+    code, out, _ = validate(capsys, artifact, "--device", strict_profile(tmp_path, "0.0001"), "--report", report)
     assert code == EXIT_BUDGET_FAILED
     assert "decode p95" in out and "FAIL" in out and "budgets: 2 passed, 1 failed (decode p95)" in out
     assert "vs PyTorch reference  greedy agreement" in out
+    assert "= bandwidth " in out and " + overhead " in out and " + dequant " in out  # the cost model's terms
+    markdown = (report / "validation.md").read_text()
+    assert "**FAIL**: 2 of 3 budgets pass" in markdown and "![decode latency per step](latency.png)" in markdown
+    assert "| decode p95 |" in markdown and "| 0.0001 | ms/token | measured | **FAIL** |" in markdown
+    assert "| peak RSS |" in markdown and "| 2048 | MB | measured | pass |" in markdown
+    assert (report / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in report.iterdir()) == ["latency.png", "validation.md"]
+    assert {p.name: p.stat().st_mtime_ns for p in artifact.iterdir()} == files_before  # the artifact untouched
+
+
+def test_predicted_report_plots_the_prediction(artifact, tmp_path, capsys):
+    code, out, _ = validate(capsys, artifact, "--device", "raspberry-pi-5", "--report", tmp_path / "pi", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["report"]["plot"] == str(tmp_path / "pi" / "latency.png")
+    markdown = (tmp_path / "pi" / "validation.md").read_text()
+    assert "**predicted** by the cost model" in markdown and "ESTIMATES" in markdown
+    assert "| decode |" in markdown and "| predicted | pass |" in markdown
+    assert (tmp_path / "pi" / "latency.png").stat().st_size > 1000
+
+
+def test_rouge_through_onnx_runtime(artifact, tmp_path, capsys):
+    data = tmp_path / "articles.jsonl"
+    records = [{"id": str(i), "article": f"The engineer measures the edge device. Then the model exports a report {i}.",
+                "highlights": "The engineer measures the device."} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = validate(capsys, artifact, "--device", "raspberry-pi-5", "--summaries", data,
+                              "--summary-examples", "2", "--json")
+    assert code == 0, err
+    summary = json.loads(out)["accuracy"]["summarization"]
+    assert summary["examples"] == 2 and summary["data"] == str(data)  # --summary-examples of the 3
+    assert all(isinstance(summary[k], float) and 0.0 <= summary[k] <= 1.0 for k in ("rougeL", "rouge1", "rouge2"))
+    assert 0 < summary["mean_generated_tokens"] <= summary["max_new_tokens"] == 96
+    assert "reported only" in summary["budget"]
+    code, out, _ = validate(capsys, artifact, "--device", "raspberry-pi-5")
+    assert "summarization         skipped (no --summaries)" in out
+
+
+def test_cost_model_terms_grow_with_bytes_nodes_and_quantized_weights():
+    costs = {"gemv_bandwidth_gbs": 20.0, "node_us": 1.5, "int4_ns_per_param": 0.01, "int8_ns_per_param": 0.02}
+    base = decode_terms(80e6, 400, {"int4": 100_000_000, "int8": 0}, costs)
+    assert all(base[k] > 0 for k in ("bandwidth_ms", "overhead_ms", "dequant_ms"))
+    assert base["bandwidth_ms"] == pytest.approx(80e6 / 20e9 * 1e3) and base["overhead_ms"] == pytest.approx(0.6)
+    assert base["dequant_ms"] == pytest.approx(1.0)
+    assert base["decode_ms"] == pytest.approx(base["bandwidth_ms"] + base["overhead_ms"] + base["dequant_ms"])
+    more_nodes = decode_terms(80e6, 800, {"int4": 100_000_000, "int8": 0}, costs)
+    assert more_nodes["overhead_ms"] == pytest.approx(2 * base["overhead_ms"])
+    assert more_nodes["bandwidth_ms"] == base["bandwidth_ms"] and more_nodes["decode_ms"] > base["decode_ms"]
+    more_bytes = decode_terms(160e6, 400, {"int4": 100_000_000, "int8": 0}, costs)
+    assert more_bytes["bandwidth_ms"] == pytest.approx(2 * base["bandwidth_ms"])
+    assert more_bytes["overhead_ms"] == base["overhead_ms"] and more_bytes["decode_ms"] > base["decode_ms"]
+    int8 = decode_terms(80e6, 400, {"int4": 0, "int8": 100_000_000}, costs)
+    assert int8["dequant_ms"] == pytest.approx(2 * base["dequant_ms"])
+    assert decode_terms(80e6, 400, {"int4": 0, "int8": 0}, costs)["dequant_ms"] == 0
+
+
+def test_host_decode_costs_are_measured_and_other_devices_estimated():
+    costs, source = decode_costs(load_profile("host"))
+    assert set(costs) == set(DECODE_COST_KEYS) and source.startswith("measured on this machine")
+    assert costs["gemv_bandwidth_gbs"] > 0 and costs["node_us"] >= 0
+    assert costs["int4_ns_per_param"] >= 0 and costs["int8_ns_per_param"] >= 0
+    jetson = load_profile("jetson-orin-nano-8gb")
+    costs, source = decode_costs(jetson)
+    assert source.startswith("ESTIMATES") and costs["node_us"] == NODE_US_ESTIMATE["CUDAExecutionProvider"]
+    assert costs["gemv_bandwidth_gbs"] == pytest.approx(jetson.hardware.memory_bandwidth_gbs * 0.7)
+
+
+def test_graph_stats_count_nodes_and_int4_weights(llama_dir, calib_file, tmp_path):
+    import onnx
+
+    out = tmp_path / "int4"
+    assert main(["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "4",
+                 "--calib-seq-len", "32", "--ratio", "0.3", "--device", "host", "--weights", "int4", "--levels", "1.0",
+                 "--no-correctives", "--out", str(out), "--no-progress"]) == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    stats = graph_stats(out / "model.onnx")
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert stats["nodes"] == len(graph.node) and nbits
+    expected = sum({a.name: a.i for a in n.attribute}["K"] * {a.name: a.i for a in n.attribute}["N"] for n in nbits)
+    assert stats["quantized_params"] == {"int4": expected, "int8": 0}
+    manifest = read_manifest(out)
+    profile = SimpleNamespace(hardware=SimpleNamespace(
+        memory_bandwidth_gbs=10.0, compute_tflops={"fp32": 0.1},
+        decode_costs={"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.0}),
+        budget=SimpleNamespace(max_context=256))
+    predicted = predict(out, manifest, profile, 16)
+    terms = predicted["decode_terms"]
+    assert terms["overhead_ms"] == pytest.approx(len(graph.node) * 2.0 / 1e3)
+    assert terms["dequant_ms"] == pytest.approx(expected * 0.05 / 1e6) and terms["dequant_ms"] > 0
+    assert predicted["decode_ms"] == pytest.approx(sum(terms.values()))
 
 
 def test_other_devices_are_predicted_with_the_cost_model(artifact, tmp_path, capsys):
@@ -75,11 +184,19 @@ def test_other_devices_are_predicted_with_the_cost_model(artifact, tmp_path, cap
     assert all(c["source"] == "predicted" for c in result["budgets"])
     assert "not loadable" in result["accuracy"]["reference"]["skipped"]
     # decode: (stored weights - the untied embedding, read one row per token + fp32 KV cache at the
-    # prompt of 256 tokens) / (17 GB/s x 0.7); tiny Llama: hidden 64, 2 layers x 2 KV heads x 16 dims.
+    # prompt of 256 tokens, moved 5 times) / (17 GB/s x 0.7) + every graph node x the CPU provider's
+    # estimated cost;
+    # tiny Llama: hidden 64, 2 layers x 2 KV heads x 16 dims; fp32, so nothing to dequantize.
+    import onnx
+
     config = json.loads((copy / "config.json").read_text())
     weights = (copy / "model.onnx").stat().st_size + (copy / "model.onnx.data").stat().st_size
-    read = weights - config["vocab_size"] * 64 * 4 + 2 * 2 * 2 * 16 * 256 * 4
-    assert result["performance"]["decode_ms_p95"] == pytest.approx(read / (17.0e9 * 0.7) * 1e3)
+    read = weights - config["vocab_size"] * 64 * 4 + 5 * 2 * 2 * 2 * 16 * 256 * 4
+    nodes = len(onnx.load(str(copy / "model.onnx"), load_external_data=False).graph.node)
+    expected = read / (17.0e9 * 0.7) * 1e3 + nodes * NODE_US_ESTIMATE["CPUExecutionProvider"] / 1e3
+    assert result["performance"]["decode_ms_p95"] == pytest.approx(expected)
+    assert result["predicted"]["graph_nodes"] == nodes > 10
+    assert result["predicted"]["decode_costs_source"].startswith("ESTIMATES")
     code, out, _ = validate(capsys, copy, "--device", "raspberry-pi-5")
     assert "latency and memory PREDICTED by the cost model" in out
 
@@ -97,7 +214,8 @@ def test_tampered_artifact_is_rejected_naming_the_file(artifact, tmp_path, capsy
     assert sorted(p.name for p in copy.iterdir()) == before
 
 
-@pytest.mark.parametrize("case", ["not-an-artifact", "short-text", "too-few-windows", "missing-text", "unknown-device"])
+@pytest.mark.parametrize("case", ["not-an-artifact", "short-text", "too-few-windows", "missing-text", "unknown-device",
+                                  "missing-summaries", "bad-summaries", "report-in-artifact", "report-is-a-file"])
 def test_bad_input_is_one_line(artifact, calib_file, tmp_path, capsys, case):
     short = tmp_path / "short.txt"
     short.write_text("Too short for any window.")
@@ -107,6 +225,11 @@ def test_bad_input_is_one_line(artifact, calib_file, tmp_path, capsys, case):
         "too-few-windows": ([artifact, "--text", calib_file, "--windows", "100"], "--windows asks for 100"),
         "missing-text": ([artifact, "--text", tmp_path / "nope.txt"], "text file not found"),
         "unknown-device": ([artifact, "--device", "toaster"], "unknown device 'toaster'"),
+        "missing-summaries": ([artifact, "--summaries", tmp_path / "nope.jsonl"], "data file not found"),
+        "bad-summaries": ([artifact, "--summaries", short], "not valid JSON"),
+        "report-in-artifact": ([artifact, "--report", artifact / "validation"], "is inside the artifact"),
+        "report-is-a-file": ([artifact, "--report", short], "exists and is not a directory"),
     }[case]
     code, out, err = validate(capsys, *args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (artifact / "validation").exists()
