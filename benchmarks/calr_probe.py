@@ -21,15 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.allocate import allocate  # noqa: E402
 from exporter.calibration import calibration_ids  # noqa: E402
 from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
-                               decoder_projections, effective_ranks, parameter_summary, uniform_ranks)
+                               decoder_projections, effective_ranks, parameter_summary)
 from exporter.corrective import (CorrectiveOptions, CorrectiveReport, attach_correctives, dense_teacher,  # noqa: E402
-                                 settle_ranks, train_blockwise, train_end_to_end)
+                                 train_blockwise, train_end_to_end)
 from exporter.evaluate import perplexity, text_windows  # noqa: E402
 from exporter.importance import component_fisher  # noqa: E402
 from exporter.models import load_model, resolve_model  # noqa: E402
+from exporter.pipeline import choose_ranks  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -65,14 +65,9 @@ def main() -> int:
     options = None if args.corrective_rank == 0 else CorrectiveOptions(
         rank=args.corrective_rank, epochs=args.epochs, kl_steps=args.kl_steps, kl_lr=args.kl_lr,
         tune_factors=args.tune_factors, factor_lr_scale=args.factor_lr_scale)
-    dense_params = sum(p.params for p in projections)
-
-    def primary_ranks(params):
-        if args.allocation == "uniform":
-            return uniform_ranks(projections, 1.0 - params / dense_params)
-        return allocate(projections, prep["imp"], params, multiple=args.rank_multiple).ranks
-
-    ranks, branches = settle_ranks(primary_ranks, projections, options, budget)
+    # The export's choice (no fallback multiple: a --rank-multiple that does not fit is an error here).
+    ranks, branches, _, _ = choose_ranks(projections, args.allocation, prep["imp"], budget, options,
+                                         args.rank_multiple)
     total = count_params(model)
     teacher = dense_teacher(model) if options else None
     apply_ranks(model, prep["dec"], ranks)

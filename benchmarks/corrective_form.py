@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -210,12 +212,9 @@ def main() -> int:
                   f"{entry['parity']['separate_vs_folded']['max_abs_logit_diff']:.2e}", file=sys.stderr, flush=True)
     result["load_average_at_end"] = list(os.getloadavg())
     result["seconds"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if not args.no_save:
-        results = ROOT / "benchmarks" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / f"corrective-form-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
+        publish_results("corrective-form", result)
     return 0
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
@@ -245,13 +247,7 @@ def main() -> int:
             if built:
                 built.write_text(json.dumps(result))
         measure(result, args.repeats)
-    text = summary(result)
-    print(text)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"levels-{stamp}.md").write_text(text + "\n")
-    (results / f"levels-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    publish_results("levels", result, summary(result))
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
@@ -53,7 +55,7 @@ def export(out: Path, ratio: float, allocation: str, levels: str, correctives: b
     if not (out / "manifest.json").is_file():
         exporter("export", "--device", "host", "--ratio", f"{ratio:.6f}", "--allocation", allocation,
                  "--calib", str(DATA / "wikitext-2" / "valid.txt"), "--levels", levels, "--out", str(out), "--force",
-                 *(["--correctives"] if correctives else []))
+                 "--correctives" if correctives else "--no-correctives")
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -192,6 +194,8 @@ def main() -> int:
     parser.add_argument("--correctives", action="store_true", help="CALR correctives (slower export)")
     parser.add_argument("--baselines", default="uniform,flrc", help="static baselines at the matching ratio")
     parser.add_argument("--repeats", type=int, default=3, help="decode speed repeats (default: 3)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also score the dense model (default: on)")
     parser.add_argument("--work", type=Path, help="keep the artifacts here (default: a temporary directory)")
     args = parser.parse_args()
 
@@ -213,8 +217,9 @@ def main() -> int:
             rows[name] = {"schedule": schedule, "active_params": active, "removed": 1 - active / dense_params,
                           "artifact_mb": sum(f.stat().st_size for f in artifact.iterdir()) / 1e6, **result}
 
-        dense = export(work / "dense", 0.0, "fisher", "1.0", False)  # the uncompressed model, for reference
-        add("dense", work / "dense", dense, "static", summarize(work / "dense", args.examples, "static"))
+        if args.reference:
+            dense = export(work / "dense", 0.0, "fisher", "1.0", False)  # the uncompressed model, for reference
+            add("dense", work / "dense", dense, "static", summarize(work / "dense", args.examples, "static"))
         add("static-full", art, manifest, "static", summarize(art, args.examples, "static"))
         add("progressive", art, manifest, schedule_text(entries), summarize(art, args.examples, schedule))
         matched = rows["progressive"]["removed"]
@@ -239,13 +244,7 @@ def main() -> int:
                         "full_level": model_mb(art, [full, full + ".data"])},
         }
         result["seconds"] = round(time.perf_counter() - start, 1)
-    text = summary(result)
-    print(text)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"progressive-{stamp}.md").write_text(text + "\n")
-    (results / f"progressive-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    publish_results("progressive", result, summary(result))
     return 0
 
 

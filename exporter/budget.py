@@ -27,20 +27,24 @@ COMPUTE_EFFICIENCY = 0.5
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
 
 # Decode cost model (exporter validate): per token, decode_ms = bandwidth_ms + overhead_ms + dequant_ms:
-#   bandwidth_ms = (weights read + KV cache traffic) bytes / the bandwidth a matrix-vector product reaches
+#   bandwidth_ms = (weights read + KV cache traffic) bytes / the bandwidth a decode step's matrix-vector
+#                  products reach: many medium matrices (0.1-3.5 MB), each a short stream ended by a
+#                  thread-pool join, read from memory (not one large matrix: that streams faster)
 #   overhead_ms  = graph nodes x per-node cost
-#   dequant_ms   = int4/int8 weights x their compute per weight, added to the reads (a decode step's
-#                  matrices are small: their compute does not hide behind the memory reads)
+#   dequant_ms   = int4/int8 weights x their compute per weight not hidden behind those reads (a decode
+#                  step's matrices are small: much of it is not)
+# So int4 weights stream at their own effective rate, int4_stream_gbs(costs) bytes/s.
 # A measured profile (host) carries all four figures in hardware.decode_costs (profiles.measure_host:
-# ONNX Runtime micro-benchmarks); other devices use the estimates below, labelled as such.
+# ONNX Runtime micro-benchmarks; bandwidth and int4 from decode-shaped chains beyond the caches, see
+# profiles._measure_decode_costs); other devices use the estimates below, labelled as such.
 DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_ns_per_param")
 # ESTIMATES for devices where nothing was measured, by the profile's first execution provider. CPU
 # providers: about twice what measure_host() measured on this project's 2-core x86 host (ONNX Runtime
-# 1.32: 1.1-1.5 us per node, int4 0.020 and int8 0.012 ns per weight), for the slower cores of edge
-# boards and phones. CUDA: a kernel launch and its share of stream synchronisation per node, consistent
-# with the reference anchor of SmolLM2-135M at ~165 tokens/s on a Jetson Orin Nano Super (6 ms/token,
-# mostly per-kernel overhead at this size; llama.cpp, not ONNX Runtime); dequantisation assumed hidden
-# behind the memory reads by the GPU's parallelism.
+# 1.32: 1.1-1.5 us per node, int4 0.020 (then measured in cache) and int8 0.012 ns per weight), for
+# the slower cores of edge boards and phones. CUDA: a kernel launch and its share of stream
+# synchronisation per node, consistent with the reference anchor of SmolLM2-135M at ~165 tokens/s on
+# a Jetson Orin Nano Super (6 ms/token, mostly per-kernel overhead at this size; llama.cpp, not ONNX
+# Runtime); dequantisation assumed hidden behind the memory reads by the GPU's parallelism.
 NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 8.0}
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
@@ -131,6 +135,13 @@ def decode_costs(profile) -> tuple[dict[str, float], str]:
     return costs, (f"ESTIMATES (exporter.budget): bandwidth {BANDWIDTH_EFFICIENCY:g} x the profile's "
                    f"{hardware.memory_bandwidth_gbs:g} GB/s, {costs['node_us']:g} us per node and dequantisation "
                    f"int4 {dequant['int4']:g} / int8 {dequant['int8']:g} ns per weight as for {provider}")
+
+
+def int4_stream_gbs(costs: dict[str, float]) -> float:
+    """The bytes/s int4 weights (BYTES_PER_PARAM["int4"] each) stream at in the cost model: their bytes
+    at gemv_bandwidth_gbs plus int4_ns_per_param each."""
+    per = BYTES_PER_PARAM["int4"]
+    return per / (per / costs["gemv_bandwidth_gbs"] + costs["int4_ns_per_param"])
 
 
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],

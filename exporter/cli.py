@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default: 32)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
-                        "down (default: 1.0,0.85,0.7; 1.0: one level; fp32 and int4 only)")
+                        "down (default: 1.0,0.85,0.7; 1.0: one level; fp32, fp16 and int4 only)")
     export.add_argument("--schedule", help="the level each generated token uses: static, a level name, or "
                         "LEVEL:START,... (e.g. r100:0,r85:32); default: derived from calibration measurements")
     export.add_argument("--ort", action="store_true",
@@ -186,8 +186,9 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
     command.add_argument("--fisher-samples", type=_positive_int, default=8,
                          help="calibration sequences used for Fisher importance (default: 8)")
-    command.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                         help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32)")
+    command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                         help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32). "
+                         "fp16 also keeps activations, KV cache and logits in fp16, for the CUDA provider (Jetson)")
     command.add_argument("--correctives", action=argparse.BooleanOptionalAction, default=True,
                          help="a CALR corrective branch beside every factorized projection, trained to recover the "
                          "model's function; they count in the budget (default: on; --no-correctives: plain SVD path)")

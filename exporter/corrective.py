@@ -55,11 +55,14 @@ def branch_ranks(projections: list[Projection], ranks: dict[str, int | None], op
                  budget_params: int) -> dict[str, int]:
     """r_c of every factorized projection (dense ones get none).
 
-    The configured ranks shrink in proportion when the branches would take more than
-    `max_budget_share` of the projection budget (small models, tight budgets), down to 1.
+    The configured ranks are rounded up to `rank_multiple` (int4: whole blocks, so that a folded branch
+    adds whole blocks to the primary factors instead of a zero-padded half block: measured 0.78 MB of
+    padding on SmolLM2 at rank 16, block 32). They shrink in proportion, unrounded, when the branches
+    would take more than `max_budget_share` of the projection budget (small models, tight budgets), down to 1.
     """
-    wanted = {p.name: options.rank_by_kind.get(p.kind, options.rank) for p in projections
-              if ranks.get(p.name) is not None}
+    multiple = max(1, options.rank_multiple)
+    wanted = {p.name: -(-options.rank_by_kind.get(p.kind, options.rank) // multiple) * multiple
+              for p in projections if ranks.get(p.name) is not None}
     sizes = {p.name: p.in_features + p.out_features for p in projections}
     cost = sum(r * sizes[name] for name, r in wanted.items())
     limit = options.max_budget_share * budget_params

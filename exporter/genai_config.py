@@ -4,6 +4,13 @@ load a fused-graph artifact with `og.Model(artifact_dir)`.
 The fused graph has the builder's I/O names, so the config only describes the model and how to
 search. Our graph concatenates past and new keys (a growing cache, like optimum's), so
 `past_present_share_buffer` is false.
+
+The same config describes fp32 and fp16 graphs (`--weights fp16`): onnxruntime-genai takes the KV cache
+and logits types from the graph's inputs and outputs (tested with onnxruntime-genai 0.18 on the CPU
+provider, where an fp16 graph generates the exporter runtime's tokens). `provider_options` stays empty
+(the CPU provider) for fp16 graphs too: a "cuda" entry makes og.Model fail to load wherever the CUDA
+build of onnxruntime-genai is missing, so CUDA is chosen at load time (`config.append_provider("cuda")`,
+README "Jetson").
 """
 
 from __future__ import annotations

@@ -40,6 +40,16 @@ TOLERANCES = {
                "outputs are bitwise identical with 1 or 2 threads and with graph optimizations off); 1e-2 "
                "is the export's PyTorch parity tolerance; one flipped near-tie in 16 steps is allowed",
     },
+    "fp16": {
+        "max_abs_logit_diff": 1.0,
+        "min_top1_agreement": 0.75,
+        "why": "the export host's CPU provider runs the fp16 graph's MatMuls in fp32 between Casts it "
+               "inserts, where CUDA multiplies in fp16, so each layer may differ by an fp16 rounding (1/1024 "
+               "relative) that the layers compound. Measured once on an H200 (onnxruntime-gpu 1.31.1) against "
+               "the CPU provider: at most 0.006 on 2-layer models; not measured on a real 30-layer model or a "
+               "Jetson. The thresholds, int4's agreement floor and a third of its logit bound, leave room for "
+               "that compounding and stay far below what a wrong kernel or cache type produces",
+    },
     "int4": {
         "max_abs_logit_diff": 3.0,
         "min_top1_agreement": 0.75,

@@ -18,7 +18,7 @@ that share an input: the first stage is one MatMul of x with the column concaten
 V^T, then a Split, then one MatMul by U^T per low-rank projection. A CALR corrective branch
 y += B(A x) is written in one of two forms (`corrective_form`, below).
 
-Initializer layout (fp32). Every weight is stored MatMul-ready (in x out, transposed when written):
+Initializer layout (fp32 and fp16). Every weight is stored MatMul-ready (in x out, transposed when written):
 ONNX Runtime pre-packs a constant MatMul B, and `MatMulNBitsQuantizer` only quantizes MatMul (and
 Gather) nodes, so a V stored r x in behind Gemm/FusedMatMul(transB=1) would stay fp32 in the int4 graph.
 Hence the second stage U^T (r x out) has the rank as its outer dimension, while V^T sits as columns of
@@ -30,12 +30,12 @@ model.rNN.onnx below), all reading the full level's one data file. In a level gr
 (`_emit_level_projections`) every rank-dependent tensor has the rank outer and is ordered so that each
 level's tensor is a byte prefix of the full level's. The first stage stacks rows (out x in): per
 projection its dense W, corrective rows and the smallest level's primary rows, then the rows each larger
-level adds; fp32 multiplies by it with FusedMatMul(transB=1), int4 with MatMulNBits (N-outer: the same
+level adds; fp32/fp16 multiply by it with FusedMatMul(transB=1), int4 with MatMulNBits (N-outer: the same
 prefix), and each projection's columns of the product come out of one Split (smallest level) or a Gather.
 U^T (rank x out, corrective rows first) is a row prefix in fp32; int4's MatMulNBits blocks the rank (its
 inner K), so an int4 level reads the full U^T through a Slice of whole blocks (level ranks rounded up to
 block_size), which ONNX Runtime folds at load. A level file's external-data entries point at the full
-level's offsets with their own lengths (`_point_into` compares every byte). Tied fp32 levels gather the
+level's offsets with their own lengths (`_point_into` compares every byte). Tied fp32/fp16 levels gather the
 embedding from lm_head's columns instead of a folded transposed copy, which would be private to each
 session. In memory, each session maps and prepacks its weights privately; `exporter.shared_weights`
 gives fp32 sessions one copy (benchmarks/levels_probe.py measures the trade-offs).
@@ -48,7 +48,7 @@ per group of projections sharing an input, by the concatenated A^T of the group 
 a Split, then a MatMul by B^T and an Add per projection. Both compute the same function (fp32: equal
 to float rounding). int4: separate B^T is quantized in blocks of its own; folded, U^T's last block
 shares scales with B^T's rows unless the primary rank is a whole number of blocks (as the pipeline's
-int4 Fisher ranks are), in which case both forms hold the same 4-bit weights. Levels: the separate
+int4 Fisher ranks are), in which case both forms hold the same 4-bit weights; the pipeline also rounds int4 branch ranks up to whole blocks, since MatMulNBits pads a partial block of K with zeros. Levels: the separate
 form keeps the branches out of the rank-prefixed stacks, and int4 level ranks round the primary rank
 alone to whole blocks (`level_ranks(..., corrective_form)`). Folded stays the default because it decodes
 faster: SmolLM2-135M, 20% removed (uniform ranks in whole blocks), r_c 16 on all 210 projections, 128-token
@@ -57,9 +57,26 @@ prompt, 64 greedy steps, 2 threads, 7 alternating repeats (benchmarks/corrective
 (paired separate/folded 1.11x and 1.22x; every repeat slower). The separate form doubles the node count
 (580 -> 1180 nodes), and at decode every node's fixed cost outweighs the few FLOPs a branch adds.
 
+fp16 graphs (`weights="fp16"`, for the CUDA execution provider, which registers GroupQueryAttention for fp16
+and bf16 only). Every float tensor is float16: weights, norm weights and biases, the rotary cos/sin caches
+(GroupQueryAttention takes them at its activations' type, SkipSimplifiedLayerNormalization its gamma),
+activations, past_key_values.* / present.* and logits; input_ids and attention_mask stay int64. This is
+the onnxruntime-genai builder's fp16 CUDA graph (its io_dtype float16). Logits stay fp16 as there (the
+builder switches logits to fp32 for bf16 graphs only): lm_head's MatMul produces them at fp16 precision
+anyway, so a Cast would add a node and a vocab-sized copy per step without adding precision, and the
+readers handle fp16 (onnxruntime-genai converts them; exporter.runtime widens each step's row to fp32).
+The layout is the fp32 one, levels included (`_emit_level_projections`: FusedMatMul(transB=1), which CUDA
+registers for fp16). ONNX Runtime's CPU provider (1.32, x86-64) has fp16 kernels for GroupQueryAttention,
+SkipSimplifiedLayerNormalization, RMSNormalization, Gather, Split, Reshape and Transpose, but not for
+MatMul, FusedMatMul, Add, Mul or Sigmoid: its InsertCastTransformer runs those in fp32 between Casts it
+inserts (their fp16 weights widened at load), so the same file runs on CPU and is tested there against
+PyTorch. On CUDA (checked once by hand on an H200, onnxruntime-gpu 1.31.1, levels included) every node but
+the attention mask's integer Gather and Cast runs on the GPU.
+
 Unsupported (NotImplementedError, so callers can fall back to the optimum export): dynamic / longrope
-rope scaling (sequence-length dependent), partial rotary, activations other than SiLU, fp16 weights,
-architectures other than Llama/Mistral/Qwen2/Qwen3.
+rope scaling (sequence-length dependent), partial rotary, activations other than SiLU, architectures
+other than Llama/Mistral/Qwen2/Qwen3. Not written: int4/int8 weights with fp16 activations (the builder's
+CUDA int4 graphs); the quantized graphs keep fp32 activations and KV cache.
 """
 
 from __future__ import annotations
@@ -79,7 +96,10 @@ from .errors import ExporterError
 from .lowrank import CorrectedLinear, LowRankLinear
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-WEIGHT_FORMATS = ("fp32", "int4", "int8")
+WEIGHT_FORMATS = ("fp32", "fp16", "int4", "int8")
+# Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
+# graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
+FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
 # Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
@@ -170,12 +190,16 @@ class ProjectionWeights:
 
 
 class _Graph:
-    """Nodes and initializers with unique, readable names."""
+    """Nodes and initializers with unique, readable names. `dtype` is the graph's float type: every
+    floating-point constant (weights, norms, biases, rotary caches) is stored at it, because the fused
+    ops take their weights at the type of their activations (GroupQueryAttention's cos/sin caches,
+    SkipSimplifiedLayerNormalization's gamma, MatMul's B); integer constants (shapes, indices) stay as given."""
 
-    def __init__(self):
+    def __init__(self, dtype=np.float32):
         from onnx import helper
 
         self.helper = helper
+        self.dtype = np.dtype(dtype)
         self.nodes, self.initializers, self.names = [], [], set()
 
     def constant(self, name: str, array: np.ndarray) -> str:
@@ -184,6 +208,8 @@ class _Graph:
         if name in self.names:
             raise ValueError(f"duplicate initializer {name}")
         self.names.add(name)
+        if np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self.dtype, copy=False)
         self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))  # keeps 0-d
         return name
 
@@ -208,6 +234,17 @@ def _sum(g: _Graph, terms: Sequence[str], name: str) -> str:
     for k, term in enumerate(terms[1:]):
         y = g.op("Add", [y, term], name if k == 0 else f"{name}_{k}")
     return y
+
+
+def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, name: str, eps: float) -> tuple[str, str]:
+    """RMSNorm(x + residual) and the new residual x + residual, in one SkipSimplifiedLayerNormalization.
+    Its mean and inverse-std outputs stay unnamed, as the genai builder leaves them: ONNX Runtime then
+    skips writing them (SmolLM2-135M int4, 20% removed, two paired decode_probe runs on a loaded machine:
+    128.0 -> 133.5 and 126.5 -> 142.5 tokens/s)."""
+    normed, new_residual = f"{name}/output_0", f"{name}/output_3"
+    g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], name,
+         outputs=[normed, "", "", new_residual], domain=MS_DOMAIN, epsilon=eps)
+    return normed, new_residual
 
 
 def _emit_branches(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
@@ -323,7 +360,7 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
 
     First stage: one stack of rows (out x in, rank outer): per projection its dense W, its corrective rows
     and the primary rows of the smallest level; then, level by level up to `level`, the primary rows that
-    level adds. fp32 (`transposed`) multiplies by it with FusedMatMul(transB=1); int4 writes a MatMul by its
+    level adds. fp32/fp16 (`transposed`) multiply by it with FusedMatMul(transB=1); int4 writes a MatMul by its
     transpose, which MatMulNBits stores N-outer (rows outer) again. Each projection's columns of the product
     are taken with one Split where they are contiguous (the smallest level), else one Gather each.
     Second stage: U^T with the corrective rows first, then the primary rows by importance (rank x out).
@@ -496,11 +533,14 @@ def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
 
 def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
                   share_tied: bool = True, levels: Sequence[dict[str, int]] | None = None, level: int = 0,
-                  transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM):
-    """The fp32 decoder as an onnx.ModelProto (weights inline; save with external data).
+                  transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM, dtype=np.float32):
+    """The decoder as an onnx.ModelProto (weights inline; save with external data).
+
+    dtype: the float type of weights, activations, KV cache and logits (np.float32 or np.float16; see
+    "fp16 graphs" in the module docstring); input_ids and attention_mask are int64 either way.
 
     levels, level: write rank level `level` of `levels` in the prefix layout of `_emit_level_projections`
-    (`transposed`: fp32 first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
+    (`transposed`: float first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
     corrective_form: CALR branches "folded" into the primary factors or written as a "separate" branch.
     """
     from onnx import TensorProto, helper
@@ -515,20 +555,21 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     head_dim = _head_dim(config)
     vocab = config.vocab_size
     max_positions = int(getattr(config, "max_position_embeddings", 4096))
-    g = _Graph()
+    g = _Graph(dtype)
+    float_type = helper.np_dtype_to_tensor_dtype(g.dtype)
 
     # Inputs / outputs.
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    outputs = [helper.make_tensor_value_info("logits", float_type, ["batch_size", "sequence_length", vocab])]
     for i in range(n_layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kv}", TensorProto.FLOAT,
+                f"past_key_values.{i}.{kv}", float_type,
                 ["batch_size", kv_heads, "past_sequence_length", head_dim]))
             outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kv}", TensorProto.FLOAT,
+                f"present.{i}.{kv}", float_type,
                 ["batch_size", kv_heads, "total_sequence_length", head_dim]))
 
     # Sequence lengths for GroupQueryAttention (it derives positions from them).
@@ -544,7 +585,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     cos, sin = _rope_tables(model, max_positions)
     cos_cache, sin_cache = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
 
-    # Embedding. Tied fp32 weights are stored once, MatMul-ready for lm_head (hidden x vocab); the
+    # Embedding. Tied fp32/fp16 weights are stored once, MatMul-ready for lm_head (hidden x vocab); the
     # embedding gathers from its Transpose, which ONNX Runtime folds at load (as the genai builder does).
     # Quantized graphs keep a separate embedding: the quantizer rewrites lm_head's MatMul, and int4
     # then gathers from lm_head's 4-bit blocks instead (_share_tied_embedding).
@@ -605,11 +646,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
         (o,) = emit(attn_out, _projections(f"{lp}.self_attn", attn, ["o_proj"]), f"/model/layers.{i}/attn/o_proj")
 
         weight, eps = _norm_weight(layer.post_attention_layernorm)
-        normed, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, g.constant(f"{lp}.post_attention_layernorm.weight", weight)],
-            f"/model/layers.{i}/post_attention_layernorm/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
-            epsilon=eps)
+        normed, residual = _skip_norm(g, o, residual, g.constant(f"{lp}.post_attention_layernorm.weight", weight),
+                                      f"/model/layers.{i}/post_attention_layernorm/SkipLayerNorm", eps)
 
         # MLP: down(silu(gate(x)) * up(x)).
         gate, up = emit(normed, _projections(f"{lp}.mlp", mlp, GATE_UP), f"/model/layers.{i}/mlp/gate_up_proj")
@@ -623,8 +661,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
             weight, eps = _norm_weight(layers[i + 1].input_layernorm)
             gamma = g.constant(f"model.layers.{i + 1}.input_layernorm.weight", weight)
             node = f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
-            normed, _, _, residual = g.op("SkipSimplifiedLayerNormalization", [down, residual, gamma], node,
-                                          outputs=4, domain=MS_DOMAIN, epsilon=eps)
+            normed, residual = _skip_norm(g, down, residual, gamma, node, eps)
         else:
             weight, eps = _norm_weight(base.norm)
             normed = g.op("SkipSimplifiedLayerNormalization",
@@ -772,13 +809,16 @@ def _save(proto, path: Path, small_weights: bool = False) -> None:
 
 def _check_weights(weights: str) -> None:
     if weights not in WEIGHT_FORMATS:
-        if weights == "fp16":
-            raise NotImplementedError("graph writer does not write fp16 weights yet")
         raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
 
 
+def _float_type(weights: str):
+    """The float type `build_decoder` writes for `weights` (quantized formats start from fp32)."""
+    return FLOAT_TYPES.get(weights, np.float32)
+
+
 def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path):
-    """The fp32 proto at `weights` precision."""
+    """The proto at `weights` precision (float formats are built at theirs and pass through)."""
     import tempfile
 
     if weights == "int4":
@@ -809,7 +849,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
                   corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> Path:
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
-    weights: "fp32"; "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
+    weights: "fp32"; "fp16" (weights, activations, KV cache and logits in float16: the module docstring's
+    "fp16 graphs"); "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
     MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
     corrective_form: how CALR branches are written, "folded" (default) or "separate" (module docstring).
     """
@@ -820,7 +861,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        proto = build_decoder(model, fuse=_fuse, share_tied=weights == "fp32", corrective_form=corrective_form)
+        proto = build_decoder(model, fuse=_fuse, share_tied=weights in FLOAT_TYPES, corrective_form=corrective_form,
+                              dtype=_float_type(weights))
     proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
     meta = {"weights": weights, "fused": str(_fuse), "corrective_form": corrective_form}
     if weights == "int4":
@@ -836,7 +878,7 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
 # --------------------------------------------------------------------------- rank-sliced levels
 
 
-LEVEL_WEIGHTS = ("fp32", "int4")
+LEVEL_WEIGHTS = ("fp32", "fp16", "int4")
 DEFAULT_FRACTIONS = (1.0, 0.85, 0.7)
 
 
@@ -986,7 +1028,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     fractions = [float(f) for f in fractions]
     _check_fractions(fractions)
     if weights not in LEVEL_WEIGHTS:
-        raise ExporterError(f"rank levels are written with weights {' or '.join(LEVEL_WEIGHTS)}, not {weights!r}")
+        raise ExporterError(f"rank levels are written with weights {', '.join(LEVEL_WEIGHTS)}, not {weights!r}")
     _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -999,8 +1041,9 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
         name = level_name(fraction)
         path = out_dir / ("model.onnx" if j == 0 else f"model.{name}.onnx")
         with torch.no_grad():
-            proto = build_decoder(model, share_tied=weights == "fp32", levels=ranks, level=j,
-                                  transposed=weights == "fp32", corrective_form=corrective_form)
+            proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
+                                  transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
+                                  dtype=_float_type(weights))
         proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
         meta = {"weights": weights, "level": name, "fraction": str(fraction), "corrective_form": corrective_form}
         if weights == "int4":

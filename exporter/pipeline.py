@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+
 import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ PARITY_PROMPT = (
 )
 ALLOCATIONS = ("fisher", "uniform")
 GRAPHS = ("auto", "fused", "optimum")
-WEIGHTS = ("fp32", "int8", "int4")
+WEIGHTS = ("fp32", "fp16", "int8", "int4")
 # A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
 # and the quantized graph's greedy agreement is recorded; this loose floor only catches a broken one.
 QUANTIZED_MIN_AGREEMENT = 0.25
@@ -182,23 +183,12 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
             plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
                                                progress=options.progress)
 
-    def primary_ranks(params: int) -> dict:
-        if options.allocation == "uniform":
-            return uniform_ranks(projections, 1.0 - params / dense_projection)
-        plan.rank_multiple = multiple
-        try:
-            plan.allocation = allocate(projections, plan.importance, params, multiple=multiple)
-        except BudgetError:
-            if multiple == base_multiple:
-                raise
-            # Whole int4 blocks everywhere do not fit (tiny models): the profile's multiple does.
-            plan.rank_multiple = base_multiple
-            plan.allocation = allocate(projections, plan.importance, params, multiple=base_multiple)
-        return plan.allocation.ranks
-
     correctives = options.correctives
+    if correctives is not None and options.weights == "int4":
+        correctives = replace(correctives, rank_multiple=options.block_size)
     with clock.stage("allocate"):
-        ranks, _ = settle_ranks(primary_ranks, projections, correctives, target_params)
+        ranks, _, plan.allocation, plan.rank_multiple = choose_ranks(
+            projections, options.allocation, plan.importance, target_params, correctives, multiple, base_multiple)
     teacher = dense_teacher(model) if correctives is not None and train else None
     apply_ranks(model, decompositions, ranks)
     plan.ranks = effective_ranks(model, projections)
@@ -216,6 +206,37 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
                 fake_quantize_linears(branch_linears(model, projections), options.block_size)
         del teacher
     return plan
+
+
+def choose_ranks(projections, allocation: str, importance: dict | None, target_params: int,
+                 correctives: CorrectiveOptions | None, multiple: int, base_multiple: int | None = None
+                 ) -> tuple[dict, dict, Allocation | None, int]:
+    """The export's choice of ranks: (primary ranks, branch ranks, Fisher allocation or None, rank multiple).
+
+    The primary ranks of `allocation` (fisher: `allocate` on the `importance` scores in multiples of
+    `multiple`, or of `base_multiple` where those do not fit; uniform: not rounded, multiple 1) are settled
+    with the corrective branches so that together they fit `target_params`.
+    """
+    dense = sum(p.params for p in projections)
+    chosen, used = None, 1  # the last try's: settle_ranks returns the ranks of its last try
+
+    def primary_ranks(params: int) -> dict:
+        nonlocal chosen, used
+        if allocation == "uniform":
+            return uniform_ranks(projections, 1.0 - params / dense)
+        used = multiple
+        try:
+            chosen = allocate(projections, importance, params, multiple=multiple)
+        except BudgetError:
+            if base_multiple is None or multiple == base_multiple:
+                raise
+            # Whole int4 blocks everywhere do not fit (tiny models): the profile's multiple does.
+            used = base_multiple
+            chosen = allocate(projections, importance, params, multiple=base_multiple)
+        return chosen.ranks
+
+    ranks, branches = settle_ranks(primary_ranks, projections, correctives, target_params)
+    return ranks, branches, chosen, used
 
 
 def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, schedule: str | None = None) -> dict:
@@ -260,7 +281,8 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
             parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol).to_dict()
         if options.weights != "fp32":
             with clock.stage("quantize"):
-                say(f"quantizing weights to {options.weights}")
+                say(f"writing {options.weights} weights" if options.weights == "fp16"
+                    else f"quantizing weights to {options.weights}")
                 accuracy_level = options.accuracy_level if options.weights == "int4" else None
                 if leveled:
                     entries = write_levels(model, staging, fractions, weights=options.weights,
@@ -401,7 +423,7 @@ def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
     if options.graph == "optimum":
         reason = "the optimum graph has no rank levels (the fused graph has)"
     elif options.weights not in LEVEL_WEIGHTS:
-        reason = f"{options.weights} graphs have no rank levels (only {' and '.join(LEVEL_WEIGHTS)} have)"
+        reason = f"{options.weights} graphs have no rank levels (only {', '.join(LEVEL_WEIGHTS)} have)"
     if len(fractions) > 1 and reason:
         if levels is not None:
             raise ExporterError(f"--levels: {reason}; pass --levels 1.0")

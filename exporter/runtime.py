@@ -120,7 +120,7 @@ class Step:
     token: int
     level: str
     seconds: float
-    logits: np.ndarray  # [vocab]
+    logits: np.ndarray  # [vocab], float32 whatever the graph's logits type
 
 
 def greedy_token(logits: np.ndarray) -> int:
@@ -158,7 +158,9 @@ def decode(decoder_at: Callable[[int], tuple[str, OrtDecoder]], prompt_ids, max_
         start = time.perf_counter()
         logits, cache = decoder.step(feed, cache)
         seconds = time.perf_counter() - start
-        row = logits[0, -1].copy()  # a view would keep the whole prefill logits alive
+        # A copy (a view would keep the whole prefill logits alive), in float32: fp16 graphs return fp16
+        # logits, and the samplers, parity checks and golden records then all compute on one type.
+        row = logits[0, -1].astype(np.float32)
         token = choose(row) if forced_tokens is None else int(forced_tokens[t])
         yield Step(token, level, seconds, row)
         if token in stop_ids:

@@ -14,6 +14,7 @@ class CorrectiveOptions:
     rank: int = 16  # r_c of every factorized projection ...
     rank_by_kind: dict[str, int] = field(default_factory=dict)  # ... or per projection type (q_proj: 8)
     max_budget_share: float = 0.1  # branches take at most this share of the projection budget
+    rank_multiple: int = 1  # int4: whole MatMulNBits blocks, or the folded factor pads the last one with zeros
     solve: bool = True  # start each block from the least-squares fit of its projections' residuals
     epochs: int = 0  # block-wise gradient passes over the training part of the calibration set
     lr: float = 1e-3

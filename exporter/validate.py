@@ -36,7 +36,7 @@ COST_MODEL_TARGET = 0.2  # predicted decode latency within +-20% of the measured
 LOAD_NODES = 64  # MatMulNBits nodes of load_gauge's graph
 LOAD_WINDOW_S = 0.3  # each load_gauge measurement, before and after the probe
 SUMMARY_NEW_TOKENS = 96  # summary length cap of the ROUGE check (exporter evaluate's default)
-KV_BYTES_PER_ELEM = 4.0  # the exporter's graphs keep the KV cache in fp32
+KV_BYTES_PER_ELEM = 4.0  # fp32 KV cache: graphs without a past_key_values input of another type
 # Times a decode step moves the KV cache: the graphs return the whole cache each step (present = past
 # + the new token: past read, present written), attention reads present, and the runtime copies
 # present out of the session (read and written again).
@@ -111,6 +111,14 @@ def graph_stats(model_path: Path) -> dict:
     except Exception as exc:  # onnx raises DecodeError and friends on a corrupt file
         raise ExporterError(f"cannot read {model_path}: {type(exc).__name__}: {exc}") from None
     initializers = {t.name: t for t in model.graph.initializer}
+    kv_bytes = KV_BYTES_PER_ELEM  # fp16 graphs keep the cache at 2 bytes
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            kv_bytes = float(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize)
+            break
+    embedding = initializers.get("model.embed_tokens.weight")  # untied: read one row per token, not whole
+    embedding_bytes = 0 if embedding is None else (
+        math.prod(embedding.dims) * onnx.helper.tensor_dtype_to_np_dtype(embedding.data_type).itemsize)
     quantized = {"int4": 0, "int8": 0}
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -118,31 +126,31 @@ def graph_stats(model_path: Path) -> dict:
             quantized["int8" if attrs.get("bits", 4) == 8 else "int4"] += int(attrs["K"]) * int(attrs["N"])
         elif node.op_type in INT8_MATMULS and len(node.input) > 1 and node.input[1] in initializers:
             quantized["int8"] += math.prod(initializers[node.input[1]].dims)
-    return {"nodes": len(model.graph.node), "quantized_params": quantized}
+    return {"nodes": len(model.graph.node), "quantized_params": quantized, "kv_bytes_per_elem": kv_bytes,
+            "embedding_bytes": embedding_bytes}
 
 
 def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict:
     """The cost model (exporter.budget.decode_terms). Decode: every weight read once per token and the
-    KV cache moved KV_PASSES times, at the bandwidth a matrix-vector product reaches, plus a cost per
-    graph node, plus the dequantisation of int4/int8 weights not hidden behind those reads; prefill
-    does 2 FLOPs per parameter per token (compute-bound); RAM holds weights, the KV cache at
-    max_context and the runtime."""
-    from .budget import COMPUTE_EFFICIENCY, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms, kv_cache_bytes
+    KV cache moved KV_PASSES times, at the bandwidth a decode step's matrix-vector products reach beyond
+    the caches (exporter.profiles._measure_decode_costs), plus a cost per graph node, plus the
+    dequantisation of int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per
+    parameter per token (compute-bound); RAM holds weights, the KV cache at max_context and the runtime."""
+    from .budget import (COMPUTE_EFFICIENCY, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms, int4_stream_gbs,
+                         kv_cache_bytes)
 
     config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
     stored = model_bytes(artifact, manifest)
-    read = stored
-    if not getattr(config, "tie_word_embeddings", False):  # an untied embedding is read one row per token
-        read -= config.vocab_size * config.hidden_size * 4
-    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, KV_BYTES_PER_ELEM)
     graph = graph_stats(artifact / manifest["onnx"]["file"])
+    read = stored - graph["embedding_bytes"]  # an untied embedding is read one row per token
+    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])
     costs, costs_source = decode_costs(profile)
     terms = decode_terms(read + kv_prompt, graph["nodes"], graph["quantized_params"], costs)
     compute = profile.hardware.compute_tflops
     tflops = compute.get(manifest["precision"]) or compute.get("fp32") or max(compute.values())
     params = manifest["parameters"]["total_params"]
     prefill_s = 2.0 * params * prompt_tokens / (tflops * 1e12 * COMPUTE_EFFICIENCY)
-    kv_max = kv_cache_bytes(config, profile.budget.max_context, KV_BYTES_PER_ELEM)
+    kv_max = kv_cache_bytes(config, profile.budget.max_context, graph["kv_bytes_per_elem"])
     return {
         "decode_ms": terms["decode_ms"],
         "decode_terms": {key: terms[key] for key in ("bandwidth_ms", "overhead_ms", "dequant_ms")},
@@ -156,6 +164,7 @@ def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict
         "bandwidth_efficiency": costs["gemv_bandwidth_gbs"] / profile.hardware.memory_bandwidth_gbs,
         "node_us": costs["node_us"],
         "dequant_ns_per_param": {key: costs[f"{key}_ns_per_param"] for key in ("int4", "int8")},
+        "int4_stream_gbs": int4_stream_gbs(costs),  # bytes at the bandwidth + dequantisation, as bytes/s
         "decode_costs_source": costs_source,
         "compute_tflops": tflops,
         "compute_efficiency": COMPUTE_EFFICIENCY,
@@ -431,8 +440,9 @@ def format_result(result: dict) -> str:
               f"({pred['bytes_per_token'] / 1e6:.1f} MB at {pred['decode_bandwidth_gbs']:.1f} GB/s; {pred['graph_nodes']} "
               f"nodes x {pred['node_us']:.2f} us; "
               + ", ".join(f"{n / 1e6:.1f}M {p} weights x {pred['dequant_ns_per_param'][p]:.4f} ns"
-                          for p, n in pred["quantized_params"].items() if n) + ")"
-              + ("" if any(pred["quantized_params"].values()) else "no quantized weights)"),
+                          + (f" (int4 streams at {pred['int4_stream_gbs']:.1f} GB/s)" if p == "int4" else "")
+                          for p, n in pred["quantized_params"].items() if n)
+              + ("" if any(pred["quantized_params"].values()) else "no quantized weights") + ")",
               f"  figures: {pred['decode_costs_source']}"]
     if cost:
         lines += [f"  on this host: x {cost['load_factor']:.2f} for the machine's load now (ONNX Runtime runs this much "
@@ -536,7 +546,8 @@ def format_markdown(result: dict) -> str:
               "| term | figure |", "|---|---|",
               f"| bytes read per token | {pred['bytes_per_token'] / 1e6:.1f} MB at {pred['decode_bandwidth_gbs']:.2f} GB/s |",
               f"| graph nodes | {pred['graph_nodes']} x {pred['node_us']:.3f} us |",
-              *(f"| {p} weights | {n / 1e6:.2f}M x {pred['dequant_ns_per_param'][p]:.5f} ns |"
+              *(f"| {p} weights | {n / 1e6:.2f}M x {pred['dequant_ns_per_param'][p]:.5f} ns"
+                + (f" (int4 streams at {pred['int4_stream_gbs']:.2f} GB/s in all) |" if p == "int4" else " |")
                 for p, n in pred["quantized_params"].items() if n),
               f"| source of the figures | {pred['decode_costs_source']} |"]
     if cost:

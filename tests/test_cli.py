@@ -429,6 +429,21 @@ def test_int4_export_uses_matmulnbits_and_records_both_parities(tmp_path, llama_
     assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
 
 
+def test_fp16_export_writes_a_half_precision_graph_with_levels(tmp_path, llama_dir, calib_file):
+    import json
+
+    import onnx
+
+    out = tmp_path / "fp16"
+    assert main(export_args(llama_dir, calib_file, out, "--weights", "fp16", "--levels", "1.0,0.5")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and len(manifest["levels"]) == 2
+    assert manifest["parity"]["quantized"]["passed"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
 def test_optimum_graph_on_request_and_int4_needs_the_fused_graph(tmp_path, capsys, llama_dir, calib_file):
     import json
 

@@ -171,3 +171,18 @@ def test_least_squares_fit_alone_lowers_held_out_block_error(tiny_models, calib_
     report = train_blockwise(student, teacher, calib_ids, CorrectiveOptions(rank=4, epochs=0, holdout=2, solve=False),
                              progress=False)
     assert report.block_error_after == report.block_error_before
+
+
+def test_branch_ranks_round_to_whole_blocks_and_shrink_unrounded_when_over_budget():
+    from exporter.compress import Projection
+    from exporter.corrective import branch_ranks
+
+    projections = [Projection(f"model.layers.{i}.mlp.up_proj", 1536, 576) for i in range(4)]
+    ranks = {p.name: 64 for p in projections}
+    dense = sum(p.params for p in projections)
+    blocks = branch_ranks(projections, ranks, CorrectiveOptions(rank=16, rank_multiple=32), dense)
+    assert set(blocks.values()) == {32}  # int4: a folded branch adds whole blocks, no zero padding
+    assert set(branch_ranks(projections, ranks, CorrectiveOptions(rank=16), dense).values()) == {16}
+    tight = branch_ranks(projections, ranks, CorrectiveOptions(rank=16, rank_multiple=32), 200_000)
+    assert all(1 <= r < 32 for r in tight.values())  # over the budget share: shrunk below a block
+    assert sum(r * 2112 for r in tight.values()) <= 0.1 * 200_000

@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 
 from exporter.cli import main
+from exporter.genai_config import write_genai_config
+from exporter.graph_writer import write_decoder
 from exporter.runtime import OrtDecoder
+
+
+def _genai_greedy(og, directory, prompt, steps):
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
 
 
 def test_onnxruntime_genai_generates_like_the_exporter_runtime(tmp_path, llama_dir, calib_file):
@@ -20,12 +33,20 @@ def test_onnxruntime_genai_generates_like_the_exporter_runtime(tmp_path, llama_d
     steps = 8
     expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, steps)
 
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    generated = list(generator.get_sequence(0))[len(prompt):]
+    generated = _genai_greedy(og, out, prompt, steps)
+    assert len(generated) >= 1 and generated == expected[: len(generated)]
+
+
+def test_onnxruntime_genai_runs_the_fp16_graph(tmp_path, tiny_models, tokenizer):
+    """The same genai_config.json describes an fp16 graph: onnxruntime-genai takes the fp16 KV cache and
+    logits types from the graph (here on the CPU provider)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    model = tiny_models.load("qwen3")
+    path = write_decoder(model, tmp_path, weights="fp16")
+    tokenizer.save_pretrained(tmp_path)
+    write_genai_config(tmp_path, model.config, tokenizer, path.name)
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    steps = 8
+    expected, _, _ = OrtDecoder(path, threads=1).greedy(prompt, steps)
+    generated = _genai_greedy(og, tmp_path, prompt, steps)
     assert len(generated) >= 1 and generated == expected[: len(generated)]

@@ -66,6 +66,22 @@ def test_fp32_levels_match_sliced_pytorch(tiny_models, calib_ids, tmp_path, fami
     assert np.abs(logits - full_logits).max() > 1e-2  # the smallest level really is smaller
 
 
+def test_fp16_levels_match_sliced_pytorch(tiny_models, calib_ids, tmp_path):
+    """fp16 levels (weights, activations, KV cache and logits in fp16) against the fp32 PyTorch model at each
+    level's ranks, corrective branches included, within test_graph_writer's fp16 tolerance (2e-3 of the
+    largest |logit|); they read one data file, at half the bytes of the fp32 levels."""
+    model = _factorized(tiny_models, calib_ids, "qwen3", correctives=True)
+    entries = write_levels(model, tmp_path / "fp16", FRACTIONS, weights="fp16", progress=False)
+    assert sorted(p.name for p in (tmp_path / "fp16").glob("*.data")) == ["model.onnx.data"]
+    for entry, level in zip(entries, level_ranks(model, FRACTIONS)):
+        ref_tokens, ref_logits = torch_greedy(sliced_copy(model, level), PROMPT, STEPS)
+        logits = _logits(tmp_path / "fp16" / entry["file"], ref_tokens)
+        assert np.abs(logits - ref_logits).max() <= 2e-3 * np.abs(ref_logits).max(), entry["name"]
+    fp32 = write_levels(model, tmp_path / "fp32", FRACTIONS, progress=False)
+    for half, full in zip(entries, fp32):  # fp16 weights plus the same few int64 shape constants
+        assert 0.5 * full["weight_bytes"] < half["weight_bytes"] < 0.51 * full["weight_bytes"]
+
+
 def _external(path):
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
@@ -161,7 +177,7 @@ def test_bad_fractions_are_refused(tiny_models, tmp_path, fractions):
 
 
 def test_int8_levels_are_refused(tiny_models, tmp_path):
-    with pytest.raises(ExporterError, match="fp32 or int4"):
+    with pytest.raises(ExporterError, match="fp32, fp16, int4, not 'int8'"):
         write_levels(tiny_models.load("llama"), tmp_path, weights="int8", progress=False)
     assert level_ranks(tiny_models.load("llama"), (1.0, 0.5)) == [{}, {}]  # a dense model has nothing to slice
 

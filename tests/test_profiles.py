@@ -11,6 +11,9 @@ from exporter.profiles import (
     DeviceProfile,
     format_profile,
     format_profile_table,
+    fp32_chain,
+    int4_chain,
+    last_level_cache_bytes,
     list_profiles,
     load_profile,
     measure_host,
@@ -161,3 +164,16 @@ def test_host_is_measured():
     assert all("measured on this machine" in s for s in hw.sources.values())
     host = load_profile("host")
     assert host.measured and host.hardware == hw  # cached: one measurement per process
+
+
+def test_streamed_chains_do_not_share_weights():
+    # ONNX Runtime shares identical pre-packed weights: a chain meant to read its weights from memory
+    # must give each node its own, or it measures one matrix in cache.
+    import numpy as np
+
+    for nodes, weights in (fp32_chain(4, (64, 96)), int4_chain(4, (64, 96), distinct=True)):
+        arrays = list(weights.values())
+        assert len(nodes) == 4 and len(arrays) == len({a.tobytes() for a in arrays})
+    shared = int4_chain(4, (64, 96))[1]  # in-cache chains: one node's weights for all
+    assert np.array_equal(shared["b0"], shared["b2"]) and np.array_equal(shared["s0"], shared["s2"])
+    assert last_level_cache_bytes() >= 1 << 20

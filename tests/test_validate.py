@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from exporter.artifact import read_manifest
-from exporter.budget import DECODE_COST_KEYS, NODE_US_ESTIMATE, decode_costs, decode_terms
+from exporter.budget import (BYTES_PER_PARAM, DECODE_COST_KEYS, NODE_US_ESTIMATE, decode_costs, decode_terms,
+                             int4_stream_gbs)
 from exporter.cli import main
-from exporter.profiles import load_profile
+from exporter.profiles import load_profile, solve_decode_costs
 from exporter.validate import EXIT_BUDGET_FAILED, graph_stats, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,26 @@ def test_cost_model_terms_grow_with_bytes_nodes_and_quantized_weights():
     assert decode_terms(80e6, 400, {"int4": 0, "int8": 0}, costs)["dequant_ms"] == 0
 
 
+def test_bandwidth_figures_give_back_the_chains_they_are_solved_from():
+    # Synthetic decode-shaped nodes: 2 us each, fp32 weights read at 15 GB/s, int4 weights read at that
+    # rate plus 0.03 ns each of dequantisation the reads do not hide.
+    node_s, params = 2e-6, 576 * 1536
+    fp32_bytes, int4_bytes = params * 4, int(params * BYTES_PER_PARAM["int4"])
+    fp32_s, int4_s = node_s + fp32_bytes / 15e9, node_s + int4_bytes / 15e9 + params * 0.03e-9
+    costs = solve_decode_costs(fp32_s, fp32_bytes, int4_s, int4_bytes, params, node_s)
+    assert costs == pytest.approx({"gemv_bandwidth_gbs": 15.0, "int4_ns_per_param": 0.03}, rel=1e-3)
+    costs.update(node_us=node_s * 1e6, int8_ns_per_param=0.0)
+    # the cost model predicts a chain of 100 such int4 nodes as the measured time, term by term
+    terms = decode_terms(100 * int4_bytes, 100, {"int4": 100 * params, "int8": 0}, costs)
+    assert terms["decode_ms"] == pytest.approx(100 * int4_s * 1e3, rel=1e-3)
+    assert terms["overhead_ms"] == pytest.approx(0.2) and terms["dequant_ms"] == pytest.approx(100 * params * 0.03e-6)
+    int4_gbs = int4_stream_gbs(costs)  # int4's own effective rate, dequantisation included: below fp32's
+    assert int4_gbs == pytest.approx(int4_bytes / (int4_s - node_s) / 1e9, rel=1e-3) and int4_gbs < 15.0
+    # int4 streaming faster per byte than fp32 is counted at the fp32 rate: no negative dequantisation
+    faster = solve_decode_costs(fp32_s, fp32_bytes, node_s + int4_bytes / 30e9, int4_bytes, params, node_s)
+    assert faster["int4_ns_per_param"] == 0 and faster["gemv_bandwidth_gbs"] == pytest.approx(15.0)
+
+
 def test_host_decode_costs_are_measured_and_other_devices_estimated():
     costs, source = decode_costs(load_profile("host"))
     assert set(costs) == set(DECODE_COST_KEYS) and source.startswith("measured on this machine")
@@ -233,3 +254,15 @@ def test_bad_input_is_one_line(artifact, calib_file, tmp_path, capsys, case):
     code, out, err = validate(capsys, *args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and expected in err, err
     assert not (artifact / "validation").exists()
+
+
+def test_graph_stats_read_the_kv_cache_type_and_untied_embedding(tmp_path, tiny_models):
+    from exporter.graph_writer import write_decoder
+
+    llama_model = tiny_models.load("llama")  # untied embedding
+    fp32 = graph_stats(write_decoder(llama_model, tmp_path / "fp32"))
+    fp16 = graph_stats(write_decoder(llama_model, tmp_path / "fp16", weights="fp16"))
+    assert fp32["kv_bytes_per_elem"] == 4.0 and fp16["kv_bytes_per_elem"] == 2.0
+    config = llama_model.config
+    assert fp32["embedding_bytes"] == config.vocab_size * config.hidden_size * 4
+    assert fp16["embedding_bytes"] == fp32["embedding_bytes"] / 2
