@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import statistics
@@ -40,7 +39,7 @@ from exporter.evaluate import (evaluate_summarization, ort_perplexity, perplexit
 from exporter.importance import component_fisher  # noqa: E402
 from exporter.models import hf_directory, load_model, resolve_model  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
-from exporter.pipeline import branch_linears, choose_ranks, primary_linears  # noqa: E402
+from exporter.pipeline import branch_linears, choose_ranks, primary_linears, rank_multiples  # noqa: E402
 from exporter.runtime import OrtDecoder, Runtime  # noqa: E402
 
 try:
@@ -239,12 +238,11 @@ def main(argv=None) -> int:
                 dense_projection = sum(p.params for p in projections)
                 budget = round((1.0 - row.ratio) * dense_projection)
                 options = None if row.calr == "-" else CorrectiveOptions(
-                    rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps,
-                    rank_multiple=args.block_size if row.weights == "int4" else 1)  # as the export does
-                multiple = args.rank_multiple
-                if row.weights == "int4":  # as the export does: ranks in whole int4 blocks
-                    multiple = math.lcm(multiple, args.block_size)
-                ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher, budget, options, multiple)
+                    rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
+                multiple, base_multiple, options = rank_multiples(  # as the export does
+                    row.allocation, args.rank_multiple, options, args.block_size if row.weights == "int4" else None)
+                ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher, budget, options, multiple,
+                                                     base_multiple)
                 search_s = time.perf_counter() - start if row.allocation == "fisher" else float("nan")
                 candidate = copy.deepcopy(model)
                 apply_ranks(candidate, decompositions[row.method], ranks)

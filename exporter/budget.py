@@ -1,10 +1,11 @@
 """From a device profile's RAM and latency budgets to a byte budget for the model's weights.
 
 RAM: weights + KV cache at the profile's max context + runtime overhead must fit the model's RAM
-budget. Decode: bandwidth-bound on edge devices (every weight and the KV cache are read once per
-token), so a decode budget of t ms allows t * effective bandwidth bytes per token. Prefill:
-compute-bound (2 FLOPs per parameter per prompt token), so a prefill budget of t ms for n tokens
-allows t * effective throughput / (2 n) parameters.
+budget. Decode: the cost model below (the one `exporter validate` checks against measurements): a
+decode budget of t ms, less the per-node cost of the graph and the KV cache traffic, allows the weight
+bytes that stream in the rest of it at the precision's effective rate. Prefill: compute-bound (2 FLOPs
+per parameter per prompt token), so a prefill budget of t ms for n tokens allows t * effective
+throughput / (2 n) parameters.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ BANDWIDTH_EFFICIENCY = 0.7
 COMPUTE_EFFICIENCY = 0.5
 # int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
+# The KV cache's element size at each weight precision: fp16 graphs keep it at fp16, the others
+# (quantized graphs too: their activations stay fp32) at fp32.
+KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0, "int8": 4.0, "int4": 4.0}
+# Times a decode step moves the KV cache: the graphs return the whole cache each step (present = past
+# + the new token: past read, present written), attention reads present, and the runtime copies
+# present out of the session (read and written again).
+KV_PASSES = 5
+# Nodes of the fused graph (graph_writer) that budget planning counts, before the ranks are known: per
+# layer 2 skip-norms, attention, the dense q/k/v, o, gate/up and down MatMuls, gate/up's Split, SiLU's
+# Sigmoid and 2 Muls (11), plus at most 8 more when every projection is factorized (one second-stage
+# MatMul each and q/k/v's Split; SmolLM2-135M: 341 nodes dense, 455 at 20% FLRC, 581 at most); and
+# the embedding, final norm, lm_head and attention-mask nodes.
+PLANNING_NODES_PER_LAYER = 19
+PLANNING_NODES_FIXED = 11
 
 # Decode cost model (exporter validate): per token, decode_ms = bandwidth_ms + overhead_ms + dequant_ms:
 #   bandwidth_ms = (weights read + KV cache traffic) bytes / the bandwidth a decode step's matrix-vector
@@ -82,12 +97,20 @@ class WeightBudget:
 
 
 def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
-    """The weight bytes a model may have on `profile`, with KV cache kept at the same precision."""
+    """The weight bytes a model may have on `profile` at `precision`. Decode: the cost model
+    (decode_terms) solved for the weight bytes, counting the fused graph's nodes with every projection
+    factorized (PLANNING_NODES_*) and the KV cache traffic at the profile's prompt length, as
+    `exporter validate` predicts and measures it."""
     per = BYTES_PER_PARAM[precision]
-    kv = kv_cache_bytes(config, profile.budget.max_context, max(per, 2.0))  # caches stay >= fp16
+    kv_elem = KV_BYTES_PER_ELEM[precision]
+    kv = kv_cache_bytes(config, profile.budget.max_context, kv_elem)
     ram = profile.budget.model_ram_mb * MB - kv - RUNTIME_OVERHEAD_MB * MB
-    bandwidth = profile.hardware.memory_bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY
-    latency = profile.budget.decode_ms_per_token / 1000.0 * bandwidth - kv
+    costs, _ = decode_costs(profile)
+    nodes = PLANNING_NODES_PER_LAYER * config.num_hidden_layers + PLANNING_NODES_FIXED
+    kv_traffic = KV_PASSES * kv_cache_bytes(config, profile.budget.prefill_prompt_tokens, kv_elem)
+    weight_s = (profile.budget.decode_ms_per_token / 1e3 - nodes * costs["node_us"] / 1e6
+                - kv_traffic / (costs["gemv_bandwidth_gbs"] * 1e9))
+    latency = max(weight_s, 0.0) * stream_gbs(costs, precision) * 1e9
     compute = profile.hardware.compute_tflops
     tflops = compute.get(precision) or compute.get("fp32") or max(compute.values())
     prefill_params = (profile.budget.prefill_ms / 1000.0 * tflops * 1e12 * COMPUTE_EFFICIENCY
@@ -140,8 +163,14 @@ def decode_costs(profile) -> tuple[dict[str, float], str]:
 def int4_stream_gbs(costs: dict[str, float]) -> float:
     """The bytes/s int4 weights (BYTES_PER_PARAM["int4"] each) stream at in the cost model: their bytes
     at gemv_bandwidth_gbs plus int4_ns_per_param each."""
-    per = BYTES_PER_PARAM["int4"]
-    return per / (per / costs["gemv_bandwidth_gbs"] + costs["int4_ns_per_param"])
+    return stream_gbs(costs, "int4")
+
+
+def stream_gbs(costs: dict[str, float], precision: str) -> float:
+    """The bytes/s weights stored at `precision` stream at in the cost model: their bytes at
+    gemv_bandwidth_gbs plus, for int4 and int8, their dequantisation per weight."""
+    per = BYTES_PER_PARAM[precision]
+    return per / (per / costs["gemv_bandwidth_gbs"] + costs.get(f"{precision}_ns_per_param", 0.0))
 
 
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],

@@ -144,12 +144,9 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     if options.weights not in WEIGHTS:
         raise ExporterError(f"unknown --weights {options.weights!r}; expected one of {', '.join(WEIGHTS)}")
     budget = weight_budget(profile, model.config, options.weights)
-    multiple = base_multiple = profile.runtime.rank_multiple if options.allocation == "fisher" else 1
-    if options.weights == "int4" and options.allocation == "fisher":
-        # Ranks in whole int4 blocks: MatMulNBits blocks run along the rank in U, so a rank that ends
-        # mid-block would share a scale with the corrective branch folded after it (and the
-        # rank-sliced levels cut the same blocks).
-        multiple = math.lcm(multiple, options.block_size)
+    multiple, base_multiple, correctives = rank_multiples(
+        options.allocation, profile.runtime.rank_multiple, options.correctives,
+        options.block_size if options.weights == "int4" else None)
 
     if options.ratio is not None:
         uniform_ranks(projections, options.ratio)  # validates the range
@@ -183,9 +180,6 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
             plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
                                                progress=options.progress)
 
-    correctives = options.correctives
-    if correctives is not None and options.weights == "int4":
-        correctives = replace(correctives, rank_multiple=options.block_size)
     with clock.stage("allocate"):
         ranks, _, plan.allocation, plan.rank_multiple = choose_ranks(
             projections, options.allocation, plan.importance, target_params, correctives, multiple, base_multiple)
@@ -206,6 +200,23 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
                 fake_quantize_linears(branch_linears(model, projections), options.block_size)
         del teacher
     return plan
+
+
+def rank_multiples(allocation: str, profile_multiple: int, correctives: CorrectiveOptions | None,
+                   int4_block: int | None = None) -> tuple[int, int, CorrectiveOptions | None]:
+    """(primary rank multiple, fallback multiple, corrective options) of an export: Fisher ranks in
+    multiples of the profile's `rank_multiple` (uniform ranks unrounded). int4 (`int4_block`, its block
+    size): Fisher ranks in whole blocks where they fit (MatMulNBits blocks run along the rank in U, so a
+    rank ending mid-block would share a scale with the corrective branch folded after it, and the rank
+    levels cut the same blocks), and branch ranks rounded up to whole blocks (MatMulNBits pads a partial
+    block of K with zeros)."""
+    multiple = base = profile_multiple if allocation == "fisher" else 1
+    if int4_block:
+        if allocation == "fisher":
+            multiple = math.lcm(multiple, int4_block)
+        if correctives is not None:
+            correctives = replace(correctives, rank_multiple=int4_block)
+    return multiple, base, correctives
 
 
 def choose_ranks(projections, allocation: str, importance: dict | None, target_params: int,

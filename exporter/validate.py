@@ -37,10 +37,6 @@ LOAD_NODES = 64  # MatMulNBits nodes of load_gauge's graph
 LOAD_WINDOW_S = 0.3  # each load_gauge measurement, before and after the probe
 SUMMARY_NEW_TOKENS = 96  # summary length cap of the ROUGE check (exporter evaluate's default)
 KV_BYTES_PER_ELEM = 4.0  # fp32 KV cache: graphs without a past_key_values input of another type
-# Times a decode step moves the KV cache: the graphs return the whole cache each step (present = past
-# + the new token: past read, present written), attention reads present, and the runtime copies
-# present out of the session (read and written again).
-KV_PASSES = 5
 # Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
 INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
@@ -136,8 +132,8 @@ def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict
     the caches (exporter.profiles._measure_decode_costs), plus a cost per graph node, plus the
     dequantisation of int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per
     parameter per token (compute-bound); RAM holds weights, the KV cache at max_context and the runtime."""
-    from .budget import (COMPUTE_EFFICIENCY, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms, int4_stream_gbs,
-                         kv_cache_bytes)
+    from .budget import (COMPUTE_EFFICIENCY, KV_PASSES, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms,
+                         int4_stream_gbs, kv_cache_bytes)
 
     config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
     stored = model_bytes(artifact, manifest)

@@ -158,6 +158,35 @@ def test_bandwidth_figures_give_back_the_chains_they_are_solved_from():
     assert faster["int4_ns_per_param"] == 0 and faster["gemv_bandwidth_gbs"] == pytest.approx(15.0)
 
 
+def test_decode_budget_is_the_cost_model_solved_for_weight_bytes():
+    from exporter.budget import (KV_PASSES, PLANNING_NODES_FIXED, PLANNING_NODES_PER_LAYER, kv_cache_bytes,
+                                 weight_budget)
+
+    config = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    costs = {"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.02}
+    profile = SimpleNamespace(
+        hardware=SimpleNamespace(memory_bandwidth_gbs=20.0, compute_tflops={"fp32": 1.0}, decode_costs=costs),
+        budget=SimpleNamespace(model_ram_mb=4096, decode_ms_per_token=5.0, prefill_ms=1e4, prefill_prompt_tokens=64,
+                               max_context=256))
+    nodes = PLANNING_NODES_PER_LAYER * 4 + PLANNING_NODES_FIXED
+    for precision, kv_elem in (("fp32", 4), ("fp16", 2), ("int8", 4), ("int4", 4)):
+        budget = weight_budget(profile, config, precision)
+        assert budget.binding == "decode latency"
+        weights = budget.latency_bytes
+        params = weights / BYTES_PER_PARAM[precision]
+        quantized = {"int4": params if precision == "int4" else 0, "int8": params if precision == "int8" else 0}
+        kv = KV_PASSES * kv_cache_bytes(config, 64, kv_elem)
+        # a model of exactly that many weight bytes is predicted to decode in the budget
+        assert decode_terms(weights + kv, nodes, quantized, costs)["decode_ms"] == pytest.approx(5.0)
+    # int4 weights stream slower per byte (dequantisation) but hold 7x the parameters per byte
+    fp32, int4 = weight_budget(profile, config, "fp32"), weight_budget(profile, config, "int4")
+    assert int4.latency_bytes < fp32.latency_bytes
+    assert int4.latency_bytes / BYTES_PER_PARAM["int4"] > fp32.latency_bytes / BYTES_PER_PARAM["fp32"]
+    # a budget the graph's nodes alone exceed allows no weights
+    profile.budget.decode_ms_per_token = nodes * 2.0 / 1e3 * 0.9
+    assert weight_budget(profile, config, "fp32").latency_bytes == 0
+
+
 def test_host_decode_costs_are_measured_and_other_devices_estimated():
     costs, source = decode_costs(load_profile("host"))
     assert set(costs) == set(DECODE_COST_KEYS) and source.startswith("measured on this machine")
