@@ -99,6 +99,10 @@ ROWS = {
     "writer-flrc-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4"),
     "writer-flrc-55-int4": spec("whitened", "fisher", 0.55, "writer", "int4"),
     "writer-flrc-70-int4": spec("whitened", "fisher", 0.7, "writer", "int4"),
+    # int8 (quantize_dynamic: per-channel int8 weights, activations quantized at run time)
+    "writer-dense-int8": spec("dense", "-", 0.0, "writer", "int8"),
+    "writer-flrc-20-int8": spec("whitened", "fisher", 0.2, "writer", "int8"),
+    "writer-flrc-40-int8": spec("whitened", "fisher", 0.4, "writer", "int8"),
     # CALR: corrective branches at the same total parameters (primary ranks shrink to pay for them)
     "calr-20": spec("whitened", "uniform", 0.2, calr="fp32"),
     "calr-40": spec("whitened", "uniform", 0.4, calr="fp32"),

@@ -489,8 +489,8 @@ def _check_levels(plan: Plan, options: ExportOptions, staging: Path, entries: li
     from .errors import ParityError
     from .graph_writer import level_ranks, sliced_copy
     from .runtime import schedule_text
-    from .schedule import (HORIZON_TOKENS, POSITION_BUCKETS, RULE, TOLERANCE_NATS, derive_schedule,
-                           nll_increase, token_nll)
+    from .schedule import (FULL_RANK_TOKENS, HORIZON_TOKENS, POSITION_BUCKETS, RULE, TOLERANCE_NATS,
+                           derive_schedule, nll_increase, token_nll)
 
     model, quantized = plan.model, options.weights != "fp32"
     windows, calibration = _held_out_windows(plan, options)
@@ -517,7 +517,7 @@ def _check_levels(plan: Plan, options: ExportOptions, staging: Path, entries: li
         checked.append(entry)
         del reference
     derivation = {"source": "calibration", "rule": RULE, "horizon_tokens": HORIZON_TOKENS,
-                  "tolerance_nats": TOLERANCE_NATS, "calibration": calibration}
+                  "tolerance_nats": TOLERANCE_NATS, "full_rank_tokens": FULL_RANK_TOKENS, "calibration": calibration}
     if base is None:
         derivation["source"] = "static: " + calibration
         return checked, derivation

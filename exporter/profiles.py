@@ -441,9 +441,13 @@ def last_level_cache_bytes() -> int:
 # the size class of the matrices (a decode step of the small decoders this tool targets reads most of
 # its bytes from 0.1-3.5 MB matrices, with a thread-pool join between them), which these shapes share.
 # The chain's length does scale, with the cache: STREAM_CACHE_MULTIPLE x the last-level cache, so a
-# run reads its weights from memory, not from a cache that held them since the previous run.
+# run reads its weights from memory, not from a cache that held them since the previous run. 3x was not
+# enough: the 32 MB L3 of this project's host still served part of a 96 MB chain (fp32 34-36 GB/s vs
+# 29-33 at 8x and 28-31 at 16x; three alternating measurements each, `exporter validate` of 20% SmolLM2
+# exports then predicted int4 0.70 and fp32 0.75 of the measured decode at 3x, 0.78 and 0.85 at 8x,
+# 0.80 and 0.88 at 16x, before the load factor). 8x: the smallest that reads from memory.
 DECODE_SHAPES = (576, 1536)
-STREAM_CACHE_MULTIPLE = 3
+STREAM_CACHE_MULTIPLE = 8
 
 
 def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: float, int4_node_bytes: int,
@@ -463,7 +467,7 @@ def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: fl
 
 
 def _measure_decode_costs() -> dict[str, float]:
-    """What one decode step costs in ONNX Runtime here (about 1-2 s; empty where onnxruntime or onnx
+    """What one decode step costs in ONNX Runtime here (about 2-3 s; empty where onnxruntime or onnx
     is missing, and the cost model then uses its estimates):
 
     * gemv_bandwidth_gbs: bytes/s of a chain of fp32 MatMul alternating DECODE_SHAPES (3.5 MB each),

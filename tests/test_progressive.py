@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from exporter.cli import main
+from exporter.errors import ExporterError
 from exporter.graph_writer import level_ranks, sliced_copy
 from exporter.runtime import Runtime, level_at, parse_schedule
 from exporter.schedule import derive_schedule, level_start, mean_over_tokens, nll_increase, token_nll
@@ -98,7 +99,8 @@ def test_schedule_is_derived_from_the_recorded_measurements(progressive):
     derivation, levels = manifest["schedule_derivation"], manifest["levels"]
     assert derivation["source"] == "calibration" and "last 2 windows" in derivation["calibration"]
     expected = derive_schedule([e["name"] for e in levels], [e["nll_increase"] for e in levels],
-                               derivation["horizon_tokens"], derivation["tolerance_nats"])
+                               derivation["horizon_tokens"], derivation["tolerance_nats"],
+                               derivation["full_rank_tokens"])
     assert [(e["level"], e["start"]) for e in manifest["schedule"]] == expected
     assert Runtime(progressive[0]).schedule == expected
 
@@ -167,8 +169,17 @@ def test_level_start_rule():
                                                                                    ("r70", 88)]
     assert derive_schedule(names, [0.0, 0.3, 0.2], 128, 8.0) == [("r100", 0), ("r70", 88)]  # r85 costs more
     assert derive_schedule(names, [0.0, 1.0, 2.0], 128, 0.5) == [("r100", 0)]  # no level fits the horizon
-    assert derive_schedule(names, [0.0, -0.01, 0.0], 128, 8.0) == [("r100", 0), ("r70", 1)]
-    assert level_start(0.0) == 1 and level_start(100.0, 128, 8.0) == 128
+    # cheap levels wait for the full-rank tokens; without them they start at the first generated token
+    assert derive_schedule(names, [0.0, -0.01, 0.0], 128, 8.0) == [("r100", 0), ("r70", 32)]
+    assert derive_schedule(names, [0.0, -0.01, 0.0], 128, 8.0, full_rank_tokens=0) == [("r100", 0), ("r70", 1)]
+    assert level_start(0.0) == 32 and level_start(0.0, full_rank_tokens=0) == 1
+    assert level_start(100.0, 128, 8.0) == 128
+    # the SmolLM2-135M measurements (FLRC 20% + CALR) the full-rank prefix was chosen on (schedule.py's doc)
+    assert derive_schedule(names, [0.0, 0.05945, 0.17223], full_rank_tokens=1) == [("r100", 0), ("r85", 1),
+                                                                                   ("r70", 82)]
+    assert derive_schedule(names, [0.0, 0.05945, 0.17223]) == [("r100", 0), ("r85", 32), ("r70", 82)]
+    with pytest.raises(ExporterError, match="full_rank_tokens"):
+        derive_schedule(names, [0.0, 0.1, 0.2], full_rank_tokens=-1)
 
 
 def test_level_start_is_monotone():
