@@ -108,9 +108,8 @@ def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
     costs, _ = decode_costs(profile)
     nodes = PLANNING_NODES_PER_LAYER * config.num_hidden_layers + PLANNING_NODES_FIXED
     kv_traffic = KV_PASSES * kv_cache_bytes(config, profile.budget.prefill_prompt_tokens, kv_elem)
-    weight_s = (profile.budget.decode_ms_per_token / 1e3 - nodes * costs["node_us"] / 1e6
-                - kv_traffic / (costs["gemv_bandwidth_gbs"] * 1e9))
-    latency = max(weight_s, 0.0) * stream_gbs(costs, precision) * 1e9
+    fixed_ms = decode_terms(kv_traffic, nodes, {}, costs)["decode_ms"]  # the step without its weights
+    latency = max(profile.budget.decode_ms_per_token - fixed_ms, 0.0) / 1e3 * stream_gbs(costs, precision) * 1e9
     compute = profile.hardware.compute_tflops
     tflops = compute.get(precision) or compute.get("fp32") or max(compute.values())
     prefill_params = (profile.budget.prefill_ms / 1000.0 * tflops * 1e12 * COMPUTE_EFFICIENCY

@@ -380,15 +380,12 @@ def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: b
 
     import numpy as np
 
-    nodes, large, x = [], {}, "x"
-    for i in range(length):
-        y = "y" if i == length - 1 else f"t{i}"
-        rows, cols = sizes if i % 2 == 0 else sizes[::-1]
+    nodes, large = [], {}
+    for i, (x, y, rows, cols) in enumerate(_alternating(length, sizes)):
         large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block // 2))
         large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
         nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
                                       K=rows, N=cols, bits=4, block_size=block, accuracy_level=4))
-        x = y
     return nodes, _distinct(large) if distinct else large
 
 
@@ -399,14 +396,22 @@ def fp32_chain(length: int, sizes: tuple[int, int]) -> tuple[list, dict]:
 
     import numpy as np
 
-    nodes, large, x = [], {}, "x"
+    nodes, large = [], {}
+    for i, (x, y, rows, cols) in enumerate(_alternating(length, sizes)):
+        large[f"w{i}"] = np.full((rows, cols), 0.01, np.float32)
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+    return nodes, _distinct(large)
+
+
+def _alternating(length: int, sizes: tuple[int, int]):
+    """(input, output, in size, out size) of each node of a chain from x to y alternating
+    sizes[0] -> sizes[1] -> sizes[0]."""
+    x = "x"
     for i in range(length):
         y = "y" if i == length - 1 else f"t{i}"
         rows, cols = sizes if i % 2 == 0 else sizes[::-1]
-        large[f"w{i}"] = np.full((rows, cols), 0.01, np.float32)
-        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+        yield x, y, rows, cols
         x = y
-    return nodes, _distinct(large)
 
 
 def _distinct(weights: dict) -> dict:

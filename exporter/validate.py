@@ -36,7 +36,6 @@ COST_MODEL_TARGET = 0.2  # predicted decode latency within +-20% of the measured
 LOAD_NODES = 64  # MatMulNBits nodes of load_gauge's graph
 LOAD_WINDOW_S = 0.3  # each load_gauge measurement, before and after the probe
 SUMMARY_NEW_TOKENS = 96  # summary length cap of the ROUGE check (exporter evaluate's default)
-KV_BYTES_PER_ELEM = 4.0  # fp32 KV cache: graphs without a past_key_values input of another type
 # Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
 INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
@@ -102,12 +101,14 @@ def graph_stats(model_path: Path) -> dict:
     Reads the graph only (load_external_data=False)."""
     import onnx
 
+    from .budget import KV_BYTES_PER_ELEM
+
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends on a corrupt file
         raise ExporterError(f"cannot read {model_path}: {type(exc).__name__}: {exc}") from None
     initializers = {t.name: t for t in model.graph.initializer}
-    kv_bytes = KV_BYTES_PER_ELEM  # fp16 graphs keep the cache at 2 bytes
+    kv_bytes = KV_BYTES_PER_ELEM["fp32"]  # unless a past_key_values input says otherwise (fp16 graphs)
     for value in model.graph.input:
         if value.name.startswith("past_key_values."):
             kv_bytes = float(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize)
