@@ -44,6 +44,9 @@ class Runtime:
     weight_precision: str
     # Ranks are rounded to multiples of this: matrix kernels run full tiles only at such sizes.
     rank_multiple: int = 16
+    # Provider name -> its ONNX Runtime provider options (strings), for every session on the device
+    # (runtime_tests, README's app snippets), e.g. CUDA's attention kernel choice.
+    provider_options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -193,15 +196,26 @@ def _parse(path: Path, builtin: bool) -> DeviceProfile:
         sources=sources,
     )
 
-    rt = top.sub("runtime", ("execution_providers", "weight_precision", "rank_multiple"))
+    rt = top.sub("runtime", ("execution_providers", "weight_precision", "rank_multiple", "provider_options"))
+    providers = tuple(rt.get("execution_providers", lambda v: _text_list(v) and len(v) > 0,
+                             "expected a non-empty list of provider names"))
+    options = rt.get("provider_options", lambda v: isinstance(v, dict) and all(k in providers for k in v),
+                     f"expected a table keyed by the profile's execution providers ({', '.join(providers)})",
+                     default={})
+    for provider, values in options.items():
+        field = f"runtime.provider_options.{provider}"
+        if not isinstance(values, dict) or not all(isinstance(v, (str, int, float, bool)) for v in values.values()):
+            raise ProfileError(f"{path}: field '{field}': expected a table of option = value, got "
+                               f"{_short_repr(values)}")
     runtime = Runtime(
-        execution_providers=tuple(rt.get(
-            "execution_providers", lambda v: _text_list(v) and len(v) > 0,
-            "expected a non-empty list of provider names")),
+        execution_providers=providers,
         weight_precision=rt.get(
             "weight_precision", lambda v: v in WEIGHT_PRECISIONS,
             f"expected one of {', '.join(WEIGHT_PRECISIONS)}"),
         rank_multiple=rt.get("rank_multiple", _positive_int, "expected a positive integer", default=16),
+        # ONNX Runtime takes provider options as strings (TOML booleans as its "1"/"0").
+        provider_options={provider: {key: str(int(v)) if isinstance(v, bool) else str(v) for key, v in values.items()}
+                          for provider, values in options.items()},
     )
 
     bd = top.sub("budget", (
@@ -592,6 +606,8 @@ def format_profile(p: DeviceProfile) -> str:
         f"  execution providers: {', '.join(rt.execution_providers)}",
         f"  weight precision:    {rt.weight_precision}",
         f"  rank multiple:       {rt.rank_multiple}",
+        *(f"  {provider} options: " + ", ".join(f"{k}={v}" for k, v in values.items())
+          for provider, values in rt.provider_options.items()),
         "budget:",
         f"  model RAM:   {bd.model_ram_mb:g} MB (weights + KV cache + runtime)",
         f"  decode:      {bd.decode_ms_per_token:g} ms/token",

@@ -358,7 +358,12 @@ class Runtime:
             if not (self.directory / level.file).is_file():
                 raise ExporterError(f"{directory} is not a complete artifact: "
                                     f"level {level.name}'s {level.file} is missing")
-        self.threads, self.providers = threads, providers
+        # Providers named without options take the artifact's device profile's (runtime.provider_options,
+        # e.g. the Jetson profiles' CUDA attention backend); (name, options) pairs are used as given.
+        recorded = ((self.manifest.get("profile") or {}).get("runtime") or {}).get("provider_options") or {}
+        self.threads = threads
+        self.providers = providers and [(p, dict(recorded[p])) if isinstance(p, str) and recorded.get(p) else p
+                                        for p in providers]
         self._decoders: dict[tuple[str, bool], OrtDecoder] = {}  # (level, shared weights) -> decoder
         self._shared = None  # SharedWeights of the shared sessions: it must outlive them
 

@@ -172,17 +172,24 @@ def providers(profile) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def decoder(model_path, providers):
-    from ort_loop import Decoder
-
-    return Decoder(model_path, providers)
+def provider_options(profile) -> dict:
+    """The profile's runtime.provider_options: {provider: {option: value}} (may be empty)."""
+    return profile["runtime"].get("provider_options") or {}
 
 
 @pytest.fixture(scope="session")
-def probe(model_path, providers, profile) -> dict:
+def decoder(model_path, providers, provider_options):
+    from ort_loop import Decoder
+
+    return Decoder(model_path, providers, provider_options=provider_options)
+
+
+@pytest.fixture(scope="session")
+def probe(model_path, providers, provider_options, profile) -> dict:
     """Latency and peak RSS of a fresh process that loads the model and decodes (ort_loop.py)."""
     prompt = int(profile["budget"]["prefill_prompt_tokens"])
     command = [sys.executable, str(HERE / "ort_loop.py"), str(model_path), "--providers", ",".join(providers),
+               "--provider-options", json.dumps(provider_options),
                "--prompt-tokens", str(prompt), "--new-tokens", str(DECODE_TOKENS)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -24,13 +24,21 @@ PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def with_options(providers, provider_options: dict | None = None) -> list:
+    """ONNX Runtime's providers argument: each name, as (name, options) where the profile gives options."""
+    provider_options = provider_options or {}
+    return [(name, dict(provider_options[name])) if provider_options.get(name) else name for name in providers]
+
+
 class Decoder:
-    def __init__(self, model_path, providers=("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(self, model_path, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 provider_options: dict | None = None):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.path = Path(model_path)
-        self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        self.session = ort.InferenceSession(str(model_path), options,
+                                            providers=with_options(providers, provider_options))
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past = [n for n in self.inputs if PAST.fullmatch(n)]
@@ -89,9 +97,10 @@ def peak_rss_mb() -> float:
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
-def probe(model_path, providers, prompt_tokens: int, new_tokens: int, threads=None, seed: int = 0) -> dict:
+def probe(model_path, providers, prompt_tokens: int, new_tokens: int, threads=None, seed: int = 0,
+          provider_options: dict | None = None) -> dict:
     start = time.perf_counter()
-    decoder = Decoder(model_path, providers, threads)
+    decoder = Decoder(model_path, providers, threads, provider_options)
     load_s = time.perf_counter() - start
     limit = decoder.config.get("max_position_embeddings")
     if limit and prompt_tokens + new_tokens > limit:  # rotary tables end there
@@ -135,8 +144,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's)")
+    parser.add_argument("--provider-options", type=json.loads, default={},
+                        help='JSON: {"PROVIDER": {"option": "value"}} (a device profile\'s runtime.provider_options)')
     args = parser.parse_args()
-    print(json.dumps(probe(args.model, args.providers.split(","), args.prompt_tokens, args.new_tokens, args.threads)))
+    print(json.dumps(probe(args.model, args.providers.split(","), args.prompt_tokens, args.new_tokens, args.threads,
+                           provider_options=args.provider_options)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 
-def test_model_runs_with_provider(provider, model_path):
+def test_model_runs_with_provider(provider, model_path, provider_options):
     available = ort.get_available_providers()
     if provider not in available:
         pytest.skip(f"{provider} is not in this onnxruntime {ort.__version__} build (it has {', '.join(available)})")
@@ -13,7 +13,7 @@ def test_model_runs_with_provider(provider, model_path):
 
     # CPU behind an accelerator runs the nodes it lacks, as apps configure it.
     fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
-    decoder = Decoder(model_path, [provider, *fallback])
+    decoder = Decoder(model_path, [provider, *fallback], provider_options=provider_options)
     active = decoder.session.get_providers()
     assert active[0] == provider, f"{provider} did not load (onnxruntime fell back to {active})"
     logits, _ = decoder.step([1, 2, 3, 4], decoder.empty_cache(), 0)

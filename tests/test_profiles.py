@@ -103,6 +103,20 @@ def test_user_toml_path_loads(tmp_path):
     assert p.hardware.compute_tflops == {"fp32": 0.1, "int8": 0.4}
 
 
+def test_provider_options_reach_the_manifest_as_strings(tmp_path):
+    text = VALID.replace('weight_precision = "int8"', 'weight_precision = "int8"\n'
+                         'provider_options.CPUExecutionProvider = { arena_extend_strategy = 1, use_arena = true }')
+    p = load_profile(str(write(tmp_path, text)))
+    options = {"CPUExecutionProvider": {"arena_extend_strategy": "1", "use_arena": "1"}}
+    assert p.runtime.provider_options == options
+    assert p.to_dict()["runtime"]["provider_options"] == options
+    assert "CPUExecutionProvider options: arena_extend_strategy=1, use_arena=1" in format_profile(p)
+    assert load_profile(str(write(tmp_path, VALID, "plain.toml"))).runtime.provider_options == {}
+    # Every Jetson profile keeps GroupQueryAttention off cuDNN's flash attention (README "Jetson").
+    for name in ("jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"):
+        assert load_profile(name).runtime.provider_options == {"CUDAExecutionProvider": {"sdpa_kernel": "3"}}
+
+
 def test_missing_user_file(tmp_path):
     with pytest.raises(ProfileError, match="not found"):
         load_profile(str(tmp_path / "absent.toml"))
@@ -124,6 +138,10 @@ def test_missing_user_file(tmp_path):
         ("int8 = 0.4", "int4 = 0.4", "hardware.compute_tflops.int4", "unknown key"),
         ("measured = false", "measured = false\nmesured = true", "mesured", "unknown key"),
         ("max_context = 2048", "max_context = 2048\nmax_ctx = 4096", "budget.max_ctx", "unknown key"),
+        ('weight_precision = "int8"', 'weight_precision = "int8"\nprovider_options.CUDAExecutionProvider = {}',
+         "runtime.provider_options", "keyed by the profile's execution providers (CPUExecutionProvider)"),
+        ('weight_precision = "int8"', 'weight_precision = "int8"\nprovider_options.CPUExecutionProvider = 3',
+         "runtime.provider_options.CPUExecutionProvider", "expected a table of option = value"),
     ],
 )
 def test_malformed_profile_names_file_and_field(tmp_path, old, new, field, expected):

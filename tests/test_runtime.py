@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +249,18 @@ def test_runtime_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_providers_take_the_profile_options(leveled, tmp_path):
+    """Providers named plainly get the artifact profile's provider_options (the Jetson profiles' CUDA
+    attention backend); (name, options) pairs are kept as given; no providers: the CPU, as before."""
+    _, _, out = leveled
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["profile"] = {"runtime": {"provider_options": {"CUDAExecutionProvider": {"sdpa_kernel": "3"}}}}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    runtime = Runtime(copy, providers=["CUDAExecutionProvider", ("CPUExecutionProvider", {}), "CPUExecutionProvider"])
+    assert runtime.providers == [("CUDAExecutionProvider", {"sdpa_kernel": "3"}), ("CPUExecutionProvider", {}),
+                                 "CPUExecutionProvider"]
+    assert Runtime(copy).providers is None
+    assert Runtime(out, providers=["CUDAExecutionProvider"]).providers == ["CUDAExecutionProvider"]

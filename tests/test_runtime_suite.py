@@ -129,3 +129,27 @@ def test_without_an_artifact_the_suite_skips(tmp_path):
 def test_not_an_artifact_is_a_usage_error(tmp_path):
     code, output, _ = run_suite(tmp_path, "--artifact", tmp_path)
     assert code == 4 and "not an artifact directory (no manifest.json)" in output
+
+
+def test_profile_provider_options_reach_the_session(monkeypatch):
+    """A profile's runtime.provider_options (the Jetson profiles' CUDA attention choice) are what
+    ort_loop hands ONNX Runtime, for its providers only; CI has no CUDA, so the session is captured."""
+    sys.path.insert(0, str(REPO / "runtime_tests"))
+    try:
+        import ort_loop
+    finally:
+        sys.path.pop(0)
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def session(path, options, providers):
+        seen["providers"] = providers
+        raise Captured
+
+    monkeypatch.setattr(ort_loop.ort, "InferenceSession", session)
+    with pytest.raises(Captured):
+        ort_loop.Decoder("model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                         provider_options={"CUDAExecutionProvider": {"sdpa_kernel": "3"}, "QNNExecutionProvider": {}})
+    assert seen["providers"] == [("CUDAExecutionProvider", {"sdpa_kernel": "3"}), "CPUExecutionProvider"]
