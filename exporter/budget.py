@@ -96,13 +96,14 @@ class WeightBudget:
         return {**asdict(self), "bytes": self.bytes, "binding": self.binding}
 
 
-def weight_budget(profile, config, precision: str = "fp32") -> WeightBudget:
+def weight_budget(profile, config, precision: str = "fp32", activations: str | None = None) -> WeightBudget:
     """The weight bytes a model may have on `profile` at `precision`. Decode: the cost model
     (decode_terms) solved for the weight bytes, counting the fused graph's nodes with every projection
     factorized (PLANNING_NODES_*) and the KV cache traffic at the profile's prompt length, as
-    `exporter validate` predicts and measures it."""
+    `exporter validate` predicts and measures it. `activations` ("fp32"/"fp16"; None: as the precision's
+    graph keeps them, KV_BYTES_PER_ELEM) sets the KV cache's element size."""
     per = BYTES_PER_PARAM[precision]
-    kv_elem = KV_BYTES_PER_ELEM[precision]
+    kv_elem = KV_BYTES_PER_ELEM[activations or precision]
     kv = kv_cache_bytes(config, profile.budget.max_context, kv_elem)
     ram = profile.budget.model_ram_mb * MB - kv - RUNTIME_OVERHEAD_MB * MB
     costs, _ = decode_costs(profile)

@@ -186,9 +186,14 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
     command.add_argument("--fisher-samples", type=_positive_int, default=8,
                          help="calibration sequences used for Fisher importance (default: 8)")
-    command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
-                         help="weight precision of the ONNX graph; the budget counts bytes at it (default: fp32). "
-                         "fp16 also keeps activations, KV cache and logits in fp16, for the CUDA provider (Jetson)")
+    command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"],
+                         help="weight precision of the ONNX graph; the budget counts bytes at it (default: the "
+                         "device profile's weight_precision: fp32 on host, fp16 on the Jetsons). fp16 also keeps "
+                         "activations, KV cache and logits in fp16, for the CUDA provider")
+    command.add_argument("--activations", choices=["fp32", "fp16"],
+                         help="activations, KV cache and logits (default: fp16 for fp16 weights, and for int4 "
+                         "weights when the profile's first provider is CUDA, which runs attention in fp16 only; "
+                         "else fp32). int4 takes either; fp32, fp16 and int8 weights only their default")
     command.add_argument("--correctives", action=argparse.BooleanOptionalAction, default=True,
                          help="a CALR corrective branch beside every factorized projection, trained to recover the "
                          "model's function; they count in the budget (default: on; --no-correctives: plain SVD path)")
@@ -215,7 +220,8 @@ def _options(args):
         budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
-        weights=args.weights, graph=getattr(args, "graph", "auto"), block_size=getattr(args, "block_size", 32),
+        weights=args.weights, activations=args.activations, graph=getattr(args, "graph", "auto"),
+        block_size=getattr(args, "block_size", 32),
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
@@ -278,8 +284,8 @@ def format_summary(manifest: dict) -> str:
     times = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
     return "\n".join([
         f"artifact:   {manifest['artifact']} ({manifest['artifact_bytes'] / 1e6:.1f} MB on disk)",
-        f"device:     {manifest['profile']['name']} (weights {manifest['precision']}, "
-        f"{manifest['onnx']['graph']} graph)",
+        f"device:     {manifest['profile']['name']} (weights {manifest['precision']}, activations "
+        f"{manifest['onnx'].get('activations') or 'fp32'}, {manifest['onnx']['graph']} graph)",
         f"parameters: {p['total_params_dense'] / 1e6:.1f}M -> {p['total_params'] / 1e6:.1f}M "
         f"({p['projection_fraction_removed']:.1%} of decoder projections, {p['total_fraction_removed']:.1%} of all)",
         f"parity:     max |logit diff| {par['max_abs_logit_diff']:.2e}, greedy agreement "

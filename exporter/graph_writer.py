@@ -75,8 +75,13 @@ the attention mask's integer Gather and Cast runs on the GPU.
 
 Unsupported (NotImplementedError, so callers can fall back to the optimum export): dynamic / longrope
 rope scaling (sequence-length dependent), partial rotary, activations other than SiLU, architectures
-other than Llama/Mistral/Qwen2/Qwen3. Not written: int4/int8 weights with fp16 activations (the builder's
-CUDA int4 graphs); the quantized graphs keep fp32 activations and KV cache.
+other than Llama/Mistral/Qwen2/Qwen3.
+
+int4 weights with fp16 activations (`activations="fp16"`, the builder's CUDA int4 graph): the fp16 graph,
+then MatMulNBits with fp16 scales (ONNX Runtime's quantizer keeps B's type for them), so
+GroupQueryAttention stays on the CUDA provider as in the fp16 graph; the tied embedding gathers from
+lm_head's blocks as in fp32 int4. int8 (quantize_dynamic) reads fp32 MatMuls only: its graphs keep fp32
+activations, as fp32 weights do.
 """
 
 from __future__ import annotations
@@ -96,10 +101,12 @@ from .errors import ExporterError
 from .lowrank import CorrectedLinear, LowRankLinear
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-WEIGHT_FORMATS = ("fp32", "fp16", "int4", "int8")
 # Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
 # graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
+# The activation (and KV cache, logits) types each weight format can be written with; the first is the default.
+ACTIVATIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("fp32",), "int4": ("fp32", "fp16")}
+WEIGHT_FORMATS = tuple(ACTIVATIONS)
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
 # Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
@@ -807,14 +814,16 @@ def _save(proto, path: Path, small_weights: bool = False) -> None:
                     location=data.name, size_threshold=SIZE_THRESHOLD)
 
 
-def _check_weights(weights: str) -> None:
-    if weights not in WEIGHT_FORMATS:
+def check_activations(weights: str, activations: str | None) -> str:
+    """`activations` for `weights` (None: the default, ACTIVATIONS' first); ValueError for a pair not written."""
+    if weights not in ACTIVATIONS:
         raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
-
-
-def _float_type(weights: str):
-    """The float type `build_decoder` writes for `weights` (quantized formats start from fp32)."""
-    return FLOAT_TYPES.get(weights, np.float32)
+    allowed = ACTIVATIONS[weights]
+    if activations is None:
+        return allowed[0]
+    if activations not in allowed:
+        raise ValueError(f"{weights} weights are written with {' or '.join(allowed)} activations, not {activations}")
+    return activations
 
 
 def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path):
@@ -846,25 +855,27 @@ def _save_configs(model, out_dir: Path) -> None:
 
 def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
                   accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True,
-                  corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> Path:
+                  corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None) -> Path:
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
     weights: "fp32"; "fp16" (weights, activations, KV cache and logits in float16: the module docstring's
     "fp16 graphs"); "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
     MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
     corrective_form: how CALR branches are written, "folded" (default) or "separate" (module docstring).
+    activations: "fp32" or "fp16" (int4 only: the CUDA int4 graph); None: fp16 for fp16 weights, else fp32.
     """
     import onnx
 
-    _check_weights(weights)
+    activations = check_activations(weights, activations)  # its float type is build_decoder's dtype
     _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         proto = build_decoder(model, fuse=_fuse, share_tied=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                              dtype=_float_type(weights))
+                              dtype=FLOAT_TYPES[activations])
     proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
-    meta = {"weights": weights, "fused": str(_fuse), "corrective_form": corrective_form}
+    meta = {"weights": weights, "activations": activations, "fused": str(_fuse),
+            "corrective_form": corrective_form}
     if weights == "int4":
         meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
     _set_props(proto, meta)
@@ -1010,7 +1021,7 @@ def _point_into(proto, data: Path, index: dict) -> None:
 
 def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, weights: str = "fp32",
                  block_size: int = 32, accuracy_level: int | None = None, progress: bool = True,
-                 corrective_form: str = DEFAULT_CORRECTIVE_FORM) -> list[dict]:
+                 corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None) -> list[dict]:
     """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
     `levels` list.
 
@@ -1019,7 +1030,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     fraction, file, and rank_multiple (level ranks are rounded up to it: the int4 block size),
     active_factor_params (primary + corrective factor parameters of the low-rank projections) and
     weight_bytes (the initializers the level reads). `corrective_form` as in `write_decoder`; level ranks
-    then come from `level_ranks(model, fractions, rank_multiple, corrective_form)`.
+    then come from `level_ranks(model, fractions, rank_multiple, corrective_form)`; `activations` as there.
     """
     import onnx
     from onnx import numpy_helper
@@ -1029,6 +1040,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     _check_fractions(fractions)
     if weights not in LEVEL_WEIGHTS:
         raise ExporterError(f"rank levels are written with weights {', '.join(LEVEL_WEIGHTS)}, not {weights!r}")
+    activations = check_activations(weights, activations)
     _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1043,9 +1055,10 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
         with torch.no_grad():
             proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
                                   transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                                  dtype=_float_type(weights))
+                                  dtype=FLOAT_TYPES[activations])
         proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
-        meta = {"weights": weights, "level": name, "fraction": str(fraction), "corrective_form": corrective_form}
+        meta = {"weights": weights, "activations": activations, "level": name, "fraction": str(fraction),
+                "corrective_form": corrective_form}
         if weights == "int4":
             meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
         _set_props(proto, meta)

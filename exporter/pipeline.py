@@ -28,7 +28,8 @@ from .quant import fake_quantize_linears
 from .models import load_model, resolve_model
 from .genai_config import write_genai_config
 from .golden import write_golden
-from .graph_writer import unsupported_reason, write_decoder
+from .graph_writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
+from .graph_writer import WEIGHT_FORMATS as WEIGHTS
 from .onnx_export import check_parity, export_onnx
 from .profiles import load_profile
 from .report import allocation_curve, write_report
@@ -39,7 +40,6 @@ PARITY_PROMPT = (
 )
 ALLOCATIONS = ("fisher", "uniform")
 GRAPHS = ("auto", "fused", "optimum")
-WEIGHTS = ("fp32", "fp16", "int8", "int4")
 # A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
 # and the quantized graph's greedy agreement is recorded; this loose floor only catches a broken one.
 QUANTIZED_MIN_AGREEMENT = 0.25
@@ -62,7 +62,10 @@ class ExportOptions:
     seed: int = 0
     force: bool = False
     graph: str = "auto"  # fused (exporter.graph_writer) where supported, else optimum
-    weights: str = "fp32"
+    weights: str | None = None  # None: the profile's runtime.weight_precision (resolve_precision)
+    # Activations, KV cache and logits: fp32 | fp16 (None: fp16 with fp16 weights, and with int4 weights
+    # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
+    activations: str | None = None
     block_size: int = 32
     accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
     # CALR branches (None: plain SVD path). Off by default: on SmolLM2-135M the fitted branches have not
@@ -122,6 +125,22 @@ def default_out(model_name: str, device: str) -> Path:
     return Path("artifacts") / f"{model_name}-{device}"
 
 
+def resolve_precision(options: ExportOptions, profile) -> ExportOptions:
+    """`options` with concrete weights and activations (see ExportOptions); bad pairs fail here."""
+    weights = options.weights or profile.runtime.weight_precision
+    if weights not in WEIGHTS:
+        raise ExporterError(f"unknown --weights {weights!r}; expected one of {', '.join(WEIGHTS)}")
+    activations = options.activations
+    if activations is None and "fp16" in ACTIVATIONS[weights] \
+            and profile.runtime.execution_providers[0] == "CUDAExecutionProvider":
+        activations = "fp16"
+    try:
+        activations = check_activations(weights, activations)
+    except ValueError as exc:
+        raise ExporterError(f"--activations: {exc}") from None
+    return replace(options, weights=weights, activations=activations)
+
+
 def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
                      profile=None, source=None, train: bool = True) -> Plan:
     """Load the model, turn the budget into projection parameters, and factorize to fit it.
@@ -132,6 +151,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     if options.allocation not in ALLOCATIONS:
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     profile = profile or load_profile(options.device)
+    options = resolve_precision(options, profile)
     source = source or resolve_model(options.model)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
@@ -141,9 +161,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     projections = decoder_projections(model)
     total_dense = count_params(model)
     dense_projection = sum(p.params for p in projections)
-    if options.weights not in WEIGHTS:
-        raise ExporterError(f"unknown --weights {options.weights!r}; expected one of {', '.join(WEIGHTS)}")
-    budget = weight_budget(profile, model.config, options.weights)
+    budget = weight_budget(profile, model.config, options.weights, options.activations)
     multiple, base_multiple, correctives = rank_multiples(
         options.allocation, profile.runtime.rank_multiple, options.correctives,
         options.block_size if options.weights == "int4" else None)
@@ -262,6 +280,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
 
     clock = Stopwatch()
     profile, source = load_profile(options.device), resolve_model(options.model)
+    options = resolve_precision(options, profile)
     target = Path(options.out or default_out(source.name, profile.name))
     fractions = _requested_levels(options, levels, schedule)  # bad --levels / --schedule fail before the work
     plan = plan_compression(options, clock, target, profile, source)
@@ -292,16 +311,16 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
             parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol).to_dict()
         if options.weights != "fp32":
             with clock.stage("quantize"):
-                say(f"writing {options.weights} weights" if options.weights == "fp16"
-                    else f"quantizing weights to {options.weights}")
+                say((f"writing {options.weights} weights" if options.weights == "fp16"
+                     else f"quantizing weights to {options.weights}") + f" ({options.activations} activations)")
                 accuracy_level = options.accuracy_level if options.weights == "int4" else None
                 if leveled:
                     entries = write_levels(model, staging, fractions, weights=options.weights,
                                            block_size=options.block_size, accuracy_level=accuracy_level,
-                                           progress=options.progress)
+                                           progress=options.progress, activations=options.activations)
                 else:
                     write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
-                                  accuracy_level=accuracy_level)
+                                  accuracy_level=accuracy_level, activations=options.activations)
             with clock.stage("parity"):
                 parity["quantized"] = check_parity(model, onnx_path, prompt, options.parity_steps,
                                                    atol=float("inf"), min_agreement=QUANTIZED_MIN_AGREEMENT).to_dict()
@@ -347,7 +366,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                                "out": p.out_features, "in": p.in_features}
                       for p in plan.projections},
             "onnx": {"file": onnx_path.name, "task": "text-generation-with-past", "graph": graph,
-                     "weights": options.weights,
+                     "weights": options.weights, "activations": options.activations,
                      **({"block_size": options.block_size, "accuracy_level": options.accuracy_level}
                         if options.weights == "int4" else {})},
             "levels": level_entries,
@@ -404,7 +423,9 @@ def choose_graph(model, options: ExportOptions) -> str:
     if reason is None:
         return "fused"
     if options.graph == "fused" or options.weights != "fp32":
-        raise ExporterError(f"the fused graph writer cannot write this model: {reason}")
+        raise ExporterError(f"the fused graph writer cannot write this model: {reason}"
+                            + ("" if options.graph == "fused" else
+                               f"; {options.weights} weights need it (pass --weights fp32 for the optimum export)"))
     say(f"the fused graph writer cannot write this model ({reason}): using the optimum-onnx export")
     return "optimum"
 

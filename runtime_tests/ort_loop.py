@@ -39,6 +39,8 @@ class Decoder:
         self.path = Path(model_path)
         self.session = ort.InferenceSession(str(model_path), options,
                                             providers=with_options(providers, provider_options))
+        # On CUDA the KV cache stays in GPU memory between steps (I/O binding), as an app should keep it.
+        self.kv_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past = [n for n in self.inputs if PAST.fullmatch(n)]
@@ -65,8 +67,22 @@ class Decoder:
             feed["attention_mask"] = np.ones((1, total), np.int64)
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
-        out = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
-        return out["logits"][0], {n: out[n.replace("past_key_values", "present")] for n in self.past}
+        if self.kv_device is None:
+            out = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+            logits = out["logits"]
+        else:
+            binding = self.session.io_binding()
+            for name, value in feed.items():
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            for name in self.outputs:
+                binding.bind_output(name, "cpu" if name == "logits" else self.kv_device)
+            self.session.run_with_iobinding(binding)
+            out = dict(zip(self.outputs, binding.get_outputs()))
+            logits = out["logits"].numpy()
+        return logits[0], {n: out[n.replace("past_key_values", "present")] for n in self.past}
 
     def replay(self, prompt, tokens) -> np.ndarray:
         """Teacher forcing: logits [len(tokens), vocab], row i predicting tokens[i]."""

@@ -125,7 +125,8 @@ def test_force_replaces_with_plain_svd(tmp_path, llama_dir, calib_file, capsys):
 def test_dense_model_that_fits_the_budget_is_exported_dense(tmp_path, qwen3_dir, capsys):
     out = tmp_path / "x"
     code = main(["export", "--model", str(qwen3_dir), "--out", str(out), "--device", "jetson-orin", "--no-progress"])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert code == 0, err
     assert "exporting it dense" in err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -133,6 +134,26 @@ def test_dense_model_that_fits_the_budget_is_exported_dense(tmp_path, qwen3_dir,
     assert all(r["rank"] is None for r in manifest["ranks"].values())
     assert manifest["parameters"]["total_params"] == manifest["parameters"]["total_params_dense"]
     assert manifest["parity"]["passed"] is True
+    # No --weights: the profile's weight_precision (fp16 on the Jetsons), with fp16 activations.
+    assert manifest["precision"] == manifest["profile"]["runtime"]["weight_precision"] == "fp16"
+    assert manifest["onnx"]["activations"] == "fp16"
+    assert "weights fp16, activations fp16" in captured.out
+
+
+@pytest.mark.parametrize("device, activations", [("jetson-orin", "fp16"), ("host", "fp32")])
+def test_int4_activations_follow_the_profile_provider(tmp_path, llama_dir, device, activations):
+    """int4 on a CUDA-first profile is the CUDA int4 graph (fp16 activations: attention stays on the GPU);
+    elsewhere fp32 activations, the CPU's MatMulNBits path."""
+    import onnx
+
+    out = tmp_path / device
+    assert main(["export", "--model", str(llama_dir), "--out", str(out), "--device", device, "--ratio", "0",
+                 "--weights", "int4", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "int4" and manifest["onnx"]["activations"] == activations
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    kv = next(i for i in graph.input if i.name == "past_key_values.0.key").type.tensor_type.elem_type
+    assert kv == (onnx.TensorProto.FLOAT16 if activations == "fp16" else onnx.TensorProto.FLOAT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +184,12 @@ def run_failing(workdir, capsys, args, *fragments) -> str:
     message = assert_one_line_error(capsys, *fragments)
     assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
     return message
+
+
+def test_activations_the_weights_are_not_written_with(workdir, capsys, llama_dir, calib_file):
+    run_failing(workdir, capsys, export_args(llama_dir, calib_file, workdir / "x")
+                + ["--weights", "int8", "--activations", "fp16"],
+                "--activations: int8 weights are written with fp32 activations, not fp16")
 
 
 def test_unknown_device_lists_valid_names(workdir, capsys, llama_dir, calib_file):

@@ -264,3 +264,28 @@ def test_providers_take_the_profile_options(leveled, tmp_path):
                                  "CPUExecutionProvider"]
     assert Runtime(copy).providers is None
     assert Runtime(out, providers=["CUDAExecutionProvider"]).providers == ["CUDAExecutionProvider"]
+
+
+def test_kv_cache_kept_in_session_memory_decodes_the_same(leveled, prompt):
+    """kv_device (I/O binding; "cuda" on a GPU, exercised here with ONNX Runtime's CPU allocator): the
+    cache stays an OrtValue between steps, across a level switch too, and the logits are the plain path's."""
+    import onnxruntime as ort
+
+    _, _, out = leveled
+    plain = [OrtDecoder(out / f, threads=1) for f in ("model.onnx", "model.r50.onnx")]
+    bound = [OrtDecoder(out / f, threads=1, kv_device="cpu") for f in ("model.onnx", "model.r50.onnx")]
+    assert plain[0].kv_device is None  # the CPU provider: numpy arrays, as before
+    results = []
+    for decoders in (plain, bound):
+        logits, cache = decoders[0].step(np.array([prompt]), decoders[0].empty_cache(1))
+        rows = [logits[0, -1]]
+        for t in range(1, STEPS):
+            logits, cache = decoders[t >= SWITCH].step(np.array([[int(np.argmax(rows[-1]))]]), cache)
+            rows.append(logits[0, -1])
+        results.append((np.stack(rows), cache))
+    (plain_logits, plain_cache), (bound_logits, bound_cache) = results
+    assert all(isinstance(v, ort.OrtValue) for v in bound_cache.tensors.values())
+    assert bound_cache.length == plain_cache.length == len(prompt) + STEPS - 1
+    assert np.abs(bound_logits - plain_logits).max() <= 1e-6
+    name = plain[0].past_names[0]
+    assert np.array_equal(bound_cache.tensors[name].numpy(), plain_cache.tensors[name])

@@ -10,6 +10,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exporter.cli import main
@@ -153,3 +154,19 @@ def test_profile_provider_options_reach_the_session(monkeypatch):
         ort_loop.Decoder("model.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"],
                          provider_options={"CUDAExecutionProvider": {"sdpa_kernel": "3"}, "QNNExecutionProvider": {}})
     assert seen["providers"] == [("CUDAExecutionProvider", {"sdpa_kernel": "3"}), "CPUExecutionProvider"]
+
+
+def test_ort_loop_keeps_the_cache_in_session_memory_on_cuda(artifact):
+    """ort_loop's I/O-binding path (taken on CUDA; exercised here with the CPU allocator) replays the same
+    logits as the plain path."""
+    sys.path.insert(0, str(REPO / "runtime_tests"))
+    try:
+        import ort_loop
+    finally:
+        sys.path.pop(0)
+    plain = ort_loop.Decoder(artifact / "model.onnx")
+    bound = ort_loop.Decoder(artifact / "model.onnx")
+    assert plain.kv_device is None
+    bound.kv_device = "cpu"
+    prompt, tokens = [5, 9, 13, 2, 7], [3, 8, 1, 4, 6, 2]
+    assert np.abs(bound.replay(prompt, tokens) - plain.replay(prompt, tokens)).max() <= 1e-6

@@ -169,8 +169,10 @@ def test_decode_budget_is_the_cost_model_solved_for_weight_bytes():
         budget=SimpleNamespace(model_ram_mb=4096, decode_ms_per_token=5.0, prefill_ms=1e4, prefill_prompt_tokens=64,
                                max_context=256))
     nodes = PLANNING_NODES_PER_LAYER * 4 + PLANNING_NODES_FIXED
-    for precision, kv_elem in (("fp32", 4), ("fp16", 2), ("int8", 4), ("int4", 4)):
-        budget = weight_budget(profile, config, precision)
+    for precision, activations, kv_elem in (("fp32", None, 4), ("fp16", None, 2), ("int8", None, 4),
+                                            ("int4", None, 4), ("int4", "fp16", 2)):
+        budget = weight_budget(profile, config, precision, activations)
+        assert budget.kv_cache_bytes == kv_cache_bytes(config, 256, kv_elem)
         assert budget.binding == "decode latency"
         weights = budget.latency_bytes
         params = weights / BYTES_PER_PARAM[precision]
