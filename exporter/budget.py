@@ -57,10 +57,11 @@ DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_
 # providers: about twice what measure_host() measured on this project's 2-core x86 host (ONNX Runtime
 # 1.32: 1.1-1.5 us per node, int4 0.020 (then measured in cache) and int8 0.012 ns per weight), for
 # the slower cores of edge boards and phones. CUDA: a kernel launch and its share of stream
-# synchronisation per node, consistent with the reference anchor of SmolLM2-135M at ~165 tokens/s on
-# a Jetson Orin Nano Super (6 ms/token, mostly per-kernel overhead at this size; llama.cpp, not ONNX
-# Runtime); dequantisation assumed hidden behind the memory reads by the GPU's parallelism.
-NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 8.0}
+# synchronisation per node: the fused graphs of SmolLM2-135M's shape decoded at 11-19 us per node on
+# an H200 with a 16-core x86 host (340-631 nodes, 3.7-11.1 ms/step, weights read in well under 0.1 ms;
+# onnxruntime-gpu 1.31.1, README "Jetson"), so 12 us is a floor for a Jetson's slower Arm cores;
+# dequantisation assumed hidden behind the memory reads by the GPU's parallelism.
+NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 12.0}
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
 ESTIMATE_DEFAULT_PROVIDER = "CPUExecutionProvider"  # other providers (CoreML, QNN, XNNPACK): as for CPU
