@@ -50,7 +50,7 @@ class DecodeTiming:
 
 class OrtDecoder:
     """One decoder session. `kv_device`: where step() leaves the KV cache between steps ("cuda": in GPU
-    memory through ONNX Runtime's I/O binding, not copied to the host and back every step: 22-47% of a
+    memory through ONNX Runtime's I/O binding, not copied to the host and back every step: 21-47% of a
     CUDA decode step, README "Jetson"; None: numpy arrays, as ONNX Runtime returns them). Default: "cuda"
     when CUDA is the session's first provider."""
 
