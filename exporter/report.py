@@ -85,7 +85,8 @@ def write_report(directory: Path, manifest: dict) -> None:
         "",
         f"Exported by exporter {manifest['exporter_version']}: factorization {m['factorization']}, "
         f"allocation {m['allocation']}, budget from {m['budget_source']}.",
-        f"Calibration: {m['calibration'] or 'none needed'}. Weights: {manifest['precision']}.",
+        f"Calibration: {m['calibration'] or 'none needed'}. Weights: {manifest['precision']}, activations "
+        f"{manifest['onnx'].get('activations') or 'fp32'}.",
         f"[{HTML}]({HTML}) shows the same with plots: ranks, quality vs compression, the device budgets.",
         "",
         "## Parameters",
@@ -356,7 +357,8 @@ def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: 
     if "quantized" in par:
         parity += f"; {manifest['precision']} graph: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
     summary = [
-        ["exported", f"{_esc(manifest['precision'])} weights, {_esc(manifest['onnx'].get('graph', ''))} graph, "
+        ["exported", f"{_esc(manifest['precision'])} weights, {_esc(manifest['onnx'].get('activations') or 'fp32')} "
+                     f"activations, {_esc(manifest['onnx'].get('graph', ''))} graph, "
                      f"exporter {_esc(manifest['exporter_version'])}"],
         ["method", f"factorization {_esc(m['factorization'])}, allocation {_esc(m['allocation'])}, "
                    f"budget from {_esc(m['budget_source'])}"],

@@ -213,6 +213,8 @@ def test_export_writes_report_html_listed_in_the_manifest(exported):
     assert "(binds)" in text and 'class="pass">pass' in text
     assert "unavailable" not in text and "ms/token</td>" in text  # the cost model ran
     assert "model.onnx.data" in text and "tokenizer.json" in text
+    assert "fp16 weights, fp16 activations, fused graph" in text  # the Jetson profile's precision
+    assert "Weights: fp16, activations fp16." in (exported / "report.md").read_text()
 
 
 def test_export_records_the_curve_through_the_chosen_allocation(exported):
