@@ -39,11 +39,13 @@ class Decoder:
         self.path = Path(model_path)
         self.session = ort.InferenceSession(str(model_path), options,
                                             providers=with_options(providers, provider_options))
-        # On CUDA the KV cache stays in GPU memory between steps (I/O binding), as an app should keep it.
-        self.kv_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past = [n for n in self.inputs if PAST.fullmatch(n)]
+        # On CUDA an fp16 KV cache stays in GPU memory between steps (I/O binding), as an app should keep
+        # it; an fp32 one is read by attention on the CPU provider (CUDA's is fp16-only), so it stays here.
+        fp16_cache = any(self.inputs[n].type == "tensor(float16)" for n in self.past)
+        self.kv_device = "cuda" if fp16_cache and self.session.get_providers()[0] == "CUDAExecutionProvider" else None
         config_file = self.path.parent / "config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
