@@ -26,9 +26,9 @@ BANDWIDTH_EFFICIENCY = 0.7
 COMPUTE_EFFICIENCY = 0.5
 # int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
-# The KV cache's element size at each weight precision: fp16 graphs keep it at fp16, the others
-# (quantized graphs too: their activations stay fp32) at fp32.
-KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0, "int8": 4.0, "int4": 4.0}
+# The KV cache's element size by the graph's activation type (graph_writer.ACTIVATIONS says which
+# activations each weight precision is written with).
+KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0}
 # Times a decode step moves the KV cache: the graphs return the whole cache each step (present = past
 # + the new token: past read, present written), attention reads present, and the runtime copies
 # present out of the session (read and written again).
@@ -101,10 +101,12 @@ def weight_budget(profile, config, precision: str = "fp32", activations: str | N
     """The weight bytes a model may have on `profile` at `precision`. Decode: the cost model
     (decode_terms) solved for the weight bytes, counting the fused graph's nodes with every projection
     factorized (PLANNING_NODES_*) and the KV cache traffic at the profile's prompt length, as
-    `exporter validate` predicts and measures it. `activations` ("fp32"/"fp16"; None: as the precision's
-    graph keeps them, KV_BYTES_PER_ELEM) sets the KV cache's element size."""
+    `exporter validate` predicts and measures it. `activations` ("fp32"/"fp16"; None: the precision's
+    default, graph_writer.check_activations) sets the KV cache's element size."""
+    from .graph_writer import check_activations
+
     per = BYTES_PER_PARAM[precision]
-    kv_elem = KV_BYTES_PER_ELEM[activations or precision]
+    kv_elem = KV_BYTES_PER_ELEM[check_activations(precision, activations)]
     kv = kv_cache_bytes(config, profile.budget.max_context, kv_elem)
     ram = profile.budget.model_ram_mb * MB - kv - RUNTIME_OVERHEAD_MB * MB
     costs, _ = decode_costs(profile)
