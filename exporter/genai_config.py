@@ -2,8 +2,10 @@
 load a fused-graph artifact with `og.Model(artifact_dir)`.
 
 The fused graph has the builder's I/O names, so the config only describes the model and how to
-search. Our graph concatenates past and new keys (a growing cache, like optimum's), so
-`past_present_share_buffer` is false.
+search. Its GroupQueryAttention can append to a past buffer bound as its own present, so
+`past_present_share_buffer` is true, as in the builder's config: onnxruntime-genai allocates the cache once
+at `context_length` positions instead of copying a longer one every step (SmolLM2-135M FLRC 40% int4,
+2 threads, 128-token prompt: 5.17 -> 4.23 ms per step, the same tokens).
 
 The same config describes fp32 and fp16 graphs (`--weights fp16`): onnxruntime-genai takes the KV cache
 and logits types from the graph's inputs and outputs (tested with onnxruntime-genai 0.18 on the CPU
@@ -58,7 +60,7 @@ def genai_config(config, tokenizer, filename: str = "model.onnx", context_length
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 50, "top_p": 1.0,
         },
     }

@@ -684,6 +684,9 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="exporter.graph_writer")
     proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    # GroupQueryAttention appends to a past buffer bound as its own present: a runtime may share them
+    # (exporter.runtime.OrtDecoder's kv_buffer, onnxruntime-genai's past_present_share_buffer).
+    helper.set_model_props(proto, {"past_present_share_buffer": "1"})
     return proto
 
 
@@ -843,7 +846,8 @@ def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int 
 def _set_props(proto, meta: dict[str, str]) -> None:
     import onnx
 
-    onnx.helper.set_model_props(proto, {"writer": "exporter.graph_writer", **meta})
+    existing = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, "writer": "exporter.graph_writer", **meta})
 
 
 def _save_configs(model, out_dir: Path) -> None:

@@ -46,6 +46,9 @@ class Decoder:
         # it; an fp32 one is read by attention on the CPU provider (CUDA's is fp16-only), so it stays here.
         fp16_cache = any(self.inputs[n].type == "tensor(float16)" for n in self.past)
         self.kv_device = "cuda" if fp16_cache and self.session.get_providers()[0] == "CUDAExecutionProvider" else None
+        # GroupQueryAttention graphs (the exporter's, the onnxruntime-genai builder's) append to a past buffer
+        # bound as their own present: one buffer per layer, no copy of the whole cache every step.
+        self.shared = self.session.get_modelmeta().custom_metadata_map.get("past_present_share_buffer") == "1"
         config_file = self.path.parent / "config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
@@ -61,30 +64,54 @@ class Decoder:
         return cache
 
     def step(self, ids, cache: dict, past_len: int):
-        """Logits [n, vocab] of n new tokens after `past_len` cached ones, and the new cache."""
+        """Logits [n, vocab] of n new tokens after `past_len` cached ones, and the new cache (with a shared
+        buffer: the same buffers, written in place, so a cache is stepped from once)."""
         ids = np.asarray(ids, dtype=np.int64)[None, :]
         total = past_len + ids.shape[1]
-        feed = {"input_ids": ids, **cache}
+        feed = {"input_ids": ids}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = np.ones((1, total), np.int64)
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
-        if self.kv_device is None:
-            out = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        if self.shared:
+            cache = self.buffers(cache, past_len, total)
+        if self.kv_device is None and not self.shared:
+            out = dict(zip(self.outputs, self.session.run(self.outputs, {**feed, **cache})))
             logits = out["logits"]
         else:
             binding = self.session.io_binding()
-            for name, value in feed.items():
+            for name, value in {**feed, **cache}.items():
                 if isinstance(value, np.ndarray):
                     binding.bind_cpu_input(name, np.ascontiguousarray(value))
                 else:
                     binding.bind_ortvalue_input(name, value)
             for name in self.outputs:
-                binding.bind_output(name, "cpu" if name == "logits" else self.kv_device)
+                if self.shared and name != "logits":
+                    binding.bind_ortvalue_output(name, cache[name.replace("present", "past_key_values")])
+                else:
+                    binding.bind_output(name, "cpu" if name == "logits" else self.kv_device)
             self.session.run_with_iobinding(binding)
             out = dict(zip(self.outputs, binding.get_outputs()))
             logits = out["logits"].numpy()
+        if self.shared:
+            return logits[0], cache
         return logits[0], {n: out[n.replace("past_key_values", "present")] for n in self.past}
+
+    def buffers(self, cache: dict, past_len: int, needed: int) -> dict:
+        """`cache` as shared buffers holding at least `needed` positions (doubling from 256 when outgrown)."""
+        capacity = min((v.shape()[2] if isinstance(v, ort.OrtValue) else v.shape[2]) for v in cache.values())
+        if all(isinstance(v, ort.OrtValue) for v in cache.values()) and needed <= capacity:
+            return cache
+        capacity = max(capacity, 256)
+        while capacity < needed:
+            capacity *= 2
+        grown = {}
+        for name, value in cache.items():
+            host = value.numpy() if isinstance(value, ort.OrtValue) else value
+            buffer = np.zeros((*host.shape[:2], capacity, host.shape[3]), host.dtype)
+            buffer[:, :, :past_len] = host[:, :, :past_len]
+            grown[name] = ort.OrtValue.ortvalue_from_numpy(buffer, self.kv_device or "cpu", 0)
+        return grown
 
     def replay(self, prompt, tokens) -> np.ndarray:
         """Teacher forcing: logits [len(tokens), vocab], row i predicting tokens[i]."""

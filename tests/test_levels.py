@@ -132,7 +132,7 @@ def test_kv_cache_carries_across_levels(tiny_models, calib_ids, tmp_path):
     full, small = (OrtDecoder(tmp_path / entries[k]["file"], threads=1) for k in (0, -1))
     logits, cache = full.step(np.array([PROMPT]), full.empty_cache(1))
     _, small_cache = small.step(np.array([PROMPT]), small.empty_cache(1))
-    assert {k: v.shape for k, v in cache.tensors.items()} == {k: v.shape for k, v in small_cache.tensors.items()}
+    assert {k: v.shape for k, v in cache.arrays().items()} == {k: v.shape for k, v in small_cache.arrays().items()}
     token = int(np.argmax(logits[0, -1]))
     step, _ = small.step(np.array([[token]]), cache)
 

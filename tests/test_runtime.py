@@ -266,26 +266,49 @@ def test_providers_take_the_profile_options(leveled, tmp_path):
     assert Runtime(out, providers=["CUDAExecutionProvider"]).providers == ["CUDAExecutionProvider"]
 
 
-def test_kv_cache_kept_in_session_memory_decodes_the_same(leveled, prompt):
-    """kv_device (I/O binding; "cuda" on a GPU, exercised here with ONNX Runtime's CPU allocator): the
-    cache stays an OrtValue between steps, across a level switch too, and the logits are the plain path's."""
+def test_kv_cache_modes_decode_the_same(leveled, prompt, monkeypatch):
+    """The KV cache as numpy arrays fed back (growing), as OrtValues left in session memory (kv_device: "cuda"
+    on a GPU, exercised here with ONNX Runtime's CPU allocator), and as one shared buffer per layer that
+    GroupQueryAttention appends to in place (the writer's graphs declare it: the default); across a level
+    switch, and with the shared buffer outgrown mid-prompt. The same logits and caches in every mode."""
     import onnxruntime as ort
 
+    import exporter.runtime as runtime
+
     _, _, out = leveled
-    plain = [OrtDecoder(out / f, threads=1) for f in ("model.onnx", "model.r50.onnx")]
-    bound = [OrtDecoder(out / f, threads=1, kv_device="cpu") for f in ("model.onnx", "model.r50.onnx")]
-    assert plain[0].kv_device is None  # the CPU provider: numpy arrays, as before
-    results = []
-    for decoders in (plain, bound):
+    monkeypatch.setattr(runtime, "SHARED_CAPACITY", 4)  # outgrown by the prompt (27 tokens) and by a decode step
+    files = ("model.onnx", "model.r50.onnx")
+    modes = {"growing": dict(kv_buffer="growing"), "bound": dict(kv_buffer="growing", kv_device="cpu"),
+             "shared": {}}
+    results = {}
+    for mode, options in modes.items():
+        decoders = [OrtDecoder(out / f, threads=1, **options) for f in files]
         logits, cache = decoders[0].step(np.array([prompt]), decoders[0].empty_cache(1))
         rows = [logits[0, -1]]
         for t in range(1, STEPS):
             logits, cache = decoders[t >= SWITCH].step(np.array([[int(np.argmax(rows[-1]))]]), cache)
             rows.append(logits[0, -1])
-        results.append((np.stack(rows), cache))
-    (plain_logits, plain_cache), (bound_logits, bound_cache) = results
-    assert all(isinstance(v, ort.OrtValue) for v in bound_cache.tensors.values())
-    assert bound_cache.length == plain_cache.length == len(prompt) + STEPS - 1
-    assert np.abs(bound_logits - plain_logits).max() <= 1e-6
-    name = plain[0].past_names[0]
-    assert np.array_equal(bound_cache.tensors[name].numpy(), plain_cache.tensors[name])
+        results[mode] = (np.stack(rows), cache, decoders[0])
+    assert results["growing"][2].kv_device is None and results["shared"][2].kv_buffer == "shared"
+    assert all(isinstance(v, np.ndarray) for v in results["growing"][1].tensors.values())
+    assert all(isinstance(v, ort.OrtValue) for mode in ("bound", "shared") for v in results[mode][1].tensors.values())
+    shared = results["shared"][1]
+    assert len(prompt) <= 32 < shared.length <= shared.capacity == 64  # 4 -> 32 at prefill, -> 64 at step 33
+    plain_logits, plain_cache, _ = results["growing"]
+    for mode in ("bound", "shared"):
+        logits, cache, _ = results[mode]
+        assert cache.length == plain_cache.length == len(prompt) + STEPS - 1
+        assert np.abs(logits - plain_logits).max() <= 1e-6
+        name = results[mode][2].past_names[0]
+        assert np.array_equal(cache.arrays()[name], plain_cache.tensors[name])
+
+
+def test_a_shared_kv_buffer_cannot_branch(leveled, prompt):
+    """A shared buffer is written in place: stepping twice from one cache would read the first step's keys."""
+    _, _, out = leveled
+    decoder = OrtDecoder(out / "model.onnx", threads=1)
+    _, cache = decoder.step(np.array([prompt]), decoder.empty_cache(1))
+    _, later = decoder.step(np.array([[5]]), cache)
+    with pytest.raises(ValueError, match="cannot branch"):
+        decoder.step(np.array([[6]]), cache)
+    decoder.step(np.array([[6]]), later)  # the newest cache steps on
