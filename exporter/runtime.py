@@ -103,6 +103,7 @@ class OrtDecoder:
         if kv_buffer not in ("shared", "growing"):
             raise ValueError(f"kv_buffer must be 'shared', 'growing' or 'auto', not {kv_buffer!r}")
         self.kv_buffer = kv_buffer
+        self._binding, self._bound = None, None  # the shared path's I/O binding and the buffers it holds
 
     def _declares_shared_buffer(self) -> bool:
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -169,15 +170,20 @@ class OrtDecoder:
 
     def _step_shared(self, feed: dict, cache: KVCache, total: int) -> tuple[np.ndarray, KVCache]:
         cache = self._buffer(cache, total)
-        binding = self.session.io_binding()
+        if self._bound is not cache.tensors:  # first step, a grown buffer, or another decoder's cache
+            # One binding kept across steps: re-binding 2 x layers buffers every step cost about 0.4 ms
+            # of a 6.5 ms step (SmolLM2-135M int4, 2 threads). Logits first: get_outputs() keeps that order.
+            self._binding = self.session.io_binding()
+            self._binding.bind_output("logits", "cpu")
+            for name in self.past_names:
+                self._binding.bind_ortvalue_input(name, cache.tensors[name])
+                self._binding.bind_ortvalue_output(name.replace("past_key_values", "present"), cache.tensors[name])
+            self._bound = cache.tensors
         for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("logits", "cpu")
-        for name in self.past_names:
-            binding.bind_ortvalue_input(name, cache.tensors[name])
-            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), cache.tensors[name])
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+            self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self._binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(self._binding)
+        logits = self._binding.get_outputs()[0].numpy()
         cache.cursor[0] = total
         return logits, KVCache(cache.tensors, total, cache.capacity, cache.cursor)
 

@@ -49,6 +49,7 @@ class Decoder:
         # GroupQueryAttention graphs (the exporter's, the onnxruntime-genai builder's) append to a past buffer
         # bound as their own present: one buffer per layer, no copy of the whole cache every step.
         self.shared = self.session.get_modelmeta().custom_metadata_map.get("past_present_share_buffer") == "1"
+        self._binding, self._bound = None, None
         config_file = self.path.parent / "config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
@@ -75,7 +76,19 @@ class Decoder:
             feed["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None, :]
         if self.shared:
             cache = self.buffers(cache, past_len, total)
-        if self.kv_device is None and not self.shared:
+            if self._bound is not cache:  # new buffers: bind them once, not every step (logits first)
+                self._binding = self.session.io_binding()
+                self._binding.bind_output("logits", "cpu")
+                for name in self.past:
+                    self._binding.bind_ortvalue_input(name, cache[name])
+                    self._binding.bind_ortvalue_output(name.replace("past_key_values", "present"), cache[name])
+                self._bound = cache
+            for name, value in feed.items():
+                self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            self._binding.bind_output("logits", "cpu")
+            self.session.run_with_iobinding(self._binding)
+            return self._binding.get_outputs()[0].numpy()[0], cache
+        if self.kv_device is None:
             out = dict(zip(self.outputs, self.session.run(self.outputs, {**feed, **cache})))
             logits = out["logits"]
         else:
@@ -86,15 +99,10 @@ class Decoder:
                 else:
                     binding.bind_ortvalue_input(name, value)
             for name in self.outputs:
-                if self.shared and name != "logits":
-                    binding.bind_ortvalue_output(name, cache[name.replace("present", "past_key_values")])
-                else:
-                    binding.bind_output(name, "cpu" if name == "logits" else self.kv_device)
+                binding.bind_output(name, "cpu" if name == "logits" else self.kv_device)
             self.session.run_with_iobinding(binding)
             out = dict(zip(self.outputs, binding.get_outputs()))
             logits = out["logits"].numpy()
-        if self.shared:
-            return logits[0], cache
         return logits[0], {n: out[n.replace("past_key_values", "present")] for n in self.past}
 
     def buffers(self, cache: dict, past_len: int, needed: int) -> dict:
