@@ -69,13 +69,14 @@ class Row:
     peak_rss_mb: float = float("nan")
     artifact_mb: float = float("nan")  # ONNX graph + weights on disk
     calr: str = "-"  # - | fp32 (correctives trained against the fp32 primary path) | int4 (against int4)
+    joint: bool = False  # q/k/v and gate/up factorized jointly (one unit each: exporter.compress)
     train_s: float = float("nan")  # corrective training
     rouge_l: float = float("nan")  # CNN/DailyMail ROUGE-L F1 through ONNX Runtime (--rouge-rows)
 
 
-def spec(method, allocation, ratio, graph="optimum", weights="fp32", calr="-"):
+def spec(method, allocation, ratio, graph="optimum", weights="fp32", calr="-", joint=False):
     return {"method": method, "allocation": allocation, "ratio": ratio, "graph": graph, "weights": weights,
-            "calr": calr}
+            "calr": calr, "joint": joint}
 
 
 ROWS = {
@@ -112,6 +113,10 @@ ROWS = {
     "writer-flrc-calr-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", calr="int4"),
     "writer-flrc-calr-20-int4-fp32trained": spec("whitened", "fisher", 0.2, "writer", "int4", calr="fp32"),
     "writer-flrc-calr-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4", calr="int4"),
+    # joint factorization of q/k/v and of gate/up (one rank and one down factor per group: fewer nodes)
+    "writer-joint-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", joint=True),
+    "writer-joint-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4", joint=True),
+    "writer-joint-calr-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", calr="int4", joint=True),
 }
 CALR_ROWS = ["whitened-20", "whitened-40", "flrc-20", "flrc-40", "calr-20", "calr-40", "flrc-calr-20", "flrc-calr-40"]
 FOUNDATION_ROWS = ["dense", "svd-20", "svd-40", "whitened-20", "whitened-40", "flrc-20", "flrc-40"]
@@ -200,7 +205,6 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     source = resolve_model(args.model)
     model, tokenizer = load_model(source)
-    projections = decoder_projections(model)
     total = count_params(model)
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
     prompt = windows[-1, : args.prompt_tokens].tolist()
@@ -211,50 +215,53 @@ def main(argv=None) -> int:
     articles = read_articles(DATA / "cnn_dailymail" / "validation.jsonl", args.rouge_examples) if rouge_rows else []
 
     decompositions, decompose_s = {}, {}
-    fisher, fisher_s = None, 0.0
+    fisher, fisher_s = {}, {}  # by joint
     train_seconds: dict[tuple, float] = {}
     candidates: dict[tuple, tuple] = {}  # (method, allocation, ratio) -> (model, compress_s, search_s, torch ppl)
     rows, graphs = [], []
     for name in names:
         s_ = ROWS[name]
-        row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"], calr=s_["calr"])
+        row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"], calr=s_["calr"],
+                  joint=s_["joint"])
+        projections = decoder_projections(model, row.joint)
         if row.graph == "builder" and not args.builder_python:
             print(f"[{name}] skipped: pass --builder-python (make builder-env)", file=sys.stderr)
             continue
         if row.graph == "writer" and write_decoder is None:
             print(f"[{name}] skipped: exporter.graph_writer is not available", file=sys.stderr)
             continue
-        key = (row.method, row.allocation, row.ratio, row.calr)
+        key = (row.method, row.allocation, row.ratio, row.calr, row.joint)
         if key not in candidates:
             candidate, compress_s, search_s, train_s = model, 0.0, float("nan"), float("nan")
             if row.method != "dense":
-                if row.method not in decompositions:  # one decomposition serves every ratio and allocation
+                factored = (row.method, row.joint)
+                if factored not in decompositions:  # one decomposition serves every ratio and allocation
                     start = time.perf_counter()
-                    decompositions[row.method] = decompose_model(
+                    decompositions[factored] = decompose_model(
                         model, row.method, calib if row.method == "whitened" else None,
-                        full_rank=row.method == "whitened")
-                    decompose_s[row.method] = time.perf_counter() - start
+                        full_rank=row.method == "whitened", joint=row.joint)
+                    decompose_s[factored] = time.perf_counter() - start
                 start = time.perf_counter()
                 if row.allocation == "fisher":
-                    if fisher is None:
-                        fisher = component_fisher(model, decompositions[row.method], calib[: args.fisher_samples])
-                        fisher_s = time.perf_counter() - start
+                    if row.joint not in fisher:
+                        fisher[row.joint] = component_fisher(model, decompositions[factored], calib[: args.fisher_samples])
+                        fisher_s[row.joint] = time.perf_counter() - start
                 dense_projection = sum(p.params for p in projections)
                 budget = round((1.0 - row.ratio) * dense_projection)
                 options = None if row.calr == "-" else CorrectiveOptions(
                     rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
                 multiple, base_multiple, options = rank_multiples(  # as the export does
                     row.allocation, args.rank_multiple, options, args.block_size if row.weights == "int4" else None)
-                ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher, budget, options, multiple,
-                                                     base_multiple)
+                ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher.get(row.joint), budget,
+                                                     options, multiple, base_multiple)
                 search_s = time.perf_counter() - start if row.allocation == "fisher" else float("nan")
                 candidate = copy.deepcopy(model)
-                apply_ranks(candidate, decompositions[row.method], ranks)
-                compress_s = decompose_s[row.method] + time.perf_counter() - start
+                apply_ranks(candidate, decompositions[factored], ranks)
+                compress_s = decompose_s[factored] + time.perf_counter() - start
                 if options is not None:
                     start = time.perf_counter()
                     applied = effective_ranks(candidate, projections)
-                    attach_correctives(candidate, decompositions[row.method],
+                    attach_correctives(candidate, decompositions[factored],
                                        {n: r for n, r in branches.items() if applied.get(n) is not None})
                     if row.calr == "int4":
                         fake_quantize_linears(primary_linears(candidate, projections), args.block_size)
@@ -319,15 +326,16 @@ def main(argv=None) -> int:
             shutil.move(work / row.name, args.keep / row.name)
 
     sweep = None
-    if fisher is not None and args.sweep_projections > 0:
+    if False in fisher and args.sweep_projections > 0:  # per-projection FLRC against the sweep it replaces
+        projections = decoder_projections(model)
         # An even spread over layers and projection kinds.
         step = max(1, len(projections) // args.sweep_projections)
         sample = projections[::step][: args.sweep_projections]
-        sweep = sensitivity_sweep(model, decompositions["whitened"], sample, calib[: args.fisher_samples])
+        sweep = sensitivity_sweep(model, decompositions["whitened", False], sample, calib[: args.fisher_samples])
         sweep["projections_total"] = len(projections)
         sweep["seconds_full"] = sweep["seconds"] / len(sample) * len(projections)
-        sweep["flrc_search_s"] = fisher_s
-        sweep["speedup"] = sweep["seconds_full"] / fisher_s
+        sweep["flrc_search_s"] = fisher_s[False]
+        sweep["speedup"] = sweep["seconds_full"] / fisher_s[False]
 
     table = format_table(rows, windows.shape[0], args)
     if sweep:
@@ -401,6 +409,14 @@ def compare(rows: list[Row]) -> list[str]:
         ("writer-flrc-20-int4 / builder-int4 decode tok/s", ratio("writer-flrc-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
         ("writer-flrc-20-int4 / builder-int4 perplexity", ratio("writer-flrc-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
         ("writer-flrc-40-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+        ("writer-joint-20-int4 / builder-int4 ONNX MB", ratio("writer-joint-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
+        ("writer-joint-20-int4 / builder-int4 decode tok/s", ratio("writer-joint-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
+        ("writer-joint-20-int4 / builder-int4 perplexity", ratio("writer-joint-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
+        ("writer-joint-calr-20-int4 / builder-int4 ONNX MB", ratio("writer-joint-calr-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
+        ("writer-joint-calr-20-int4 / builder-int4 decode tok/s", ratio("writer-joint-calr-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
+        ("writer-joint-calr-20-int4 / builder-int4 perplexity", ratio("writer-joint-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
+        ("writer-joint-40-int4 / builder-int4 decode tok/s", ratio("writer-joint-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+        ("writer-joint-40-int4 / writer-flrc-40-int4 perplexity", ratio("writer-joint-40-int4", "writer-flrc-40-int4", "perplexity"), None),
         ("flrc-calr-20 / dense perplexity", ratio("flrc-calr-20", "dense", "perplexity"), "<= 1.4"),
         ("flrc-calr-40 / dense perplexity", ratio("flrc-calr-40", "dense", "perplexity"), "<= 2.5"),
         ("calr-20 / whitened-20 perplexity (same params)", ratio("calr-20", "whitened-20", "perplexity"), "<= 0.85"),

@@ -177,6 +177,9 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help="per-projection ranks from Fisher importance (FLRC, default) or one uniform ratio")
     command.add_argument("--method", choices=["whitened", "svd"], default="whitened",
                          help="whitened SVD (SVD-LLM, default) or plain SVD")
+    command.add_argument("--joint", action=argparse.BooleanOptionalAction, default=False,
+                         help="factorize the projections that read one input (q/k/v, gate/up) jointly: one shared "
+                         "down factor and one rank per group; fewer graph nodes, so faster decoding (default: off)")
     command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
                          "(default: text sampled from the model itself)")
     command.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
@@ -217,7 +220,7 @@ def _options(args):
 
     return ExportOptions(
         device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
-        budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, calib=args.calib,
+        budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights=args.weights, activations=args.activations, graph=getattr(args, "graph", "auto"),

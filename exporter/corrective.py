@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compress import Projection, replace_module
+from .compress import JOINT_SEPARATOR, Projection, install_unit
 from .errors import ExporterError
-from .lowrank import CorrectedLinear, Decomposition, LowRankLinear
+from .lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
 from .models import decoder_layers
 from .settings import CorrectiveOptions
 from .stats import capture_layer_inputs, run_layer
@@ -92,40 +92,58 @@ def settle_ranks(primary_ranks, projections: list[Projection], options: Correcti
     return ranks, branch_ranks(projections, ranks, options, budget_params)
 
 
+def factorized_units(model) -> dict[str, list[str]]:
+    """{unit name: its module names} of the model's LowRankLinears: a joint unit's projections share one
+    down factor (exporter.compress; named `parent.q_proj+k_proj+v_proj`), any other is a unit alone."""
+    by_down: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            by_down.setdefault(id(module.down), []).append(name)
+    units = {}
+    for names in by_down.values():
+        parent = names[0].rpartition(".")[0]
+        joint = len(names) > 1 and all(n.rpartition(".")[0] == parent for n in names)
+        units[f"{parent}.{JOINT_SEPARATOR.join(n.rpartition('.')[2] for n in names)}" if joint else names[0]] = names
+    return units
+
+
 def attach_correctives(model, decompositions: dict[str, Decomposition], ranks: dict[str, int] | int
                        ) -> dict[str, int]:
-    """Wrap each LowRankLinear named in `ranks` (an int: every one) in a CorrectedLinear whose branch of
-    that rank outputs zero until trained.
+    """Wrap each factorized unit named in `ranks` (an int: every one) in a CorrectedLinear whose branch of
+    that rank outputs zero until trained; a joint unit's projections share the branch's down factor.
 
     The branch's down factor starts at the next r_c whitened directions after the primary rank (the
     input subspace the truncation dropped first) where the decomposition has them, else random.
     """
     attached = {}
     generator = torch.Generator().manual_seed(0)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LowRankLinear) or (isinstance(ranks, dict) and name not in ranks):
+    for unit, names in factorized_units(model).items():
+        if isinstance(ranks, dict) and unit not in ranks:
             continue
-        rank = ranks[name] if isinstance(ranks, dict) else ranks
-        down = decompositions[name].down
+        rank = ranks[unit] if isinstance(ranks, dict) else ranks
+        module = join_rows([model.get_submodule(name) for name in names])
+        down = decompositions[unit].down
         r = module.rank
         if down.shape[0] >= r + rank:
             init = down[r : r + rank]
         else:  # LoRA's Kaiming-uniform scale
             bound = 1.0 / math.sqrt(module.in_features)
             init = (torch.rand(rank, module.in_features, generator=generator) * 2 - 1) * bound
-        replace_module(model, name, CorrectedLinear(module, rank, init.to(module.down.weight.dtype)))
-        attached[name] = rank
+        install_unit(model, unit, CorrectedLinear(module, rank, init.to(module.down.weight.dtype)))
+        attached[unit] = rank
     return attached
 
 
 def _trainable(module: nn.Module, tune_factors: bool) -> tuple[list, list]:
-    branch, factors = [], []
+    branch, factors = {}, {}  # by id: a joint unit's projections share their down factors
     for sub in module.modules():
         if isinstance(sub, CorrectedLinear):
-            branch += [sub.corrective_down.weight, sub.corrective_up.weight]
+            for p in (sub.corrective_down.weight, sub.corrective_up.weight):
+                branch[id(p)] = p
             if tune_factors:
-                factors += [sub.base.down.weight, sub.base.up.weight]
-    return branch, factors
+                for p in (sub.base.down.weight, sub.base.up.weight):
+                    factors[id(p)] = p
+    return list(branch.values()), list(factors.values())
 
 
 def _optimizer(module: nn.Module, options: CorrectiveOptions, lr: float):
@@ -199,20 +217,26 @@ def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -
         # directions the calibration barely excites get huge, ill-conditioned branch weights.
         damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
         chol = whitening_factor(damped)
+        branches: dict[int, list[str]] = {}  # a joint unit's projections share one branch down factor
         for name in group:
-            module = s_layer.get_submodule(name)
-            teacher_weight = t_layer.get_submodule(name).weight.double()  # out x in
-            primary = (module.base.up.weight.double() @ module.base.down.weight.double())  # out x in
+            branches.setdefault(id(s_layer.get_submodule(name).corrective_down), []).append(name)
+        for names in branches.values():
+            modules = [s_layer.get_submodule(name) for name in names]
+            teacher_weight = torch.cat([t_layer.get_submodule(name).weight.double() for name in names])  # out x in
+            primary = torch.cat([m.base.up.weight.double() @ m.base.down.weight.double() for m in modules])
             target = cross @ teacher_weight.T - gram @ primary.T  # X_s^T R, in x out (undamped)
             z = torch.linalg.solve_triangular(chol, target, upper=False)  # S^-1 X_s^T R
             u, sigma, vh = torch.linalg.svd(z, full_matrices=False)
-            r = module.corrective_rank
+            r = modules[0].corrective_rank
             down = torch.linalg.solve_triangular(chol.T, u[:, :r], upper=True).T  # r x in
             up = vh[:r].T * sigma[:r]  # out x r
             scale = (up.norm(dim=0) / down.norm(dim=1).clamp_min(1e-30)).sqrt().clamp_min(1e-30)
             with torch.no_grad():  # balanced, as the primary factors are (stable Adam steps later)
-                module.corrective_down.weight.copy_(down * scale.unsqueeze(1))
-                module.corrective_up.weight.copy_(up / scale)
+                modules[0].corrective_down.weight.copy_(down * scale.unsqueeze(1))
+                start = 0
+                for module in modules:
+                    module.corrective_up.weight.copy_((up / scale)[start:start + module.out_features])
+                    start += module.out_features
 
 
 def _reset_branches(layer) -> None:

@@ -287,44 +287,71 @@ def _emit_branches(g: _Graph, x: str, projections: Sequence[ProjectionWeights], 
     return outputs
 
 
+def _shared_groups(downs: dict[int, np.ndarray]) -> list[list[int]]:
+    """Projection indices grouped by equal down factors (a joint factorization of projections that
+    share an input: one V, their U's stacked), in first-appearance order; unshared ones alone."""
+    groups: list[list[int]] = []
+    for index, down in downs.items():
+        for group in groups:
+            first = downs[group[0]]
+            if first.shape == down.shape and np.array_equal(first, down):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
+
+
 def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
                       fuse: bool = True, packed: bool = False,
                       active_ranks: dict[str, int | None] | None = None,
                       corrective_form: str = "folded") -> list[str]:
-    """Write projections of one input `x`; returns one output per projection (or, with `packed` and
-    only dense projections, one output holding them concatenated along the last axis).
+    """Write projections of one input `x`; returns one output per projection, or, with `packed` when the
+    group allows it, one output holding them all concatenated along the last axis.
 
     fuse: one first-stage MatMul against [W^T | V^T ...] for the whole group, then a Split; otherwise
-    one first-stage MatMul per block. Then one MatMul by U^T per low-rank projection, adds, biases.
+    one first-stage MatMul per block. Low-rank projections with equal down factors (a joint
+    factorization) share one V^T block and one second-stage MatMul by their stacked U^T, then a Split.
+    Then adds and biases. packed: possible when the group is all dense (fused) or all one joint
+    factorization, with no separate corrective branches.
     corrective_form: "folded" stacks each corrective branch onto its primary pair (V^T columns, U^T
     rows); "separate" writes the branches apart (`_emit_branches`) and adds them to the primary outputs.
     """
     active_ranks = active_ranks or {}
     separate = _check_form(corrective_form) == "separate"
     stem = prefix.strip("/").replace("/", ".")  # initializer names: model.layers.0.attn.qkv_proj...
-    blocks = []  # (projection index, "dense" | "down", in x cols matrix)
-    ups: list[np.ndarray | None] = []
+    folded = [proj.fold(active_ranks.get(proj.name), correctives=not separate) for proj in projections]
+    groups = _shared_groups({i: down for i, (down, _) in enumerate(folded) if down is not None})
+    group_of = {i: k for k, group in enumerate(groups) for i in group}
+    blocks = []  # (projection index or ("group", k), "dense" | "down", in x cols matrix)
     for index, proj in enumerate(projections):
-        down, up = proj.fold(active_ranks.get(proj.name), correctives=not separate)
         if proj.dense is not None:
             blocks.append((index, "dense", proj.dense.T))
-        if down is not None:
-            blocks.append((index, "down", down.T))
-        ups.append(up)
-    all_dense = all(up is None for up in ups)
-    if packed and not (all_dense and fuse):
-        raise ValueError("packed output needs fused, all-dense projections")
+        if index in group_of and groups[group_of[index]][0] == index:
+            blocks.append((("group", group_of[index]), "down", folded[index][0].T))
+    all_dense = not groups
+    has_bias = any(p.bias is not None for p in projections)
+    joint = (len(groups) == 1 and len(groups[0]) == len(projections) and len(projections) > 1
+             and not (separate and any(p.corrective() for p in projections))
+             and all(p.dense is None for p in projections))
+    if packed:
+        packed = (all_dense and fuse) or joint
+
+    def biased(y: str, name: str) -> str:  # one Add of the group's concatenated biases
+        bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.out_features, np.float32)
+                               for p in projections])
+        return g.op("Add", [y, g.constant(f"{stem}.{name}.bias", bias)], f"{prefix}/{name}/Add")
 
     # First stage.
     first: list[str] = []
     if fuse:
         weight = np.concatenate([b[2] for b in blocks], axis=1) if len(blocks) > 1 else blocks[0][2]
         y = g.op("MatMul", [x, g.constant(f"{stem}.MatMul.weight", weight)], f"{prefix}/MatMul")
-        if all_dense and any(p.bias is not None for p in projections):  # one Add for the whole group
-            bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.out_features, np.float32)
-                                   for p in projections])
-            y = g.op("Add", [y, g.constant(f"{stem}.Add.bias", bias)], f"{prefix}/Add")
-        if packed:
+        if all_dense and has_bias:  # one Add for the whole group
+            y = g.op("Add", [y, g.constant(f"{stem}.Add.bias", np.concatenate(
+                [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in projections]))],
+                f"{prefix}/Add")
+        if packed and all_dense:
             return [y]
         if len(blocks) > 1:
             sizes = g.constant(f"{stem}.Split.sizes", np.array([b[2].shape[1] for b in blocks], np.int64))
@@ -332,25 +359,38 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
         else:
             first = [y]
     else:
-        for (index, kind, matrix) in blocks:
-            short = projections[index].name.rsplit(".", 1)[-1]
+        for (owner, kind, matrix) in blocks:
+            members = groups[owner[1]] if isinstance(owner, tuple) else [owner]
+            short = projections[members[0]].name.rsplit(".", 1)[-1] if len(members) == 1 else f"joint{owner[1]}"
             weight = g.constant(f"{stem}.{short}.{kind}.MatMul.weight", matrix)
             first.append(g.op("MatMul", [x, weight], f"{prefix}/{short}/{kind}/MatMul"))
 
-    # Second stage (and the separate corrective branches), sums, biases.
+    # Second stage: one MatMul by U^T (r x out: rank outer) per group of equal downs, stacked for a joint one.
     branches = _emit_branches(g, x, projections, prefix, fuse=fuse) if separate else {}
+    seconds: dict[int, str] = {}
+    for k, group in enumerate(groups):
+        down = first[next(b for b, (owner, _, _) in enumerate(blocks) if owner == ("group", k))]
+        if len(group) == 1:
+            proj = projections[group[0]]
+            up_t = g.constant(f"{proj.name}.up.weight_T", folded[group[0]][1].T)
+            seconds[group[0]] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/up/MatMul")
+            continue
+        up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([folded[i][1] for i in group]).T)
+        y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
+        if joint and packed:
+            return [biased(y, "joint") if has_bias else y]
+        sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
+                           np.array([projections[i].out_features for i in group], np.int64))
+        seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group),
+                                       axis=-1)))
+
+    # Sums and biases.
     outputs = []
     for index, proj in enumerate(projections):
         short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
-        parts = {kind: first[k] for k, (i, kind, _) in enumerate(blocks) if i == index}
-        terms = []
-        if "dense" in parts:
-            terms.append(parts["dense"])
-        if "down" in parts:
-            up_t = g.constant(f"{proj.name}.up.weight_T", ups[index].T)  # r x out: rank outer
-            terms.append(g.op("MatMul", [parts["down"], up_t], f"{short}/up/MatMul"))
-        if index in branches:
-            terms.append(branches[index])
+        terms = [first[b] for b, (owner, kind, _) in enumerate(blocks) if owner == index and kind == "dense"]
+        terms += [seconds[index]] if index in seconds else []
+        terms += [branches[index]] if index in branches else []
         y = _sum(g, terms, f"{short}/Sum")
         if proj.bias is not None and not (fuse and all_dense):
             y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
@@ -360,24 +400,32 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
 
 def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str,
                             levels: Sequence[dict[str, int]], level: int, transposed: bool,
-                            corrective_form: str = "folded") -> list[str]:
+                            corrective_form: str = "folded", packed: bool = False) -> list[str]:
     """Write projections of one input at rank level `level` of `levels` (one dict per level, largest first:
     primary rank of every low-rank projection), laid out so that every level's factors are byte prefixes of
     the full level's.
 
-    First stage: one stack of rows (out x in, rank outer): per projection its dense W, its corrective rows
-    and the primary rows of the smallest level; then, level by level up to `level`, the primary rows that
-    level adds. fp32/fp16 (`transposed`) multiply by it with FusedMatMul(transB=1); int4 writes a MatMul by its
-    transpose, which MatMulNBits stores N-outer (rows outer) again. Each projection's columns of the product
-    are taken with one Split where they are contiguous (the smallest level), else one Gather each.
-    Second stage: U^T with the corrective rows first, then the primary rows by importance (rank x out).
-    The separate corrective form leaves the corrective rows out of both stages and writes the branches
-    with `_emit_branches` (their tensors do not depend on the level, so every level reads the same bytes).
+    First stage: one stack of rows (out x in, rank outer): per projection (per joint group: once) its dense W,
+    its corrective rows and the primary rows of the smallest level; then, level by level up to `level`, the
+    primary rows that level adds. fp32/fp16 (`transposed`) multiply by it with FusedMatMul(transB=1); int4
+    writes a MatMul by its transpose, which MatMulNBits stores N-outer (rows outer) again. Each projection's
+    columns of the product are taken with one Split where they are contiguous (the smallest level), else one
+    Gather each. Second stage: U^T with the corrective rows first, then the primary rows by importance
+    (rank x out), a joint group's stacked along out, then a Split (or, `packed` and one joint group of
+    every projection, the packed output). The separate corrective form leaves the corrective rows out of
+    both stages and writes the branches with `_emit_branches` (their tensors do not depend on the level, so
+    every level reads the same bytes).
     """
     separate = _check_form(corrective_form) == "separate"
     stem = prefix.strip("/").replace("/", ".")
+    groups = _shared_groups({i: proj.fold(correctives=not separate)[0]
+                             for i, proj in enumerate(projections) if proj.pairs})
+    for group in groups:
+        if any(len({ranks[projections[i].name] for i in group}) > 1 for ranks in levels):
+            raise ValueError(f"{prefix}: a joint group's projections must have one rank per level")
+    owners = [group[0] for group in groups]  # the projection that carries a group's first-stage rows
     rows: list[np.ndarray] = []
-    columns: dict[tuple[int, str], list[int]] = {}  # (projection index, part) -> its columns of the product
+    columns: dict[tuple[int, str], list[int]] = {}  # (projection or group owner, part) -> its columns
 
     def add(index: int, part: str, block: np.ndarray) -> None:
         start = sum(len(r) for r in rows)
@@ -387,13 +435,13 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
     for index, proj in enumerate(projections):
         if proj.dense is not None:
             add(index, "dense", proj.dense)
-        if proj.pairs:
+        if index in owners:
             corrections = [] if separate else [pair.down for pair in proj.pairs[1:]]
             add(index, "down", np.concatenate([*corrections, proj.pairs[0].down[:levels[-1][proj.name]]]))
     for j in range(len(levels) - 2, level - 1, -1):  # the rows each larger level adds
-        for index, proj in enumerate(projections):
-            if proj.pairs:
-                add(index, "down", proj.pairs[0].down[levels[j + 1][proj.name]:levels[j][proj.name]])
+        for index in owners:
+            proj = projections[index]
+            add(index, "down", proj.pairs[0].down[levels[j + 1][proj.name]:levels[j][proj.name]])
     weight = np.concatenate(rows)
     if transposed:
         y = g.op("FusedMatMul", [x, g.constant(f"{stem}.MatMul.weight_T", weight)], f"{prefix}/MatMul",
@@ -415,19 +463,35 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
             indices = g.constant(f"{stem}.{short}.{part}.columns", np.array(columns[index, part], np.int64))
             first[index, part] = g.op("Gather", [y, indices], f"{prefix}/{short}/{part}/Gather", axis=-1)
 
+    def up_rows(proj: ProjectionWeights) -> np.ndarray:  # out x (corrective ranks + this level's primary rank)
+        corrections = [] if separate else [pair.up for pair in proj.pairs[1:]]
+        return np.concatenate([*corrections, proj.pairs[0].up[:, :levels[level][proj.name]]], axis=1)
+
     branches = _emit_branches(g, x, projections, prefix) if separate else {}
+    seconds: dict[int, str] = {}
+    for k, group in enumerate(groups):
+        down = first[group[0], "down"]
+        if len(group) == 1:
+            proj = projections[group[0]]
+            up_t = g.constant(f"{proj.name}.up.weight_T", up_rows(proj).T)  # rank x out: rank outer
+            seconds[group[0]] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/up/MatMul")
+            continue
+        up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([up_rows(projections[i]) for i in group]).T)
+        y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
+        if (packed and len(group) == len(projections) and not branches
+                and all(p.dense is None and p.bias is None for p in projections)):
+            return [y]
+        sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
+                           np.array([projections[i].out_features for i in group], np.int64))
+        seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group),
+                                       axis=-1)))
+
     outputs = []
     for index, proj in enumerate(projections):
         short = f"{prefix}/{proj.name.rsplit('.', 1)[-1]}"
         terms = [first[index, "dense"]] if proj.dense is not None else []
-        if proj.pairs:
-            rank = levels[level][proj.name]
-            corrections = [] if separate else [pair.up for pair in proj.pairs[1:]]
-            up = np.concatenate([*corrections, proj.pairs[0].up[:, :rank]], axis=1)
-            up_t = g.constant(f"{proj.name}.up.weight_T", up.T)  # rank x out: rank outer
-            terms.append(g.op("MatMul", [first[index, "down"], up_t], f"{short}/up/MatMul"))
-        if index in branches:
-            terms.append(branches[index])
+        terms += [seconds[index]] if index in seconds else []
+        terms += [branches[index]] if index in branches else []
         y = _sum(g, terms, f"{short}/Sum")
         if proj.bias is not None:
             y = g.op("Add", [y, g.constant(f"{proj.name}.bias", proj.bias)], f"{short}/Add")
@@ -613,7 +677,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
 
     def emit(x: str, projections: list[ProjectionWeights], prefix: str, packed: bool = False) -> list[str]:
         if levels is not None and any(p.pairs for p in projections):
-            return _emit_level_projections(g, x, projections, prefix, levels, level, transposed, corrective_form)
+            return _emit_level_projections(g, x, projections, prefix, levels, level, transposed, corrective_form,
+                                           packed=packed)
         return _emit_projections(g, x, projections, prefix, fuse=fuse, packed=packed, active_ranks=active_ranks,
                                  corrective_form=corrective_form)
 
@@ -630,9 +695,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
         # Attention.
         qkv = _projections(f"{lp}.self_attn", attn, QKV)
         has_head_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
-        packed = fuse and not has_head_norm and all(p.dense is not None and not p.pairs for p in qkv)
-        ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=packed)
-        if packed:
+        ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=not has_head_norm)
+        if len(ys) == 1:  # packed q/k/v: GroupQueryAttention splits them
             q, k, v = ys[0], "", ""
         else:
             q, k, v = ys

@@ -12,31 +12,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compress import replace_module
-from .lowrank import Decomposition, LowRankLinear
+from .compress import install_unit
+from .lowrank import Decomposition
 
 
 def component_fisher(model, decompositions: dict[str, Decomposition], input_ids: torch.Tensor,
                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """{projection name: F_k for each component k, in the decomposition's order} (float64)."""
+    """{unit name: F_k for each component k, in the decomposition's order} (float64)."""
     import copy
 
     from tqdm.auto import tqdm
 
     factored = copy.deepcopy(model)
-    for name, decomposition in decompositions.items():
-        replace_module(factored, name, decomposition.linear(decomposition.max_rank))
+    installed = {name: install_unit(factored, name, decomposition.linear(decomposition.max_rank))
+                 for name, decomposition in decompositions.items()}
     for parameter in factored.parameters():
         parameter.requires_grad_(False)
-    modules = dict(factored.named_modules())
     gates: dict[str, nn.Parameter] = {}
     handles = []
-    for name in decompositions:
-        module = modules[name]
-        if not isinstance(module, LowRankLinear):
-            continue
-        gate = gates[name] = nn.Parameter(torch.ones(module.rank))
-        handles.append(module.up.register_forward_pre_hook(lambda _m, args, g=gate: (args[0] * g,)))
+    for name, modules in installed.items():
+        # A joint unit's projections share its components: one gate scales component k in all of them.
+        gate = gates[name] = nn.Parameter(torch.ones(modules[0].rank))
+        for module in modules:
+            handles.append(module.up.register_forward_pre_hook(lambda _m, args, g=gate: (args[0] * g,)))
     fisher = {name: torch.zeros(g.numel(), dtype=torch.float64) for name, g in gates.items()}
     try:
         for sequence in tqdm(input_ids, desc="Fisher importance", unit="seq", disable=not progress):

@@ -84,6 +84,51 @@ def break_even_rank(out_features: int, in_features: int) -> int:
     return (out_features * in_features - 1) // (out_features + in_features)
 
 
+def split_rows(module: LowRankLinear | CorrectedLinear, sizes: list[int]) -> list[nn.Module]:
+    """One module per block of `sizes` output rows of `module`, all sharing its down factor (the same
+    nn.Linear, trained as one parameter) and, for a CorrectedLinear, its corrective down factor: a joint
+    factorization of projections that read one input (exporter.compress, joint units)."""
+    if sum(sizes) != module.out_features:
+        raise ValueError(f"row blocks {sizes} do not add up to {module.out_features} outputs")
+    base = module.base if isinstance(module, CorrectedLinear) else module
+    parts, start = [], 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        part = LowRankLinear(base.in_features, size, base.rank, bias=base.up.bias is not None, dtype=base.up.weight.dtype)
+        part.down = base.down
+        with torch.no_grad():
+            part.up.weight.copy_(base.up.weight[rows])
+            if base.up.bias is not None:
+                part.up.bias.copy_(base.up.bias[rows])
+        if isinstance(module, CorrectedLinear):
+            corrected = CorrectedLinear(part, module.corrective_rank)
+            corrected.corrective_down = module.corrective_down
+            with torch.no_grad():
+                corrected.corrective_up.weight.copy_(module.corrective_up.weight[rows])
+            part = corrected
+        parts.append(part)
+        start += size
+    return parts
+
+
+def join_rows(modules: list[LowRankLinear]) -> LowRankLinear:
+    """The LowRankLinears of one joint unit (`split_rows`' parts: one down factor) as one module whose up
+    factor stacks theirs; a single module is returned as it is."""
+    if len(modules) == 1:
+        return modules[0]
+    if any(m.down is not modules[0].down for m in modules):
+        raise ValueError("only modules that share one down factor can be joined")
+    first = modules[0]
+    joined = LowRankLinear(first.in_features, sum(m.out_features for m in modules), first.rank,
+                           bias=first.up.bias is not None, dtype=first.up.weight.dtype)
+    joined.down = first.down
+    with torch.no_grad():
+        joined.up.weight.copy_(torch.cat([m.up.weight for m in modules]))
+        if first.up.bias is not None:
+            joined.up.bias.copy_(torch.cat([m.up.bias for m in modules]))
+    return joined
+
+
 @dataclass
 class Decomposition:
     """W ~= up[:, :r] @ down[:r] for any r <= len(sigma); components in descending importance."""

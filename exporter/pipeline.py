@@ -61,6 +61,8 @@ class ExportOptions:
     seed: int = 0
     force: bool = False
     graph: str = "auto"  # fused (exporter.graph_writer) where supported, else optimum
+    # Factorize q/k/v and gate/up jointly, one rank per group (exporter.compress): fewer graph nodes.
+    joint: bool = False
     weights: str | None = None  # None: the profile's runtime.weight_precision (resolve_precision)
     # Activations, KV cache and logits: fp32 | fp16 (None: fp16 with fp16 weights, and with int4 weights
     # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
@@ -157,7 +159,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     with clock.stage("load"):
         say(f"loading {source.describe()}")
         model, tokenizer = load_model(source)
-    projections = decoder_projections(model)
+    projections = decoder_projections(model, options.joint)
     total_dense = count_params(model)
     dense_projection = sum(p.params for p in projections)
     budget = weight_budget(profile, model.config, options.weights, options.activations)
@@ -191,7 +193,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
                 options.seed, options.calib_field, model_key=source.describe(), progress=options.progress)
     with clock.stage("factorize"):
         decompositions = decompose_model(model, options.method, ids, progress=options.progress,
-                                         full_rank=options.allocation == "fisher")
+                                         full_rank=options.allocation == "fisher", joint=options.joint)
     if options.allocation == "fisher":
         with clock.stage("importance"):
             plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
@@ -385,19 +387,21 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
 
 
 def primary_linears(model, projections) -> list:
-    """The nn.Linear layers of every projection's primary path (dense, or both low-rank factors)."""
-    linears = []
-    for p in projections:
-        module = model.get_submodule(p.name)
+    """The nn.Linear layers of every projection's primary path (dense, or both low-rank factors), each
+    once (a joint unit's projections share their down factor)."""
+    linears = {}
+    for module in (model.get_submodule(name) for p in projections for name in p.members):
         module = getattr(module, "base", module)  # CorrectedLinear -> its LowRankLinear
-        linears += [module.down, module.up] if isinstance(module, LowRankLinear) else [module]
-    return linears
+        for linear in ([module.down, module.up] if isinstance(module, LowRankLinear) else [module]):
+            linears[id(linear)] = linear
+    return list(linears.values())
 
 
 def branch_linears(model, projections) -> list:
-    modules = [model.get_submodule(p.name) for p in projections]
-    return [linear for m in modules if isinstance(m, CorrectedLinear)
-            for linear in (m.corrective_down, m.corrective_up)]
+    modules = [model.get_submodule(name) for p in projections for name in p.members]
+    linears = {id(linear): linear for m in modules if isinstance(m, CorrectedLinear)
+               for linear in (m.corrective_down, m.corrective_up)}
+    return list(linears.values())
 
 
 def _corrective_summary(options: ExportOptions, plan: Plan) -> dict | None:

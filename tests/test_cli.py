@@ -510,3 +510,37 @@ def test_correctives_count_in_the_budget(tmp_path, llama_dir, calib_file):
     correctives = manifest["method"]["correctives"]
     assert correctives["rank"] == 2 and len(correctives["block_error_before"]) == 2
     assert manifest["parity"]["passed"]  # the folded branches are in the graph: it still matches PyTorch
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_joint_factorization_exports_two_matmuls_per_group(tmp_path, tiny_models, calib_file, family):
+    """--joint: q/k/v and gate/up are factorized as units (one rank, one shared down factor each), with
+    CALR branches and rank levels; the int4 graph takes packed q/k/v from one second-stage MatMulNBits
+    (no Split: GroupQueryAttention splits them) and still matches PyTorch through its fp32 twin."""
+    pytest.importorskip("onnx_ir", reason="ONNX Runtime's int4 quantizer needs onnx-ir")
+    import json
+    from collections import Counter
+
+    import onnx
+
+    out = tmp_path / "joint"
+    assert main(export_args(tiny_models.dir(family), calib_file, out, "--joint", "--weights", "int4",
+                            "--corrective-rank", "2", "--levels", "1.0,0.5")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    kinds = {name.rsplit(".", 1)[-1] for name in manifest["ranks"]}
+    assert kinds == {"q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"}
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_logit_diff"] < 1e-3
+    params = manifest["parameters"]
+    assert params["projection_fraction_removed"] >= 0.3 - 1e-6
+    for level in manifest["levels"]:
+        graph = onnx.load(str(out / level["file"]), load_external_data=False).graph
+        producers = {o: n for n in graph.node for o in n.output}
+        for attention in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+            qkv = producers[attention.input[0]]
+            factorized = manifest["ranks"][next(n for n in manifest["ranks"] if "q_proj+" in n)]["rank"] is not None
+            if family == "llama" and factorized:  # qwen2's biases are added after a Split
+                assert attention.input[1] == attention.input[2] == ""
+                assert qkv.op_type == "MatMulNBits" and producers[qkv.input[0]].op_type == "MatMulNBits"
+        # Two MatMulNBits per factorized unit (V, then the stacked U), one per dense one, plus lm_head.
+        expected = sum(1 if r["rank"] is None else 2 for r in manifest["ranks"].values()) + 1
+        assert Counter(n.op_type for n in graph.node)["MatMulNBits"] == expected

@@ -186,3 +186,44 @@ def test_branch_ranks_round_to_whole_blocks_and_shrink_unrounded_when_over_budge
     tight = branch_ranks(projections, ranks, CorrectiveOptions(rank=16, rank_multiple=32), 200_000)
     assert all(1 <= r < 32 for r in tight.values())  # over the budget share: shrunk below a block
     assert sum(r * 2112 for r in tight.values()) <= 0.1 * 200_000
+
+
+def test_joint_units_share_their_down_factors_through_training(tiny_models, calib_ids):
+    """Joint factorization (q/k/v, gate/up as units): the stacked weight's whitened SVD, one down factor per
+    unit shared by its projections, and CALR branches whose down factor is shared too, before and after
+    block-wise solving and training; the graph writer then finds each unit's projections equal-down."""
+    model = tiny_models.load("llama")
+    teacher = dense_teacher(model)
+    units = decoder_projections(model, joint=True)
+    assert [u.kind for u in units[:4]] == ["q_proj+k_proj+v_proj", "o_proj", "gate_proj+up_proj", "down_proj"]
+    assert units[0].out_features == 64 + 32 + 32 and units[0].members[1] == "model.layers.0.self_attn.k_proj"
+    decompositions = decompose_model(model, "whitened", calib_ids, progress=False, joint=True)
+    assert set(decompositions) == {u.name for u in units}
+    dense_logits = logits(model, calib_ids[:2])
+    ranks = uniform_ranks(units, 0.4)
+    apply_ranks(model, decompositions, ranks)
+    assert effective_ranks(model, units) == ranks
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.down is attn.k_proj.down is attn.v_proj.down
+    # The stacked factorization is the unit's: q/k/v rows of U @ V approximate the stacked weight.
+    stacked = torch.cat([m.up.weight @ m.down.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    decomposition = decompositions[units[0].name]
+    r = ranks[units[0].name]
+    assert torch.allclose(stacked, decomposition.up[:, :r] @ decomposition.down[:r], atol=1e-6)
+    # Joint parameters: the shared down factor counted once.
+    summary = parameter_summary(units, ranks, 0)
+    assert count_params(model) == count_params(teacher) - summary["projection_params_dense"] + summary["projection_params"]
+
+    attached = attach_correctives(model, decompositions, 4)
+    assert set(attached) == {u.name for u in units}
+    before = float((logits(model, calib_ids[:2]) - dense_logits).norm())
+    train_correctives(model, teacher, calib_ids, CorrectiveOptions(rank=4, epochs=5, kl_steps=5, holdout=2),
+                      progress=False)
+    for layer in model.model.layers:
+        q, k, v = layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
+        assert q.corrective_down is k.corrective_down is v.corrective_down and q.base.down is v.base.down
+        assert layer.mlp.gate_proj.corrective_down is layer.mlp.up_proj.corrective_down
+        downs = [ProjectionWeights.from_module("p", m).fold()[0] for m in (q, k, v)]
+        assert all(np.array_equal(downs[0], d) for d in downs[1:])
+    assert corrective_ranks(model, units) == {u.name: 4 for u in units}
+    assert float((logits(model, calib_ids[:2]) - dense_logits).norm()) < before
