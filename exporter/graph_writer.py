@@ -337,10 +337,10 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
     if packed:
         packed = (all_dense and fuse) or joint
 
-    def biased(y: str, name: str) -> str:  # one Add of the group's concatenated biases
+    def group_bias(y: str) -> str:  # one Add of the group's concatenated biases, on its packed output
         bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.out_features, np.float32)
                                for p in projections])
-        return g.op("Add", [y, g.constant(f"{stem}.{name}.bias", bias)], f"{prefix}/{name}/Add")
+        return g.op("Add", [y, g.constant(f"{stem}.Add.bias", bias)], f"{prefix}/Add")
 
     # First stage.
     first: list[str] = []
@@ -348,9 +348,7 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
         weight = np.concatenate([b[2] for b in blocks], axis=1) if len(blocks) > 1 else blocks[0][2]
         y = g.op("MatMul", [x, g.constant(f"{stem}.MatMul.weight", weight)], f"{prefix}/MatMul")
         if all_dense and has_bias:  # one Add for the whole group
-            y = g.op("Add", [y, g.constant(f"{stem}.Add.bias", np.concatenate(
-                [p.bias if p.bias is not None else np.zeros(p.out_features, np.float32) for p in projections]))],
-                f"{prefix}/Add")
+            y = group_bias(y)
         if packed and all_dense:
             return [y]
         if len(blocks) > 1:
@@ -378,7 +376,7 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
         up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([folded[i][1] for i in group]).T)
         y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
         if joint and packed:
-            return [biased(y, "joint") if has_bias else y]
+            return [group_bias(y) if has_bias else y]
         sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
                            np.array([projections[i].out_features for i in group], np.int64))
         seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group),

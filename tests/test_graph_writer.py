@@ -322,3 +322,30 @@ def test_unsupported_models_are_refused(tmp_path):
         write_decoder(gpt2, tmp_path)
     with pytest.raises(ValueError, match="bf16"):
         write_decoder(_random_model("llama"), tmp_path, weights="bf16")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joint_units_write_one_down_and_one_stacked_up(tiny_models, calib_ids, family, prompt, tmp_path):
+    """Jointly factorized q/k/v and gate/up (one down factor per unit): two MatMuls per unit, q/k/v packed
+    into GroupQueryAttention where no per-head norm sits between (Qwen3: a Split), Qwen2's q/k/v biases
+    added to the packed output; the same logits as PyTorch."""
+    model = tiny_models.load(family)
+    units = decoder_projections(model, joint=True)
+    apply_ranks(model, decompose_model(model, "whitened", calib_ids[:4], progress=False, joint=True),
+                uniform_ranks(units, 0.3))
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    path = write_decoder(model, tmp_path)
+    graph = _ops(path)
+    producers = {o: n for n in graph.node for o in n.output}
+    layers = model.config.num_hidden_layers
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMul"] == 8 * layers + 1  # V and stacked U of each of the 4 units per layer, lm_head
+    for attention in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        packed = attention.input[1] == attention.input[2] == ""
+        assert packed == (family != "qwen3")
+        if packed:
+            qkv = producers[attention.input[0]]
+            assert qkv.op_type == ("Add" if family == "qwen2" else "MatMul")
+    assert ops["Split"] == (2 if family == "qwen3" else 1) * layers  # gate/up (and Qwen3's q/k/v)
+    logits = _run(path, prompt, ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 1e-3
