@@ -1,0 +1,54 @@
+"""Re-time kept graphs against a baseline: decode speed in fresh processes, rounds interleaved, ratios paired.
+
+    python benchmarks/race.py BASELINE_DIR OTHER_DIR ... --rounds 15 --threads 2
+
+Each round runs benchmarks/decode_probe.py (as benchmarks/run.py does) on every graph in turn; each
+graph's speed is divided by the baseline's of the same round (benchmarks/run.py's `paired_ratio`), so
+drift of the shared machine between rounds cancels. Prints each graph's median tokens/s and the median,
+range and share of rounds at or above --target of its per-round ratio; --json writes the rounds.
+Graph directories are those `benchmarks/run.py --keep DIR` leaves (DIR/ROW/model.onnx).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import paired_ratio, probe  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("graphs", nargs="+", type=Path, help="graph directories; the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--target", type=float, action="append", default=[],
+                        help="report the share of rounds whose ratio reaches this (repeatable)")
+    parser.add_argument("--json", type=Path, help="write every round's figures here")
+    args = parser.parse_args(argv)
+    prompt = list(range(1000, 1000 + args.prompt_tokens))  # ids only set the cost, not the text
+    rounds = {g.name: [] for g in args.graphs}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
+        for graph in args.graphs:
+            rounds[graph.name].append(probe(graph / "model.onnx", prompt, args.new_tokens, args.threads)["decode_tok_s"])
+    baseline = rounds[args.graphs[0].name]
+    for name, speeds in rounds.items():
+        ratios = [x / y for x, y in zip(speeds, baseline)]
+        shares = "".join(f", {sum(q >= t for q in ratios)}/{len(ratios)} rounds >= {t}" for t in args.target)
+        print(f"{name:28s} {statistics.median(speeds):6.1f} tok/s  ratio {paired_ratio(speeds, baseline):.3f} "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}{shares})")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
