@@ -123,16 +123,14 @@ def graph_stats(model_path: Path) -> dict:
             quantized["int8" if attrs.get("bits", 4) == 8 else "int4"] += int(attrs["K"]) * int(attrs["N"])
         elif node.op_type in INT8_MATMULS and len(node.input) > 1 and node.input[1] in initializers:
             quantized["int8"] += math.prod(initializers[node.input[1]].dims)
-    shared = {p.key: p.value for p in model.metadata_props}.get("past_present_share_buffer") == "1"
     return {"nodes": len(model.graph.node), "quantized_params": quantized, "kv_bytes_per_elem": kv_bytes,
-            "embedding_bytes": embedding_bytes, "kv_buffer": "shared" if shared else "growing"}
+            "embedding_bytes": embedding_bytes}
 
 
 def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict:
     """The cost model (exporter.budget.decode_terms). Decode: every weight read once per token and the
-    KV cache moved KV_PASSES times (shared buffer or growing cache, as the graph's metadata says), at the
-    bandwidth a decode step's matrix-vector products reach beyond the caches
-    (exporter.profiles._measure_decode_costs), plus a cost per graph node, plus the
+    KV cache moved KV_PASSES times, at the bandwidth a decode step's matrix-vector products reach beyond
+    the caches (exporter.profiles._measure_decode_costs), plus a cost per graph node, plus the
     dequantisation of int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per
     parameter per token (compute-bound); RAM holds weights, the KV cache at max_context and the runtime."""
     from .budget import (COMPUTE_EFFICIENCY, KV_PASSES, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms,
@@ -142,7 +140,7 @@ def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict
     stored = model_bytes(artifact, manifest)
     graph = graph_stats(artifact / manifest["onnx"]["file"])
     read = stored - graph["embedding_bytes"]  # an untied embedding is read one row per token
-    kv_prompt = KV_PASSES[graph["kv_buffer"]] * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])
+    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])
     costs, costs_source = decode_costs(profile)
     terms = decode_terms(read + kv_prompt, graph["nodes"], graph["quantized_params"], costs)
     compute = profile.hardware.compute_tflops
