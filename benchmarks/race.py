@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         for graph in args.graphs:
-            rounds[graph.name].append(probe(graph / "model.onnx", prompt, args.new_tokens, args.threads)["decode_tok_s"])
+            figures = probe(graph / "model.onnx", prompt, args.new_tokens, args.threads)
+            rounds[graph.name].append(figures["decode_tok_s"])
     baseline = rounds[args.graphs[0].name]
     for name, speeds in rounds.items():
         ratios = [x / y for x, y in zip(speeds, baseline)]
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
         print(f"{name:28s} {statistics.median(speeds):6.1f} tok/s  ratio {paired_ratio(speeds, baseline):.3f} "
               f"(rounds {min(ratios):.2f}-{max(ratios):.2f}{shares})")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}, indent=1))
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
 
 

@@ -302,6 +302,31 @@ def _shared_groups(downs: dict[int, np.ndarray]) -> list[list[int]]:
     return groups
 
 
+def _emit_second_stages(g: _Graph, prefix: str, projections: Sequence[ProjectionWeights], groups: list[list[int]],
+                        downs: Sequence[str], ups: dict[int, np.ndarray], packed: bool = False
+                        ) -> tuple[dict[int, str], str | None]:
+    """One MatMul by U^T (rank x out: rank outer) per group of equal down factors (`groups`, their first-stage
+    outputs `downs`; `ups`: each projection's out x rank factor), a joint group's U^T stacked along out and
+    then Split. Returns ({projection index: output}, None), or, with `packed` and one joint group of every
+    projection, ({}, the stacked output)."""
+    stem = prefix.strip("/").replace("/", ".")
+    seconds: dict[int, str] = {}
+    for k, (group, down) in enumerate(zip(groups, downs)):
+        if len(group) == 1:
+            proj = projections[group[0]]
+            up_t = g.constant(f"{proj.name}.up.weight_T", ups[group[0]].T)
+            seconds[group[0]] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/up/MatMul")
+            continue
+        up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([ups[i] for i in group]).T)
+        y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
+        if packed and len(group) == len(projections):
+            return {}, y
+        sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
+                           np.array([projections[i].out_features for i in group], np.int64))
+        seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group), axis=-1)))
+    return seconds, None
+
+
 def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
                       fuse: bool = True, packed: bool = False,
                       active_ranks: dict[str, int | None] | None = None,
@@ -363,24 +388,14 @@ def _emit_projections(g: _Graph, x: str, projections: Sequence[ProjectionWeights
             weight = g.constant(f"{stem}.{short}.{kind}.MatMul.weight", matrix)
             first.append(g.op("MatMul", [x, weight], f"{prefix}/{short}/{kind}/MatMul"))
 
-    # Second stage: one MatMul by U^T (r x out: rank outer) per group of equal downs, stacked for a joint one.
+    # Second stage (and the separate corrective branches).
     branches = _emit_branches(g, x, projections, prefix, fuse=fuse) if separate else {}
-    seconds: dict[int, str] = {}
-    for k, group in enumerate(groups):
-        down = first[next(b for b, (owner, _, _) in enumerate(blocks) if owner == ("group", k))]
-        if len(group) == 1:
-            proj = projections[group[0]]
-            up_t = g.constant(f"{proj.name}.up.weight_T", folded[group[0]][1].T)
-            seconds[group[0]] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/up/MatMul")
-            continue
-        up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([folded[i][1] for i in group]).T)
-        y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
-        if joint and packed:
-            return [group_bias(y) if has_bias else y]
-        sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
-                           np.array([projections[i].out_features for i in group], np.int64))
-        seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group),
-                                       axis=-1)))
+    position = {owner: b for b, (owner, _, _) in enumerate(blocks)}
+    downs = [first[position["group", k]] for k in range(len(groups))]
+    seconds, whole = _emit_second_stages(g, prefix, projections, groups, downs, {i: folded[i][1] for i in group_of},
+                                         packed=joint and packed)
+    if whole is not None:
+        return [group_bias(whole) if has_bias else whole]
 
     # Sums and biases.
     outputs = []
@@ -466,23 +481,11 @@ def _emit_level_projections(g: _Graph, x: str, projections: Sequence[ProjectionW
         return np.concatenate([*corrections, proj.pairs[0].up[:, :levels[level][proj.name]]], axis=1)
 
     branches = _emit_branches(g, x, projections, prefix) if separate else {}
-    seconds: dict[int, str] = {}
-    for k, group in enumerate(groups):
-        down = first[group[0], "down"]
-        if len(group) == 1:
-            proj = projections[group[0]]
-            up_t = g.constant(f"{proj.name}.up.weight_T", up_rows(proj).T)  # rank x out: rank outer
-            seconds[group[0]] = g.op("MatMul", [down, up_t], f"{prefix}/{proj.name.rsplit('.', 1)[-1]}/up/MatMul")
-            continue
-        up_t = g.constant(f"{stem}.joint{k}.up.weight_T", np.concatenate([up_rows(projections[i]) for i in group]).T)
-        y = g.op("MatMul", [down, up_t], f"{prefix}/joint{k}/up/MatMul")
-        if (packed and len(group) == len(projections) and not branches
-                and all(p.dense is None and p.bias is None for p in projections)):
-            return [y]
-        sizes = g.constant(f"{stem}.joint{k}.Split.sizes",
-                           np.array([projections[i].out_features for i in group], np.int64))
-        seconds.update(zip(group, g.op("Split", [y, sizes], f"{prefix}/joint{k}/Split", outputs=len(group),
-                                       axis=-1)))
+    pack = packed and not branches and all(p.dense is None and p.bias is None for p in projections)
+    seconds, whole = _emit_second_stages(g, prefix, projections, groups, [first[group[0], "down"] for group in groups],
+                                         {i: up_rows(projections[i]) for group in groups for i in group}, pack)
+    if whole is not None:
+        return [whole]
 
     outputs = []
     for index, proj in enumerate(projections):

@@ -94,7 +94,8 @@ def split_rows(module: LowRankLinear | CorrectedLinear, sizes: list[int]) -> lis
     parts, start = [], 0
     for size in sizes:
         rows = slice(start, start + size)
-        part = LowRankLinear(base.in_features, size, base.rank, bias=base.up.bias is not None, dtype=base.up.weight.dtype)
+        part = LowRankLinear(base.in_features, size, base.rank, bias=base.up.bias is not None,
+                             dtype=base.up.weight.dtype)
         part.down = base.down
         with torch.no_grad():
             part.up.weight.copy_(base.up.weight[rows])

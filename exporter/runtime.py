@@ -47,7 +47,8 @@ class KVCache:
         """The cache as host arrays [batch, heads, length, head] (copies where it is held elsewhere)."""
         if self.capacity is not None and self.cursor[0] != self.length:
             raise ValueError("this KV cache was already stepped from: a shared buffer cannot branch")
-        arrays = {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in self.tensors.items()}
+        arrays = {name: value if isinstance(value, np.ndarray) else value.numpy()
+                  for name, value in self.tensors.items()}
         if self.capacity is None:
             return arrays
         return {name: np.ascontiguousarray(array[:, :, :self.length]) for name, array in arrays.items()}
