@@ -441,6 +441,10 @@ def compare(rows: list[Row]) -> list[str]:
          ratio("writer-flrc-calr-20-int4", "writer-flrc-calr-20-int4-fp32trained", "perplexity"), "< 1"),
         ("writer-flrc-calr-20-int4 / builder-int4 perplexity",
          ratio("writer-flrc-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
+        ("writer-flrc-calr-20-int4 / builder-int4 ONNX MB",
+         ratio("writer-flrc-calr-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
+        ("writer-flrc-calr-20-int4 / builder-int4 decode tok/s",
+         ratio("writer-flrc-calr-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
     ]
     for label, value, target in checks:
         if value is not None:
