@@ -30,6 +30,14 @@ JOINT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # pro
 JOINT_SEPARATOR = "+"
 
 
+def unit_name(members: list[str]) -> str:
+    """A unit's name from its module names: one projection's own, or `parent.q_proj+k_proj+v_proj`."""
+    if len(members) == 1:
+        return members[0]
+    parent = members[0].rpartition(".")[0]
+    return f"{parent}.{JOINT_SEPARATOR.join(m.rpartition('.')[2] for m in members)}"
+
+
 def unit_members(name: str) -> list[str]:
     """The module names of a unit: itself, or a joint unit's projections (`a.q_proj+k_proj` -> a.q_proj, a.k_proj)."""
     parent, _, last = name.rpartition(".")
@@ -79,8 +87,8 @@ def decoder_projections(model, joint: bool = False) -> list[Projection]:
         members = [f"{parent}.{m}" for m in group] if group else []
         if group and all(m in linears for m in members):
             done.update(members)
-            units.append(Projection(f"{parent}.{JOINT_SEPARATOR.join(group)}",
-                                    sum(linears[m].out_features for m in members), module.in_features))
+            units.append(Projection(unit_name(members), sum(linears[m].out_features for m in members),
+                                    module.in_features))
         else:
             units.append(Projection(name, module.out_features, module.in_features))
     return units

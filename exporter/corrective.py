@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compress import JOINT_SEPARATOR, Projection, install_unit
+from .compress import Projection, install_unit, unit_name
 from .errors import ExporterError
 from .lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
 from .models import decoder_layers
@@ -99,12 +99,7 @@ def factorized_units(model) -> dict[str, list[str]]:
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
             by_down.setdefault(id(module.down), []).append(name)
-    units = {}
-    for names in by_down.values():
-        parent = names[0].rpartition(".")[0]
-        joint = len(names) > 1 and all(n.rpartition(".")[0] == parent for n in names)
-        units[f"{parent}.{JOINT_SEPARATOR.join(n.rpartition('.')[2] for n in names)}" if joint else names[0]] = names
-    return units
+    return {unit_name(names): names for names in by_down.values()}
 
 
 def attach_correctives(model, decompositions: dict[str, Decomposition], ranks: dict[str, int] | int

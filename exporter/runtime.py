@@ -43,10 +43,15 @@ class KVCache:
     capacity: int | None = None
     cursor: list[int] | None = None
 
+    def check_fresh(self) -> None:
+        """ValueError if a later step already wrote into this cache's shared buffer."""
+        if self.capacity is not None and self.cursor[0] != self.length:
+            raise ValueError(f"this KV cache ({self.length} tokens) was already stepped from, to {self.cursor[0]} "
+                             "tokens: a shared buffer is written in place and cannot branch")
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The cache as host arrays [batch, heads, length, head] (copies where it is held elsewhere)."""
-        if self.capacity is not None and self.cursor[0] != self.length:
-            raise ValueError("this KV cache was already stepped from: a shared buffer cannot branch")
+        self.check_fresh()
         arrays = {name: value if isinstance(value, np.ndarray) else value.numpy()
                   for name, value in self.tensors.items()}
         if self.capacity is None:
@@ -191,12 +196,9 @@ class OrtDecoder:
     def _buffer(self, cache: KVCache, needed: int) -> KVCache:
         """`cache` as shared buffers of at least `needed` positions: in place when it is one and fits,
         else copied into new ones (capacity doubling from SHARED_CAPACITY, so growth is rare)."""
-        if cache.capacity is not None:
-            if cache.cursor[0] != cache.length:
-                raise ValueError(f"this KV cache ({cache.length} tokens) was already stepped from, to "
-                                 f"{cache.cursor[0]} tokens: a shared buffer is written in place and cannot branch")
-            if needed <= cache.capacity:
-                return cache
+        cache.check_fresh()
+        if cache.capacity is not None and needed <= cache.capacity:
+            return cache
         capacity = max(SHARED_CAPACITY, cache.capacity or 0)
         while capacity < needed:
             capacity *= 2

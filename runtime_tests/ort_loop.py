@@ -49,7 +49,7 @@ class Decoder:
         # GroupQueryAttention graphs (the exporter's, the onnxruntime-genai builder's) append to a past buffer
         # bound as their own present: one buffer per layer, no copy of the whole cache every step.
         self.shared = self.session.get_modelmeta().custom_metadata_map.get("past_present_share_buffer") == "1"
-        self._binding, self._bound = None, None
+        self._binding, self._bound, self._capacity = None, None, 0
         config_file = self.path.parent / "config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
 
@@ -82,7 +82,7 @@ class Decoder:
                 for name in self.past:
                     self._binding.bind_ortvalue_input(name, cache[name])
                     self._binding.bind_ortvalue_output(name.replace("past_key_values", "present"), cache[name])
-                self._bound = cache
+                self._bound, self._capacity = cache, min(v.shape()[2] for v in cache.values())
             for name, value in feed.items():
                 self._binding.bind_cpu_input(name, np.ascontiguousarray(value))
             self._binding.bind_output("logits", "cpu")
@@ -107,6 +107,8 @@ class Decoder:
 
     def buffers(self, cache: dict, past_len: int, needed: int) -> dict:
         """`cache` as shared buffers holding at least `needed` positions (doubling from 256 when outgrown)."""
+        if cache is self._bound and needed <= self._capacity:  # the buffers of the last step: no scan per step
+            return cache
         capacity = min((v.shape()[2] if isinstance(v, ort.OrtValue) else v.shape[2]) for v in cache.values())
         if all(isinstance(v, ort.OrtValue) for v in cache.values()) and needed <= capacity:
             return cache
