@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from exporter.budget import decode_costs, node_params  # noqa: E402
 from exporter.calibration import calibration_ids  # noqa: E402
 from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
                                decoder_projections, effective_ranks, parameter_summary)
@@ -40,6 +41,7 @@ from exporter.importance import component_fisher  # noqa: E402
 from exporter.models import hf_directory, load_model, resolve_model  # noqa: E402
 from exporter.onnx_export import export_onnx  # noqa: E402
 from exporter.pipeline import branch_linears, choose_ranks, primary_linears, rank_multiples  # noqa: E402
+from exporter.profiles import load_profile  # noqa: E402
 from exporter.runtime import OrtDecoder, Runtime  # noqa: E402
 
 try:
@@ -71,13 +73,15 @@ class Row:
     artifact_mb: float = float("nan")  # ONNX graph + weights on disk
     calr: str = "-"  # - | fp32 (correctives trained against the fp32 primary path) | int4 (against int4)
     joint: bool = False  # q/k/v and gate/up factorized jointly (one unit each: exporter.compress)
+    latency_aware: bool = False  # each factorization's graph node priced in the allocation (--latency-aware)
+    factorized: int = 0  # projections (or joint units) factorized
     train_s: float = float("nan")  # corrective training
     rouge_l: float = float("nan")  # CNN/DailyMail ROUGE-L F1 through ONNX Runtime (--rouge-rows)
 
 
-def spec(method, allocation, ratio, graph="optimum", weights="fp32", calr="-", joint=False):
+def spec(method, allocation, ratio, graph="optimum", weights="fp32", calr="-", joint=False, latency_aware=False):
     return {"method": method, "allocation": allocation, "ratio": ratio, "graph": graph, "weights": weights,
-            "calr": calr, "joint": joint}
+            "calr": calr, "joint": joint, "latency_aware": latency_aware}
 
 
 ROWS = {
@@ -118,6 +122,11 @@ ROWS = {
     "writer-joint-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", joint=True),
     "writer-joint-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4", joint=True),
     "writer-joint-calr-20-int4": spec("whitened", "fisher", 0.2, "writer", "int4", calr="int4", joint=True),
+    # latency-aware allocation: the node each factorization adds is priced (host's measured cost model)
+    "writer-flrc-40-lat-int4": spec("whitened", "fisher", 0.4, "writer", "int4", latency_aware=True),
+    "writer-joint-40-lat-int4": spec("whitened", "fisher", 0.4, "writer", "int4", joint=True, latency_aware=True),
+    "writer-flrc-calr-20-lat-int4": spec("whitened", "fisher", 0.2, "writer", "int4", calr="int4",
+                                         latency_aware=True),
 }
 CALR_ROWS = ["whitened-20", "whitened-40", "flrc-20", "flrc-40", "calr-20", "calr-40", "flrc-calr-20", "flrc-calr-40"]
 FOUNDATION_ROWS = ["dense", "svd-20", "svd-40", "whitened-20", "whitened-40", "flrc-20", "flrc-40"]
@@ -223,7 +232,7 @@ def main(argv=None) -> int:
     for name in names:
         s_ = ROWS[name]
         row = Row(name, s_["method"], s_["allocation"], s_["ratio"], s_["graph"], s_["weights"], calr=s_["calr"],
-                  joint=s_["joint"])
+                  joint=s_["joint"], latency_aware=s_["latency_aware"])
         projections = decoder_projections(model, row.joint)
         if row.graph == "builder" and not args.builder_python:
             print(f"[{name}] skipped: pass --builder-python (make builder-env)", file=sys.stderr)
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
         if row.graph == "writer" and write_decoder is None:
             print(f"[{name}] skipped: exporter.graph_writer is not available", file=sys.stderr)
             continue
-        key = (row.method, row.allocation, row.ratio, row.calr, row.joint)
+        key = (row.method, row.allocation, row.ratio, row.calr, row.joint, row.latency_aware)
         if key not in candidates:
             candidate, compress_s, search_s, train_s = model, 0.0, float("nan"), float("nan")
             if row.method != "dense":
@@ -253,8 +262,9 @@ def main(argv=None) -> int:
                     rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
                 multiple, base_multiple, options = rank_multiples(  # as the export does
                     row.allocation, args.rank_multiple, options, args.block_size if row.weights == "int4" else None)
+                price = node_params(decode_costs(load_profile("host"))[0], row.weights) if row.latency_aware else 0.0
                 ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher.get(row.joint), budget,
-                                                     options, multiple, base_multiple)
+                                                     options, multiple, base_multiple, node_params=price)
                 search_s = time.perf_counter() - start if row.allocation == "fisher" else float("nan")
                 candidate = copy.deepcopy(model)
                 apply_ranks(candidate, decompositions[factored], ranks)
@@ -277,6 +287,7 @@ def main(argv=None) -> int:
         summary = parameter_summary(projections, effective_ranks(candidate, projections), total,
                                     corrective_ranks(candidate, projections))
         row.projection_removed, row.params = summary["projection_fraction_removed"], summary["total_params"]
+        row.factorized = sum(r is not None for r in effective_ranks(candidate, projections).values())
 
         folder = work / name
         folder.mkdir()
@@ -364,8 +375,9 @@ def format_table(rows: list[Row], n_windows: int, args) -> str:
     lines = [
         f"| row | graph | weights | method | allocation | projection params removed | params "
         f"| WikiText-2 ppl ({n_windows}x512) | compression s | rank search s | decode tok/s ({args.threads} thr) "
-        f"| prefill ms ({args.prompt_tokens} tok) | peak RSS MB | ONNX MB | CALR trained on | train s | ROUGE-L |",
-        "|---" * 17 + "|",
+        f"| prefill ms ({args.prompt_tokens} tok) | peak RSS MB | ONNX MB | CALR trained on | train s | ROUGE-L "
+        f"| factorized |",
+        "|---" * 18 + "|",
     ]
     for r in rows:
         search = "-" if r.search_s != r.search_s else f"{r.search_s:.1f}"
@@ -375,7 +387,8 @@ def format_table(rows: list[Row], n_windows: int, args) -> str:
             f"| {r.params / 1e6:.1f}M | {ppl} | {r.compress_s:.1f} | {search} | {r.decode_tok_s:.1f} "
             f"| {r.prefill_ms:.0f} | {r.peak_rss_mb:.0f} | {r.artifact_mb:.1f} | {r.calr} "
             f"| {'-' if r.train_s != r.train_s else f'{r.train_s:.0f}'} "
-            f"| {'-' if r.rouge_l != r.rouge_l else f'{r.rouge_l:.4f}'} |"
+            f"| {'-' if r.rouge_l != r.rouge_l else f'{r.rouge_l:.4f}'} "
+            f"| {r.factorized}{' (latency-aware)' if r.latency_aware else ''} |"
         )
     lines += [
         "",
@@ -429,6 +442,12 @@ def compare(rows: list[Row]) -> list[str]:
         ("writer-joint-calr-20-int4 / builder-int4 perplexity", ratio("writer-joint-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
         ("writer-joint-40-int4 / builder-int4 decode tok/s", ratio("writer-joint-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
         ("writer-joint-40-int4 / writer-flrc-40-int4 perplexity", ratio("writer-joint-40-int4", "writer-flrc-40-int4", "perplexity"), None),
+        ("writer-flrc-40-lat-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+        ("writer-flrc-40-lat-int4 / writer-flrc-40-int4 perplexity", ratio("writer-flrc-40-lat-int4", "writer-flrc-40-int4", "perplexity"), None),
+        ("writer-joint-40-lat-int4 / builder-int4 decode tok/s", ratio("writer-joint-40-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
+        ("writer-joint-40-lat-int4 / writer-flrc-40-int4 perplexity", ratio("writer-joint-40-lat-int4", "writer-flrc-40-int4", "perplexity"), None),
+        ("writer-flrc-calr-20-lat-int4 / builder-int4 decode tok/s", ratio("writer-flrc-calr-20-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
+        ("writer-flrc-calr-20-lat-int4 / builder-int4 perplexity", ratio("writer-flrc-calr-20-lat-int4", "builder-int4", "perplexity"), "<= 1.3"),
         ("flrc-calr-20 / dense perplexity", ratio("flrc-calr-20", "dense", "perplexity"), "<= 1.4"),
         ("flrc-calr-40 / dense perplexity", ratio("flrc-calr-40", "dense", "perplexity"), "<= 2.5"),
         ("calr-20 / whitened-20 perplexity (same params)", ratio("calr-20", "whitened-20", "perplexity"), "<= 0.85"),

@@ -7,7 +7,18 @@ hull of each projection's (cost, importance) points, cut it into segments, and b
 all projections in order of importance per parameter until the budget is spent. On the hull the
 per-projection gains are decreasing, so this greedy is the optimal fractional solution and, for
 budgets much larger than one segment, within one segment of the optimum; larger budgets buy a
-superset of segments, so ranks grow monotonically with the budget.
+superset of segments, so ranks grow monotonically with the budget. A segment that does not fit whole
+(one can be long: a projection whose importance is spread thin jumps from a low rank to dense) is
+bought in part, at the best state under it that the rest of the budget affords, before any cheaper
+segment gets that budget.
+
+Node price (`node_params`): a factorized projection also adds a second-stage MatMul to the decode
+graph, and a small MatMul costs far more than its bytes (a cold weight stream starting, a thread-pool
+join). Given the parameters that stream in that time, the allocator charges each factorized state the
+importance those parameters hold at the margin (the price per parameter of the last segment bought),
+so it keeps a projection dense where factorizing it saves too little to pay for its node. The margin
+depends on the charge, so the two are settled by a few fixed-point rounds. The parameter budget is
+unchanged: the same parameters are removed, by fewer, deeper factorizations.
 """
 
 from __future__ import annotations
@@ -28,10 +39,15 @@ class Allocation:
     budget_params: int
     predicted_loss_increase: float  # sum over dropped components of F_k / 2
     seconds: float
+    marginal: float = 0.0  # importance per parameter of the first segment that did not fit
+    node_params: float = 0.0  # the node price in parameters (0: not latency-aware)
+    node_penalty: float = 0.0  # the importance charged per factorized projection for it
 
     def to_dict(self) -> dict:
         return {"projection_params": self.projection_params, "budget_params": self.budget_params,
-                "predicted_loss_increase": self.predicted_loss_increase, "seconds": self.seconds}
+                "predicted_loss_increase": self.predicted_loss_increase, "seconds": self.seconds,
+                "factorized": sum(r is not None for r in self.ranks.values()),
+                "node_params": self.node_params, "node_penalty": self.node_penalty}
 
 
 def _states(p: Projection, scores: torch.Tensor, multiple: int, min_rank: int):
@@ -64,37 +80,31 @@ def _hull(states):
     return hull
 
 
+NODE_PRICE_ROUNDS = 6  # fixed-point rounds of the node price (it settles in 2-4 on SmolLM2)
+
+
 def allocate(projections: list[Projection], scores: dict[str, torch.Tensor], budget_params: int,
-             multiple: int = 16, min_rank: int | None = None) -> Allocation:
-    """Ranks whose factor parameters sum to at most `budget_params`, maximizing kept importance."""
+             multiple: int = 16, min_rank: int | None = None, node_params: float = 0.0) -> Allocation:
+    """Ranks whose factor parameters sum to at most `budget_params`, maximizing kept importance, less
+    the node price of each factorized projection when `node_params` > 0 (see the module's docstring)."""
     start = time.perf_counter()
     min_rank = min_rank or multiple
     per_projection = {p.name: _states(p, scores[p.name], multiple, min_rank) for p in projections}
     floor = sum(s[0][1] for s in per_projection.values())
-    dense = sum(p.params for p in projections)
     if budget_params < floor:
         raise BudgetError(
             f"budget infeasible: the projections need at least {floor:,} parameters (rank {min_rank} "
             f"everywhere), the budget allows {budget_params:,}"
         )
-    segments = []  # (gain per parameter, name, order, end state index, cost, gain)
-    for name, states in per_projection.items():
-        hull = _hull(states)
-        for order, (i, j) in enumerate(zip(hull, hull[1:])):
-            cost, gain = states[j][1] - states[i][1], states[j][2] - states[i][2]
-            segments.append((gain / cost, name, order, j, cost, gain))
-    segments.sort(key=lambda s: (-s[0], s[1], s[2]))
-    chosen = {name: 0 for name in per_projection}
-    remaining = budget_params - floor
-    next_order = {name: 0 for name in per_projection}
-    for _ratio, name, order, end, cost, _gain in segments:
-        if order != next_order[name]:
-            continue  # an earlier segment of this projection did not fit
-        if cost <= remaining:
-            chosen[name], remaining = end, remaining - cost
-            next_order[name] += 1
-        else:
-            next_order[name] = -1
+    dense = sum(p.params for p in projections)
+    chosen, marginal = _buy(per_projection, budget_params - floor, 0.0)
+    penalty = 0.0
+    for _ in range(NODE_PRICE_ROUNDS if node_params > 0 else 0):
+        settled = penalty
+        penalty = marginal * node_params
+        chosen, marginal = _buy(per_projection, budget_params - floor, penalty)
+        if abs(penalty - settled) <= 0.01 * penalty:
+            break
     ranks, used, lost = {}, 0, 0.0
     for name, states in per_projection.items():
         rank, cost, kept = states[chosen[name]]
@@ -102,4 +112,41 @@ def allocate(projections: list[Projection], scores: dict[str, torch.Tensor], bud
         used += cost
         lost += states[-1][2] - kept
     ranks = {p.name: ranks[p.name] for p in projections}  # model order
-    return Allocation(ranks, used, min(budget_params, dense), lost / 2.0, time.perf_counter() - start)
+    return Allocation(ranks, used, min(budget_params, dense), lost / 2.0, time.perf_counter() - start,
+                      marginal, node_params, penalty)
+
+
+def _buy(per_projection: dict, remaining: int, penalty: float) -> tuple[dict, float]:
+    """Greedy purchase of hull segments with `remaining` parameters over the floor, every factorized
+    state's importance lowered by `penalty`: (chosen state index per projection, the importance per
+    parameter of the first segment that did not fit, 0 if all did)."""
+    priced = {name: [(rank, cost, kept - (penalty if rank is not None else 0.0)) for rank, cost, kept in states]
+              for name, states in per_projection.items()}
+    segments = []  # (gain per parameter, name, order, end state index, cost)
+    for name, states in priced.items():
+        hull = _hull(states)
+        for order, (i, j) in enumerate(zip(hull, hull[1:])):
+            cost, gain = states[j][1] - states[i][1], states[j][2] - states[i][2]
+            segments.append((gain / cost, name, order, j, cost))
+    segments.sort(key=lambda s: (-s[0], s[1], s[2]))
+    chosen = {name: 0 for name in priced}
+    next_order = {name: 0 for name in priced}
+    marginal = 0.0
+    for ratio, name, order, end, cost in segments:
+        if order != next_order[name]:
+            continue  # an earlier segment of this projection did not fit
+        if cost <= remaining:
+            chosen[name], remaining = end, remaining - cost
+            next_order[name] += 1
+            continue
+        next_order[name] = -1
+        marginal = marginal or ratio
+        # The segment does not fit whole: buy the best of the states under it (below the hull, so less
+        # efficient than the segment, but better than leaving the budget to worse segments) that fits.
+        states, start = priced[name], chosen[name]
+        affordable = [i for i in range(start + 1, end) if states[i][1] - states[start][1] <= remaining]
+        best = max(affordable, key=lambda i: states[i][2], default=start)
+        if states[best][2] > states[start][2]:
+            remaining -= states[best][1] - states[start][1]
+            chosen[name] = best
+    return chosen, marginal

@@ -52,10 +52,12 @@ PLANNING_NODES_FIXED = 11
 #   dequant_ms   = int4/int8 weights x their compute per weight not hidden behind those reads (a decode
 #                  step's matrices are small: much of it is not)
 # So int4 weights stream at their own effective rate, int4_stream_gbs(costs) bytes/s.
-# A measured profile (host) carries all four figures in hardware.decode_costs (profiles.measure_host:
+# The fifth figure, factor_node_us, is not in the step's sum: it prices the node a factorization adds
+# when ranks are allocated latency-aware (node_params below, exporter.allocate).
+# A measured profile (host) carries all five figures in hardware.decode_costs (profiles.measure_host:
 # ONNX Runtime micro-benchmarks; bandwidth and int4 from decode-shaped chains beyond the caches, see
 # profiles._measure_decode_costs); other devices use the estimates below, labelled as such.
-DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_ns_per_param")
+DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_ns_per_param", "factor_node_us")
 # ESTIMATES for devices where nothing was measured, by the profile's first execution provider. CPU
 # providers: about twice what measure_host() measured on this project's 2-core x86 host (ONNX Runtime
 # 1.32: 1.1-1.5 us per node, int4 0.020 (then measured in cache) and int8 0.012 ns per weight), for
@@ -65,6 +67,10 @@ DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_
 # onnxruntime-gpu 1.31.1, README "Jetson"), so 12 us is a floor for a Jetson's slower Arm cores;
 # dequantisation assumed hidden behind the memory reads by the GPU's parallelism.
 NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 12.0}
+# The price of the second-stage node a factorization adds (`--latency-aware`, exporter.allocate): a
+# small MatMul's time beyond its bytes between a decode step's larger reads (profiles: factor_node_us).
+# CPU: about twice the host's measured 3.5-3.8 us (as above); CUDA: the launch, as for any node.
+FACTOR_NODE_US_ESTIMATE = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider": 12.0}
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
 ESTIMATE_DEFAULT_PROVIDER = "CPUExecutionProvider"  # other providers (CoreML, QNN, XNNPACK): as for CPU
@@ -159,10 +165,11 @@ def decode_costs(profile) -> tuple[dict[str, float], str]:
     provider = providers[0] if providers[0] in NODE_US_ESTIMATE else ESTIMATE_DEFAULT_PROVIDER
     dequant = DEQUANT_NS_ESTIMATE[provider]
     costs = {"gemv_bandwidth_gbs": hardware.memory_bandwidth_gbs * BANDWIDTH_EFFICIENCY,
-             "node_us": NODE_US_ESTIMATE[provider],
+             "node_us": NODE_US_ESTIMATE[provider], "factor_node_us": FACTOR_NODE_US_ESTIMATE[provider],
              **{f"{precision}_ns_per_param": ns for precision, ns in dequant.items()}}
     return costs, (f"ESTIMATES (exporter.budget): bandwidth {BANDWIDTH_EFFICIENCY:g} x the profile's "
-                   f"{hardware.memory_bandwidth_gbs:g} GB/s, {costs['node_us']:g} us per node and dequantisation "
+                   f"{hardware.memory_bandwidth_gbs:g} GB/s, {costs['node_us']:g} us per node "
+                   f"({costs['factor_node_us']:g} us per factorization's node when latency-aware) and dequantisation "
                    f"int4 {dequant['int4']:g} / int8 {dequant['int8']:g} ns per weight as for {provider}")
 
 
@@ -177,6 +184,13 @@ def stream_gbs(costs: dict[str, float], precision: str) -> float:
     gemv_bandwidth_gbs plus, for int4 and int8, their dequantisation per weight."""
     per = BYTES_PER_PARAM[precision]
     return per / (per / costs["gemv_bandwidth_gbs"] + costs.get(f"{precision}_ns_per_param", 0.0))
+
+
+def node_params(costs: dict[str, float], precision: str) -> float:
+    """The price of one factorization's extra graph node, in weights at `precision`: how many stream in
+    the time the node takes beyond its bytes (factor_node_us). exporter.allocate charges each factorized
+    projection the importance that many parameters hold at the margin (`--latency-aware`)."""
+    return costs["factor_node_us"] * 1e-6 * stream_gbs(costs, precision) * 1e9 / BYTES_PER_PARAM[precision]
 
 
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],

@@ -180,6 +180,10 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--joint", action=argparse.BooleanOptionalAction, default=False,
                          help="factorize the projections that read one input (q/k/v, gate/up) jointly: one shared "
                          "down factor and one rank per group; fewer graph nodes, so faster decoding (default: off)")
+    command.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=False,
+                         help="price the graph node each factorization adds (the device's decode cost model) when "
+                         "allocating ranks: the same parameters removed by fewer, deeper factorizations; faster "
+                         "decoding, some quality (default: off)")
     command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
                          "(default: text sampled from the model itself)")
     command.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
@@ -220,7 +224,8 @@ def _options(args):
 
     return ExportOptions(
         device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
-        budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint, calib=args.calib,
+        budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint,
+        latency_aware=args.latency_aware, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights=args.weights, activations=args.activations, graph=getattr(args, "graph", "auto"),
@@ -269,6 +274,10 @@ def _allocate(args) -> int:
     if plan.allocation:
         print(f"allocation search: {plan.allocation.seconds:.2f} s; importance: {clock.stages.get('importance', 0):.1f} s; "
               f"predicted loss increase {plan.allocation.predicted_loss_increase:.4f} nats/token")
+        if plan.allocation.node_params:
+            factorized = sum(rank is not None for rank in plan.ranks.values())
+            print(f"latency-aware: each factorization's graph node priced as {plan.allocation.node_params:,.0f} "
+                  f"parameters; {factorized} of {len(plan.ranks)} projections factorized")
     return 0
 
 
@@ -282,6 +291,16 @@ def _export(args) -> int:
     return 0
 
 
+def _factorized_text(manifest: dict) -> str:
+    """'; N of M projections factorized' (and the node price where latency-aware), or '' when dense."""
+    details = manifest["method"].get("allocation_details") or {}
+    if "factorized" not in details:
+        return ""
+    text = f"; {details['factorized']} of {len(manifest['ranks'])} factorized"
+    return text + (f" (latency-aware: a node priced as {details['node_params']:,.0f} parameters)"
+                   if details.get("node_params") else "")
+
+
 def format_summary(manifest: dict) -> str:
     p, par = manifest["parameters"], manifest["parity"]
     times = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
@@ -290,7 +309,8 @@ def format_summary(manifest: dict) -> str:
         f"device:     {manifest['profile']['name']} (weights {manifest['precision']}, activations "
         f"{manifest['onnx'].get('activations') or 'fp32'}, {manifest['onnx']['graph']} graph)",
         f"parameters: {p['total_params_dense'] / 1e6:.1f}M -> {p['total_params'] / 1e6:.1f}M "
-        f"({p['projection_fraction_removed']:.1%} of decoder projections, {p['total_fraction_removed']:.1%} of all)",
+        f"({p['projection_fraction_removed']:.1%} of decoder projections, {p['total_fraction_removed']:.1%} of all)"
+        + _factorized_text(manifest),
         f"parity:     max |logit diff| {par['max_abs_logit_diff']:.2e}, greedy agreement "
         f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: {'passed' if par['passed'] else 'FAILED'}"
         + (f"; {manifest['precision']}: greedy agreement {par['quantized']['greedy_agreement']:.0%}"

@@ -300,7 +300,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
 
 @functools.lru_cache(maxsize=None)  # measure once per process: figures do not change mid-run
 def measure_host() -> Hardware:
-    """Measure this machine's RAM, memory bandwidth and fp32 matmul throughput (under ~1 s)."""
+    """Measure this machine's RAM, memory bandwidth, fp32 matmul throughput and decode costs (about 5 s)."""
     import numpy as np  # here, so that loading device profiles does not import numpy
 
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -383,9 +383,10 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False) -> tuple[list, dict]:
+def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False,
+               shapes: list[tuple[int, int]] | None = None) -> tuple[list, dict]:
     """Nodes and weights of `length` MatMulNBits (4 bits, accuracy level 4, as exported) alternating
-    sizes[0] -> sizes[1] -> sizes[0], from x to y.
+    sizes[0] -> sizes[1] -> sizes[0], from x to y; or, where given, of one node per (in, out) of `shapes`.
 
     ONNX Runtime shares identical pre-packed weights within a session, so without `distinct` every
     node reads the same weights (in cache whatever `length` is); `distinct` makes each node's differ,
@@ -395,7 +396,7 @@ def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: b
     import numpy as np
 
     nodes, large = [], {}
-    for i, (x, y, rows, cols) in enumerate(_alternating(length, sizes)):
+    for i, (x, y, rows, cols) in enumerate(_sequence(shapes or _alternating(length, sizes))):
         large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block // 2))
         large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
         nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
@@ -411,19 +412,22 @@ def fp32_chain(length: int, sizes: tuple[int, int]) -> tuple[list, dict]:
     import numpy as np
 
     nodes, large = [], {}
-    for i, (x, y, rows, cols) in enumerate(_alternating(length, sizes)):
+    for i, (x, y, rows, cols) in enumerate(_sequence(_alternating(length, sizes))):
         large[f"w{i}"] = np.full((rows, cols), 0.01, np.float32)
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
     return nodes, _distinct(large)
 
 
-def _alternating(length: int, sizes: tuple[int, int]):
-    """(input, output, in size, out size) of each node of a chain from x to y alternating
-    sizes[0] -> sizes[1] -> sizes[0]."""
+def _alternating(length: int, sizes: tuple[int, int]) -> list[tuple[int, int]]:
+    """(in, out) of `length` nodes alternating sizes[0] -> sizes[1] -> sizes[0]."""
+    return [sizes if i % 2 == 0 else sizes[::-1] for i in range(length)]
+
+
+def _sequence(shapes: list[tuple[int, int]]):
+    """(input, output, in size, out size) of each node of a chain from x to y through `shapes`."""
     x = "x"
-    for i in range(length):
-        y = "y" if i == length - 1 else f"t{i}"
-        rows, cols = sizes if i % 2 == 0 else sizes[::-1]
+    for i, (rows, cols) in enumerate(shapes):
+        y = "y" if i == len(shapes) - 1 else f"t{i}"
         yield x, y, rows, cols
         x = y
 
@@ -486,7 +490,7 @@ def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: fl
 
 
 def _measure_decode_costs() -> dict[str, float]:
-    """What one decode step costs in ONNX Runtime here (about 2-3 s; empty where onnxruntime or onnx
+    """What one decode step costs in ONNX Runtime here (about 3.5 s; empty where onnxruntime or onnx
     is missing, and the cost model then uses its estimates):
 
     * gemv_bandwidth_gbs: bytes/s of a chain of fp32 MatMul alternating DECODE_SHAPES (3.5 MB each),
@@ -502,7 +506,11 @@ def _measure_decode_costs() -> dict[str, float]:
       chains of rank-64 factors (576 -> 64 -> 576, the commonest node of a factorized graph) and of
       MLP-sized nodes (576 -> 1536 -> 576), both sharing one node's weights (see int4_chain);
     * int8_ns_per_param: in-cache compute of quantize_dynamic's int8 pattern (DynamicQuantizeLinear,
-      MatMulInteger, Cast, 2 Mul: five nodes), 1536 x 1536, less its five nodes, added to its bytes.
+      MatMulInteger, Cast, 2 Mul: five nodes), 1536 x 1536, less its five nodes, added to its bytes;
+    * factor_node_us: what one rank-64 factor node (576 -> 64 -> 576 in MatMulNBits) adds beyond its
+      bytes at the int4 stream rate between the MLP-sized reads of the streamed chain, as in a decode
+      step: a short stream that starts cold, besides the node's fixed cost. The price of the
+      second-stage node a factorization adds (exporter.allocate's node price, `--latency-aware`).
 
     Each figure comes from the fastest of several runs: other load on the machine only slows a run,
     and `exporter validate` scales the prediction by the load it measures (mean run / fastest run).
@@ -510,6 +518,8 @@ def _measure_decode_costs() -> dict[str, float]:
     import tempfile
 
     import numpy as np
+
+    from .budget import stream_gbs
 
     try:
         import onnxruntime  # noqa: F401
@@ -569,6 +579,19 @@ def _measure_decode_costs() -> dict[str, float]:
         fp32_s, fp32_bytes = streamed(folder, fp32_chain)
         int4_s, int4_bytes = streamed(folder, lambda length, sizes: int4_chain(length, sizes, distinct=True))
         costs = solve_decode_costs(fp32_s, fp32_bytes, int4_s, int4_bytes, large, node_s)
+        # A rank-64 factor pair after every MLP-sized pair of the streamed int4 chain: per factor node, the
+        # time it adds beyond its bytes at the int4 stream rate (at least the in-cache node cost).
+        pairs = max(2, math.ceil(STREAM_CACHE_MULTIPLE * last_level_cache_bytes() / (2 * int4_bytes)))
+        mlp, pair = [(hidden, inner), (inner, hidden)], [factor, factor[::-1]]
+        plain, plain_weights = int4_chain(0, factor, distinct=True, shapes=mlp * pairs)
+        mixed, mixed_weights = int4_chain(0, factor, distinct=True, shapes=(mlp + pair) * pairs)
+        sessions = [probe_session(folder, plain, hidden, hidden, (), plain_weights),
+                    probe_session(folder, mixed, hidden, hidden, (), mixed_weights)]
+        del plain_weights, mixed_weights
+        t_plain, t_mixed = (best(session, hidden, 40) for session in sessions)
+        factor_bytes = sum(a.nbytes for a in int4_chain(2, factor)[1].values()) / 2
+        added_s = (t_mixed - t_plain) / (2 * pairs) - factor_bytes / (stream_gbs(costs, "int4") * 1e9)
+        costs["factor_node_us"] = round(max(node_s, added_s) * 1e6, 4)
 
         # int8: five chained patterns vs one, 1536 x 1536 (in cache): per pattern, less its five nodes.
         weight8 = np.resize(np.arange(-128, 128, dtype=np.int8), (inner, inner))

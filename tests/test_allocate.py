@@ -145,3 +145,36 @@ def test_fisher_allocation_beats_uniform_on_calibration_loss(tiny_models, calib_
     fisher_loss, chosen = loss(allocate(projections, fisher, budget, multiple=1).ranks)
     assert cost(projections, chosen) <= budget
     assert fisher_loss < uniform_loss
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+def test_node_price_factorizes_fewer_projections_within_the_same_budget(fraction):
+    """A priced node keeps more projections dense (the ones whose factorization saves least), spends the
+    same budget, and gives up some importance for it; a larger price goes further."""
+    projections, scores = synthetic()
+    budget = int(fraction * sum(p.params for p in projections))
+    free = allocate(projections, scores, budget, multiple=8)
+    counts = [sum(r is not None for r in free.ranks.values())]
+    for price in (2_000.0, 20_000.0):
+        priced = allocate(projections, scores, budget, multiple=8, node_params=price)
+        used = cost(projections, priced.ranks)
+        assert used <= budget and used >= 0.98 * budget
+        assert priced.predicted_loss_increase >= free.predicted_loss_increase
+        assert priced.node_params == price and priced.node_penalty > 0
+        counts.append(sum(r is not None for r in priced.ranks.values()))
+    assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[2], counts
+    assert free.node_penalty == 0 and free.to_dict()["factorized"] == counts[0]
+
+
+def test_node_price_prefers_dense_where_factorizing_saves_least():
+    """A big projection whose importance is spread over many components and a small one whose first
+    few hold nearly all of it: unpriced, the small one sits at its lowest rank; priced, it stays dense
+    and the big one gives up the rank that pays for it."""
+    big, small = Projection("big", 512, 512), Projection("small", 64, 512)
+    scores = {"big": torch.exp(-0.002 * torch.arange(512, dtype=torch.float64)),
+              "small": torch.exp(-0.5 * torch.arange(64, dtype=torch.float64))}
+    budget = int(0.5 * (big.params + small.params))
+    free = allocate([big, small], scores, budget, multiple=8)
+    assert free.ranks["small"] == 8
+    priced = allocate([big, small], scores, budget, multiple=8, node_params=100_000.0)
+    assert priced.ranks["small"] is None and priced.ranks["big"] < free.ranks["big"]

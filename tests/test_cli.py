@@ -456,6 +456,44 @@ def test_int4_export_uses_matmulnbits_and_records_both_parities(tmp_path, llama_
     assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
 
 
+def test_latency_aware_export_prices_nodes_and_fragile_int4_levels_are_left_out(tmp_path, capsys, monkeypatch,
+                                                                                 llama_dir, calib_file):
+    """--latency-aware: the allocation records its node price and factorizes no more projections than
+    without it, for the same parameters. A quantized level below the agreement floor is left out of the
+    artifact with a message (its file too), not the export failed: its fp32 slicing is what parity proves."""
+    pytest.importorskip("onnx_ir", reason="ONNX Runtime's int4 quantizer needs onnx-ir")
+    import json
+
+    import exporter.pipeline as pipeline
+
+    def details(out, *extra):
+        assert main(export_args(llama_dir, calib_file, out, "--weights", "int4", *extra)) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        return manifest, manifest["method"]["allocation_details"]
+
+    _, plain = details(tmp_path / "plain", "--levels", "1.0")
+    monkeypatch.setattr(pipeline, "QUANTIZED_MIN_AGREEMENT", 1.01)  # levels below full rank now fall short
+    monkeypatch.setattr(pipeline, "check_parity", _passing_full_level(pipeline.check_parity))
+    manifest, priced = details(tmp_path / "priced", "--latency-aware", "--levels", "1.0,0.5")
+    assert plain["node_params"] == 0 and priced["node_params"] > 0
+    assert priced["factorized"] < plain["factorized"], (priced, plain)
+    assert abs(priced["projection_params"] - plain["projection_params"]) <= 0.02 * plain["budget_params"]
+    assert [level["name"] for level in manifest["levels"]] == ["r100"]
+    assert not (tmp_path / "priced" / "model.r50.onnx").exists()
+    captured = capsys.readouterr()
+    assert "level r50 left out" in captured.out + captured.err
+
+
+def _passing_full_level(check_parity):
+    """check_parity, with the full level's quantized check held to the usual floor (only the rank levels
+    see the raised one)."""
+    def check(model, path, *args, **kwargs):
+        if path.name == "model.onnx" and kwargs.get("min_agreement", 0) > 1:
+            kwargs["min_agreement"] = 0.25
+        return check_parity(model, path, *args, **kwargs)
+    return check
+
+
 def test_fp16_export_writes_a_half_precision_graph_with_levels(tmp_path, llama_dir, calib_file):
     import json
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from exporter.artifact import read_manifest
-from exporter.budget import (BYTES_PER_PARAM, DECODE_COST_KEYS, NODE_US_ESTIMATE, decode_costs, decode_terms,
-                             int4_stream_gbs)
+from exporter.budget import (BYTES_PER_PARAM, DECODE_COST_KEYS, FACTOR_NODE_US_ESTIMATE, NODE_US_ESTIMATE, decode_costs,
+                             decode_terms, int4_stream_gbs, node_params)
 from exporter.cli import main
 from exporter.profiles import load_profile, solve_decode_costs
 from exporter.validate import EXIT_BUDGET_FAILED, graph_stats, predict
@@ -163,7 +163,8 @@ def test_decode_budget_is_the_cost_model_solved_for_weight_bytes():
                                  weight_budget)
 
     config = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
-    costs = {"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.02}
+    costs = {"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.02,
+             "factor_node_us": 4.0}
     profile = SimpleNamespace(
         hardware=SimpleNamespace(memory_bandwidth_gbs=20.0, compute_tflops={"fp32": 1.0}, decode_costs=costs),
         budget=SimpleNamespace(model_ram_mb=4096, decode_ms_per_token=5.0, prefill_ms=1e4, prefill_prompt_tokens=64,
@@ -194,10 +195,23 @@ def test_host_decode_costs_are_measured_and_other_devices_estimated():
     assert set(costs) == set(DECODE_COST_KEYS) and source.startswith("measured on this machine")
     assert costs["gemv_bandwidth_gbs"] > 0 and costs["node_us"] >= 0
     assert costs["int4_ns_per_param"] >= 0 and costs["int8_ns_per_param"] >= 0
+    assert costs["factor_node_us"] >= costs["node_us"]  # a cold factor node costs at least a warm one
     jetson = load_profile("jetson-orin-nano-8gb")
     costs, source = decode_costs(jetson)
     assert source.startswith("ESTIMATES") and costs["node_us"] == NODE_US_ESTIMATE["CUDAExecutionProvider"]
     assert costs["gemv_bandwidth_gbs"] == pytest.approx(jetson.hardware.memory_bandwidth_gbs * 0.7)
+    assert costs["factor_node_us"] == FACTOR_NODE_US_ESTIMATE["CUDAExecutionProvider"]
+
+
+def test_node_price_is_the_weights_that_stream_in_a_factor_nodes_time():
+    """node_params: factor_node_us at the precision's stream rate, in weights; int4 weights are smaller,
+    so one node is worth more of them than of fp32 ones."""
+    costs = {"gemv_bandwidth_gbs": 20.0, "node_us": 1.0, "int4_ns_per_param": 0.0, "int8_ns_per_param": 0.0,
+             "factor_node_us": 4.0}
+    assert node_params(costs, "fp32") == pytest.approx(4e-6 * 20e9 / 4.0)  # 20,000 fp32 weights
+    assert node_params(costs, "int4") == pytest.approx(4e-6 * 20e9 / BYTES_PER_PARAM["int4"])
+    slower = {**costs, "int4_ns_per_param": 0.05}  # dequantisation slows int4's stream: fewer per node
+    assert node_params(slower, "int4") < node_params(costs, "int4")
 
 
 def test_graph_stats_count_nodes_and_int4_weights(llama_dir, calib_file, tmp_path):
@@ -216,7 +230,8 @@ def test_graph_stats_count_nodes_and_int4_weights(llama_dir, calib_file, tmp_pat
     manifest = read_manifest(out)
     profile = SimpleNamespace(hardware=SimpleNamespace(
         memory_bandwidth_gbs=10.0, compute_tflops={"fp32": 0.1},
-        decode_costs={"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.0}),
+        decode_costs={"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.0,
+                      "factor_node_us": 4.0}),
         budget=SimpleNamespace(max_context=256))
     predicted = predict(out, manifest, profile, 16)
     terms = predicted["decode_terms"]
