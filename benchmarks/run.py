@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.budget import decode_costs, node_params  # noqa: E402
+from exporter.budget import node_price  # noqa: E402
 from exporter.calibration import calibration_ids  # noqa: E402
 from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
                                decoder_projections, effective_ranks, parameter_summary)
@@ -74,6 +74,7 @@ class Row:
     calr: str = "-"  # - | fp32 (correctives trained against the fp32 primary path) | int4 (against int4)
     joint: bool = False  # q/k/v and gate/up factorized jointly (one unit each: exporter.compress)
     latency_aware: bool = False  # each factorization's graph node priced in the allocation (--latency-aware)
+    node_params: float = 0.0  # that price, in weights at the row's precision
     factorized: int = 0  # projections (or joint units) factorized
     train_s: float = float("nan")  # corrective training
     rouge_l: float = float("nan")  # CNN/DailyMail ROUGE-L F1 through ONNX Runtime (--rouge-rows)
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--fisher-samples", type=int, default=8, help="calibration sequences for Fisher")
     parser.add_argument("--rank-multiple", type=int, default=16, help="rank granularity of fisher rows")
+    parser.add_argument("--factor-node-us", type=float, help="latency-aware rows: the factor node's cost in us "
+                        "(default: measured on this machine, which varies a little between runs)")
     parser.add_argument("--sweep-projections", type=int, default=42,
                         help="projections the sensitivity sweep times (0: skip; the full sweep's time is this "
                              "sample's mean per projection x the projection count, each costing the same forwards)")
@@ -262,7 +265,8 @@ def main(argv=None) -> int:
                     rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
                 multiple, base_multiple, options = rank_multiples(  # as the export does
                     row.allocation, args.rank_multiple, options, args.block_size if row.weights == "int4" else None)
-                price = node_params(decode_costs(load_profile("host"))[0], row.weights) if row.latency_aware else 0.0
+                price = node_price(load_profile("host"), row.weights, args.factor_node_us) if row.latency_aware else 0.0
+                row.node_params = price
                 ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher.get(row.joint), budget,
                                                      options, multiple, base_multiple, node_params=price)
                 search_s = time.perf_counter() - start if row.allocation == "fisher" else float("nan")
@@ -388,7 +392,7 @@ def format_table(rows: list[Row], n_windows: int, args) -> str:
             f"| {r.prefill_ms:.0f} | {r.peak_rss_mb:.0f} | {r.artifact_mb:.1f} | {r.calr} "
             f"| {'-' if r.train_s != r.train_s else f'{r.train_s:.0f}'} "
             f"| {'-' if r.rouge_l != r.rouge_l else f'{r.rouge_l:.4f}'} "
-            f"| {r.factorized}{' (latency-aware)' if r.latency_aware else ''} |"
+            f"| {r.factorized}{f' (node priced {r.node_params:,.0f})' if r.latency_aware else ''} |"
         )
     lines += [
         "",

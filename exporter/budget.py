@@ -193,6 +193,15 @@ def node_params(costs: dict[str, float], precision: str) -> float:
     return costs["factor_node_us"] * 1e-6 * stream_gbs(costs, precision) * 1e9 / BYTES_PER_PARAM[precision]
 
 
+def node_price(profile, precision: str, factor_node_us: float | None = None) -> float:
+    """node_params for `profile` at `precision`: its cost model's factor_node_us, or `factor_node_us`
+    where given (a fixed price: the measured host's varies a little between runs, and with it the ranks)."""
+    costs = decode_costs(profile)[0]
+    if factor_node_us:
+        costs["factor_node_us"] = factor_node_us
+    return node_params(costs, precision)
+
+
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],
                  costs: dict[str, float]) -> dict[str, float]:
     """The three terms of one decode step in ms (see DECODE_COST_KEYS above) and their sum."""

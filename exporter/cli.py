@@ -180,10 +180,11 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--joint", action=argparse.BooleanOptionalAction, default=False,
                          help="factorize the projections that read one input (q/k/v, gate/up) jointly: one shared "
                          "down factor and one rank per group; fewer graph nodes, so faster decoding (default: off)")
-    command.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=False,
-                         help="price the graph node each factorization adds (the device's decode cost model) when "
-                         "allocating ranks: the same parameters removed by fewer, deeper factorizations; faster "
-                         "decoding, some quality (default: off)")
+    command.add_argument("--latency-aware", nargs="?", type=_positive_float, const=0.0, metavar="US",
+                         help="price the graph node each factorization adds when allocating ranks: the same "
+                         "parameters removed by fewer, deeper factorizations; faster decoding, some quality. The "
+                         "price is the node's cost in the device's decode cost model (on host: measured, so it "
+                         "varies a little between runs), or US microseconds where given (default: off)")
     command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
                          "(default: text sampled from the model itself)")
     command.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
@@ -225,7 +226,7 @@ def _options(args):
     return ExportOptions(
         device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
         budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint,
-        latency_aware=args.latency_aware, calib=args.calib,
+        latency_aware=args.latency_aware is not None, factor_node_us=args.latency_aware or None, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights=args.weights, activations=args.activations, graph=getattr(args, "graph", "auto"),

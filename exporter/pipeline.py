@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .artifact import check_target, staging_dir, write_manifest
 from .allocate import Allocation, allocate
-from .budget import BYTES_PER_PARAM, MB, decode_costs, node_params, projection_budget, weight_budget
+from .budget import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
 from .compress import (apply_ranks, corrective_ranks, count_params, decompose_model, decoder_projections,
                        effective_ranks, parameter_summary, uniform_ranks)
@@ -64,8 +64,10 @@ class ExportOptions:
     # Factorize q/k/v and gate/up jointly, one rank per group (exporter.compress): fewer graph nodes.
     joint: bool = False
     # Price the second-stage node each factorization adds (exporter.allocate, from the profile's decode
-    # cost model): fewer, deeper factorizations for the same parameters, so faster decoding.
+    # cost model, or from factor_node_us where given): fewer, deeper factorizations for the same
+    # parameters, so faster decoding.
     latency_aware: bool = False
+    factor_node_us: float | None = None
     weights: str | None = None  # None: the profile's runtime.weight_precision (resolve_precision)
     # Activations, KV cache and logits: fp32 | fp16 (None: fp16 with fp16 weights, and with int4 weights
     # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
@@ -203,7 +205,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
                                                progress=options.progress)
 
     with clock.stage("allocate"):
-        price = node_params(decode_costs(profile)[0], options.weights) if options.latency_aware else 0.0
+        price = node_price(profile, options.weights, options.factor_node_us) if options.latency_aware else 0.0
         ranks, _, plan.allocation, plan.rank_multiple = choose_ranks(
             projections, options.allocation, plan.importance, target_params, correctives, multiple, base_multiple,
             node_params=price)

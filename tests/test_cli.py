@@ -465,6 +465,8 @@ def test_latency_aware_export_prices_nodes_and_fragile_int4_levels_are_left_out(
     import json
 
     import exporter.pipeline as pipeline
+    from exporter.budget import node_price
+    from exporter.profiles import load_profile
 
     def details(out, *extra):
         assert main(export_args(llama_dir, calib_file, out, "--weights", "int4", *extra)) == 0
@@ -480,6 +482,9 @@ def test_latency_aware_export_prices_nodes_and_fragile_int4_levels_are_left_out(
     assert abs(priced["projection_params"] - plain["projection_params"]) <= 0.02 * plain["budget_params"]
     assert [level["name"] for level in manifest["levels"]] == ["r100"]
     assert not (tmp_path / "priced" / "model.r50.onnx").exists()
+    _, fixed = details(tmp_path / "fixed", "--latency-aware", "1000", "--levels", "1.0")  # a price in us
+    assert fixed["node_params"] == pytest.approx(node_price(load_profile("host"), "int4", 1000.0))
+    assert fixed["node_params"] > priced["node_params"] and fixed["factorized"] <= priced["factorized"]
     captured = capsys.readouterr()
     assert "level r50 left out" in captured.out + captured.err
 
