@@ -69,7 +69,7 @@ DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_
 NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 12.0}
 # The price of the second-stage node a factorization adds (`--latency-aware`, exporter.allocate): a
 # small MatMul's time beyond its bytes between a decode step's larger reads (profiles: factor_node_us).
-# CPU: about twice the host's measured 3.5-3.8 us (as above); CUDA: the launch, as for any node.
+# CPU: about twice the host's measured 2.9-4.1 us (as above); CUDA: the launch, as for any node.
 FACTOR_NODE_US_ESTIMATE = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider": 12.0}
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}

@@ -383,20 +383,24 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False,
-               shapes: list[tuple[int, int]] | None = None) -> tuple[list, dict]:
+def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False) -> tuple[list, dict]:
     """Nodes and weights of `length` MatMulNBits (4 bits, accuracy level 4, as exported) alternating
-    sizes[0] -> sizes[1] -> sizes[0], from x to y; or, where given, of one node per (in, out) of `shapes`.
+    sizes[0] -> sizes[1] -> sizes[0], from x to y (int4_sequence).
 
     ONNX Runtime shares identical pre-packed weights within a session, so without `distinct` every
     node reads the same weights (in cache whatever `length` is); `distinct` makes each node's differ,
     so the chain reads all of them from memory as a decode step does."""
+    return int4_sequence(_alternating(length, sizes), block, distinct)
+
+
+def int4_sequence(shapes: list[tuple[int, int]], block: int = 32, distinct: bool = False) -> tuple[list, dict]:
+    """Nodes and weights of one MatMulNBits per (in, out) of `shapes`, chained from x to y (see int4_chain)."""
     from onnx import helper
 
     import numpy as np
 
     nodes, large = [], {}
-    for i, (x, y, rows, cols) in enumerate(_sequence(shapes or _alternating(length, sizes))):
+    for i, (x, y, rows, cols) in enumerate(_sequence(shapes)):
         large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block // 2))
         large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
         nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
@@ -490,7 +494,7 @@ def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: fl
 
 
 def _measure_decode_costs() -> dict[str, float]:
-    """What one decode step costs in ONNX Runtime here (about 3.5 s; empty where onnxruntime or onnx
+    """What one decode step costs in ONNX Runtime here (about 3 s; empty where onnxruntime or onnx
     is missing, and the cost model then uses its estimates):
 
     * gemv_bandwidth_gbs: bytes/s of a chain of fp32 MatMul alternating DECODE_SHAPES (3.5 MB each),
@@ -579,18 +583,15 @@ def _measure_decode_costs() -> dict[str, float]:
         fp32_s, fp32_bytes = streamed(folder, fp32_chain)
         int4_s, int4_bytes = streamed(folder, lambda length, sizes: int4_chain(length, sizes, distinct=True))
         costs = solve_decode_costs(fp32_s, fp32_bytes, int4_s, int4_bytes, large, node_s)
-        # A rank-64 factor pair after every MLP-sized pair of the streamed int4 chain: per factor node, the
-        # time it adds beyond its bytes at the int4 stream rate (at least the in-cache node cost).
+        # The streamed int4 chain with a rank-64 factor pair after every MLP-sized pair: per factor node,
+        # the time it adds to that chain's (int4_s per node) beyond its bytes at the int4 stream rate (at
+        # least the in-cache node cost).
         pairs = max(2, math.ceil(STREAM_CACHE_MULTIPLE * last_level_cache_bytes() / (2 * int4_bytes)))
-        mlp, pair = [(hidden, inner), (inner, hidden)], [factor, factor[::-1]]
-        plain, plain_weights = int4_chain(0, factor, distinct=True, shapes=mlp * pairs)
-        mixed, mixed_weights = int4_chain(0, factor, distinct=True, shapes=(mlp + pair) * pairs)
-        sessions = [probe_session(folder, plain, hidden, hidden, (), plain_weights),
-                    probe_session(folder, mixed, hidden, hidden, (), mixed_weights)]
-        del plain_weights, mixed_weights
-        t_plain, t_mixed = (best(session, hidden, 40) for session in sessions)
+        nodes, weights = int4_sequence([(hidden, inner), (inner, hidden), factor, factor[::-1]] * pairs, distinct=True)
+        mixed_s = best(probe_session(folder, nodes, hidden, hidden, (), weights), hidden, 40) / pairs
+        del weights
         factor_bytes = sum(a.nbytes for a in int4_chain(2, factor)[1].values()) / 2
-        added_s = (t_mixed - t_plain) / (2 * pairs) - factor_bytes / (stream_gbs(costs, "int4") * 1e9)
+        added_s = (mixed_s - 2 * int4_s) / 2 - factor_bytes / (stream_gbs(costs, "int4") * 1e9)
         costs["factor_node_us"] = round(max(node_s, added_s) * 1e6, 4)
 
         # int8: five chained patterns vs one, 1536 x 1536 (in cache): per pattern, less its five nodes.
