@@ -417,6 +417,9 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
     return float(statistics.median(x / y for x, y in zip(a, b)))
 
 
+FIELD_LABELS = {"perplexity": "perplexity", "decode_tok_s": "decode tok/s", "artifact_mb": "ONNX MB", "rouge_l": "ROUGE-L"}
+
+
 def compare(rows: list[Row]) -> list[str]:
     """Same-run ratios the project's targets are stated in (decode speed: `paired_ratio`)."""
     by = {r.name: r for r in rows}
@@ -429,48 +432,46 @@ def compare(rows: list[Row]) -> list[str]:
             return paired_ratio(by[a].decode_rounds, by[b].decode_rounds)
         return getattr(by[a], field) / getattr(by[b], field)
 
-    checks = [
-        ("flrc-20 / whitened-20 perplexity", ratio("flrc-20", "whitened-20", "perplexity"), "<= 0.75"),
-        ("flrc-40 / whitened-40 perplexity", ratio("flrc-40", "whitened-40", "perplexity"), "<= 0.70"),
-        ("writer-dense / builder-fp32 decode tok/s", ratio("writer-dense", "builder-fp32", "decode_tok_s"), ">= 1.0"),
-        ("writer-dense / dense (optimum) decode tok/s", ratio("writer-dense", "dense", "decode_tok_s"), ">= 1.3"),
-        ("writer-flrc-20-int4 / builder-int4 ONNX MB", ratio("writer-flrc-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
-        ("writer-flrc-20-int4 / builder-int4 decode tok/s", ratio("writer-flrc-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
-        ("writer-flrc-20-int4 / builder-int4 perplexity", ratio("writer-flrc-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
-        ("writer-flrc-40-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
-        ("writer-joint-20-int4 / builder-int4 ONNX MB", ratio("writer-joint-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
-        ("writer-joint-20-int4 / builder-int4 decode tok/s", ratio("writer-joint-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
-        ("writer-joint-20-int4 / builder-int4 perplexity", ratio("writer-joint-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
-        ("writer-joint-calr-20-int4 / builder-int4 ONNX MB", ratio("writer-joint-calr-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
-        ("writer-joint-calr-20-int4 / builder-int4 decode tok/s", ratio("writer-joint-calr-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
-        ("writer-joint-calr-20-int4 / builder-int4 perplexity", ratio("writer-joint-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
-        ("writer-joint-40-int4 / builder-int4 decode tok/s", ratio("writer-joint-40-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
-        ("writer-joint-40-int4 / writer-flrc-40-int4 perplexity", ratio("writer-joint-40-int4", "writer-flrc-40-int4", "perplexity"), None),
-        ("writer-flrc-40-lat-int4 / builder-int4 decode tok/s", ratio("writer-flrc-40-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
-        ("writer-flrc-40-lat-int4 / writer-flrc-40-int4 perplexity", ratio("writer-flrc-40-lat-int4", "writer-flrc-40-int4", "perplexity"), None),
-        ("writer-joint-40-lat-int4 / builder-int4 decode tok/s", ratio("writer-joint-40-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.15"),
-        ("writer-joint-40-lat-int4 / writer-flrc-40-int4 perplexity", ratio("writer-joint-40-lat-int4", "writer-flrc-40-int4", "perplexity"), None),
-        ("writer-flrc-calr-20-lat-int4 / builder-int4 decode tok/s", ratio("writer-flrc-calr-20-lat-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
-        ("writer-flrc-calr-20-lat-int4 / builder-int4 perplexity", ratio("writer-flrc-calr-20-lat-int4", "builder-int4", "perplexity"), "<= 1.3"),
-        ("flrc-calr-20 / dense perplexity", ratio("flrc-calr-20", "dense", "perplexity"), "<= 1.4"),
-        ("flrc-calr-40 / dense perplexity", ratio("flrc-calr-40", "dense", "perplexity"), "<= 2.5"),
-        ("calr-20 / whitened-20 perplexity (same params)", ratio("calr-20", "whitened-20", "perplexity"), "<= 0.85"),
-        ("calr-40 / whitened-40 perplexity (same params)", ratio("calr-40", "whitened-40", "perplexity"), "<= 0.85"),
+    checks = [  # (row, baseline row, field, target; label where it says more than the names)
+        ("flrc-20", "whitened-20", "perplexity", "<= 0.75"),
+        ("flrc-40", "whitened-40", "perplexity", "<= 0.70"),
+        ("writer-dense", "builder-fp32", "decode_tok_s", ">= 1.0"),
+        ("writer-dense", "dense", "decode_tok_s", ">= 1.3", "writer-dense / dense (optimum) decode tok/s"),
+        ("writer-flrc-20-int4", "builder-int4", "artifact_mb", "<= 0.85"),
+        ("writer-flrc-20-int4", "builder-int4", "decode_tok_s", ">= 1.0"),
+        ("writer-flrc-20-int4", "builder-int4", "perplexity", "<= 1.3"),
+        ("writer-flrc-40-int4", "builder-int4", "decode_tok_s", ">= 1.15"),
+        ("writer-joint-20-int4", "builder-int4", "artifact_mb", "<= 0.85"),
+        ("writer-joint-20-int4", "builder-int4", "decode_tok_s", ">= 1.0"),
+        ("writer-joint-20-int4", "builder-int4", "perplexity", "<= 1.3"),
+        ("writer-joint-calr-20-int4", "builder-int4", "artifact_mb", "<= 0.85"),
+        ("writer-joint-calr-20-int4", "builder-int4", "decode_tok_s", ">= 1.0"),
+        ("writer-joint-calr-20-int4", "builder-int4", "perplexity", "<= 1.3"),
+        ("writer-joint-40-int4", "builder-int4", "decode_tok_s", ">= 1.15"),
+        ("writer-joint-40-int4", "writer-flrc-40-int4", "perplexity", None),
+        ("writer-flrc-40-lat-int4", "builder-int4", "decode_tok_s", ">= 1.15"),
+        ("writer-flrc-40-lat-int4", "writer-flrc-40-int4", "perplexity", None),
+        ("writer-joint-40-lat-int4", "builder-int4", "decode_tok_s", ">= 1.15"),
+        ("writer-joint-40-lat-int4", "writer-flrc-40-int4", "perplexity", None),
+        ("writer-flrc-calr-20-lat-int4", "builder-int4", "decode_tok_s", ">= 1.0"),
+        ("writer-flrc-calr-20-lat-int4", "builder-int4", "perplexity", "<= 1.3"),
+        ("flrc-calr-20", "dense", "perplexity", "<= 1.4"),
+        ("flrc-calr-40", "dense", "perplexity", "<= 2.5"),
+        ("calr-20", "whitened-20", "perplexity", "<= 0.85", "calr-20 / whitened-20 perplexity (same params)"),
+        ("calr-40", "whitened-40", "perplexity", "<= 0.85", "calr-40 / whitened-40 perplexity (same params)"),
         # CALR's gain under Fisher ranks: reported, no target (the issue's is against whitened SVD, above)
-        ("flrc-calr-20 / flrc-20 perplexity (same params)", ratio("flrc-calr-20", "flrc-20", "perplexity"), None),
-        ("flrc-calr-40 / flrc-40 perplexity (same params)", ratio("flrc-calr-40", "flrc-40", "perplexity"), None),
-        ("writer-flrc-calr-20 / writer-whitened-20 ROUGE-L", ratio("writer-flrc-calr-20", "writer-whitened-20", "rouge_l"), None),
-        ("writer-flrc-calr-20-int4 / writer-flrc-calr-20-int4-fp32trained perplexity",
-         ratio("writer-flrc-calr-20-int4", "writer-flrc-calr-20-int4-fp32trained", "perplexity"), "< 1"),
-        ("writer-flrc-calr-20-int4 / builder-int4 perplexity",
-         ratio("writer-flrc-calr-20-int4", "builder-int4", "perplexity"), "<= 1.3"),
-        ("writer-flrc-calr-20-int4 / builder-int4 ONNX MB",
-         ratio("writer-flrc-calr-20-int4", "builder-int4", "artifact_mb"), "<= 0.85"),
-        ("writer-flrc-calr-20-int4 / builder-int4 decode tok/s",
-         ratio("writer-flrc-calr-20-int4", "builder-int4", "decode_tok_s"), ">= 1.0"),
+        ("flrc-calr-20", "flrc-20", "perplexity", None, "flrc-calr-20 / flrc-20 perplexity (same params)"),
+        ("flrc-calr-40", "flrc-40", "perplexity", None, "flrc-calr-40 / flrc-40 perplexity (same params)"),
+        ("writer-flrc-calr-20", "writer-whitened-20", "rouge_l", None),
+        ("writer-flrc-calr-20-int4", "writer-flrc-calr-20-int4-fp32trained", "perplexity", "< 1"),
+        ("writer-flrc-calr-20-int4", "builder-int4", "perplexity", "<= 1.3"),
+        ("writer-flrc-calr-20-int4", "builder-int4", "artifact_mb", "<= 0.85"),
+        ("writer-flrc-calr-20-int4", "builder-int4", "decode_tok_s", ">= 1.0"),
     ]
-    for label, value, target in checks:
+    for a, b, field, target, *label in checks:
+        value = ratio(a, b, field)
         if value is not None:
+            label = label[0] if label else f"{a} / {b} {FIELD_LABELS[field]}"
             out.append(f"- {label}: {value:.2f}" + (f" (target {target})" if target else ""))
     return out
 
