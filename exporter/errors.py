@@ -27,3 +27,9 @@ class ParityError(ExporterError):
     """The exported ONNX model disagrees with the PyTorch model beyond tolerance."""
 
     exit_code = 3
+
+
+class TokenizerMismatchError(ExporterError):
+    """The artifact's tokenizer, read by a runtime, encodes text differently from the source's."""
+
+    exit_code = 3

@@ -20,24 +20,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .tokenizer import stop_token_ids
+
 # transformers model_type -> onnxruntime-genai model type
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def genai_config(config, tokenizer, filename: str = "model.onnx", context_length: int | None = None) -> dict:
+def genai_config(model, tokenizer, filename: str = "model.onnx", context_length: int | None = None) -> dict:
+    """The config for `model`'s fused graph; its special ids are the tokenizer's (the artifact's tokenizer.json
+    is what onnxruntime-genai encodes with), and eos_token_id lists every id that ends a turn."""
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    eos = sorted(set(_ids(config.eos_token_id)) | set(_ids(getattr(tokenizer, "eos_token_id", None))))
+    eos = stop_token_ids(tokenizer, model)
     context = context_length or int(getattr(config, "max_position_embeddings", 2048))
-    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else (eos[0] if eos else 0)
+    pad = next((i for i in (tokenizer.pad_token_id, config.pad_token_id) if i is not None), eos[0] if eos else 0)
+    bos = next((i for i in (tokenizer.bos_token_id, config.bos_token_id) if i is not None), pad)
     return {
         "model": {
-            "bos_token_id": config.bos_token_id if config.bos_token_id is not None else pad,
+            "bos_token_id": bos,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -66,8 +66,8 @@ def genai_config(config, tokenizer, filename: str = "model.onnx", context_length
     }
 
 
-def write_genai_config(out_dir: Path, config, tokenizer, filename: str = "model.onnx",
+def write_genai_config(out_dir: Path, model, tokenizer, filename: str = "model.onnx",
                        context_length: int | None = None) -> Path:
     path = Path(out_dir) / "genai_config.json"
-    path.write_text(json.dumps(genai_config(config, tokenizer, filename, context_length), indent=4) + "\n")
+    path.write_text(json.dumps(genai_config(model, tokenizer, filename, context_length), indent=4) + "\n")
     return path

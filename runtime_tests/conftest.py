@@ -19,6 +19,7 @@ PROFILES_DIR = HERE.parent / "device_profiles"  # present in a checkout of the e
 DECODE_TOKENS = 64
 REQUIRED = {"runtime": ("execution_providers",),
             "budget": ("model_ram_mb", "decode_ms_per_token", "prefill_ms", "prefill_prompt_tokens")}
+TOKENIZER_READERS = ("onnxruntime-genai", "tokenizers")  # what apps and Python services read tokenizer.json with
 MEASURED: list[str] = []  # figures the tests measured, printed in the terminal summary
 if str(HERE) not in sys.path:  # ort_loop.py, whatever pytest's import mode
     sys.path.insert(0, str(HERE))
@@ -105,6 +106,8 @@ def pytest_generate_tests(metafunc):
         cases = golden["cases"] if golden else []
         ids = [f"case{i}-{len(c['prompt_ids'])}tok" for i, c in enumerate(cases)]
         metafunc.parametrize("golden_case", list(range(len(cases))) or [None], ids=ids or ["no-golden"])
+    if "tokenizer_reader" in metafunc.fixturenames:
+        metafunc.parametrize("tokenizer_reader", TOKENIZER_READERS)
 
 
 def _golden(artifact: Path) -> dict | None:

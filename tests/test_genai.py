@@ -44,7 +44,7 @@ def test_onnxruntime_genai_runs_the_fp16_graph(tmp_path, tiny_models, tokenizer)
     model = tiny_models.load("qwen3")
     path = write_decoder(model, tmp_path, weights="fp16")
     tokenizer.save_pretrained(tmp_path)
-    write_genai_config(tmp_path, model.config, tokenizer, path.name)
+    write_genai_config(tmp_path, model, tokenizer, path.name)
     prompt = [5, 17, 42, 9, 33, 60, 12, 7]
     steps = 8
     expected, _, _ = OrtDecoder(path, threads=1).greedy(prompt, steps)

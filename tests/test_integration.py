@@ -81,3 +81,24 @@ def test_converted_model_is_cached_in_the_session_cache(smollm2_artifact):
     converted = [p for p in (cache / "models").iterdir() if p.name.startswith("SmolLM2-135M-Instruct")]
     assert len(converted) == 1 and (converted[0] / "config.json").is_file()
     assert not any(p.name.startswith(".tmp-") for p in (cache / "models").iterdir())
+
+
+def test_smollm2_tokenizer_reads_alike_in_onnxruntime_genai(smollm2_artifact):
+    """The default artifact's tokenizer is SmolLM2's byte-level BPE in every reader: onnxruntime-genai gives the
+    Hugging Face checkpoint's ids (no -1 for spaces, no BOS), and <|im_end|> ends a turn."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from exporter.runtime import Runtime
+
+    out = smollm2_artifact
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_check"]["readers"] == ["onnxruntime-genai", "tokenizers", "transformers"]
+    assert manifest["tokenizer_check"]["texts"] >= 200
+    tokenizer = og.Tokenizer(og.Config(str(out)))
+    assert [int(i) for i in tokenizer.encode("The capital of France is Paris.")] == [504, 3575, 282, 4649, 314, 7042, 30]
+    config = json.loads((out / "genai_config.json").read_text())["model"]
+    assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (2, 1, 2)
+    runtime = Runtime(out)
+    assert runtime.stop_ids == {2} and runtime.special_tokens["eos_token"] == "<|im_end|>"
+    rendered = tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": "What is the capital of France?"}]),
+                                             add_generation_prompt=True)
+    assert [int(i) for i in tokenizer.encode(rendered)] == runtime.prompt_ids("What is the capital of France?")

@@ -63,7 +63,8 @@ def test_suite_passes_on_the_fresh_artifact(artifact, tmp_path):
     assert code == 0, output
     expected = {"test_every_file_matches_the_manifest", "test_manifest_lists_the_model_and_its_golden_outputs",
                 "test_model_runs_with_provider[CPUExecutionProvider]", "test_decode_latency_p95",
-                "test_prefill_latency", "test_peak_rss"} | {f"test_golden_case_reproduced[case{i}]" for i in range(3)}
+                "test_prefill_latency", "test_peak_rss"} | {f"test_golden_case_reproduced[case{i}]" for i in range(3)} \
+        | {f"test_tokenizer_matches_golden_ids[{r}]" for r in ("onnxruntime-genai", "tokenizers")}
     names = {re.sub(r"\[(case\d)-\d+tok\]", r"[\1]", name) for name in outcomes}  # ids carry prompt lengths
     assert names == expected and set(outcomes.values()) == {"passed"}, outcomes
     assert "decode p50" in output and "peak RSS" in output  # the measured figures are printed
@@ -88,6 +89,30 @@ def test_tampered_artifact_fails_naming_the_files(artifact, tmp_path):
     golden_outcomes = {name: result for name, result in outcomes.items() if "golden_case" in name}
     assert sorted(golden_outcomes.values()) == ["failed", "passed", "passed"], golden_outcomes
     assert "golden case 0: top-1 agreement" in output
+
+
+def test_changed_merge_in_tokenizer_json_fails_the_tokenizer_check(artifact, tmp_path):
+    """A device whose tokenizer.json lost one merge (a corrupted copy, an old file) encodes the golden texts
+    differently: both readers fail, naming a text."""
+    copy = copy_of(artifact, tmp_path)
+    from tokenizers import Tokenizer
+
+    golden = json.loads((copy / "golden.json").read_text())
+    spec = json.loads((copy / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = spec["model"]["merges"]
+    for index in range(len(merges)):  # the first merge whose loss changes the ids of a golden text
+        trial = json.loads(json.dumps(spec))
+        trial["model"]["merges"][index] = merges[-1]  # one merge changed (to a duplicate of the last)
+        changed = Tokenizer.from_str(json.dumps(trial))
+        if any(changed.encode(c["text"]).ids != c["ids"] for c in golden["tokenizer"]):
+            break
+    (copy / "tokenizer.json").write_text(json.dumps(trial), encoding="utf-8")
+
+    code, output, outcomes = run_suite(tmp_path, "--artifact", copy, "-k", "tokenizer")
+    assert code == 1
+    assert outcomes == {"test_tokenizer_matches_golden_ids[onnxruntime-genai]": "failed",
+                        "test_tokenizer_matches_golden_ids[tokenizers]": "failed"}, outcomes
+    assert "encodes" in output and "differently from the export" in output
 
 
 def test_golden_tolerance_admits_fp32_compute_of_int4(artifact, tmp_path):
