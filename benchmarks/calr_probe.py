@@ -21,15 +21,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.calibration import calibration_ids  # noqa: E402
-from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
-                               decoder_projections, effective_ranks, parameter_summary)
-from exporter.corrective import (CorrectiveOptions, CorrectiveReport, attach_correctives, dense_teacher,  # noqa: E402
-                                 train_blockwise, train_end_to_end)
-from exporter.evaluate import perplexity, text_windows  # noqa: E402
-from exporter.importance import component_fisher  # noqa: E402
-from exporter.models import load_model, resolve_model  # noqa: E402
+from exporter.compress.corrective import (  # noqa: E402
+    CorrectiveOptions,
+    CorrectiveReport,
+    attach_correctives,
+    dense_teacher,
+    train_blockwise,
+    train_end_to_end,
+)
+from exporter.compress.factorize import (  # noqa: E402
+    apply_ranks,
+    corrective_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+)
+from exporter.compress.importance import component_fisher  # noqa: E402
 from exporter.pipeline import choose_ranks  # noqa: E402
+from exporter.runtime.evaluate import perplexity, text_windows  # noqa: E402
+from exporter.source.calibration import calibration_ids  # noqa: E402
+from exporter.source.model import load_model, resolve_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

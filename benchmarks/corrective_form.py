@@ -19,7 +19,7 @@ pipeline's Fisher ranks are for int4), the branches paying for themselves out of
 speed, but make the parity check mean something). `--cache` keeps the built model for reruns.
 
 Both forms are written at fp32 and int4 (MatMulNBits, block 32, accuracy_level 4 as the pipeline
-writes it), checked against each other and PyTorch, then timed with `exporter.runtime.OrtDecoder`:
+writes it), checked against each other and PyTorch, then timed with `exporter.runtime.generation.OrtDecoder`:
 a `--prompt-tokens` prompt, `--new-tokens` greedy steps, `--threads` intra-op threads; the two forms'
 sessions are loaded side by side and run alternately (folded first on even repeats, separate first on
 odd ones) so that drift in the machine's load hits both alike. Reported: the median over repeats of
@@ -40,22 +40,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.calibration import calibration_ids  # noqa: E402
-from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
-                               decoder_projections, effective_ranks, parameter_summary, uniform_ranks)
-from exporter.corrective import attach_correctives, settle_ranks  # noqa: E402
-from exporter.graph_writer import write_decoder  # noqa: E402
-from exporter.lowrank import CorrectedLinear  # noqa: E402
-from exporter.models import load_model, resolve_model  # noqa: E402
-from exporter.onnx_export import torch_greedy  # noqa: E402
-from exporter.runtime import OrtDecoder  # noqa: E402
+from exporter.compress.corrective import attach_correctives, settle_ranks  # noqa: E402
+from exporter.compress.factorize import (  # noqa: E402
+    apply_ranks,
+    corrective_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+    uniform_ranks,
+)
+from exporter.compress.lowrank import CorrectedLinear  # noqa: E402
+from exporter.graph.optimum_export import torch_greedy  # noqa: E402
+from exporter.graph.writer import write_decoder  # noqa: E402
+from exporter.runtime.generation import OrtDecoder  # noqa: E402
 from exporter.settings import CorrectiveOptions  # noqa: E402
+from exporter.source.calibration import calibration_ids  # noqa: E402
+from exporter.source.model import load_model, resolve_model  # noqa: E402
 
 FORMS = ("folded", "separate")
 DATA = ROOT.parent / "shared" / "data"

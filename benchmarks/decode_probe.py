@@ -20,18 +20,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporter.runtime import OrtDecoder  # noqa: E402
+from exporter.runtime.generation import OrtDecoder  # noqa: E402
 
 
 def peak_rss_mb() -> float:
-    """VmHWM: this process's peak resident set. (ru_maxrss would carry the parent's peak across exec.)"""
+    """VmHWM: this process's peak resident set, in MB (10^6 bytes, as exporter validate and runtime_tests report
+    it; before 2026-12-02 this probe reported MiB). (ru_maxrss would carry the parent's peak across exec.)"""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+                return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def main() -> int:

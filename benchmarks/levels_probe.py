@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +50,8 @@ def _decoders(paths: list[str], mode: str):
     """One OrtDecoder per path, sessions as `mode` says (plain | shared | shared-arena)."""
     import onnxruntime as ort
 
-    from exporter.runtime import OrtDecoder
-    from exporter.shared_weights import SharedWeights
+    from exporter.runtime.generation import OrtDecoder
+    from exporter.runtime.shared_weights import SharedWeights
 
     shared = SharedWeights()
     decoders = []
@@ -104,7 +103,7 @@ def _prompt(tokenizer) -> list[int]:
 
 
 def _max_diff(path_a, path_b, prompt: list[int]) -> float:
-    from exporter.runtime import OrtDecoder
+    from exporter.runtime.generation import OrtDecoder
 
     tokens, logits_a, _ = OrtDecoder(path_a, threads=THREADS).greedy(prompt, 16)
     _, logits_b, _ = OrtDecoder(path_b, threads=THREADS).greedy(prompt, 16, forced_tokens=tokens)
@@ -118,10 +117,10 @@ def _dir_mb(paths) -> float:
 def build(args, work: Path) -> dict:
     import torch
 
-    from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
-    from exporter.graph_writer import level_ranks, sliced_copy, write_decoder, write_levels
-    from exporter.models import load_model, resolve_model
-    from exporter.onnx_export import check_parity
+    from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+    from exporter.graph.optimum_export import check_parity
+    from exporter.graph.writer import level_ranks, sliced_copy, write_decoder, write_levels
+    from exporter.source.model import load_model, resolve_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(resolve_model(None))

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from results_io import publish_results  # benchmarks/results_io.py: a script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +88,7 @@ def memory_mb() -> dict[str, float]:
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) / 1024.0
+            fields[key] = int(value.split()[0]) * 1024 / 1e6  # kB -> MB (10^6 bytes)
     return fields
 
 
@@ -101,7 +100,7 @@ def _prompt(runtime) -> list[int]:
 def child_rss(artifact: str, schedule: str) -> dict:
     """Peak RSS of a process that generates 16 tokens with `schedule` (the sessions it loads are the product's);
     `shared`: the full level alone in a shared session, as a multi-level schedule loads it."""
-    from exporter.runtime import Runtime
+    from exporter.runtime.generation import Runtime
 
     runtime = Runtime(artifact, threads=THREADS)
     if schedule == "shared":
@@ -113,7 +112,7 @@ def child_rss(artifact: str, schedule: str) -> dict:
 
 def child_speed(artifact: str, repeats: int) -> dict:
     """Decode tokens/s of every level, plain and shared sessions, interleaved repeats; medians."""
-    from exporter.runtime import Runtime
+    from exporter.runtime.generation import Runtime
 
     runtimes = {"plain": Runtime(artifact, threads=THREADS), "shared": Runtime(artifact, threads=THREADS)}
     prompt = _prompt(runtimes["plain"])
@@ -199,7 +198,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep the artifacts here (default: a temporary directory)")
     args = parser.parse_args()
 
-    from exporter.runtime import parse_schedule, schedule_text
+    from exporter.runtime.generation import parse_schedule, schedule_text
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="progressive-") as tmp:

@@ -28,24 +28,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.budget import node_price  # noqa: E402
-from exporter.calibration import calibration_ids  # noqa: E402
-from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model,  # noqa: E402
-                               decoder_projections, effective_ranks, parameter_summary)
-from exporter.corrective import (CorrectiveOptions, attach_correctives,  # noqa: E402
-                                 train_correctives)
-from exporter.quant import fake_quantize_linears  # noqa: E402
-from exporter.evaluate import (evaluate_summarization, ort_perplexity, perplexity, read_articles,  # noqa: E402
-                               text_windows)
-from exporter.importance import component_fisher  # noqa: E402
-from exporter.models import hf_directory, load_model, resolve_model  # noqa: E402
-from exporter.onnx_export import export_onnx  # noqa: E402
+from exporter.compress.corrective import CorrectiveOptions, attach_correctives, train_correctives  # noqa: E402
+from exporter.compress.factorize import (  # noqa: E402
+    apply_ranks,
+    corrective_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+)
+from exporter.compress.importance import component_fisher  # noqa: E402
+from exporter.compress.simulated_quant import fake_quantize_linears  # noqa: E402
+from exporter.device.cost_model import node_price  # noqa: E402
+from exporter.device.profiles import load_profile  # noqa: E402
+from exporter.graph.optimum_export import export_onnx  # noqa: E402
 from exporter.pipeline import branch_linears, choose_ranks, primary_linears, rank_multiples  # noqa: E402
-from exporter.profiles import load_profile  # noqa: E402
-from exporter.runtime import OrtDecoder, Runtime  # noqa: E402
+from exporter.runtime.evaluate import evaluate_summarization, ort_perplexity, perplexity, read_articles, text_windows  # noqa: E402
+from exporter.runtime.generation import OrtDecoder, Runtime  # noqa: E402
+from exporter.source.calibration import calibration_ids  # noqa: E402
+from exporter.source.model import hf_directory, load_model, resolve_model  # noqa: E402
 
 try:
-    from exporter.graph_writer import write_decoder
+    from exporter.graph.writer import write_decoder
 except ImportError:  # the fused writer is optional for the foundation rows
     write_decoder = None
 
@@ -72,7 +77,7 @@ class Row:
     peak_rss_mb: float = float("nan")
     artifact_mb: float = float("nan")  # ONNX graph + weights on disk
     calr: str = "-"  # - | fp32 (correctives trained against the fp32 primary path) | int4 (against int4)
-    joint: bool = False  # q/k/v and gate/up factorized jointly (one unit each: exporter.compress)
+    joint: bool = False  # q/k/v and gate/up factorized jointly (one unit each: exporter.compress.factorize)
     latency_aware: bool = False  # each factorization's graph node priced in the allocation (--latency-aware)
     node_params: float = 0.0  # that price, in weights at the row's precision
     factorized: int = 0  # projections (or joint units) factorized
@@ -162,7 +167,7 @@ def sensitivity_sweep(model, decompositions, projections, samples: torch.Tensor)
     """The search FLRC replaces: truncate one projection at a time, measure calibration loss."""
     from tqdm.auto import tqdm
 
-    from exporter.compress import replace_module
+    from exporter.compress.factorize import replace_module
 
     start = time.perf_counter()
     losses = {}
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
             print(f"[{name}] skipped: pass --builder-python (make builder-env)", file=sys.stderr)
             continue
         if row.graph == "writer" and write_decoder is None:
-            print(f"[{name}] skipped: exporter.graph_writer is not available", file=sys.stderr)
+            print(f"[{name}] skipped: exporter.graph.writer is not available", file=sys.stderr)
             continue
         key = (row.method, row.allocation, row.ratio, row.calr, row.joint, row.latency_aware)
         if key not in candidates:

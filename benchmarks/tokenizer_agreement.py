@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import onnxruntime_genai as og
     from tokenizers import Tokenizer
 
-    from exporter.runtime import Runtime
+    from exporter.runtime.generation import Runtime
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path)

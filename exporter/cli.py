@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
-from .errors import ExporterError
+from exporter import __version__
+from exporter.errors import ExporterError
+from exporter.settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
 
 
 def _ratio(text: str) -> float:
@@ -221,7 +221,7 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
 
 
 def _options(args):
-    from .pipeline import ExportOptions
+    from exporter.pipeline import ExportOptions
 
     return ExportOptions(
         device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
@@ -241,7 +241,7 @@ def _options(args):
 def _allocate(args) -> int:
     import json
 
-    from .pipeline import Stopwatch, plan_compression
+    from exporter.pipeline import Stopwatch, plan_compression
 
     clock = Stopwatch()
     plan = plan_compression(_options(args), clock, train=False)
@@ -283,8 +283,8 @@ def _allocate(args) -> int:
 
 
 def _export(args) -> int:
-    from .pipeline import run_export
-    from .schedule import parse_levels
+    from exporter.graph.levels import parse_levels
+    from exporter.pipeline import run_export
 
     levels = None if args.levels is None else parse_levels(args.levels)
     manifest = run_export(_options(args), levels=levels, schedule=args.schedule)
@@ -328,7 +328,7 @@ def format_summary(manifest: dict) -> str:
 def _generate(args) -> int:
     import time
 
-    from .runtime import GenerationStats, Runtime, TextStream
+    from exporter.runtime.generation import GenerationStats, Runtime, TextStream
 
     runtime = Runtime(args.artifact, threads=args.threads)
     schedule = runtime.parse_schedule(args.schedule)
@@ -355,8 +355,8 @@ def _generate(args) -> int:
 def _evaluate(args) -> int:
     import json
 
-    from .evaluate import evaluate_perplexity, evaluate_summarization, read_articles, text_windows
-    from .runtime import Runtime
+    from exporter.runtime.evaluate import evaluate_perplexity, evaluate_summarization, read_articles, text_windows
+    from exporter.runtime.generation import Runtime
 
     runtime = Runtime(args.artifact, threads=args.threads)
     schedule = runtime.parse_schedule(args.schedule)
@@ -408,7 +408,7 @@ def format_evaluation(result: dict) -> str:
 def _validate(args) -> int:
     import json
 
-    from .validate import EXIT_BUDGET_FAILED, format_result, validate
+    from exporter.validate import EXIT_BUDGET_FAILED, format_result, validate
 
     result = validate(args.artifact, args.device, args.text, args.windows, progress=not args.no_progress,
                       summaries=args.summaries, summary_examples=args.summary_examples, report=args.report)
@@ -417,7 +417,7 @@ def _validate(args) -> int:
 
 
 def _profiles(args) -> int:
-    from .profiles import format_profile, format_profile_table, list_profiles, load_profile
+    from exporter.device.profiles import format_profile, format_profile_table, list_profiles, load_profile
 
     if args.action == "show":
         if not args.name:

@@ -11,28 +11,43 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .artifact import check_target, staging_dir, write_manifest
-from .allocate import Allocation, allocate
-from .budget import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
-from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
-from .compress import (apply_ranks, corrective_ranks, count_params, decompose_model, decoder_projections,
-                       effective_ranks, parameter_summary, uniform_ranks)
-from .corrective import (CorrectiveOptions, attach_correctives, branch_ranks, dense_teacher, settle_ranks,
-                         train_correctives)
-from .errors import BudgetError, ExporterError
-from .importance import component_fisher
-from .lowrank import CorrectedLinear, LowRankLinear
-from .quant import fake_quantize_linears
-from .models import load_model, resolve_model
-from .genai_config import write_genai_config
-from .tokenizer import check_artifact_tokenizer, save_tokenizer
-from .golden import write_golden
-from .graph_writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
-from .graph_writer import WEIGHT_FORMATS as WEIGHTS
-from .onnx_export import check_parity, export_onnx
-from .profiles import load_profile
-from .report import allocation_curve, write_report
+from exporter import __version__
+from exporter.artifact.golden import write_golden
+from exporter.artifact.report import allocation_curve, write_report
+from exporter.artifact.staging import check_target, staging_dir, write_manifest
+from exporter.compress.allocate import Allocation, allocate
+from exporter.compress.corrective import (
+    CorrectiveOptions,
+    attach_correctives,
+    branch_ranks,
+    dense_teacher,
+    settle_ranks,
+    train_correctives,
+)
+from exporter.compress.factorize import (
+    apply_ranks,
+    corrective_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+    uniform_ranks,
+)
+from exporter.compress.importance import component_fisher
+from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
+from exporter.compress.simulated_quant import fake_quantize_linears
+from exporter.console import say
+from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
+from exporter.device.profiles import load_profile
+from exporter.errors import BudgetError, ExporterError
+from exporter.graph.genai_config import write_genai_config
+from exporter.graph.optimum_export import check_parity, export_onnx
+from exporter.graph.writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
+from exporter.graph.writer import WEIGHT_FORMATS as WEIGHTS
+from exporter.source.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
+from exporter.source.model import load_model, resolve_model
+from exporter.source.tokenizer import check_artifact_tokenizer, save_tokenizer
 
 PARITY_PROMPT = (
     "Edge devices run small language models close to their users. To fit, a model is compressed: "
@@ -61,10 +76,10 @@ class ExportOptions:
     fisher_samples: int = 8
     seed: int = 0
     force: bool = False
-    graph: str = "auto"  # fused (exporter.graph_writer) where supported, else optimum
-    # Factorize q/k/v and gate/up jointly, one rank per group (exporter.compress): fewer graph nodes.
+    graph: str = "auto"  # fused (exporter.graph.writer) where supported, else optimum
+    # Factorize q/k/v and gate/up jointly, one rank per group (exporter.compress.factorize): fewer graph nodes.
     joint: bool = False
-    # Price the second-stage node each factorization adds (exporter.allocate, from the profile's decode
+    # Price the second-stage node each factorization adds (exporter.compress.allocate, from the profile's decode
     # cost model, or from factor_node_us where given): fewer, deeper factorizations for the same
     # parameters, so faster decoding.
     latency_aware: bool = False
@@ -75,14 +90,14 @@ class ExportOptions:
     activations: str | None = None
     block_size: int = 32
     accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
-    # CALR branches (None: plain SVD path). Off by default: on SmolLM2-135M the fitted branches have not
-    # yet beaten spending the same parameters on primary rank (see README, "Corrective branches").
+    # CALR branches (None: the plain SVD path). None here, for library callers; the CLI turns them on
+    # (`--no-correctives` turns them off), as they won on SmolLM2-135M at 20% (docs/method.md).
     correctives: CorrectiveOptions | None = None
     quantization_aware: bool = True  # int4: train the correctives against the int4 primary path
     parity_steps: int = 16
     parity_atol: float = 1e-2
     progress: bool = True
-    ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.packaging)
+    ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.graph.ort_format)
 
 
 @dataclass
@@ -122,10 +137,6 @@ class Plan:
     @property
     def parameters(self) -> dict:
         return parameter_summary(self.projections, self.ranks, self.total_dense, self.corrective_ranks)
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def default_out(model_name: str, device: str) -> Path:
@@ -283,10 +294,11 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
 
     `levels`: rank fractions of the progressive levels to write (default `schedule.DEFAULT_LEVELS`; one level
     where the graph cannot be sliced); `schedule`: `--schedule` text, instead of the one derived from
-    calibration measurements (exporter.schedule).
+    calibration measurements (exporter.graph.levels).
     """
-    from .graph_writer import level_name, write_levels
-    from .runtime import schedule_text
+    from exporter.graph.levels import level_name
+    from exporter.graph.writer import write_levels
+    from exporter.runtime.generation import schedule_text
 
     clock = Stopwatch()
     profile, source = load_profile(options.device), resolve_model(options.model)
@@ -346,7 +358,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
         say(f"schedule: {schedule_text(chosen)} ({derivation['source']})")
         ort_format = None
         if options.ort_format:  # before the report and the manifest's file table, which list it
-            from .packaging import write_ort_format
+            from exporter.graph.ort_format import write_ort_format
 
             with clock.stage("ort format"):
                 say(f"converting {onnx_path.name} to the ORT format (ONNX Runtime Mobile)")
@@ -462,9 +474,9 @@ def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
                       schedule: str | None) -> tuple[float, ...]:
     """The checked `--levels` (default: schedule.DEFAULT_LEVELS); one level where the options rule levels out
     (an error if levels were asked for explicitly). A `--schedule` must name these levels."""
-    from .graph_writer import LEVEL_WEIGHTS, level_name
-    from .runtime import parse_schedule
-    from .schedule import DEFAULT_LEVELS, check_levels
+    from exporter.graph.levels import DEFAULT_LEVELS, check_levels, level_name
+    from exporter.graph.writer import LEVEL_WEIGHTS
+    from exporter.runtime.generation import parse_schedule
 
     fractions = check_levels(DEFAULT_LEVELS if levels is None else levels)
     reason = None
@@ -503,7 +515,7 @@ def _exported_levels(plan: Plan, graph: str, options: ExportOptions, fractions: 
 def _held_out_windows(plan: Plan, options: ExportOptions):
     """(windows, description): the calibration windows corrective training holds out (the last ones; Fisher
     importance reads the first), or (None, reason) where the export read no calibration data."""
-    from .settings import CorrectiveOptions
+    from exporter.settings import CorrectiveOptions
 
     if options.calib is None and plan.calibration is None:
         return None, "no calibration data was read (plain SVD, uniform ranks, no correctives)"
@@ -523,11 +535,19 @@ def _check_levels(plan: Plan, options: ExportOptions, staging: Path, entries: li
     schedule is derived from. Returns the manifest's `levels` entries and the schedule's derivation."""
     from tqdm.auto import tqdm
 
-    from .errors import ParityError
-    from .graph_writer import level_ranks, sliced_copy
-    from .runtime import schedule_text
-    from .schedule import (FULL_RANK_TOKENS, HORIZON_TOKENS, POSITION_BUCKETS, RULE, TOLERANCE_NATS,
-                           derive_schedule, nll_increase, token_nll)
+    from exporter.errors import ParityError
+    from exporter.graph.levels import (
+        FULL_RANK_TOKENS,
+        HORIZON_TOKENS,
+        POSITION_BUCKETS,
+        RULE,
+        TOLERANCE_NATS,
+        derive_schedule,
+        nll_increase,
+        token_nll,
+    )
+    from exporter.graph.writer import level_ranks, sliced_copy
+    from exporter.runtime.generation import schedule_text
 
     model, quantized = plan.model, options.weights != "fp32"
     windows, calibration = _held_out_windows(plan, options)
@@ -575,7 +595,7 @@ def _check_levels(plan: Plan, options: ExportOptions, staging: Path, entries: li
 
 def _choose_schedule(entries: list[dict], derivation: dict, schedule: str | None) -> list[tuple[str, int]]:
     """`--schedule` where given (recorded as the source), else the derived schedule, else full rank."""
-    from .runtime import parse_schedule
+    from exporter.runtime.generation import parse_schedule
 
     names = [e["name"] for e in entries]
     if schedule is not None:

@@ -20,7 +20,7 @@ class CorrectiveOptions:
     lr: float = 1e-3
     batch_size: int = 4
     holdout: int = 4  # calibration sequences kept out of training to measure the error
-    kl_steps: int = 40  # end-to-end KL distillation steps after the block-wise stage (measured: README)
+    kl_steps: int = 40  # end-to-end KL distillation steps after the block-wise stage (measured: benchmarks/RESULTS.md, CALR probe)
     kl_lr: float = 1e-3
     kl_batch_size: int = 2
     tune_factors: bool = False  # also train the primary factors (lower learning rate)

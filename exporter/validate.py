@@ -2,7 +2,7 @@
 
 On a measured profile (`host`) latency and memory are measured in a fresh process that imports only
 onnxruntime and numpy (so its peak RSS is the model's, not torch's); the cost model of
-exporter.budget predicts them too, and the two are compared (with the machine's load, measured
+exporter.device.cost_model predicts them too, and the two are compared (with the machine's load, measured
 before and after, as a factor). For any other device they are predicted and marked so. Accuracy
 (perplexity, summarization ROUGE, agreement with the PyTorch model) is always measured here, through
 ONNX Runtime. `--report DIR` writes validation.md and latency.png there.
@@ -25,8 +25,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .artifact import read_manifest, sha256_file
-from .errors import ExporterError
+from exporter.artifact.staging import read_manifest, sha256_file
+from exporter.console import say
+from exporter.errors import ExporterError
 
 EXIT_BUDGET_FAILED = 4
 DECODE_TOKENS = 64
@@ -56,10 +57,6 @@ class BudgetCheck:
         return {**asdict(self), "passed": self.passed}
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def verify_files(artifact: Path, manifest: dict) -> None:
     """Every file of the manifest's table present with its size and sha256; raises naming the first bad one."""
     files = manifest.get("files")
@@ -75,7 +72,7 @@ def verify_files(artifact: Path, manifest: dict) -> None:
 
 def artifact_profile(manifest: dict, device: str | None):
     """--device, else the profile recorded in the manifest (a measured one is re-measured here)."""
-    from .profiles import Budget, DeviceProfile, Hardware, Runtime, load_profile
+    from exporter.device.profiles import Budget, DeviceProfile, Hardware, Runtime, load_profile
 
     recorded = manifest["profile"]
     if device is not None:
@@ -101,7 +98,7 @@ def graph_stats(model_path: Path) -> dict:
     Reads the graph only (load_external_data=False)."""
     import onnx
 
-    from .budget import KV_BYTES_PER_ELEM
+    from exporter.device.cost_model import KV_BYTES_PER_ELEM
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
@@ -128,13 +125,21 @@ def graph_stats(model_path: Path) -> dict:
 
 
 def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict:
-    """The cost model (exporter.budget.decode_terms). Decode: every weight read once per token and the
+    """The cost model (exporter.device.cost_model.decode_terms). Decode: every weight read once per token and the
     KV cache moved KV_PASSES times, at the bandwidth a decode step's matrix-vector products reach beyond
-    the caches (exporter.profiles._measure_decode_costs), plus a cost per graph node, plus the
+    the caches (exporter.device.host_probes._measure_decode_costs), plus a cost per graph node, plus the
     dequantisation of int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per
     parameter per token (compute-bound); RAM holds weights, the KV cache at max_context and the runtime."""
-    from .budget import (COMPUTE_EFFICIENCY, KV_PASSES, MB, RUNTIME_OVERHEAD_MB, decode_costs, decode_terms,
-                         int4_stream_gbs, kv_cache_bytes)
+    from exporter.device.cost_model import (
+        COMPUTE_EFFICIENCY,
+        KV_PASSES,
+        MB,
+        RUNTIME_OVERHEAD_MB,
+        decode_costs,
+        decode_terms,
+        int4_stream_gbs,
+        kv_cache_bytes,
+    )
 
     config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
     stored = model_bytes(artifact, manifest)
@@ -179,7 +184,7 @@ def load_gauge():
     it grows with the share of the CPU that other processes take. Independent of the artifact."""
     import tempfile
 
-    from .profiles import int4_chain, probe_session
+    from exporter.device.host_probes import int4_chain, probe_session
 
     with tempfile.TemporaryDirectory(prefix="exporter-load-") as folder:
         nodes, weights = int4_chain(LOAD_NODES, (576, 1536))
@@ -216,7 +221,7 @@ def measure(model_path: Path, prompt_tokens: int, new_tokens: int = DECODE_TOKEN
 
 def _probe(model_path: str, prompt_tokens: int, new_tokens: int) -> dict:
     """Load, time to first token (cold prefill), warm prefill (median of 3), `new_tokens` decode steps."""
-    from .runtime import OrtDecoder
+    from exporter.runtime.generation import OrtDecoder
 
     start = time.perf_counter()
     decoder = OrtDecoder(model_path)
@@ -260,7 +265,7 @@ def _peak_rss_mb() -> float:
 def _text_windows(artifact: Path, text: Path, windows: int):
     from transformers import AutoTokenizer
 
-    from .evaluate import text_windows
+    from exporter.runtime.evaluate import text_windows
 
     if not text.is_file():
         raise ExporterError(f"text file not found: {text}")
@@ -276,8 +281,8 @@ def _text_windows(artifact: Path, text: Path, windows: int):
 
 def _reference(manifest: dict, model_path: Path, prompts: list[list[int]]) -> dict:
     """Greedy agreement and max logit error of the graph against the source model (PyTorch)."""
-    from .models import load_model, resolve_model
-    from .onnx_export import check_parity
+    from exporter.graph.optimum_export import check_parity
+    from exporter.source.model import load_model, resolve_model
 
     source = manifest["source_model"]["path"]
     try:
@@ -304,9 +309,9 @@ def check_report_dir(report: Path, artifact: Path) -> Path:
 
 
 def _summarization(artifact: Path, examples: list[dict], progress: bool) -> dict:
-    """ROUGE of greedy summaries through ONNX Runtime (exporter.evaluate), at the artifact's schedule."""
-    from .evaluate import evaluate_summarization
-    from .runtime import Runtime
+    """ROUGE of greedy summaries through ONNX Runtime (exporter.runtime.evaluate), at the artifact's schedule."""
+    from exporter.runtime.evaluate import evaluate_summarization
+    from exporter.runtime.generation import Runtime
 
     runtime = Runtime(artifact)
     runtime.require_tokenizer()
@@ -323,7 +328,7 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
              report: Path | None = None) -> dict:
     """Every figure, and the budget checks; raises ExporterError on bad input before measuring.
     `report`: also write report/validation.md and report/latency.png (write_report)."""
-    from .golden import GOLDEN
+    from exporter.artifact.golden import GOLDEN
 
     artifact = Path(artifact)
     if not artifact.is_dir():
@@ -340,7 +345,7 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
     windows_ids = _text_windows(artifact, Path(text), windows) if text is not None else None
     examples = None
     if summaries is not None:
-        from .evaluate import read_articles
+        from exporter.runtime.evaluate import read_articles
 
         examples = read_articles(summaries, summary_examples)
         if not (artifact / "tokenizer.json").is_file():
@@ -384,8 +389,8 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
 
     accuracy = {}
     if windows_ids is not None:
-        from .evaluate import ort_perplexity
-        from .runtime import OrtDecoder
+        from exporter.runtime.evaluate import ort_perplexity
+        from exporter.runtime.generation import OrtDecoder
 
         accuracy["perplexity"] = ort_perplexity(OrtDecoder(model_path), windows_ids, progress=progress)
         accuracy["perplexity_text"] = f"{windows_ids.shape[0]} x {windows_ids.shape[1]} tokens of {text}"

@@ -164,7 +164,7 @@ def calib_file(tmp_path_factory, calib_text, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def calib_ids(tokenizer, calib_text) -> torch.Tensor:
     """8 seeded windows of SEQ_LEN tokens from the calibration text, [8, SEQ_LEN]."""
-    from exporter.calibration import windows_from_texts
+    from exporter.source.calibration import windows_from_texts
 
     return windows_from_texts([calib_text], tokenizer, 8, SEQ_LEN, seed=0)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.allocate import allocate
-from exporter.budget import MB, projection_budget
-from exporter.compress import Projection, decompose_model, decoder_projections
+from exporter.compress.allocate import allocate
+from exporter.compress.factorize import Projection, decoder_projections, decompose_model
+from exporter.compress.importance import component_fisher
+from exporter.device.cost_model import MB, projection_budget
 from exporter.errors import BudgetError
-from exporter.importance import component_fisher
 
 
 def synthetic(n_layers: int = 6, seed: int = 0):
@@ -127,7 +127,7 @@ def test_fisher_allocation_beats_uniform_on_calibration_loss(tiny_models, calib_
     """The point of FLRC: at the same parameter count, Fisher ranks lose less than uniform ranks."""
     import copy
 
-    from exporter.compress import apply_ranks, effective_ranks, uniform_ranks
+    from exporter.compress.factorize import apply_ranks, effective_ranks, uniform_ranks
 
     model = tiny_models.load("llama")
     decompositions = decompose_model(model, "whitened", calib_ids, progress=False, full_rank=True)

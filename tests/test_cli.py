@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
-from exporter.lowrank import break_even_rank
+from exporter.compress.lowrank import break_even_rank
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_KEYS = {"source_model", "profile", "method", "ranks", "parameters", "files", "versions", "parity"}
@@ -465,8 +465,8 @@ def test_latency_aware_export_prices_nodes_and_fragile_int4_levels_are_left_out(
     import json
 
     import exporter.pipeline as pipeline
-    from exporter.budget import node_price
-    from exporter.profiles import load_profile
+    from exporter.device.cost_model import node_price
+    from exporter.device.profiles import load_profile
 
     def details(out, *extra):
         assert main(export_args(llama_dir, calib_file, out, "--weights", "int4", *extra)) == 0

@@ -1,14 +1,21 @@
-"""exporter.stats and exporter.compress on tiny Llama and Qwen3 models."""
+"""exporter.compress.grams and exporter.compress.factorize on tiny Llama and Qwen3 models."""
 
 import pytest
 import torch
 from torch import nn
 
-from exporter.compress import (apply_ranks, count_params, decompose_model, decoder_projections, effective_ranks,
-                               parameter_summary, uniform_ranks)
+from exporter.compress.factorize import (
+    apply_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+    uniform_ranks,
+)
+from exporter.compress.grams import iter_layer_grams
+from exporter.compress.lowrank import LowRankLinear, break_even_rank
 from exporter.errors import BudgetError
-from exporter.lowrank import LowRankLinear, break_even_rank
-from exporter.stats import iter_layer_grams
 
 FAMILIES = ["llama", "qwen3"]
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -150,7 +157,7 @@ def test_decompose_model_caps_at_break_even(tiny_models, family, calib_ids):
 
 def test_full_rank_factors_reproduce_the_model(tiny_models, calib_ids):
     """Uncapped whitened factors of every projection, swapped in, leave the outputs unchanged."""
-    from exporter.lowrank import decompose
+    from exporter.compress.lowrank import decompose
 
     model = tiny_models.load("qwen2")  # q/k/v with biases
     before = logits(model, calib_ids)
@@ -237,7 +244,7 @@ def test_same_seed_gives_identical_factors(tiny_models, family, calib_ids):
 
 
 def test_calibration_windows_are_seeded(tokenizer, calib_text):
-    from exporter.calibration import windows_from_texts
+    from exporter.source.calibration import windows_from_texts
 
     a = windows_from_texts([calib_text], tokenizer, 4, 16, seed=0)
     b = windows_from_texts([calib_text], tokenizer, 4, 16, seed=0)

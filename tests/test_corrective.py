@@ -1,15 +1,28 @@
-"""CALR corrective branches (exporter.corrective, lowrank.CorrectedLinear) on tiny models."""
+"""CALR corrective branches (exporter.compress.corrective, lowrank.CorrectedLinear) on tiny models."""
 
 import numpy as np
 import pytest
 import torch
 
-from exporter.compress import (apply_ranks, corrective_ranks, count_params, decompose_model, decoder_projections,
-                               effective_ranks, parameter_summary, uniform_ranks)
-from exporter.corrective import (CorrectiveOptions, attach_correctives, dense_teacher, train_blockwise,
-                                 train_correctives)
-from exporter.graph_writer import ProjectionWeights
-from exporter.lowrank import CorrectedLinear, LowRankLinear
+from exporter.compress.corrective import (
+    CorrectiveOptions,
+    attach_correctives,
+    dense_teacher,
+    train_blockwise,
+    train_correctives,
+)
+from exporter.compress.factorize import (
+    apply_ranks,
+    corrective_ranks,
+    count_params,
+    decoder_projections,
+    decompose_model,
+    effective_ranks,
+    parameter_summary,
+    uniform_ranks,
+)
+from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
+from exporter.graph.writer import ProjectionWeights
 
 
 def logits(model, ids):
@@ -143,8 +156,8 @@ def test_too_few_calibration_sequences_is_a_clear_error(tiny_models, calib_ids):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fused_graph_with_correctives_matches_pytorch(tiny_models, calib_ids, tmp_path, family):
-    from exporter.graph_writer import write_decoder
-    from exporter.onnx_export import check_parity
+    from exporter.graph.optimum_export import check_parity
+    from exporter.graph.writer import write_decoder
 
     teacher, student, _ = compressed(tiny_models, calib_ids, family=family)
     train_blockwise(student, teacher, calib_ids, CorrectiveOptions(rank=4, epochs=3, holdout=2), progress=False)
@@ -174,8 +187,8 @@ def test_least_squares_fit_alone_lowers_held_out_block_error(tiny_models, calib_
 
 
 def test_branch_ranks_round_to_whole_blocks_and_shrink_unrounded_when_over_budget():
-    from exporter.compress import Projection
-    from exporter.corrective import branch_ranks
+    from exporter.compress.corrective import branch_ranks
+    from exporter.compress.factorize import Projection
 
     projections = [Projection(f"model.layers.{i}.mlp.up_proj", 1536, 576) for i in range(4)]
     ranks = {p.name: 64 for p in projections}

@@ -9,12 +9,12 @@ import onnx
 import pytest
 import torch
 
-from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
-from exporter.corrective import attach_correctives
-from exporter.graph_writer import build_decoder, level_ranks, sliced_copy, write_decoder, write_levels
-from exporter.lowrank import CorrectedLinear
-from exporter.onnx_export import torch_greedy
-from exporter.runtime import OrtDecoder
+from exporter.compress.corrective import attach_correctives
+from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.lowrank import CorrectedLinear
+from exporter.graph.optimum_export import torch_greedy
+from exporter.graph.writer import build_decoder, level_ranks, sliced_copy, write_decoder, write_levels
+from exporter.runtime.generation import OrtDecoder
 
 STEPS = 6  # the prefill, then 5 decode steps through the KV cache
 FP32_TOL = 1e-4  # tiny-model logits span about +-7; the two forms differ by float summation order only

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from exporter.cli import main
-from exporter.evaluate import ort_perplexity, text_windows
-from exporter.runtime import OrtDecoder, Runtime
+from exporter.runtime.evaluate import ort_perplexity, text_windows
+from exporter.runtime.generation import OrtDecoder, Runtime
 
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.artifact import MANIFEST, read_manifest, staging_dir, write_manifest
-from exporter.compress import apply_ranks, count_params, decompose_model, decoder_projections, uniform_ranks
+from exporter.artifact.staging import MANIFEST, read_manifest, staging_dir, write_manifest
+from exporter.compress.factorize import apply_ranks, count_params, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.lowrank import LowRankLinear
 from exporter.errors import ExporterError, ParityError
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_export import check_parity, export_onnx, torch_greedy
-from exporter.runtime import OrtDecoder
+from exporter.graph.optimum_export import check_parity, export_onnx, torch_greedy
+from exporter.runtime.generation import OrtDecoder
 
 FAMILIES = ["llama", "qwen3", "qwen2", "mistral"]
 PROMPT = "The engineer explains the last question with great care. Then a small robot"

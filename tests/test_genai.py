@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from exporter.cli import main
-from exporter.genai_config import write_genai_config
-from exporter.graph_writer import write_decoder
-from exporter.runtime import OrtDecoder
+from exporter.graph.genai_config import write_genai_config
+from exporter.graph.writer import write_decoder
+from exporter.runtime.generation import OrtDecoder
 
 
 def _genai_greedy(og, directory, prompt, steps):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
-from exporter.graph_writer import LowRankPair, ProjectionWeights, build_decoder, supports, write_decoder
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_export import torch_greedy
-from exporter.runtime import OrtDecoder, decode, sample_token
+from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.lowrank import LowRankLinear
+from exporter.graph.optimum_export import torch_greedy
+from exporter.graph.writer import LowRankPair, ProjectionWeights, build_decoder, supports, write_decoder
+from exporter.runtime.generation import OrtDecoder, decode, sample_token
 
 FAMILIES = ["llama", "qwen3", "qwen2", "mistral"]
 PROMPT = "The engineer explains the last question with great care. Then a small robot"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from exporter.cli import main
-from exporter.lowrank import break_even_rank
+from exporter.compress.lowrank import break_even_rank
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_smollm2_tokenizer_reads_alike_in_onnxruntime_genai(smollm2_artifact):
     """The default artifact's tokenizer is SmolLM2's byte-level BPE in every reader: onnxruntime-genai gives the
     Hugging Face checkpoint's ids (no -1 for spaces, no BOS), and <|im_end|> ends a turn."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    from exporter.runtime import Runtime
+    from exporter.runtime.generation import Runtime
 
     out = smollm2_artifact
     manifest = json.loads((out / "manifest.json").read_text())

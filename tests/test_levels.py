@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
+from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.lowrank import CorrectedLinear
 from exporter.errors import ExporterError
-from exporter.graph_writer import level_ranks, sliced_copy, write_decoder, write_levels
-from exporter.lowrank import CorrectedLinear
-from exporter.onnx_export import torch_greedy
-from exporter.runtime import OrtDecoder
+from exporter.graph.optimum_export import torch_greedy
+from exporter.graph.writer import level_ranks, sliced_copy, write_decoder, write_levels
+from exporter.runtime.generation import OrtDecoder
 
 PROMPT = [5, 17, 42, 9, 33, 2, 61, 7, 80, 12, 101, 44]
 STEPS = 6
@@ -188,7 +188,7 @@ def test_shared_weights_sessions(tiny_models, calib_ids, tmp_path):
     pytest.importorskip("onnx_ir")
     import onnxruntime as ort
 
-    from exporter.shared_weights import SharedWeights
+    from exporter.runtime.shared_weights import SharedWeights
 
     model = _factorized(tiny_models, calib_ids)
     entries = write_levels(model, tmp_path / "fp32", FRACTIONS, progress=False)

@@ -1,9 +1,9 @@
-"""exporter.lowrank: exactness, truncation error, whitening, balancing, prefix slicing, break-even."""
+"""exporter.compress.lowrank: exactness, truncation error, whitening, balancing, prefix slicing, break-even."""
 
 import pytest
 import torch
 
-from exporter.lowrank import Decomposition, LowRankLinear, break_even_rank, decompose, whitening_factor
+from exporter.compress.lowrank import Decomposition, LowRankLinear, break_even_rank, decompose, whitening_factor
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

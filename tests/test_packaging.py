@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("onnxruntime.tools.convert_onnx_models_to_ort",
                     reason="this onnxruntime has no ORT-format converter (onnxruntime.tools)")
 
-from exporter import packaging  # noqa: E402
 from exporter.cli import main  # noqa: E402
 from exporter.errors import ExporterError  # noqa: E402
-from exporter.packaging import compare_logits, convert_to_ort  # noqa: E402
-from exporter.runtime import OrtDecoder  # noqa: E402
+from exporter.graph import ort_format as packaging  # noqa: E402
+from exporter.graph.ort_format import compare_logits, convert_to_ort  # noqa: E402
+from exporter.runtime.generation import OrtDecoder  # noqa: E402
 
 PROMPT = "The engineer explains the last question with great care. Then a small robot"
 

@@ -1,24 +1,21 @@
-"""Tests for exporter.profiles: shipped profiles, lookup, user files and validation errors."""
+"""Tests for exporter.device.profiles: shipped profiles, lookup, user files and validation errors."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from exporter.errors import ProfileError
-from exporter.profiles import (
+from exporter.device.host_probes import fp32_chain, int4_chain, last_level_cache_bytes, measure_host
+from exporter.device.profiles import (
     PROFILES_DIR,
     DeviceProfile,
     format_profile,
     format_profile_table,
-    fp32_chain,
-    int4_chain,
-    last_level_cache_bytes,
     list_profiles,
     load_profile,
-    measure_host,
     profile_names,
 )
+from exporter.errors import ProfileError
 
 SHIPPED = [
     "jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb",
@@ -112,7 +109,7 @@ def test_provider_options_reach_the_manifest_as_strings(tmp_path):
     assert p.to_dict()["runtime"]["provider_options"] == options
     assert "CPUExecutionProvider options: arena_extend_strategy=1, use_arena=1" in format_profile(p)
     assert load_profile(str(write(tmp_path, VALID, "plain.toml"))).runtime.provider_options == {}
-    # Every Jetson profile keeps GroupQueryAttention off cuDNN's flash attention (README "Jetson").
+    # Every Jetson profile keeps GroupQueryAttention off cuDNN's flash attention (docs/deploying.md, "Jetson").
     for name in ("jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"):
         assert load_profile(name).runtime.provider_options == {"CUDAExecutionProvider": {"sdpa_kernel": "3"}}
 

@@ -15,9 +15,9 @@ import torch
 
 from exporter.cli import main
 from exporter.errors import ExporterError
-from exporter.graph_writer import level_ranks, sliced_copy
-from exporter.runtime import Runtime, level_at, parse_schedule
-from exporter.schedule import derive_schedule, level_start, mean_over_tokens, nll_increase, token_nll
+from exporter.graph.levels import derive_schedule, level_start, mean_over_tokens, nll_increase, token_nll
+from exporter.graph.writer import level_ranks, sliced_copy
+from exporter.runtime.generation import Runtime, level_at, parse_schedule
 
 RATIO, SAMPLES, SEQ_LEN = 0.3, 8, 32
 PROMPT = "The engineer explains the last question with great care. Then a small robot"

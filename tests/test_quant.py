@@ -1,19 +1,18 @@
-"""Simulated int4 (exporter.quant) against ONNX Runtime's own MatMulNBits quantization."""
+"""Simulated int4 (exporter.compress.simulated_quant) against ONNX Runtime's own MatMulNBits quantization."""
 
 import numpy as np
 import pytest
 import torch
 
-from exporter.quant import fake_quantize_int4
+from exporter.compress.simulated_quant import fake_quantize_int4
 
 
 def _ort_int4_matmul(weight: np.ndarray, x: np.ndarray, block_size: int) -> np.ndarray:
     """x @ W^T through a MatMul that ONNX Runtime's quantizer turns into MatMulNBits."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporter.graph_writer import _quantize_int4
+    from exporter.graph.writer import _quantize_int4
 
     out_features, in_features = weight.shape
     graph = helper.make_graph(

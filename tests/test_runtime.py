@@ -1,4 +1,4 @@
-"""exporter.runtime: greedy parity with PyTorch, seeded sampling, schedules, rank-level switching with
+"""exporter.runtime.generation: greedy parity with PyTorch, seeded sampling, schedules, rank-level switching with
 the KV cache carried across, incremental detokenization, chat templates. Tiny Llama only."""
 
 from __future__ import annotations
@@ -15,13 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.compress import apply_ranks, decompose_model, decoder_projections, uniform_ranks
+from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.lowrank import LowRankLinear
 from exporter.errors import ExporterError
-from exporter.graph_writer import build_decoder, write_decoder
-from exporter.lowrank import LowRankLinear
-from exporter.onnx_export import torch_greedy
-from exporter.runtime import (GenerationStats, OrtDecoder, Runtime, TextStream, level_at, parse_schedule,
-                              sample_token)
+from exporter.graph.optimum_export import torch_greedy
+from exporter.graph.writer import build_decoder, write_decoder
+from exporter.runtime.generation import (
+    GenerationStats,
+    OrtDecoder,
+    Runtime,
+    TextStream,
+    level_at,
+    parse_schedule,
+    sample_token,
+)
 
 PROMPT = "The engineer explains the last question with great care. Then a small robot"
 STEPS = 12
@@ -245,7 +252,7 @@ def test_chat_template_and_stop_tokens_match_transformers(dense, tokenizer):
 
 
 def test_runtime_imports_neither_torch_nor_transformers():
-    code = ("import sys, exporter.runtime, exporter.evaluate; "
+    code = ("import sys, exporter.runtime.generation, exporter.runtime.evaluate; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -273,7 +280,7 @@ def test_kv_cache_modes_decode_the_same(leveled, prompt, monkeypatch):
     switch, and with the shared buffer outgrown mid-prompt. The same logits and caches in every mode."""
     import onnxruntime as ort
 
-    import exporter.runtime as runtime
+    import exporter.runtime.generation as runtime
 
     _, _, out = leveled
     monkeypatch.setattr(runtime, "SHARED_CAPACITY", 4)  # outgrown by the prompt (27 tokens) and by a decode step

@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from exporter.errors import ModelError, TokenizerMismatchError
-from exporter.tokenizer import (CONTROL, NORMAL, USER_DEFINED, check_artifact_tokenizer, gguf_tokenizer, sample_lines,
-                                save_tokenizer)
+from exporter.source.tokenizer import (
+    CONTROL,
+    NORMAL,
+    USER_DEFINED,
+    check_artifact_tokenizer,
+    gguf_tokenizer,
+    sample_lines,
+    save_tokenizer,
+)
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -139,9 +146,9 @@ def test_onnxruntime_genai_and_the_runtime_agree_text_in_text_out(tmp_path, tiny
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     import numpy as np
 
-    from exporter.genai_config import write_genai_config
-    from exporter.graph_writer import write_decoder
-    from exporter.runtime import Runtime
+    from exporter.graph.genai_config import write_genai_config
+    from exporter.graph.writer import write_decoder
+    from exporter.runtime.generation import Runtime
 
     model = tiny_models.load(family)
     path = write_decoder(model, tmp_path)

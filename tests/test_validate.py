@@ -11,11 +11,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from exporter.artifact import read_manifest
-from exporter.budget import (BYTES_PER_PARAM, DECODE_COST_KEYS, FACTOR_NODE_US_ESTIMATE, NODE_US_ESTIMATE, decode_costs,
-                             decode_terms, int4_stream_gbs, node_params)
+from exporter.artifact.staging import read_manifest
 from exporter.cli import main
-from exporter.profiles import load_profile, solve_decode_costs
+from exporter.device.cost_model import (
+    BYTES_PER_PARAM,
+    DECODE_COST_KEYS,
+    FACTOR_NODE_US_ESTIMATE,
+    NODE_US_ESTIMATE,
+    decode_costs,
+    decode_terms,
+    int4_stream_gbs,
+    node_params,
+)
+from exporter.device.host_probes import solve_decode_costs
+from exporter.device.profiles import load_profile
 from exporter.validate import EXIT_BUDGET_FAILED, graph_stats, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +168,13 @@ def test_bandwidth_figures_give_back_the_chains_they_are_solved_from():
 
 
 def test_decode_budget_is_the_cost_model_solved_for_weight_bytes():
-    from exporter.budget import (KV_PASSES, PLANNING_NODES_FIXED, PLANNING_NODES_PER_LAYER, kv_cache_bytes,
-                                 weight_budget)
+    from exporter.device.cost_model import (
+        KV_PASSES,
+        PLANNING_NODES_FIXED,
+        PLANNING_NODES_PER_LAYER,
+        kv_cache_bytes,
+        weight_budget,
+    )
 
     config = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
     costs = {"gemv_bandwidth_gbs": 10.0, "node_us": 2.0, "int4_ns_per_param": 0.05, "int8_ns_per_param": 0.02,
@@ -303,7 +317,7 @@ def test_bad_input_is_one_line(artifact, calib_file, tmp_path, capsys, case):
 
 
 def test_graph_stats_read_the_kv_cache_type_and_untied_embedding(tmp_path, tiny_models):
-    from exporter.graph_writer import write_decoder
+    from exporter.graph.writer import write_decoder
 
     llama_model = tiny_models.load("llama")  # untied embedding
     fp32 = graph_stats(write_decoder(llama_model, tmp_path / "fp32"))

@@ -11,9 +11,12 @@ throughput / (2 n) parameters.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from .compress import Projection
-from .errors import BudgetError
+from exporter.errors import BudgetError
+
+if TYPE_CHECKING:  # only named in annotations: importing it would import torch
+    from exporter.compress.factorize import Projection
 
 MB = 1_000_000
 # ONNX Runtime's arena, activations and tokenizer of a small decoder: an estimate, checked against
@@ -30,9 +33,9 @@ BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32
 # activations each weight precision is written with).
 KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0}
 # The KV cache's share of a decode step, as passes over it at the decode bandwidth. Measured by parts
-# (README, "Decode cost model"): 30 GroupQueryAttention nodes at 128 tokens of context take 1.04 ms on
+# (docs/device-profiles.md, "Decode cost model"): 30 GroupQueryAttention nodes at 128 tokens of context take 1.04 ms on
 # this machine, about 5 passes: attention over the cache runs well below the bandwidth of a weight
-# read. A shared past/present buffer (the fused graph as exporter.runtime runs it) removes the copies
+# read. A shared past/present buffer (the fused graph as exporter.runtime.generation runs it) removes the copies
 # of a growing cache but not this; counting one pass for it under-predicted int4 decode (validate:
 # 0.75-0.84 of the measured step), so the term stays at the measured 5.
 KV_PASSES = 5
@@ -53,10 +56,10 @@ PLANNING_NODES_FIXED = 11
 #                  step's matrices are small: much of it is not)
 # So int4 weights stream at their own effective rate, int4_stream_gbs(costs) bytes/s.
 # The fifth figure, factor_node_us, is not in the step's sum: it prices the node a factorization adds
-# when ranks are allocated latency-aware (node_params below, exporter.allocate).
-# A measured profile (host) carries all five figures in hardware.decode_costs (profiles.measure_host:
+# when ranks are allocated latency-aware (node_params below, exporter.compress.allocate).
+# A measured profile (host) carries all five figures in hardware.decode_costs (host_probes.measure_host:
 # ONNX Runtime micro-benchmarks; bandwidth and int4 from decode-shaped chains beyond the caches, see
-# profiles._measure_decode_costs); other devices use the estimates below, labelled as such.
+# host_probes._measure_decode_costs); other devices use the estimates below, labelled as such.
 DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_ns_per_param", "factor_node_us")
 # ESTIMATES for devices where nothing was measured, by the profile's first execution provider. CPU
 # providers: about twice what measure_host() measured on this project's 2-core x86 host (ONNX Runtime
@@ -64,10 +67,10 @@ DECODE_COST_KEYS = ("gemv_bandwidth_gbs", "node_us", "int4_ns_per_param", "int8_
 # the slower cores of edge boards and phones. CUDA: a kernel launch and its share of stream
 # synchronisation per node: the fused graphs of SmolLM2-135M's shape decoded at 11-19 us per node on
 # an H200 with a 16-core x86 host (340-631 nodes, 3.7-11.1 ms/step, weights read in well under 0.1 ms;
-# onnxruntime-gpu 1.31.1, README "Jetson"), so 12 us is a floor for a Jetson's slower Arm cores;
+# onnxruntime-gpu 1.31.1, benchmarks/RESULTS.md, "On a GPU"), so 12 us is a floor for a Jetson's slower Arm cores;
 # dequantisation assumed hidden behind the memory reads by the GPU's parallelism.
 NODE_US_ESTIMATE = {"CPUExecutionProvider": 3.0, "CUDAExecutionProvider": 12.0}
-# The price of the second-stage node a factorization adds (`--latency-aware`, exporter.allocate): a
+# The price of the second-stage node a factorization adds (`--latency-aware`, exporter.compress.allocate): a
 # small MatMul's time beyond its bytes between a decode step's larger reads (profiles: factor_node_us).
 # CPU: about twice the host's measured 2.9-4.1 us (as above); CUDA: the launch, as for any node.
 FACTOR_NODE_US_ESTIMATE = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider": 12.0}
@@ -112,7 +115,7 @@ def weight_budget(profile, config, precision: str = "fp32", activations: str | N
     factorized (PLANNING_NODES_*) and the KV cache traffic at the profile's prompt length, as
     `exporter validate` predicts and measures it. `activations` ("fp32"/"fp16"; None: the precision's
     default, graph_writer.check_activations) sets the KV cache's element size."""
-    from .graph_writer import check_activations
+    from exporter.graph.writer import check_activations
 
     per = BYTES_PER_PARAM[precision]
     kv_elem = KV_BYTES_PER_ELEM[check_activations(precision, activations)]
@@ -160,14 +163,14 @@ def decode_costs(profile) -> tuple[dict[str, float], str]:
     measured = getattr(hardware, "decode_costs", None) or {}
     if all(key in measured for key in DECODE_COST_KEYS):
         return ({key: float(measured[key]) for key in DECODE_COST_KEYS},
-                "measured on this machine (ONNX Runtime micro-benchmarks of exporter.profiles.measure_host)")
+                "measured on this machine (ONNX Runtime micro-benchmarks of exporter.device.host_probes.measure_host)")
     providers = getattr(getattr(profile, "runtime", None), "execution_providers", None) or ("",)
     provider = providers[0] if providers[0] in NODE_US_ESTIMATE else ESTIMATE_DEFAULT_PROVIDER
     dequant = DEQUANT_NS_ESTIMATE[provider]
     costs = {"gemv_bandwidth_gbs": hardware.memory_bandwidth_gbs * BANDWIDTH_EFFICIENCY,
              "node_us": NODE_US_ESTIMATE[provider], "factor_node_us": FACTOR_NODE_US_ESTIMATE[provider],
              **{f"{precision}_ns_per_param": ns for precision, ns in dequant.items()}}
-    return costs, (f"ESTIMATES (exporter.budget): bandwidth {BANDWIDTH_EFFICIENCY:g} x the profile's "
+    return costs, (f"ESTIMATES (exporter.device.cost_model): bandwidth {BANDWIDTH_EFFICIENCY:g} x the profile's "
                    f"{hardware.memory_bandwidth_gbs:g} GB/s, {costs['node_us']:g} us per node "
                    f"({costs['factor_node_us']:g} us per factorization's node when latency-aware) and dequantisation "
                    f"int4 {dequant['int4']:g} / int8 {dequant['int8']:g} ns per weight as for {provider}")
@@ -188,7 +191,7 @@ def stream_gbs(costs: dict[str, float], precision: str) -> float:
 
 def node_params(costs: dict[str, float], precision: str) -> float:
     """The price of one factorization's extra graph node, in weights at `precision`: how many stream in
-    the time the node takes beyond its bytes (factor_node_us). exporter.allocate charges each factorized
+    the time the node takes beyond its bytes (factor_node_us). exporter.compress.allocate charges each factorized
     projection the importance that many parameters hold at the margin (`--latency-aware`)."""
     return costs["factor_node_us"] * 1e-6 * stream_gbs(costs, precision) * 1e9 / BYTES_PER_PARAM[precision]
 

@@ -37,7 +37,7 @@ inner K), so an int4 level reads the full U^T through a Slice of whole blocks (l
 block_size), which ONNX Runtime folds at load. A level file's external-data entries point at the full
 level's offsets with their own lengths (`_point_into` compares every byte). Tied fp32/fp16 levels gather the
 embedding from lm_head's columns instead of a folded transposed copy, which would be private to each
-session. In memory, each session maps and prepacks its weights privately; `exporter.shared_weights`
+session. In memory, each session maps and prepacks its weights privately; `exporter.runtime.shared_weights`
 gives fp32 sessions one copy (benchmarks/levels_probe.py measures the trade-offs).
 
 Corrective branches (`corrective_form`). y += B(A x) is one more `LowRankPair` in
@@ -64,7 +64,7 @@ activations, past_key_values.* / present.* and logits; input_ids and attention_m
 the onnxruntime-genai builder's fp16 CUDA graph (its io_dtype float16). Logits stay fp16 as there (the
 builder switches logits to fp32 for bf16 graphs only): lm_head's MatMul produces them at fp16 precision
 anyway, so a Cast would add a node and a vocab-sized copy per step without adding precision, and the
-readers handle fp16 (onnxruntime-genai converts them; exporter.runtime widens each step's row to fp32).
+readers handle fp16 (onnxruntime-genai converts them; exporter.runtime.generation widens each step's row to fp32).
 The layout is the fp32 one, levels included (`_emit_level_projections`: FusedMatMul(transB=1), which CUDA
 registers for fp16). ONNX Runtime's CPU provider (1.32, x86-64) has fp16 kernels for GroupQueryAttention,
 SkipSimplifiedLayerNormalization, RMSNormalization, Gather, Split, Reshape and Transpose, but not for
@@ -97,10 +97,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExporterError
-from .lowrank import CorrectedLinear, LowRankLinear
+from exporter.architectures import GATE_UP, MODEL_CLASSES, QKV, architecture_of
+from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
+from exporter.errors import ExporterError
+from exporter.graph.levels import DEFAULT_LEVELS, check_levels, level_name
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
 # graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -112,8 +113,6 @@ MS_DOMAIN = "com.microsoft"
 # Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
 # attention_scaling (which multiplies cos and sin) describe them completely.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
 CORRECTIVE_FORMS = ("folded", "separate")  # how CALR branches are written; see the module docstring
 DEFAULT_CORRECTIVE_FORM = "folded"
 
@@ -518,8 +517,8 @@ def _rotary(model):
 def _check(model) -> None:
     """Raise NotImplementedError naming the first feature this writer cannot express."""
     arch = _arch(model)
-    if arch not in ARCHITECTURES:
-        raise NotImplementedError(f"graph writer supports {', '.join(ARCHITECTURES)}, not {arch}")
+    if architecture_of(model) is None:
+        raise NotImplementedError(f"graph writer supports {', '.join(MODEL_CLASSES)}, not {arch}")
     config = model.config
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -562,7 +561,7 @@ def _head_dim(config) -> int:
 
 def _sliding_window(model, layer) -> int | None:
     window = getattr(layer.self_attn, "sliding_window", None)  # Qwen2/3: None on full-attention layers
-    if window is None and _arch(model) == "MistralForCausalLM":
+    if window is None and architecture_of(model).window_from_config:
         window = getattr(model.config, "sliding_window", None)
     return window
 
@@ -695,7 +694,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
 
         # Attention.
         qkv = _projections(f"{lp}.self_attn", attn, QKV)
-        has_head_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+        has_head_norm = architecture_of(model).head_norms
         ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=not has_head_norm)
         if len(ys) == 1:  # packed q/k/v: GroupQueryAttention splits them
             q, k, v = ys[0], "", ""
@@ -750,7 +749,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="exporter.graph_writer")
     proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     # GroupQueryAttention appends to a past buffer bound as its own present: a runtime may share them
-    # (exporter.runtime.OrtDecoder's kv_buffer, onnxruntime-genai's past_present_share_buffer).
+    # (exporter.runtime.generation.OrtDecoder's kv_buffer, onnxruntime-genai's past_present_share_buffer).
     helper.set_model_props(proto, {"past_present_share_buffer": "1"})
     return proto
 
@@ -959,19 +958,6 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
 
 
 LEVEL_WEIGHTS = ("fp32", "fp16", "int4")
-DEFAULT_FRACTIONS = (1.0, 0.85, 0.7)
-
-
-def level_name(fraction: float) -> str:
-    return f"r{round(100 * fraction)}"
-
-
-def _check_fractions(fractions: Sequence[float]) -> None:
-    names = [level_name(f) for f in fractions]
-    if (not fractions or fractions[0] != 1.0 or not all(0.0 < f <= 1.0 for f in fractions)
-            or any(b >= a for a, b in zip(fractions, fractions[1:])) or len(set(names)) != len(names)):
-        raise ExporterError(f"rank levels must start at 1.0 and strictly decrease within (0, 1], at least 0.01 "
-                            f"apart; got {list(fractions)}")
 
 
 def _pair_ranks(model) -> dict[str, list[int]]:
@@ -1007,7 +993,7 @@ def sliced_copy(model, ranks: dict[str, int]):
     PyTorch reference of a level); corrective branches are kept whole."""
     import copy
 
-    from .compress import replace_module
+    from exporter.compress.factorize import replace_module
 
     sliced = copy.deepcopy(model)
     for name, rank in ranks.items():
@@ -1088,7 +1074,7 @@ def _point_into(proto, data: Path, index: dict) -> None:
                                               name=f"/levels/{tensor.name}/Slice"))
 
 
-def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRACTIONS, *, weights: str = "fp32",
+def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVELS, *, weights: str = "fp32",
                  block_size: int = 32, accuracy_level: int | None = None, progress: bool = True,
                  corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None) -> list[dict]:
     """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
@@ -1106,7 +1092,11 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_FRAC
     from tqdm.auto import tqdm
 
     fractions = [float(f) for f in fractions]
-    _check_fractions(fractions)
+    try:  # the rule of --levels; the writer's callers get the whole rule in one message
+        check_levels(fractions)
+    except ExporterError:
+        raise ExporterError(f"rank levels must start at 1.0 and strictly decrease within (0, 1], at least 0.01 "
+                            f"apart; got {list(fractions)}") from None
     if weights not in LEVEL_WEIGHTS:
         raise ExporterError(f"rank levels are written with weights {', '.join(LEVEL_WEIGHTS)}, not {weights!r}")
     activations = check_activations(weights, activations)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExporterError, ParityError
+from exporter.errors import ExporterError, ParityError
 
 ORT_SUFFIX = ".ort"
 OPERATORS_SUFFIX = ".required_operators.config"
@@ -108,7 +108,7 @@ def compare_logits(onnx_path: Path, ort_path: Path, prompt_ids, steps: int = ORT
     """Both files in ONNX Runtime (CPU, one thread) on the same tokens: the prompt, then `steps` greedy tokens
     chosen by the .onnx session, each through its own KV cache. Every logit of the prefill and of each step is
     compared."""
-    from .runtime import OrtDecoder
+    from exporter.runtime.generation import OrtDecoder
 
     reference, converted = OrtDecoder(onnx_path, threads=1), OrtDecoder(ort_path, threads=1)
     feed = np.asarray(prompt_ids, dtype=np.int64)[None, :]

@@ -15,8 +15,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .artifact import MANIFEST
-from .budget import MB
+from exporter.artifact.staging import MANIFEST
+from exporter.device.cost_model import MB
 
 HTML = "report.html"
 
@@ -173,8 +173,8 @@ def allocation_curve(projections, importance: dict, multiple: int,
     [{target_fraction_removed, fraction_removed, projection_params, predicted_loss_increase}],
     rank_multiple, seconds}. Budgets the allocator cannot meet are left out.
     The allocator is fast (hundredths of a second per budget on SmolLM2-135M), so this costs little."""
-    from .allocate import allocate
-    from .errors import BudgetError
+    from exporter.compress.allocate import allocate
+    from exporter.errors import BudgetError
 
     start = time.perf_counter()
     dense = sum(p.params for p in projections)
@@ -270,7 +270,7 @@ def _predicted(directory: Path, manifest: dict, sizes: dict[str, int]) -> dict |
     from types import SimpleNamespace
 
     try:
-        from .validate import predict
+        from exporter.validate import predict
 
         profile = manifest["profile"]
         ns = SimpleNamespace(**{part: SimpleNamespace(**profile[part]) for part in ("hardware", "runtime", "budget")})

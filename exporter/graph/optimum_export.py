@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ParityError
-from .runtime import OrtDecoder
+from exporter.errors import ParityError
+from exporter.runtime.generation import OrtDecoder
 
 TASK = "text-generation-with-past"
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .compress import Projection
-from .errors import BudgetError
+from exporter.compress.factorize import Projection
+from exporter.errors import BudgetError
 
 
 @dataclass

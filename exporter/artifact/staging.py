@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ExporterError
+from exporter.errors import ExporterError
 
 MANIFEST = "manifest.json"
 

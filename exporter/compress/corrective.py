@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .compress import Projection, install_unit, unit_name
-from .errors import ExporterError
-from .lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
-from .models import decoder_layers
-from .settings import CorrectiveOptions
-from .stats import capture_layer_inputs, run_layer
+from exporter.compress.factorize import Projection, install_unit, unit_name
+from exporter.compress.grams import capture_layer_inputs, run_layer
+from exporter.compress.lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
+from exporter.errors import ExporterError
+from exporter.settings import CorrectiveOptions
+from exporter.source.model import decoder_layers
 
 
 @dataclass
@@ -94,7 +94,7 @@ def settle_ranks(primary_ranks, projections: list[Projection], options: Correcti
 
 def factorized_units(model) -> dict[str, list[str]]:
     """{unit name: its module names} of the model's LowRankLinears: a joint unit's projections share one
-    down factor (exporter.compress; named `parent.q_proj+k_proj+v_proj`), any other is a unit alone."""
+    down factor (exporter.compress.factorize; named `parent.q_proj+k_proj+v_proj`), any other is a unit alone."""
     by_down: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
@@ -192,7 +192,7 @@ def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -
     gives every projection's inputs (the branches of one block are fitted together; projections that
     read the same tensor, q/k/v and gate/up, share their statistics).
     """
-    from .lowrank import whitening_factor
+    from exporter.compress.lowrank import whitening_factor
 
     names = [n for n, m in s_layer.named_modules() if isinstance(m, CorrectedLinear)]
     if not names:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CalibrationError
-from .models import cache_dir
-
-from .settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN  # noqa: F401 (re-exported)
+from exporter.errors import CalibrationError
+from exporter.settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN  # noqa: F401 (re-exported)
+from exporter.source.model import cache_dir
 
 log = logging.getLogger(__name__)
 

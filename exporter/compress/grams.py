@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .models import decoder_layers, layers_prefix
+from exporter.source.model import decoder_layers, layers_prefix
 
 
 class _StopForward(Exception):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .errors import ExporterError
+from exporter.errors import ExporterError
 
 DEFAULT_LEVELS = (1.0, 0.85, 0.7)
 HORIZON_TOKENS = 128  # the answer length a schedule is planned for (`exporter generate`'s default)
@@ -39,22 +39,22 @@ RULE = ("level j starts at s_j = max(full_rank_tokens, ceil(horizon - tolerance 
 
 
 def level_name(fraction: float) -> str:
-    from .graph_writer import level_name as name  # one naming rule: the writer's
+    """The one naming rule of rank levels: r100, r85, ... (file names, manifest, schedules)."""
+    return f"r{round(100 * fraction)}"
 
-    return name(fraction)
 
-
-def check_levels(fractions: Sequence[float]) -> tuple[float, ...]:
-    """The fractions, if they start at 1.0 and strictly decrease within (0, 1] with distinct names."""
+def check_levels(fractions: Sequence[float], what: str = "--levels") -> tuple[float, ...]:
+    """The fractions, if they start at 1.0 and strictly decrease within (0, 1] with distinct names; `what`
+    names them in the error."""
     fractions = tuple(float(f) for f in fractions)
     if not fractions or fractions[0] != 1.0:
-        raise ExporterError(f"--levels must start at 1.0 (the full rank), got {','.join(map(str, fractions))}")
+        raise ExporterError(f"{what} must start at 1.0 (the full rank), got {','.join(map(str, fractions))}")
     for before, after in zip(fractions, fractions[1:]):
         if not 0.0 < after < before:
-            raise ExporterError(f"--levels must strictly decrease within (0, 1], got {after} after {before}")
+            raise ExporterError(f"{what} must strictly decrease within (0, 1], got {after} after {before}")
     names = [level_name(f) for f in fractions]
     if len(set(names)) != len(names):
-        raise ExporterError(f"--levels must be at least 0.01 apart (level names {', '.join(names)})")
+        raise ExporterError(f"{what} must be at least 0.01 apart (level names {', '.join(names)})")
     return fractions
 
 

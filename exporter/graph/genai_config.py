@@ -12,7 +12,7 @@ and logits types from the graph's inputs and outputs (tested with onnxruntime-ge
 provider, where an fp16 graph generates the exporter runtime's tokens). `provider_options` stays empty
 (the CPU provider) for fp16 graphs too: a "cuda" entry makes og.Model fail to load wherever the CUDA
 build of onnxruntime-genai is missing, so CUDA is chosen at load time (`config.append_provider("cuda")`,
-README "Jetson").
+docs/deploying.md, "Jetson").
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tokenizer import stop_token_ids
-
-# transformers model_type -> onnxruntime-genai model type
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+from exporter.architectures import ARCHITECTURES
+from exporter.source.tokenizer import stop_token_ids
 
 
 def genai_config(model, tokenizer, filename: str = "model.onnx", context_length: int | None = None) -> dict:
@@ -54,7 +52,8 @@ def genai_config(model, tokenizer, filename: str = "model.onnx", context_length:
             },
             "eos_token_id": eos if len(eos) != 1 else eos[0],
             "pad_token_id": pad,
-            "type": GENAI_TYPES.get(config.model_type, config.model_type),
+            "type": ARCHITECTURES[config.model_type].genai_type if config.model_type in ARCHITECTURES
+            else config.model_type,
             "vocab_size": config.vocab_size,
         },
         "search": {

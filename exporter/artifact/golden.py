@@ -70,12 +70,12 @@ TOLERANCES = {
 }
 
 
-TOKENIZER_SAMPLE_LINES = 40  # of exporter.tokenizer.sample_lines(): each base text alone, then joined pairs
+TOKENIZER_SAMPLE_LINES = 40  # of exporter.source.tokenizer.sample_lines(): each base text alone, then joined pairs
 
 
 def tokenizer_cases(tokenizer) -> list[dict]:
     """Texts and the ids the source tokenizer gives them, special tokens added as the tokenizer adds them."""
-    from .tokenizer import chat_samples, sample_lines
+    from exporter.source.tokenizer import chat_samples, sample_lines
 
     texts = list(PROMPTS) + sample_lines()[:TOKENIZER_SAMPLE_LINES] + chat_samples(tokenizer)
     return [{"text": text, "ids": [int(i) for i in tokenizer(text, add_special_tokens=True)["input_ids"]]}
@@ -105,7 +105,7 @@ def write_golden(directory: Path, onnx_path: Path, tokenizer, onnx_info: dict) -
     """Run the artifact's graph on the fixed prompts and write `golden.json` into `directory`."""
     import onnxruntime
 
-    from .runtime import OrtDecoder
+    from exporter.runtime.generation import OrtDecoder
 
     weights = onnx_info.get("weights", "fp32")
     threads = os.cpu_count()

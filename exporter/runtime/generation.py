@@ -6,7 +6,7 @@
   steps with the KV cache carried across (every level has the same cache shapes).
 * `Runtime`: an artifact directory: its levels and schedule (manifest.json), one `OrtDecoder` per level
   (created on first use; a schedule of several levels loads them over one shared copy of the weights,
-  `exporter.shared_weights`, a single level gets a plain, faster session), tokenizer, chat template and
+  `exporter.runtime.shared_weights`, a single level gets a plain, faster session), tokenizer, chat template and
   stop tokens.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExporterError
+from exporter.errors import ExporterError
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
@@ -72,7 +72,7 @@ class DecodeTiming:
 class OrtDecoder:
     """One decoder session. `kv_device`: where step() leaves the KV cache between steps ("cuda": in GPU
     memory through ONNX Runtime's I/O binding, not copied to the host and back every step: 21-47% of a
-    CUDA decode step, README "Jetson"; None: host memory). Default: "cuda" when CUDA is the session's first
+    CUDA decode step, docs/deploying.md, "Jetson"; None: host memory). Default: "cuda" when CUDA is the session's first
     provider and the cache is fp16: CUDA runs GroupQueryAttention in fp16 only, so an fp32 cache is read by
     attention on the CPU provider, and binding it to the GPU made such a graph slower (10.1 vs 7.0 ms per
     step, int4 with fp32 activations on an H200).
@@ -81,7 +81,7 @@ class OrtDecoder:
     GroupQueryAttention appends to in place (onnxruntime-genai's past_present_share_buffer); "growing"
     feeds the last step's presents back, a new, longer copy of the whole cache every step (the only way
     for graphs that concatenate the cache themselves, as optimum's do). Default ("auto"): shared when the
-    graph declares it (metadata `past_present_share_buffer`, written by exporter.graph_writer, or the
+    graph declares it (metadata `past_present_share_buffer`, written by exporter.graph.writer, or the
     folder's genai_config.json, as the onnxruntime-genai builder writes it). SmolLM2-135M int4 on 2
     threads, 128-token prompt, 64 steps: 5.77 -> 4.67 ms per step (FLRC 40%), 6.56 -> 5.27 (the
     builder's graph), the same logits to the bit."""
@@ -538,7 +538,7 @@ class Runtime:
 
     def decoder(self, level: str, shared: bool = False) -> OrtDecoder:
         """The level's decoder, created on first use. `shared`: its session reads the weights from one memory
-        map that every shared session uses (exporter.shared_weights: fp32 weights once in memory with all
+        map that every shared session uses (exporter.runtime.shared_weights: fp32 weights once in memory with all
         levels loaded, at about 0.8x the decode speed of plain, prepacked sessions). Creating a shared
         session drops the plain ones, which would hold their own copies."""
         key = (level, shared)
@@ -546,7 +546,7 @@ class Runtime:
             path = self.directory / next(lv.file for lv in self.levels if lv.name == level)
             options = None
             if shared:
-                from .shared_weights import SharedWeights
+                from exporter.runtime.shared_weights import SharedWeights
 
                 self._shared = self._shared or SharedWeights()
                 options = self._shared.session_options(path)

@@ -20,13 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import BudgetError
-from .lowrank import CorrectedLinear, Decomposition, LowRankLinear, break_even_rank, decompose, split_rows
-from .models import layers_prefix
-from .stats import iter_layer_grams
+from exporter.architectures import JOINT_GROUPS
+from exporter.compress.grams import iter_layer_grams
+from exporter.compress.lowrank import (
+    CorrectedLinear,
+    Decomposition,
+    LowRankLinear,
+    break_even_rank,
+    decompose,
+    split_rows,
+)
+from exporter.errors import BudgetError
+from exporter.source.model import layers_prefix
 
 METHODS = ("whitened", "svd")
-JOINT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one input
 JOINT_SEPARATOR = "+"
 
 

@@ -1,5 +1,5 @@
 """Quality measures: perplexity on non-overlapping windows of a text file (PyTorch or ONNX Runtime), and
-summarization ROUGE of an artifact generating through exporter.runtime.
+summarization ROUGE of an artifact generating through exporter.runtime.generation.
 
 Only the PyTorch `perplexity` imports torch, so `exporter evaluate` runs wherever the runtime runs.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibrationError, ExporterError
+from exporter.errors import CalibrationError, ExporterError
 
 # The user message of the summarization task; {article} is the (possibly truncated) article.
 SUMMARY_REQUEST = "Summarize the following news article in two or three sentences.\n\nArticle:\n{article}"
@@ -62,7 +62,7 @@ def perplexity(model, windows, batch_size: int = 4, progress: bool = True) -> fl
 
 
 def ort_perplexity(decoder, windows, progress: bool = True) -> float:
-    """Perplexity of an ONNX decoder (an exporter.runtime.OrtDecoder): one prefill per window.
+    """Perplexity of an ONNX decoder (an exporter.runtime.generation.OrtDecoder): one prefill per window.
 
     Lets artifacts that exist only as ONNX (quantized graphs, other exporters' outputs) be scored
     on exactly the windows the PyTorch models are scored on.
@@ -135,7 +135,7 @@ def evaluate_summarization(runtime, examples: list[dict], schedule, max_new_toke
     from rouge_score.rouge_scorer import RougeScorer
     from tqdm.auto import tqdm
 
-    from .runtime import GenerationStats, schedule_text
+    from exporter.runtime.generation import GenerationStats, schedule_text
 
     budget = max_prompt_tokens
     if runtime.max_context is not None:

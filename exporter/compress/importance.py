@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compress import install_unit
-from .lowrank import Decomposition
+from exporter.compress.factorize import install_unit
+from exporter.compress.lowrank import Decomposition
 
 
 def component_fisher(model, decompositions: dict[str, Decomposition], input_ids: torch.Tensor,

@@ -1,0 +1,1 @@
+"""The artifact directory: staging and the manifest, golden outputs, the report (no torch)."""

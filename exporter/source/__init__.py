@@ -1,0 +1,1 @@
+"""Where a model comes from: local Hugging Face directories and GGUF files, their tokenizer, and calibration text."""
