@@ -45,6 +45,7 @@ from exporter.graph.genai_config import write_genai_config
 from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
 from exporter.graph.writer import WEIGHT_FORMATS as WEIGHTS
+from exporter.settings import PARITY_ATOL
 from exporter.source.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
 from exporter.source.model import load_model, resolve_model
 from exporter.source.tokenizer import check_artifact_tokenizer, save_tokenizer
@@ -95,7 +96,7 @@ class ExportOptions:
     correctives: CorrectiveOptions | None = None
     quantization_aware: bool = True  # int4: train the correctives against the int4 primary path
     parity_steps: int = 16
-    parity_atol: float = 1e-2
+    parity_atol: float = PARITY_ATOL
     progress: bool = True
     ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.graph.ort_format)
 

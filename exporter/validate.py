@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from exporter.artifact.staging import read_manifest, sha256_file
+from exporter.artifact.staging import model_bytes, read_manifest, sha256_file
 from exporter.console import say
 from exporter.errors import ExporterError
 
@@ -72,24 +72,14 @@ def verify_files(artifact: Path, manifest: dict) -> None:
 
 def artifact_profile(manifest: dict, device: str | None):
     """--device, else the profile recorded in the manifest (a measured one is re-measured here)."""
-    from exporter.device.profiles import Budget, DeviceProfile, Hardware, Runtime, load_profile
+    from exporter.device.profiles import DeviceProfile, load_profile
 
     recorded = manifest["profile"]
     if device is not None:
         return load_profile(device)
     if recorded.get("measured"):
         return load_profile(recorded["path"] if Path(recorded["path"]).is_file() else recorded["name"])
-    return DeviceProfile(
-        name=recorded["name"], description=recorded["description"], aliases=tuple(recorded["aliases"]),
-        measured=False, hardware=Hardware(**recorded["hardware"]),
-        runtime=Runtime(**{**recorded["runtime"], "execution_providers": tuple(recorded["runtime"]["execution_providers"])}),
-        budget=Budget(**recorded["budget"]), path=Path(recorded["path"]))
-
-
-def model_bytes(artifact: Path, manifest: dict) -> int:
-    """The ONNX graph and its external data, as stored (weights at their precision)."""
-    name = manifest["onnx"]["file"]
-    return sum(e["bytes"] for f, e in manifest["files"].items() if f == name or f.startswith(name + "."))
+    return DeviceProfile.from_dict({**recorded, "measured": False})
 
 
 def graph_stats(model_path: Path) -> dict:
@@ -142,7 +132,7 @@ def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict
     )
 
     config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
-    stored = model_bytes(artifact, manifest)
+    stored = model_bytes({f: e["bytes"] for f, e in manifest["files"].items()}, manifest["onnx"]["file"])
     graph = graph_stats(artifact / manifest["onnx"]["file"])
     read = stored - graph["embedding_bytes"]  # an untied embedding is read one row per token
     kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])

@@ -62,8 +62,8 @@ def test_wheel_ships_the_device_profiles(tmp_path):
 def test_architecture_table_names_each_tested_family():
     """One spec per family the tests build: its transformers class and config model_type agree with the table."""
     import transformers
-
     from conftest import FAMILIES
+
     from exporter.architectures import ARCHITECTURES
 
     assert set(ARCHITECTURES) == set(FAMILIES)

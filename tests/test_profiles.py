@@ -192,3 +192,9 @@ def test_streamed_chains_do_not_share_weights():
     shared = int4_chain(4, (64, 96))[1]  # in-cache chains: one node's weights for all
     assert np.array_equal(shared["b0"], shared["b2"]) and np.array_equal(shared["s0"], shared["s2"])
     assert last_level_cache_bytes() >= 1 << 20
+
+
+def test_profile_round_trips_through_its_manifest_form():
+    """What the manifest records (`to_dict`) is read back by validate and the report as the same profile."""
+    for profile in list_profiles():
+        assert DeviceProfile.from_dict(profile.to_dict()) == profile, profile.name

@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from exporter.artifact.staging import MANIFEST
+from exporter.artifact.staging import MANIFEST, model_bytes
 from exporter.device.cost_model import MB
 
 HTML = "report.html"
@@ -254,11 +254,6 @@ def plot_quality(manifest: dict) -> bytes | None:
 # --------------------------------------------------------------------------- report.html
 
 
-def model_bytes(sizes: dict[str, int], onnx_file: str) -> int:
-    """The ONNX graph and its external data as stored (the rule of exporter.validate.model_bytes)."""
-    return sum(n for f, n in sizes.items() if f == onnx_file or f.startswith(onnx_file + "."))
-
-
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {p.relative_to(directory).as_posix(): p.stat().st_size
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, HTML)}
@@ -267,15 +262,13 @@ def _file_sizes(directory: Path) -> dict[str, int]:
 def _predicted(directory: Path, manifest: dict, sizes: dict[str, int]) -> dict | str:
     """exporter validate's cost model on the recorded profile, or why it cannot run (the report says so
     rather than failing the export)."""
-    from types import SimpleNamespace
-
     try:
+        from exporter.device.profiles import DeviceProfile
         from exporter.validate import predict
 
-        profile = manifest["profile"]
-        ns = SimpleNamespace(**{part: SimpleNamespace(**profile[part]) for part in ("hardware", "runtime", "budget")})
+        profile = DeviceProfile.from_dict(manifest["profile"])
         files = {name: {"bytes": size} for name, size in sizes.items()}
-        return predict(directory, {**manifest, "files": files}, ns, profile["budget"]["prefill_prompt_tokens"])
+        return predict(directory, {**manifest, "files": files}, profile, profile.budget.prefill_prompt_tokens)
     except Exception as exc:  # noqa: BLE001 - any failure of the estimate is reported in the page
         return f"{type(exc).__name__}: {exc}"
 

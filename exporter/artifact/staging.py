@@ -88,6 +88,11 @@ def file_table(directory: Path) -> dict[str, dict]:
     return table
 
 
+def model_bytes(sizes: dict[str, int], onnx_file: str) -> int:
+    """The ONNX graph and its external data as stored (weights at their precision), from {file: bytes}."""
+    return sum(n for f, n in sizes.items() if f == onnx_file or f.startswith(onnx_file + "."))
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
     manifest = {**manifest, "files": file_table(directory)}
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -76,6 +76,14 @@ class DeviceProfile:
         d["path"] = str(self.path)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceProfile:
+        """The profile `to_dict` wrote (a manifest's `profile`)."""
+        runtime = {**d["runtime"], "execution_providers": tuple(d["runtime"]["execution_providers"])}
+        return cls(name=d["name"], description=d["description"], aliases=tuple(d["aliases"]),
+                   measured=bool(d["measured"]), hardware=Hardware(**d["hardware"]), runtime=Runtime(**runtime),
+                   budget=Budget(**d["budget"]), path=Path(d["path"]))
+
 
 # ---------------------------------------------------------------------------------------------
 # Validation: every error names the file and the dotted field.

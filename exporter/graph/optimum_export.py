@@ -13,6 +13,7 @@ import torch
 
 from exporter.errors import ParityError
 from exporter.runtime.generation import OrtDecoder
+from exporter.settings import PARITY_ATOL
 
 TASK = "text-generation-with-past"
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def torch_greedy(model, prompt_ids: list[int], steps: int) -> tuple[list[int], n
     return tokens, np.stack(logits)
 
 
-def check_parity(model, onnx_path: Path, prompt_ids: list[int], steps: int = 16, atol: float = 1e-2,
+def check_parity(model, onnx_path: Path, prompt_ids: list[int], steps: int = 16, atol: float = PARITY_ATOL,
                  min_agreement: float = 0.9, raise_on_fail: bool = True) -> ParityReport:
     """Prefill + `steps` decode steps in both runtimes on the same tokens (PyTorch's greedy ones)."""
     ref_tokens, ref_logits = torch_greedy(model, prompt_ids, steps)
