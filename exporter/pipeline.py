@@ -13,9 +13,9 @@ import torch
 
 from exporter import __version__
 from exporter.artifact.golden import write_golden
-from exporter.artifact.report import allocation_curve, write_report
+from exporter.artifact.report import write_report
 from exporter.artifact.staging import check_target, staging_dir, write_manifest
-from exporter.compress.allocate import Allocation, allocate
+from exporter.compress.allocate import Allocation, allocate, allocation_curve
 from exporter.compress.corrective import (
     CorrectiveOptions,
     attach_correctives,
@@ -43,8 +43,9 @@ from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
 from exporter.graph.optimum_export import check_parity, export_onnx
-from exporter.graph.writer import ACTIVATIONS, check_activations, unsupported_reason, write_decoder
-from exporter.graph.writer import WEIGHT_FORMATS as WEIGHTS
+from exporter.graph.writer import unsupported_reason, write_decoder
+from exporter.precisions import ACTIVATIONS, check_activations
+from exporter.precisions import WEIGHT_FORMATS as WEIGHTS
 from exporter.settings import PARITY_ATOL
 from exporter.source.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
 from exporter.source.model import load_model, resolve_model

@@ -13,9 +13,9 @@ import re
 import pytest
 from test_allocate import synthetic  # Llama-like projections with decaying random importances
 
-from exporter.artifact.report import HTML, allocation_curve, budget_rows, write_report
+from exporter.artifact.report import HTML, budget_rows, write_report
 from exporter.cli import main
-from exporter.compress.allocate import allocate
+from exporter.compress.allocate import allocate, allocation_curve
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import math
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -162,34 +161,6 @@ def _curve_lines(method: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- quality vs compression
-
-CURVE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def allocation_curve(projections, importance: dict, multiple: int,
-                     fractions: tuple[float, ...] = CURVE_FRACTIONS, node_params: float = 0.0) -> dict:
-    """The Fisher allocator's predicted loss increase at a handful of budgets (with the export's node
-    price, where latency-aware), for the report's quality-vs-compression plot: {points:
-    [{target_fraction_removed, fraction_removed, projection_params, predicted_loss_increase}],
-    rank_multiple, seconds}. Budgets the allocator cannot meet are left out.
-    The allocator is fast (hundredths of a second per budget on SmolLM2-135M), so this costs little."""
-    from exporter.compress.allocate import allocate
-    from exporter.errors import BudgetError
-
-    start = time.perf_counter()
-    dense = sum(p.params for p in projections)
-    points = []
-    for fraction in fractions:
-        try:
-            allocation = allocate(projections, importance, round((1.0 - fraction) * dense), multiple=multiple,
-                                  node_params=node_params)
-        except BudgetError:
-            continue  # below the smallest the projections can be made
-        points.append({"target_fraction_removed": fraction,
-                       "fraction_removed": 1.0 - allocation.projection_params / dense,
-                       "projection_params": allocation.projection_params,
-                       "predicted_loss_increase": allocation.predicted_loss_increase})
-    return {"points": points, "rank_multiple": multiple, "seconds": time.perf_counter() - start}
 
 
 def _chosen_point(manifest: dict) -> tuple[float, float] | None:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from exporter.errors import BudgetError
+from exporter.precisions import check_activations
 
 if TYPE_CHECKING:  # only named in annotations: importing it would import torch
     from exporter.compress.factorize import Projection
@@ -29,7 +30,7 @@ BANDWIDTH_EFFICIENCY = 0.7
 COMPUTE_EFFICIENCY = 0.5
 # int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
-# The KV cache's element size by the graph's activation type (graph_writer.ACTIVATIONS says which
+# The KV cache's element size by the graph's activation type (exporter.precisions.ACTIVATIONS says which
 # activations each weight precision is written with).
 KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0}
 # The KV cache's share of a decode step, as passes over it at the decode bandwidth. Measured by parts
@@ -39,7 +40,7 @@ KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0}
 # of a growing cache but not this; counting one pass for it under-predicted int4 decode (validate:
 # 0.75-0.84 of the measured step), so the term stays at the measured 5.
 KV_PASSES = 5
-# Nodes of the fused graph (graph_writer) that budget planning counts, before the ranks are known: per
+# Nodes of the fused graph (graph.writer) that budget planning counts, before the ranks are known: per
 # layer 2 skip-norms, attention, the dense q/k/v, o, gate/up and down MatMuls, gate/up's Split, SiLU's
 # Sigmoid and 2 Muls (11), plus at most 8 more when every projection is factorized (one second-stage
 # MatMul each and q/k/v's Split; SmolLM2-135M: 341 nodes dense, 455 at 20% FLRC, 581 at most); and
@@ -114,9 +115,7 @@ def weight_budget(profile, config, precision: str = "fp32", activations: str | N
     (decode_terms) solved for the weight bytes, counting the fused graph's nodes with every projection
     factorized (PLANNING_NODES_*) and the KV cache traffic at the profile's prompt length, as
     `exporter validate` predicts and measures it. `activations` ("fp32"/"fp16"; None: the precision's
-    default, graph_writer.check_activations) sets the KV cache's element size."""
-    from exporter.graph.writer import check_activations
-
+    default, precisions.check_activations) sets the KV cache's element size."""
     per = BYTES_PER_PARAM[precision]
     kv_elem = KV_BYTES_PER_ELEM[check_activations(precision, activations)]
     kv = kv_cache_bytes(config, profile.budget.max_context, kv_elem)

@@ -2,7 +2,7 @@
 which each level starts, derived from what each level costs in quality on held-out calibration text.
 
 Measurement (`token_nll`, `nll_increase`): the PyTorch model sliced to a level's ranks
-(`graph_writer.sliced_copy`) scores held-out calibration windows; a level's cost is its mean next-token NLL
+(`graph.writer.sliced_copy`) scores held-out calibration windows; a level's cost is its mean next-token NLL
 increase over the full level, in nats per token (also per position bucket of the windows, for reading).
 
 Rule (`derive_schedule`): prefill and the first P generated tokens run at full rank (FLRC: the start of an

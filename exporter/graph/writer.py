@@ -101,13 +101,11 @@ from exporter.architectures import GATE_UP, MODEL_CLASSES, QKV, architecture_of
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.errors import ExporterError
 from exporter.graph.levels import DEFAULT_LEVELS, check_levels, level_name
+from exporter.precisions import check_activations
 
 # Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
 # graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
-# The activation (and KV cache, logits) types each weight format can be written with; the first is the default.
-ACTIVATIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("fp32",), "int4": ("fp32", "fp16")}
-WEIGHT_FORMATS = tuple(ACTIVATIONS)
 OPSET = 23  # RMSNormalization
 MS_DOMAIN = "com.microsoft"
 # Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
@@ -879,18 +877,6 @@ def _save(proto, path: Path, small_weights: bool = False) -> None:
                 set_external_data(tensor, data.name)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=SIZE_THRESHOLD)
-
-
-def check_activations(weights: str, activations: str | None) -> str:
-    """`activations` for `weights` (None: the default, ACTIVATIONS' first); ValueError for a pair not written."""
-    if weights not in ACTIVATIONS:
-        raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
-    allowed = ACTIVATIONS[weights]
-    if activations is None:
-        return allowed[0]
-    if activations not in allowed:
-        raise ValueError(f"{weights} weights are written with {' or '.join(allowed)} activations, not {activations}")
-    return activations
 
 
 def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path):

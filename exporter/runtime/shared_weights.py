@@ -1,6 +1,6 @@
 """ONNX Runtime sessions that read one copy of their weights: every rank level of an artifact loaded at once.
 
-A level file's external-data entries point into the artifact's one data file (`graph_writer.write_levels`),
+A level file's external-data entries point into the artifact's one data file (`graph.writer.write_levels`),
 but each InferenceSession still maps (or prepacks) its initializers privately, so a process with every
 level loaded would hold the weights once per level. `SharedWeights` maps each data file once (a read-only
 numpy memmap) and gives every session its initializers as views into that map
