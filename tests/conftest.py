@@ -111,6 +111,18 @@ def build_model(family: str, tokenizer, text: str, seed: int = 0, steps: int = 4
     return model
 
 
+def genai_greedy(og, directory, prompt, steps) -> list[int]:
+    """The tokens onnxruntime-genai generates greedily after `prompt` from the artifact in `directory`."""
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spin-waiting

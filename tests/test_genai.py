@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import genai_greedy
 
 from exporter.cli import main
 from exporter.graph.genai_config import write_genai_config
 from exporter.graph.writer import write_decoder
 from exporter.runtime.generation import OrtDecoder
-
-
-def _genai_greedy(og, directory, prompt, steps):
-    model = og.Model(str(directory))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + steps, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
 
 
 def test_onnxruntime_genai_generates_like_the_exporter_runtime(tmp_path, llama_dir, calib_file):
@@ -33,7 +23,7 @@ def test_onnxruntime_genai_generates_like_the_exporter_runtime(tmp_path, llama_d
     steps = 8
     expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, steps)
 
-    generated = _genai_greedy(og, out, prompt, steps)
+    generated = genai_greedy(og, out, prompt, steps)
     assert len(generated) >= 1 and generated == expected[: len(generated)]
 
 
@@ -48,5 +38,5 @@ def test_onnxruntime_genai_runs_the_fp16_graph(tmp_path, tiny_models, tokenizer)
     prompt = [5, 17, 42, 9, 33, 60, 12, 7]
     steps = 8
     expected, _, _ = OrtDecoder(path, threads=1).greedy(prompt, steps)
-    generated = _genai_greedy(og, tmp_path, prompt, steps)
+    generated = genai_greedy(og, tmp_path, prompt, steps)
     assert len(generated) >= 1 and generated == expected[: len(generated)]

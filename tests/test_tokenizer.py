@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import genai_greedy
 
 from exporter.errors import ModelError, TokenizerMismatchError
 from exporter.source.tokenizer import (
@@ -171,13 +172,7 @@ def test_onnxruntime_genai_and_the_runtime_agree_text_in_text_out(tmp_path, tiny
 
     steps = 12
     expected = [s.token for s in runtime.generate(ours, max_new_tokens=steps, stop=False)]
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=len(ours) + steps, do_sample=False)
-    generator = og.Generator(og_model, params)
-    generator.append_tokens(np.asarray(ours, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    generated = [int(t) for t in generator.get_sequence(0)][len(ours):]
+    generated = genai_greedy(og, tmp_path, ours, steps)
     assert generated == expected[: len(generated)] and generated
     assert og_tokenizer.decode(np.asarray(generated, dtype=np.int32)) == runtime.require_tokenizer().decode(
         generated, skip_special_tokens=True)

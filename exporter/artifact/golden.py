@@ -4,10 +4,10 @@
 the greedy tokens the exported graph generated from each on the export machine, and the top-5 token
 ids and logits of every step. It also holds texts with the ids the source tokenizer gives them
 (unicode, digits, whitespace runs, the chat template's turns): a device whose runtime reads the
-artifact's tokenizer differently fails `runtime_tests/test_tokenizer.py`. `runtime_tests/` replays the recorded tokens on the device (teacher
-forcing, so one flipped near-tie does not derail the steps after it) and compares two figures with
-the tolerance stated in the file: the top-1 agreement rate with the recorded tokens, and the largest
-absolute error of the logits of the recorded top-5 ids.
+artifact's tokenizer differently fails `runtime_tests/test_tokenizer.py`. `runtime_tests/` replays the
+recorded tokens on the device (teacher forcing, so one flipped near-tie does not derail the steps after
+it) and compares two figures with the tolerance stated in the file: the top-1 agreement rate with the
+recorded tokens, and the largest absolute error of the logits of the recorded top-5 ids.
 """
 
 from __future__ import annotations
