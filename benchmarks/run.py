@@ -38,8 +38,9 @@ from exporter.compress.factorize import (  # noqa: E402
     effective_ranks,
     parameter_summary,
 )
+from exporter.compress.grid import QuantFormat  # noqa: E402
 from exporter.compress.importance import component_fisher  # noqa: E402
-from exporter.compress.simulated_quant import fake_quantize_linears  # noqa: E402
+from exporter.compress.quantize import quantize_rtn  # noqa: E402
 from exporter.device.cost_model import node_price  # noqa: E402
 from exporter.device.profiles import load_profile  # noqa: E402
 from exporter.graph.optimum_export import export_onnx  # noqa: E402
@@ -146,11 +147,15 @@ def probe(onnx_path: Path, prompt: list[int], new_tokens: int, threads: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def build_with_builder(builder_python: str, model_dir: Path, out: Path, precision: str) -> Path:
-    """The onnxruntime-genai model builder, run from its own environment (it needs a newer transformers)."""
+def build_with_builder(builder_python: str, model_dir: Path, out: Path, precision: str,
+                       extra_options: dict[str, str] | None = None) -> Path:
+    """The onnxruntime-genai model builder, run from its own environment (it needs a newer transformers);
+    `extra_options` are its --extra_options (int4_block_size, int4_algo_config, ...)."""
     if not (out / "model.onnx").is_file():
         command = [builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
                    "-p", precision, "-e", "cpu", "-c", str(out.parent / "builder-cache")]
+        if extra_options:
+            command += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return out / "model.onnx"
 
@@ -284,10 +289,10 @@ def main(argv=None) -> int:
                     attach_correctives(candidate, decompositions[factored],
                                        {n: r for n, r in branches.items() if applied.get(n) is not None})
                     if row.calr == "int4":
-                        fake_quantize_linears(primary_linears(candidate, projections), args.block_size)
+                        quantize_rtn(primary_linears(candidate, projections), QuantFormat(4, args.block_size))
                     train_correctives(candidate, model, calib, options)
                     if row.calr == "int4":
-                        fake_quantize_linears(branch_linears(candidate, projections), args.block_size)
+                        quantize_rtn(branch_linears(candidate, projections), QuantFormat(4, args.block_size))
                     train_s = time.perf_counter() - start
             candidates[key] = (candidate, compress_s, search_s, None)
             train_seconds[key] = train_s

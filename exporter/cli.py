@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from exporter import __version__
+from exporter.artifact.manifest import Manifest
 from exporter.errors import ExporterError
 from exporter.settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
 
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fused ONNX Runtime decoder (exporter's writer; default where supported) or "
                         "optimum-onnx's export")
     export.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default: 32)")
+    export.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq",
+                        help="int4 grids: GPTQ on each projection's calibration Gram (default) or round-to-nearest "
+                        "(data-free)")
+    export.add_argument("--asymmetric", action="store_true",
+                        help="int4 grids with a zero point per block (uint8; default: symmetric)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
                         "down (default: 1.0,0.85,0.7; 1.0: one level; fp32, fp16 and int4 only)")
@@ -194,10 +200,12 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
     command.add_argument("--fisher-samples", type=_positive_int, default=8,
                          help="calibration sequences used for Fisher importance (default: 8)")
-    command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4"],
+    command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4", "auto"],
                          help="weight precision of the ONNX graph; the budget counts bytes at it (default: the "
                          "device profile's weight_precision: fp32 on host, fp16 on the Jetsons). fp16 also keeps "
-                         "activations, KV cache and logits in fp16, for the CUDA provider")
+                         "activations, KV cache and logits in fp16, for the CUDA provider. auto: MatMulNBits weights, each at the "
+                         "format (int4/int8, block size) a knapsack over GPTQ's estimated loss chooses to fit "
+                         "--budget-mb (or the profile's budget)")
     command.add_argument("--activations", choices=["fp32", "fp16"],
                          help="activations, KV cache and logits (default: fp16 for fp16 weights, and for int4 "
                          "weights when the profile's first provider is CUDA, which runs attention in fp16 only; "
@@ -229,8 +237,10 @@ def _options(args):
         latency_aware=args.latency_aware is not None, factor_node_us=args.latency_aware or None, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
-        weights=args.weights, activations=args.activations, graph=getattr(args, "graph", "auto"),
-        block_size=getattr(args, "block_size", 32),
+        weights="int4" if args.weights == "auto" else args.weights, auto_formats=args.weights == "auto",
+        activations=args.activations, graph=getattr(args, "graph", "auto"),
+        block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
+        asymmetric=getattr(args, "asymmetric", False),
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
@@ -255,11 +265,20 @@ def _allocate(args) -> int:
             kept = 1.0 if rank is None else float(scores[:rank].sum() / scores.sum().clamp_min(1e-30))
         rows.append({"name": p.name, "out": p.out_features, "in": p.in_features, "rank": rank,
                      "params_kept": p.factor_params(rank) / p.params, "importance_kept": kept})
+    formats = {**plan.formats_budget, "units": [u.to_dict() for u in plan.formats]} if plan.formats else None
     if args.json:
         print(json.dumps({"parameters": params, "budget_source": plan.budget_source,
                           "device_budget": plan.budget.to_dict(),
                           "allocation": plan.allocation.to_dict() if plan.allocation else None,
-                          "projections": rows, "timings_s": clock.stages}, indent=2))
+                          "projections": rows, **({"formats": formats} if formats else {}),
+                          "timings_s": clock.stages}, indent=2))
+        return 0
+    if formats:
+        print(f"{'MatMulNBits unit':60} {'format':>15} {'MB':>7} {'predicted dL':>13}")
+        for u in formats["units"]:
+            print(f"{u['unit']:60} {u['format']:>15} {u['bytes'] / 1e6:>7.2f} {u['predicted_loss_increase']:>13.2e}")
+        print(f"\n{formats['chosen_bytes'] / 1e6:.1f} MB of weights for a budget of {formats['budget_bytes'] / 1e6:.1f} MB "
+              f"({plan.budget_source}); predicted loss increase {formats['predicted_loss_increase']:.4f} nats/token")
         return 0
     print(f"{'projection':40} {'shape':>11} {'rank':>6} {'params kept':>12} {'importance kept':>16}")
     for r in rows:
@@ -287,40 +306,40 @@ def _export(args) -> int:
     from exporter.pipeline import run_export
 
     levels = None if args.levels is None else parse_levels(args.levels)
-    manifest = run_export(_options(args), levels=levels, schedule=args.schedule)
-    print(format_summary(manifest))
+    result = run_export(_options(args), levels=levels, schedule=args.schedule)
+    print(format_summary(Manifest.from_dict(result), result["artifact"], result["artifact_bytes"]))
     return 0
 
 
-def _factorized_text(manifest: dict) -> str:
+def _factorized_text(manifest: Manifest) -> str:
     """'; N of M projections factorized' (and the node price where latency-aware), or '' when dense."""
-    details = manifest["method"].get("allocation_details") or {}
+    details = manifest.method.allocation_details or {}
     if "factorized" not in details:
         return ""
-    text = f"; {details['factorized']} of {len(manifest['ranks'])} factorized"
+    text = f"; {details['factorized']} of {len(manifest.ranks)} factorized"
     return text + (f" (latency-aware: a node priced as {details['node_params']:,.0f} parameters)"
                    if details.get("node_params") else "")
 
 
-def format_summary(manifest: dict) -> str:
-    p, par = manifest["parameters"], manifest["parity"]
-    times = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
+def format_summary(manifest: Manifest, artifact: str, artifact_bytes: int) -> str:
+    """What `exporter export` prints: where the artifact is, and the manifest's headline figures."""
+    p, par, ort = manifest.parameters, manifest.parity, manifest.ort_format
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in manifest.timings_s.items())
     return "\n".join([
-        f"artifact:   {manifest['artifact']} ({manifest['artifact_bytes'] / 1e6:.1f} MB on disk)",
-        f"device:     {manifest['profile']['name']} (weights {manifest['precision']}, activations "
-        f"{manifest['onnx'].get('activations') or 'fp32'}, {manifest['onnx']['graph']} graph)",
-        f"parameters: {p['total_params_dense'] / 1e6:.1f}M -> {p['total_params'] / 1e6:.1f}M "
-        f"({p['projection_fraction_removed']:.1%} of decoder projections, {p['total_fraction_removed']:.1%} of all)"
+        f"artifact:   {artifact} ({artifact_bytes / 1e6:.1f} MB on disk)",
+        f"device:     {manifest.profile['name']} (weights {manifest.precision}, activations "
+        f"{manifest.onnx.activations or 'fp32'}, {manifest.onnx.graph} graph)",
+        f"parameters: {p.total_params_dense / 1e6:.1f}M -> {p.total_params / 1e6:.1f}M "
+        f"({p.projection_fraction_removed:.1%} of decoder projections, {p.total_fraction_removed:.1%} of all)"
         + _factorized_text(manifest),
         f"parity:     max |logit diff| {par['max_abs_logit_diff']:.2e}, greedy agreement "
         f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: {'passed' if par['passed'] else 'FAILED'}"
-        + (f"; {manifest['precision']}: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
+        + (f"; {manifest.precision}: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
            if "quantized" in par else ""),
-        f"levels:     {', '.join(level['name'] for level in manifest['levels'])}; schedule "
-        + ",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"]),
-        *([f"ort format: {manifest['ort_format']['file']} ({manifest['ort_format']['bytes'] / 1e6:.1f} MB), max |logit "
-           f"diff| vs {manifest['ort_format']['source']} {manifest['ort_format']['check']['max_abs_logit_diff']:.2e}"]
-          if manifest.get("ort_format") else []),
+        f"levels:     {', '.join(level.name for level in manifest.levels)}; schedule "
+        + ",".join(f"{e.level}:{e.start}" for e in manifest.schedule),
+        *([f"ort format: {ort.file} ({ort.bytes / 1e6:.1f} MB), max |logit diff| vs {ort.source} "
+           f"{ort.check['max_abs_logit_diff']:.2e}"] if ort else []),
         f"time:       {times}",
     ])
 

@@ -13,8 +13,21 @@ import torch
 
 from exporter import __version__
 from exporter.artifact.golden import write_golden
+from exporter.artifact.manifest import (
+    FORMAT_VERSION,
+    Level,
+    Manifest,
+    Method,
+    OnnxGraph,
+    OrtFormat,
+    Parameters,
+    RankEntry,
+    ScheduleEntry,
+    SourceModel,
+    write_manifest,
+)
 from exporter.artifact.report import write_report
-from exporter.artifact.staging import check_target, staging_dir, write_manifest
+from exporter.artifact.staging import check_target, staging_dir
 from exporter.compress.allocate import Allocation, allocate, allocation_curve
 from exporter.compress.corrective import (
     CorrectiveOptions,
@@ -34,16 +47,18 @@ from exporter.compress.factorize import (
     parameter_summary,
     uniform_ranks,
 )
+from exporter.compress.grid import QuantFormat
 from exporter.compress.importance import component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
-from exporter.compress.simulated_quant import fake_quantize_linears
+from exporter.compress.quantize import METHODS as QUANTIZERS
+from exporter.compress.quantize import grid_linears, quantize_model
 from exporter.console import say
 from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
 from exporter.graph.optimum_export import check_parity, export_onnx
-from exporter.graph.writer import unsupported_reason, write_decoder
+from exporter.graph.writer import constant_bytes, unsupported_reason, write_decoder
 from exporter.precisions import ACTIVATIONS, check_activations
 from exporter.precisions import WEIGHT_FORMATS as WEIGHTS
 from exporter.settings import PARITY_ATOL
@@ -56,6 +71,7 @@ PARITY_PROMPT = (
     "each projection becomes the product of two thin matrices, and the result is checked"
 )
 ALLOCATIONS = ("fisher", "uniform")
+FORMAT_BYTES_STEP = 4096  # the format knapsack's byte granularity
 GRAPHS = ("auto", "fused", "optimum")
 # A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
 # and the quantized graph's greedy agreement is recorded; this loose floor only catches a broken one.
@@ -91,6 +107,13 @@ class ExportOptions:
     # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
     activations: str | None = None
     block_size: int = 32
+    # int4 grids (exporter.compress.grid): GPTQ on each linear's input Gram where calibration is read, else
+    # round-to-nearest; asymmetric grids store a zero point per block (uint8, packed).
+    quantizer: str = "gptq"
+    asymmetric: bool = False
+    # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
+    # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
+    auto_formats: bool = False
     accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
     # CALR branches (None: the plain SVD path). None here, for library callers; the CLI turns them on
     # (`--no-correctives` turns them off), as they won on SmolLM2-135M at 20% (docs/method.md).
@@ -135,6 +158,8 @@ class Plan:
     corrective_ranks: dict = field(default_factory=dict)  # projection -> r_c (0: no branch)
     rank_multiple: int = 1
     corrective_report: object = None  # CorrectiveReport when correctives were trained
+    formats: list | None = None  # format_allocation.Unit per MatMulNBits under --weights auto
+    formats_budget: dict | None = None
 
     @property
     def parameters(self) -> dict:
@@ -172,6 +197,8 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     profile = profile or load_profile(options.device)
     options = resolve_precision(options, profile)
+    if options.weights == "int4":
+        int4_format(options)  # a bad block size fails before the work
     source = source or resolve_model(options.model)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
@@ -186,7 +213,12 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         options.allocation, profile.runtime.rank_multiple, options.correctives,
         options.block_size if options.weights == "int4" else None)
 
-    if options.ratio is not None:
+    if options.auto_formats:
+        if options.ratio is not None:
+            raise ExporterError("--weights auto chooses formats, not ranks: pass --budget-mb without --ratio")
+        budget_source = "--budget-mb" if options.budget_mb is not None else f"{profile.name} {budget.binding} budget"
+        target_params = None
+    elif options.ratio is not None:
         uniform_ranks(projections, options.ratio)  # validates the range
         budget_source = "--ratio"
         target_params = None if options.ratio == 0 else round((1.0 - options.ratio) * dense_projection)
@@ -201,15 +233,24 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
                 "exporting it dense (pass --ratio to compress anyway)")
     plan = Plan(model, tokenizer, source, profile, projections, total_dense, budget, budget_source,
                 target_params, {p.name: None for p in projections})
-    if target_params is None:
-        return plan
-
+    quantized = options.weights == "int4" and train
+    gptq = (quantized and options.quantizer == "gptq") or options.auto_formats  # auto prices GPTQ grids
+    compressed = target_params is not None
     ids = None
-    if options.method == "whitened" or options.allocation == "fisher" or options.correctives is not None:
+    if gptq or (compressed and (options.method == "whitened" or options.allocation == "fisher"
+                                or options.correctives is not None)):
         with clock.stage("calibration"):
             ids, plan.calibration = calibration_ids(
                 model, tokenizer, options.calib, options.calib_samples, options.calib_seq_len,
                 options.seed, options.calib_field, model_key=source.describe(), progress=options.progress)
+    if not compressed:
+        if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
+            choose_formats(plan, options, ids, clock)
+        if quantized:
+            with clock.stage("quantize"):
+                quantize_grids(model, options, ids)
+        return plan
+
     with clock.stage("factorize"):
         decompositions = decompose_model(model, options.method, ids, progress=options.progress,
                                          full_rank=options.allocation == "fisher", joint=options.joint)
@@ -231,15 +272,77 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
         plan.corrective_ranks = corrective_ranks(model, projections)
         del decompositions
         if train:
-            quantized = options.weights == "int4" and options.quantization_aware
-            if quantized:  # train against the primary path as the int4 graph computes it
-                fake_quantize_linears(primary_linears(model, projections), options.block_size)
+            if quantized and options.quantization_aware:  # train against the primary path as int4 computes it
+                with clock.stage("quantize"):
+                    quantize_grids(model, options, ids, only=primary_linears(model, projections))
             with clock.stage("correctives"):
                 plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress)
-            if quantized:  # and hold the branches as int4 will, so PyTorch and the graph agree
-                fake_quantize_linears(branch_linears(model, projections), options.block_size)
         del teacher
+    if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
+        with clock.stage("quantize"):
+            quantize_grids(model, options, ids)
     return plan
+
+
+def choose_formats(plan: Plan, options: ExportOptions, ids, clock: Stopwatch) -> None:
+    """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
+    from exporter.compress.allocate import multiple_choice_knapsack
+    from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units, price_units
+
+    if ids is None:
+        raise ExporterError("--weights auto needs calibration data to price formats (it reads --calib or "
+                            "self-generated text); pass --quantizer gptq")
+    budget_bytes = int(plan.budget.bytes if options.budget_mb is None else options.budget_mb * MB)
+    smallest, largest = (b + constant_bytes(plan.model, options.activations) for b in byte_range(plan.model))
+    if budget_bytes < smallest + FORMAT_BYTES_STEP * len(format_units(plan.model)):  # before minutes of pricing
+        raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
+                          f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
+    with clock.stage("price formats"):
+        units = price_units(plan.model, ids, ids[: options.fisher_samples], progress=options.progress)
+    fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
+    with clock.stage("allocate"):
+        choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
+                                          granularity=FORMAT_BYTES_STEP)
+    if choice is None:  # the step rounding's slack: only just above the smallest
+        raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
+                          f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
+    for unit, option in zip(units, choice):
+        unit.choice = option
+    apply_choices(plan.model, units)
+    plan.formats = units
+    plan.formats_budget = {"budget_bytes": budget_bytes, "fixed_bytes": fixed,
+                           "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
+                           "smallest_bytes": smallest, "largest_bytes": largest,
+                           "predicted_loss_increase": sum(u.loss[u.choice] for u in units)}
+    say(f"formats: {plan.formats_budget['chosen_bytes'] / MB:.1f} MB of {budget_bytes / MB:.1f} MB, "
+        + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
+
+
+def _format_counts(units) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for unit in units:
+        name = unit.options[unit.choice].name
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def int4_format(options: ExportOptions) -> QuantFormat:
+    try:
+        return QuantFormat(4, options.block_size, not options.asymmetric)
+    except ValueError as exc:
+        raise ExporterError(f"--block-size: {exc}") from None
+
+
+def quantize_grids(model, options: ExportOptions, ids, only: list | None = None) -> None:
+    """Put the graph's MatMulNBits weights (all, or the linears `only`) on int4 grids (exporter.compress.quantize)."""
+    if options.quantizer not in QUANTIZERS:
+        raise ExporterError(f"unknown --quantizer {options.quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
+    fmt = int4_format(options)
+    chosen = None if only is None else {id(m) for m in only}
+    linears = grid_linears(model)
+    quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
+                   ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
+                   progress=options.progress)
 
 
 def rank_multiples(allocation: str, profile_multiple: int, correctives: CorrectiveOptions | None,
@@ -292,7 +395,8 @@ def choose_ranks(projections, allocation: str, importance: dict | None, target_p
 
 
 def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, schedule: str | None = None) -> dict:
-    """Run the whole job; returns the manifest written into the artifact.
+    """Run the whole job; returns the manifest written into the artifact (Manifest.to_dict(), without the file
+    table) with the artifact's path and size on disk (`artifact`, `artifact_bytes`).
 
     `levels`: rank fractions of the progressive levels to write (default `schedule.DEFAULT_LEVELS`; one level
     where the graph cannot be sliced); `schedule`: `--schedule` text, instead of the one derived from
@@ -366,51 +470,54 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 say(f"converting {onnx_path.name} to the ORT format (ONNX Runtime Mobile)")
                 ort_format = write_ort_format(staging, onnx_path, prompt, [e["file"] for e in level_entries[1:]])
         compressed = plan.target_params is not None
-        manifest = {
-            "format_version": 1,
-            "exporter_version": __version__,
-            "source_model": {"name": plan.source.name, "path": plan.source.describe(),
-                             "architecture": type(model).__name__, "model_type": model.config.model_type},
-            "profile": profile.to_dict(),
-            "method": {
-                "factorization": (f"{options.method}-svd" if options.method == "whitened" else "svd")
+        int4 = options.weights == "int4"
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            exporter_version=__version__,
+            source_model=SourceModel(name=plan.source.name, path=plan.source.describe(),
+                                     architecture=type(model).__name__, model_type=model.config.model_type),
+            profile=profile.to_dict(),
+            method=Method(
+                factorization=(f"{options.method}-svd" if options.method == "whitened" else "svd")
                 if compressed else "none",
-                "allocation": options.allocation if compressed else "none",
-                "budget_source": plan.budget_source,
-                "projection_params_target": plan.target_params,
-                "rank_multiple": plan.rank_multiple,
-                "allocation_details": plan.allocation.to_dict() if plan.allocation else None,
-                "allocation_curve": allocation_curve(plan.projections, plan.importance, plan.rank_multiple,
-                                                     node_params=plan.allocation.node_params)
+                allocation=options.allocation if compressed else "none",
+                budget_source=plan.budget_source,
+                projection_params_target=plan.target_params,
+                rank_multiple=plan.rank_multiple,
+                allocation_details=plan.allocation.to_dict() if plan.allocation else None,
+                allocation_curve=allocation_curve(plan.projections, plan.importance, plan.rank_multiple,
+                                                  node_params=plan.allocation.node_params)
                 if plan.allocation else None,
-                "calibration": plan.calibration, "seed": options.seed,
-                "correctives": _corrective_summary(options, plan) if compressed else None,
-            },
-            "precision": options.weights,
-            "budget": plan.budget.to_dict(),
-            "parameters": params,
-            "ranks": {p.name: {"rank": plan.ranks[p.name], "corrective_rank": plan.corrective_ranks.get(p.name, 0),
-                               "out": p.out_features, "in": p.in_features}
-                      for p in plan.projections},
-            "onnx": {"file": onnx_path.name, "task": "text-generation-with-past", "graph": graph,
-                     "weights": options.weights, "activations": options.activations,
-                     **({"block_size": options.block_size, "accuracy_level": options.accuracy_level}
-                        if options.weights == "int4" else {})},
-            "levels": level_entries,
-            "schedule": [{"level": level, "start": start} for level, start in chosen],
-            "schedule_derivation": derivation,
-            **({"ort_format": ort_format} if ort_format else {}),
-            "parity": parity,
-            "tokenizer_check": tokenizer_check,
-            "versions": _versions(),
-            "timings_s": {k: round(v, 2) for k, v in clock.stages.items()},
-        }
-        write_golden(staging, onnx_path, tokenizer, manifest["onnx"])  # golden.json, checked on devices
+                calibration=plan.calibration, seed=options.seed,
+                correctives=_corrective_summary(options, plan) if compressed else None,
+                formats={**plan.formats_budget, "units": [u.to_dict() for u in plan.formats]}
+                if plan.formats else None,
+            ),
+            precision=options.weights,
+            budget=plan.budget.to_dict(),
+            parameters=Parameters.from_dict(params),
+            ranks={p.name: RankEntry(rank=plan.ranks[p.name], corrective_rank=plan.corrective_ranks.get(p.name, 0),
+                                     out_features=p.out_features, in_features=p.in_features)
+                   for p in plan.projections},
+            onnx=OnnxGraph(file=onnx_path.name, task="text-generation-with-past", graph=graph,
+                           weights=options.weights, activations=options.activations,
+                           block_size=options.block_size if int4 else None,
+                           accuracy_level=options.accuracy_level if int4 else None,
+                           quantization=_quantization_summary(options, staging / onnx_path.name) if int4 else None),
+            levels=[Level.from_dict(entry) for entry in level_entries],
+            schedule=[ScheduleEntry(level=level, start=start) for level, start in chosen],
+            schedule_derivation=derivation,
+            ort_format=OrtFormat.from_dict(ort_format) if ort_format else None,
+            parity=parity,
+            tokenizer_check=tokenizer_check,
+            versions=_versions(),
+            timings_s={k: round(v, 2) for k, v in clock.stages.items()},
+        )
+        write_golden(staging, onnx_path, tokenizer, manifest.onnx.to_dict())  # golden.json, checked on devices
         write_report(staging, manifest)
         write_manifest(staging, manifest)
-    manifest["artifact"] = str(target)
-    manifest["artifact_bytes"] = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-    return manifest
+    return {**manifest.to_dict(), "artifact": str(target),
+            "artifact_bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file())}
 
 
 def primary_linears(model, projections) -> list:
@@ -429,6 +536,13 @@ def branch_linears(model, projections) -> list:
     linears = {id(linear): linear for m in modules if isinstance(m, CorrectedLinear)
                for linear in (m.corrective_down, m.corrective_up)}
     return list(linears.values())
+
+
+def _quantization_summary(options: ExportOptions, onnx_path: Path) -> dict:
+    from exporter.graph.matmul_nbits import graph_formats
+
+    return {"quantizer": options.quantizer, "grid": int4_format(options).name,
+            "formats": "auto" if options.auto_formats else "fixed", "matmul_nbits": graph_formats(onnx_path)}
 
 
 def _corrective_summary(options: ExportOptions, plan: Plan) -> dict | None:
@@ -486,6 +600,9 @@ def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
         reason = "the optimum graph has no rank levels (the fused graph has)"
     elif options.weights not in LEVEL_WEIGHTS:
         reason = f"{options.weights} graphs have no rank levels (only {', '.join(LEVEL_WEIGHTS)} have)"
+    elif options.weights == "int4" and options.asymmetric:
+        # a level reads a prefix of the full level's blocks; packed 4-bit zero points split bytes between blocks
+        reason = "asymmetric int4 graphs have no rank levels"
     if len(fractions) > 1 and reason:
         if levels is not None:
             raise ExporterError(f"--levels: {reason}; pass --levels 1.0")

@@ -21,12 +21,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from exporter.artifact.staging import model_bytes, read_manifest, sha256_file
+from exporter.artifact.manifest import MANIFEST, Manifest, read_manifest, sha256_file
 from exporter.console import say
+from exporter.device.cost_model import predict
 from exporter.errors import ExporterError
 
 EXIT_BUDGET_FAILED = 4
@@ -37,8 +37,6 @@ COST_MODEL_TARGET = 0.2  # predicted decode latency within +-20% of the measured
 LOAD_NODES = 64  # MatMulNBits nodes of load_gauge's graph
 LOAD_WINDOW_S = 0.3  # each load_gauge measurement, before and after the probe
 SUMMARY_NEW_TOKENS = 96  # summary length cap of the ROUGE check (exporter evaluate's default)
-# Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
-INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
 @dataclass
@@ -57,110 +55,28 @@ class BudgetCheck:
         return {**asdict(self), "passed": self.passed}
 
 
-def verify_files(artifact: Path, manifest: dict) -> None:
+def verify_files(artifact: Path, manifest: Manifest) -> None:
     """Every file of the manifest's table present with its size and sha256; raises naming the first bad one."""
-    files = manifest.get("files")
-    if not files:
-        raise ExporterError(f"{artifact}/manifest.json has no file table")
-    for name, entry in sorted(files.items()):
+    if not manifest.files:
+        raise ExporterError(f"{artifact}/{MANIFEST} has no file table")
+    for name, entry in sorted(manifest.files.items()):
         path = artifact / name
         if not path.is_file():
             raise ExporterError(f"{artifact}: {name} is listed in the manifest but missing")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             raise ExporterError(f"{artifact}: {name} does not match the manifest (size or sha256 differs)")
 
 
-def artifact_profile(manifest: dict, device: str | None):
+def artifact_profile(manifest: Manifest, device: str | None):
     """--device, else the profile recorded in the manifest (a measured one is re-measured here)."""
     from exporter.device.profiles import DeviceProfile, load_profile
 
-    recorded = manifest["profile"]
+    recorded = manifest.profile
     if device is not None:
         return load_profile(device)
     if recorded.get("measured"):
         return load_profile(recorded["path"] if Path(recorded["path"]).is_file() else recorded["name"])
     return DeviceProfile.from_dict({**recorded, "measured": False})
-
-
-def graph_stats(model_path: Path) -> dict:
-    """Nodes of the ONNX graph (one pass each per decode step) and its quantized weights by precision:
-    MatMulNBits' K x N (int4, or int8 at 8 bits) and the constant B of MatMulInteger-style nodes (int8).
-    Reads the graph only (load_external_data=False)."""
-    import onnx
-
-    from exporter.device.cost_model import KV_BYTES_PER_ELEM
-
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends on a corrupt file
-        raise ExporterError(f"cannot read {model_path}: {type(exc).__name__}: {exc}") from None
-    initializers = {t.name: t for t in model.graph.initializer}
-    kv_bytes = KV_BYTES_PER_ELEM["fp32"]  # unless a past_key_values input says otherwise (fp16 graphs)
-    for value in model.graph.input:
-        if value.name.startswith("past_key_values."):
-            kv_bytes = float(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize)
-            break
-    embedding = initializers.get("model.embed_tokens.weight")  # untied: read one row per token, not whole
-    embedding_bytes = 0 if embedding is None else (
-        math.prod(embedding.dims) * onnx.helper.tensor_dtype_to_np_dtype(embedding.data_type).itemsize)
-    quantized = {"int4": 0, "int8": 0}
-    for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            quantized["int8" if attrs.get("bits", 4) == 8 else "int4"] += int(attrs["K"]) * int(attrs["N"])
-        elif node.op_type in INT8_MATMULS and len(node.input) > 1 and node.input[1] in initializers:
-            quantized["int8"] += math.prod(initializers[node.input[1]].dims)
-    return {"nodes": len(model.graph.node), "quantized_params": quantized, "kv_bytes_per_elem": kv_bytes,
-            "embedding_bytes": embedding_bytes}
-
-
-def predict(artifact: Path, manifest: dict, profile, prompt_tokens: int) -> dict:
-    """The cost model (exporter.device.cost_model.decode_terms). Decode: every weight read once per token and the
-    KV cache moved KV_PASSES times, at the bandwidth a decode step's matrix-vector products reach beyond
-    the caches (exporter.device.host_probes._measure_decode_costs), plus a cost per graph node, plus the
-    dequantisation of int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per
-    parameter per token (compute-bound); RAM holds weights, the KV cache at max_context and the runtime."""
-    from exporter.device.cost_model import (
-        COMPUTE_EFFICIENCY,
-        KV_PASSES,
-        MB,
-        RUNTIME_OVERHEAD_MB,
-        decode_costs,
-        decode_terms,
-        int4_stream_gbs,
-        kv_cache_bytes,
-    )
-
-    config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
-    stored = model_bytes({f: e["bytes"] for f, e in manifest["files"].items()}, manifest["onnx"]["file"])
-    graph = graph_stats(artifact / manifest["onnx"]["file"])
-    read = stored - graph["embedding_bytes"]  # an untied embedding is read one row per token
-    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])
-    costs, costs_source = decode_costs(profile)
-    terms = decode_terms(read + kv_prompt, graph["nodes"], graph["quantized_params"], costs)
-    compute = profile.hardware.compute_tflops
-    tflops = compute.get(manifest["precision"]) or compute.get("fp32") or max(compute.values())
-    params = manifest["parameters"]["total_params"]
-    prefill_s = 2.0 * params * prompt_tokens / (tflops * 1e12 * COMPUTE_EFFICIENCY)
-    kv_max = kv_cache_bytes(config, profile.budget.max_context, graph["kv_bytes_per_elem"])
-    return {
-        "decode_ms": terms["decode_ms"],
-        "decode_terms": {key: terms[key] for key in ("bandwidth_ms", "overhead_ms", "dequant_ms")},
-        "prefill_ms": prefill_s * 1e3,
-        "ram_mb": (stored + kv_max) / MB + RUNTIME_OVERHEAD_MB,
-        "bytes_per_token": read + kv_prompt,
-        "graph_nodes": graph["nodes"],
-        "quantized_params": graph["quantized_params"],
-        "bandwidth_gbs": profile.hardware.memory_bandwidth_gbs,
-        "decode_bandwidth_gbs": costs["gemv_bandwidth_gbs"],
-        "bandwidth_efficiency": costs["gemv_bandwidth_gbs"] / profile.hardware.memory_bandwidth_gbs,
-        "node_us": costs["node_us"],
-        "dequant_ns_per_param": {key: costs[f"{key}_ns_per_param"] for key in ("int4", "int8")},
-        "int4_stream_gbs": int4_stream_gbs(costs),  # bytes at the bandwidth + dequantisation, as bytes/s
-        "decode_costs_source": costs_source,
-        "compute_tflops": tflops,
-        "compute_efficiency": COMPUTE_EFFICIENCY,
-    }
 
 
 @contextlib.contextmanager
@@ -269,12 +185,12 @@ def _text_windows(artifact: Path, text: Path, windows: int):
     return ids
 
 
-def _reference(manifest: dict, model_path: Path, prompts: list[list[int]]) -> dict:
+def _reference(manifest: Manifest, model_path: Path, prompts: list[list[int]]) -> dict:
     """Greedy agreement and max logit error of the graph against the source model (PyTorch)."""
     from exporter.graph.optimum_export import check_parity
     from exporter.source.model import load_model, resolve_model
 
-    source = manifest["source_model"]["path"]
+    source = manifest.source_model.path
     try:
         model, _ = load_model(resolve_model(source))
     except ExporterError as exc:
@@ -327,9 +243,9 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
     try:
         verify_files(artifact, manifest)
         profile = artifact_profile(manifest, device)
-        model_path = artifact / manifest["onnx"]["file"]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ExporterError(f"{artifact}/manifest.json is malformed ({type(exc).__name__}: {exc})") from None
+        model_path = artifact / manifest.onnx.file
+    except (KeyError, TypeError, AttributeError) as exc:  # the recorded profile, a dict of its own
+        raise ExporterError(f"{artifact}/{MANIFEST} is malformed ({type(exc).__name__}: {exc})") from None
     if report is not None:
         report = check_report_dir(report, artifact)
     windows_ids = _text_windows(artifact, Path(text), windows) if text is not None else None
@@ -395,12 +311,12 @@ def validate(artifact: Path, device: str | None = None, text: Path | None = None
         accuracy["summarization"] = {"skipped": "no --summaries"}
     golden_path = artifact / GOLDEN
     if golden_path.is_file():
-        say(f"comparing with the PyTorch reference {manifest['source_model']['path']}")
+        say(f"comparing with the PyTorch reference {manifest.source_model.path}")
         prompts = [case["prompt_ids"] for case in json.loads(golden_path.read_text())["cases"]]
         accuracy["reference"] = _reference(manifest, model_path, prompts)
     else:
         accuracy["reference"] = {"skipped": f"no {GOLDEN} in the artifact (its prompts are the reference's)"}
-    result = {"artifact": str(artifact), "device": profile.name, "mode": mode, "precision": manifest["precision"],
+    result = {"artifact": str(artifact), "device": profile.name, "mode": mode, "precision": manifest.precision,
               "decode_budget_ms": budget.decode_ms_per_token,
               "performance": performance, "predicted": predicted, "cost_model": cost_model, "accuracy": accuracy,
               "budgets": [c.to_dict() for c in checks], "passed": all(c.passed for c in checks)}

@@ -1,14 +1,13 @@
-"""ONNX export with KV cache, ONNX Runtime parity and greedy decoding; atomic artifact directories."""
+"""ONNX export with KV cache, ONNX Runtime parity and greedy decoding; atomic artifact directories (the
+manifest written into them: test_manifest.py)."""
 
-import hashlib
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from exporter.artifact.staging import MANIFEST, read_manifest, staging_dir, write_manifest
+from exporter.artifact.staging import staging_dir
 from exporter.compress.factorize import apply_ranks, count_params, decoder_projections, decompose_model, uniform_ranks
 from exporter.compress.lowrank import LowRankLinear
 from exporter.errors import ExporterError, ParityError
@@ -186,26 +185,3 @@ def test_staging_dir_refuses_a_file_target(tmp_path):
         with staging_dir(target, force=True):
             pytest.fail("the block must not run")
     assert target.read_text() == "a file" and listing(tmp_path) == ["artifact"]
-
-
-def test_manifest_hashes_match_files(tmp_path):
-    (tmp_path / "model.onnx").write_bytes(os.urandom(3000))
-    (tmp_path / "tokenizer.json").write_text('{"a": 1}')
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "extra.bin").write_bytes(b"")
-    write_manifest(tmp_path, {"format_version": 1, "files": "overwritten"})
-    manifest = read_manifest(tmp_path)
-    assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
-    assert manifest["format_version"] == 1
-    assert sorted(manifest["files"]) == ["model.onnx", "sub/extra.bin", "tokenizer.json"]
-    for name, entry in manifest["files"].items():
-        data = (tmp_path / name).read_bytes()
-        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def test_read_manifest_errors(tmp_path):
-    with pytest.raises(ExporterError, match="not an artifact"):
-        read_manifest(tmp_path)
-    (tmp_path / MANIFEST).write_text("{broken")
-    with pytest.raises(ExporterError, match="not valid JSON"):
-        read_manifest(tmp_path)

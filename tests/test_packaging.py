@@ -74,9 +74,14 @@ def test_model_ort_is_listed_in_the_manifest(request, which):
     config = (out / "model.required_operators.config").read_text()
     assert "/tmp" not in config and ".ort-" not in config
     assert "ort format" in manifest["timings_s"]
+    from exporter.artifact.manifest import read_manifest
     from exporter.validate import verify_files
 
-    verify_files(out, manifest)
+    typed = read_manifest(out)
+    verify_files(out, typed)
+    # the typed manifest writes back what was read: ort_format, and int4's block_size and accuracy_level
+    assert json.dumps(typed.to_dict(), indent=2) + "\n" == (out / "manifest.json").read_text()
+    assert typed.ort_format.file == "model.ort" and (typed.onnx.block_size is None) == (which == "fp32")
 
 
 def test_fp32_logits_equal_the_onnx_ones(fp32, tokenizer):

@@ -1,47 +1,163 @@
-"""Simulated int4 (exporter.compress.simulated_quant) against ONNX Runtime's own MatMulNBits quantization."""
+"""Block grids (exporter.compress.grid), GPTQ on Gram matrices (exporter.compress.gptq) and their packing into
+MatMulNBits (exporter.graph.matmul_nbits): exact dequantization in ONNX Runtime, and an int4 graph whose
+logits follow the quantized PyTorch model's tightly."""
 
 import numpy as np
 import pytest
 import torch
 
-from exporter.compress.simulated_quant import fake_quantize_int4
+from exporter.compress.gptq import gptq
+from exporter.compress.grid import QuantFormat, round_to_nearest
+from exporter.graph.matmul_nbits import (
+    GridRegistry,
+    dequantize_inputs,
+    matmul_nbits_inputs,
+    pack_codes,
+    unpack_codes,
+)
+
+FORMATS = [QuantFormat(bits, block, symmetric) for bits in (4, 8) for block in (32, 64, 128)
+           for symmetric in (True, False)] + [QuantFormat(4, 32, False, True), QuantFormat(4, 64, False, True)]
 
 
-def _ort_int4_matmul(weight: np.ndarray, x: np.ndarray, block_size: int) -> np.ndarray:
-    """x @ W^T through a MatMul that ONNX Runtime's quantizer turns into MatMulNBits."""
+def _matmul_nbits(arrays: dict, fmt: QuantFormat, k: int, n: int, x: np.ndarray,
+                  accuracy_level: int | None = None) -> np.ndarray:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from exporter.graph.writer import _quantize_int4
-
-    out_features, in_features = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
-        [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    proto = _quantize_int4(proto, block_size, None)
-    assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"]
+    attributes = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.block_size}
+    if accuracy_level is not None:
+        attributes["accuracy_level"] = accuracy_level
+    node = helper.make_node("MatMulNBits", ["x", *arrays], ["y"], domain="com.microsoft", **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(a, name) for name, a in arrays.items()])
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("in_features", [64, 48])  # 48: a padded last block
-def test_matches_onnxruntime_matmulnbits(in_features):
-    torch.manual_seed(0)
-    weight = torch.randn(24, in_features) * torch.linspace(0.1, 3.0, in_features)
-    x = torch.randn(5, in_features)
-    expected = _ort_int4_matmul(weight.numpy(), x.numpy(), 32)
-    simulated = (x @ fake_quantize_int4(weight, 32).T).numpy()
-    plain = (x @ weight.T).numpy()
-    assert np.abs(expected - plain).max() > 1e-2  # quantization changed the result ...
-    np.testing.assert_allclose(simulated, expected, rtol=1e-4, atol=1e-4)  # ... exactly as simulated
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_roundtrip(bits):
+    codes = np.random.default_rng(0).integers(0, 1 << bits, (3, 5, 32), dtype=np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, 5, 32 * bits // 8)
+    assert np.array_equal(unpack_codes(packed, bits, 32), codes)
 
 
-def test_requantizing_is_exact():
-    torch.manual_seed(1)
-    weight = torch.randn(8, 96)
-    once = fake_quantize_int4(weight, 32)
-    assert not torch.equal(once, weight)
-    assert torch.equal(fake_quantize_int4(once, 32), once)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_packed_grid_dequantizes_exactly_in_onnxruntime(fmt):
+    """160 inputs: blocks of 64 and 128 end in a padded block."""
+    weight = np.random.default_rng(1).standard_normal((24, 160)).astype(np.float32)
+    grid = round_to_nearest(weight, fmt)
+    arrays, found = matmul_nbits_inputs(grid.dequantize(), fmt, GridRegistry([grid]))
+    assert found == arrays["scales"].size  # every block came from the grid, none re-rounded
+    assert ("zero_points" in arrays) == (not fmt.symmetric)
+    if fmt.float_zero:  # a min-max grid refits a min-max source (llama.cpp's Q4_1) to float rounding
+        np.testing.assert_allclose(round_to_nearest(grid.dequantize(), fmt).dequantize(), grid.dequantize(),
+                                   rtol=0, atol=1e-6)
+    assert np.array_equal(dequantize_inputs(arrays, fmt, 160), grid.dequantize())
+    identity = _matmul_nbits(arrays, fmt, 160, 24, np.eye(160, dtype=np.float32))
+    if fmt.float_zero:  # ONNX Runtime folds a float zero point into an offset: equal to float rounding
+        np.testing.assert_allclose(identity.T, grid.dequantize(), rtol=1e-6, atol=1e-6)
+    else:
+        assert np.array_equal(identity.T, grid.dequantize())  # fp32 activations: bit-exact
+    assert arrays["B"].nbytes + arrays["scales"].nbytes + arrays.get("zero_points", np.zeros(0)).nbytes \
+        == fmt.matrix_bytes(24, 160)
+
+
+def test_unclipped_symmetric_rtn_is_onnxruntime_quantizer():
+    """The data-free fallback without its clipping search is ONNX Runtime's own MatMulNBits RTN."""
+    pytest.importorskip("onnx_ir")
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    weight = (torch.randn(24, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 48)).numpy()
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
+                              [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                     bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    session = ort.InferenceSession(quantizer.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {"x": np.eye(48, dtype=np.float32)})[0].T
+    ours = round_to_nearest(weight, QuantFormat(4, 32, True), clip=False).dequantize()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    assert np.abs(ours - weight).max() > 1e-2
+
+
+def _correlated(rows: int, width: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=torch.Generator().manual_seed(99)) * 0.3 + torch.eye(width)
+    return torch.randn(rows, width, generator=g) @ mix
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(4, 64, False), QuantFormat(8, 128, True)],
+                         ids=lambda f: f.name)
+def test_gptq_beats_round_to_nearest_on_held_out_inputs(fmt):
+    weight = torch.randn(48, 192, generator=torch.Generator().manual_seed(2))
+    calibration, held_out = _correlated(3000, 192, 3), _correlated(1000, 192, 4)
+    gram = (calibration.T @ calibration).double()
+    rtn = torch.from_numpy(round_to_nearest(weight.numpy(), fmt).dequantize())
+    ours = torch.from_numpy(gptq(weight, gram, fmt).dequantize())
+
+    def error(q):
+        return ((weight - q) @ held_out.T).pow(2).sum().item()
+
+    assert error(ours) < 0.8 * error(rtn)
+    # with H = I nothing is spread: GPTQ is round-to-nearest
+    identity = gptq(weight, torch.eye(192, dtype=torch.float64), fmt, damping=0.0)
+    assert torch.equal(torch.from_numpy(identity.dequantize()), rtn)
+
+
+def test_registry_finds_blocks_of_concatenated_and_sliced_weights():
+    """A fused first stage concatenates linears along out; a rank level takes whole blocks of K."""
+    fmt = QuantFormat(4, 32, True)
+    rng = np.random.default_rng(5)
+    a, b = (round_to_nearest(rng.standard_normal(s).astype(np.float32), fmt) for s in ((16, 96), (8, 96)))
+    registry = GridRegistry([a, b])
+    fused = np.concatenate([a.dequantize(), b.dequantize()])
+    arrays, found = matmul_nbits_inputs(fused, fmt, registry)
+    assert found == arrays["scales"].size and np.array_equal(dequantize_inputs(arrays, fmt, 96), fused)
+    level = fused[:, :64]
+    arrays, found = matmul_nbits_inputs(level, fmt, registry)
+    assert found == arrays["scales"].size
+    unknown = rng.standard_normal((4, 96)).astype(np.float32)  # not registered: round to nearest
+    arrays, found = matmul_nbits_inputs(unknown, fmt, registry)
+    assert found == 0
+    assert np.array_equal(dequantize_inputs(arrays, fmt, 96), round_to_nearest(unknown, fmt).dequantize())
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, tokenizer, tmp_path, asymmetric):
+    """GPTQ in PyTorch, packed by the writer: with fp32 activations the int4 graph's logits follow PyTorch's
+    (the same dequantized weights) as tightly as the fp32 graph's do, lm_head and tied embedding included."""
+    from collections import Counter
+
+    import onnx
+
+    from exporter.compress.quantize import grid_linears, grid_of, quantize_model
+    from exporter.graph.optimum_export import torch_greedy
+    from exporter.graph.writer import write_decoder
+    from exporter.runtime.generation import OrtDecoder
+
+    model = tiny_models.load("llama")
+    fmt = QuantFormat(4, 32, not asymmetric)
+    before = {name: m.weight.detach().clone() for name, m in grid_linears(model).items()}
+    quantize_model(model, lambda name: fmt, calib_ids[:8], progress=False)
+    assert all(grid_of(m) is not None and not torch.equal(m.weight, before[name])
+               for name, m in grid_linears(model).items())
+    prompt = tokenizer("The engineer explains the last question", add_special_tokens=False)["input_ids"]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, 8)
+    path = write_decoder(model, tmp_path, weights="int4", block_size=32, accuracy_level=None)
+    graph = onnx.load(str(path)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["MatMul"] == 0 and ops["MatMulNBits"] > 0
+    assert ops["GatherBlockQuantized"] == int(bool(model.config.tie_word_embeddings))
+    zero_points = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3]
+    assert bool(zero_points) == asymmetric
+    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 8, forced_tokens=ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)

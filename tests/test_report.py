@@ -13,6 +13,7 @@ import re
 import pytest
 from test_allocate import synthetic  # Llama-like projections with decaying random importances
 
+from exporter.artifact.manifest import MANIFEST, Manifest, read_manifest
 from exporter.artifact.report import HTML, budget_rows, write_report
 from exporter.cli import main
 from exporter.compress.allocate import allocate, allocation_curve
@@ -118,7 +119,7 @@ def fake_artifact(tmp_path):
     ranks = {f"model.layers.{i}.self_attn.{k}": {"rank": None if k == "k_proj" else 16, "corrective_rank": 0,
                                                  "out": 64, "in": 64}
              for i in range(2) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    return tmp_path, fake_manifest(ranks, WEIGHTS)
+    return tmp_path, Manifest.from_dict(fake_manifest(ranks, WEIGHTS))
 
 
 def test_html_is_self_contained_with_both_plots(fake_artifact):
@@ -174,8 +175,8 @@ def test_all_budgets_pass_for_a_small_model(fake_artifact):
 def test_uniform_allocation_says_why_there_is_no_curve(fake_artifact):
     directory, manifest = fake_artifact
     manifest = copy.deepcopy(manifest)
-    manifest["method"].update(allocation="uniform", allocation_details=None, allocation_curve=None)
-    manifest["levels"] = manifest["levels"][:1]
+    manifest.method.allocation, manifest.method.allocation_details, manifest.method.allocation_curve = "uniform", None, None
+    manifest.levels = manifest.levels[:1]
     write_report(directory, manifest)
     page = (directory / HTML).read_text()
     assert len(images(page)) == 1 and "No curve" in page
@@ -197,10 +198,10 @@ def exported(tmp_path_factory, llama_dir, calib_file):
 def test_export_writes_report_html_listed_in_the_manifest(exported):
     from exporter.validate import verify_files
 
-    manifest = json.loads((exported / "manifest.json").read_text())
-    entry = manifest["files"][HTML]
+    manifest = read_manifest(exported)
+    entry = manifest.files[HTML]
     data = (exported / HTML).read_bytes()
-    assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert (entry.sha256, entry.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
     verify_files(exported, manifest)  # the integrity check of validate / runtime_tests passes
     page = data.decode("utf-8")
     assert len(images(page)) == 2 and all(p.startswith(PNG) for p in images(page))
@@ -215,6 +216,16 @@ def test_export_writes_report_html_listed_in_the_manifest(exported):
     assert "model.onnx.data" in text and "tokenizer.json" in text
     assert "fp16 weights, fp16 activations, fused graph" in text  # the Jetson profile's precision
     assert "Weights: fp16, activations fp16." in (exported / "report.md").read_text()
+
+
+def test_the_manifest_reads_back_as_written(exported):
+    """Manifest.from_dict / to_dict give back the exporter's manifest.json byte for byte."""
+    text = (exported / MANIFEST).read_text()
+    manifest = read_manifest(exported)
+    assert json.dumps(manifest.to_dict(), indent=2) + "\n" == text
+    assert not manifest.extra and len(manifest.levels) > 1 and manifest.ort_format is None
+    assert manifest.onnx.graph == "fused" and manifest.onnx.block_size is None  # fp16: no int4 keys
+    assert "block_size" not in json.loads(text)["onnx"]
 
 
 def test_export_records_the_curve_through_the_chosen_allocation(exported):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from exporter.artifact.staging import read_manifest
+from exporter.artifact.manifest import read_manifest
 from exporter.cli import main
 from exporter.device.cost_model import (
     BYTES_PER_PARAM,
@@ -20,12 +20,14 @@ from exporter.device.cost_model import (
     NODE_US_ESTIMATE,
     decode_costs,
     decode_terms,
+    graph_stats,
     int4_stream_gbs,
     node_params,
+    predict,
 )
 from exporter.device.host_probes import solve_decode_costs
 from exporter.device.profiles import load_profile
-from exporter.validate import EXIT_BUDGET_FAILED, graph_stats, predict
+from exporter.validate import EXIT_BUDGET_FAILED
 
 REPO = Path(__file__).resolve().parents[1]
 PERFORMANCE = {"ttft_ms", "prefill_ms", "decode_ms_p50", "decode_ms_p95", "peak_rss_mb", "artifact_mb", "prompt_tokens"}
@@ -293,6 +295,16 @@ def test_tampered_artifact_is_rejected_naming_the_file(artifact, tmp_path, capsy
     assert code == 2 and out == ""
     assert err.strip() == f"exporter: error: {copy}: model.onnx.data does not match the manifest (size or sha256 differs)"
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_a_manifest_missing_a_key_is_one_line_naming_it(artifact, tmp_path, capsys):
+    copy = Path(shutil.copytree(artifact, tmp_path / "copy"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["onnx"]["file"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = validate(capsys, copy)
+    assert code == 2 and out == ""
+    assert err.strip() == f"exporter: error: {copy / 'manifest.json'}: missing key 'onnx.file'"
 
 
 @pytest.mark.parametrize("case", ["not-an-artifact", "short-text", "too-few-windows", "missing-text", "unknown-device",

@@ -14,15 +14,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from exporter.artifact.staging import MANIFEST, model_bytes
-from exporter.device.cost_model import MB
+from exporter.artifact.manifest import MANIFEST, Manifest, Method, RankEntry
+from exporter.device.cost_model import MB, model_bytes
 
 HTML = "report.html"
 
 
-def _by_layer(ranks: dict) -> tuple[dict[str, dict[str, dict]], list[str]]:
+def _by_layer(ranks: dict[str, RankEntry]) -> tuple[dict[str, dict[str, RankEntry]], list[str]]:
     """{layer: {projection kind: rank entry}} and the kinds in model order."""
-    rows: dict[str, dict[str, dict]] = defaultdict(dict)
+    rows: dict[str, dict[str, RankEntry]] = defaultdict(dict)
     kinds: list[str] = []
     for name, entry in ranks.items():
         head, kind = name.rsplit(".", 1)
@@ -33,10 +33,10 @@ def _by_layer(ranks: dict) -> tuple[dict[str, dict[str, dict]], list[str]]:
     return rows, kinds
 
 
-def _rank_table(ranks: dict) -> list[str]:
+def _rank_table(ranks: dict[str, RankEntry]) -> list[str]:
     """One row per layer, one column per projection kind: rank, or 'dense'."""
     entries, kinds = _by_layer(ranks)
-    rows = {layer: {k: "dense" if e["rank"] is None else str(e["rank"]) for k, e in cells.items()}
+    rows = {layer: {k: "dense" if e.rank is None else str(e.rank) for k, e in cells.items()}
             for layer, cells in entries.items()}
     lines = ["| layer | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for layer, cells in rows.items():
@@ -44,7 +44,7 @@ def _rank_table(ranks: dict) -> list[str]:
     return lines
 
 
-def plot_ranks(path: Path, ranks: dict, title: str) -> None:
+def plot_ranks(path: Path, ranks: dict[str, RankEntry], title: str) -> None:
     """Heatmap: layers across, projection kinds down; colour = fraction of parameters kept."""
     import numpy as np
 
@@ -59,8 +59,8 @@ def plot_ranks(path: Path, ranks: dict, title: str) -> None:
             e = entries[layer].get(kind)
             if e is None:
                 continue
-            rank = e["rank"]
-            kept[i, j] = 1.0 if rank is None else rank * (e["out"] + e["in"]) / (e["out"] * e["in"])
+            rank, out, in_ = e.rank, e.out_features, e.in_features
+            kept[i, j] = 1.0 if rank is None else rank * (out + in_) / (out * in_)
             ax.text(j, i, "D" if rank is None else str(rank), ha="center", va="center", fontsize=6)
     image = ax.imshow(kept, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
@@ -73,28 +73,28 @@ def plot_ranks(path: Path, ranks: dict, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(directory: Path, manifest: dict) -> None:
+def write_report(directory: Path, manifest: Manifest) -> None:
     """report.md, ranks.png and report.html in the artifact directory (call it before the manifest's file
     table is computed, so they are listed with their checksums)."""
     directory = Path(directory)
-    m, p, par, b = manifest["method"], manifest["parameters"], manifest["parity"], manifest["budget"]
-    profile = manifest["profile"]
+    m, p, par, b = manifest.method, manifest.parameters, manifest.parity, manifest.budget
+    profile = manifest.profile
     lines = [
-        f"# {manifest['source_model']['name']} for {profile['name']}",
+        f"# {manifest.source_model.name} for {profile['name']}",
         "",
-        f"Exported by exporter {manifest['exporter_version']}: factorization {m['factorization']}, "
-        f"allocation {m['allocation']}, budget from {m['budget_source']}.",
-        f"Calibration: {m['calibration'] or 'none needed'}. Weights: {manifest['precision']}, activations "
-        f"{manifest['onnx'].get('activations') or 'fp32'}.",
+        f"Exported by exporter {manifest.exporter_version}: factorization {m.factorization}, "
+        f"allocation {m.allocation}, budget from {m.budget_source}.",
+        f"Calibration: {m.calibration or 'none needed'}. Weights: {manifest.precision}, activations "
+        f"{manifest.onnx.activations or 'fp32'}.",
         f"[{HTML}]({HTML}) shows the same with plots: ranks, quality vs compression, the device budgets.",
         "",
         "## Parameters",
         "",
         "| | dense | exported | removed |",
         "|---|---|---|---|",
-        f"| decoder projections | {p['projection_params_dense']:,} | {p['projection_params']:,} | "
-        f"{p['projection_fraction_removed']:.1%} |",
-        f"| whole model | {p['total_params_dense']:,} | {p['total_params']:,} | {p['total_fraction_removed']:.1%} |",
+        f"| decoder projections | {p.projection_params_dense:,} | {p.projection_params:,} | "
+        f"{p.projection_fraction_removed:.1%} |",
+        f"| whole model | {p.total_params_dense:,} | {p.total_params:,} | {p.total_fraction_removed:.1%} |",
         "",
         "## Device budget",
         "",
@@ -111,32 +111,87 @@ def write_report(directory: Path, manifest: dict) -> None:
         f"{par['greedy_agreement']:.0%} — **{'passed' if par['passed'] else 'FAILED'}**.",
         "",
         *_allocation_lines(m),
+        *_format_lines(m),
         "## Ranks per layer",
         "",
         "![ranks per layer and projection](ranks.png)",
         "",
-        *_rank_table(manifest["ranks"]),
+        *_rank_table(manifest.ranks),
         "",
         "## Time per stage (s)",
         "",
-        ", ".join(f"{k} {v}" for k, v in manifest["timings_s"].items()),
+        ", ".join(f"{k} {v}" for k, v in manifest.timings_s.items()),
         "",
     ]
     (directory / "report.md").write_text("\n".join(lines))
-    plot_ranks(directory / "ranks.png", manifest["ranks"],
-               f"{manifest['source_model']['name']} for {profile['name']}: rank per layer and projection")
+    plot_ranks(directory / "ranks.png", manifest.ranks,
+               f"{manifest.source_model.name} for {profile['name']}: rank per layer and projection")
+    if m.formats:
+        plot_formats(directory / "formats.png", m.formats["units"],
+                     f"{manifest.source_model.name} for {profile['name']}: weight bits per layer (--weights auto)")
     page = html_report(directory, manifest, (directory / "ranks.png").read_bytes(), plot_quality(manifest))
     (directory / HTML).write_text(page, encoding="utf-8")
 
 
-def _allocation_lines(method: dict) -> list[str]:
-    details = method.get("allocation_details")
+def _layer_of(unit: str) -> str:
+    parts = unit.split(".")
+    return next((part for part in parts if part.isdigit()), "head")
+
+
+def _kind_of(unit: str) -> str:
+    name = unit.rsplit(".", 1)[-1]
+    return name.split("+")[0] if "+" in name else name
+
+
+def _format_lines(method: Method) -> list[str]:
+    """--weights auto: each MatMulNBits' format, and the budget it fits."""
+    if not method.formats:
+        return []
+    f = method.formats
+    counts: dict[str, int] = {}
+    for unit in f["units"]:
+        counts[unit["format"]] = counts.get(unit["format"], 0) + 1
+    lines = ["## Weight formats (--weights auto)", "",
+             f"{f['chosen_bytes'] / MB:.1f} MB of weights for a budget of {f['budget_bytes'] / MB:.1f} MB (the menu "
+             f"spans {f['smallest_bytes'] / MB:.1f} to {f['largest_bytes'] / MB:.1f} MB); predicted loss increase "
+             f"{f['predicted_loss_increase']:.4f} nats/token. "
+             + ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())) + ".", "",
+             "![weight bits per layer](formats.png)", "", "| unit | format | MB | predicted dL |", "|---|---|---|---|"]
+    lines += [f"| {u['unit']} | {u['format']} ({u['method']}) | {u['bytes'] / MB:.2f} | {u['predicted_loss_increase']:.2e} |"
+              for u in f["units"]]
+    return lines + [""]
+
+
+def plot_formats(path: Path, units: list[dict], title: str) -> None:
+    """Bits per weight (codes, scales and zero points) of each unit, by layer."""
+    plt = _pyplot()
+    layers = sorted({_layer_of(u["unit"]) for u in units}, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0))
+    kinds = sorted({_kind_of(u["unit"]) for u in units})
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 3.6))
+    width = 0.8 / max(1, len(kinds))
+    for k, kind in enumerate(kinds):
+        xs, ys = [], []
+        for u in units:
+            if _kind_of(u["unit"]) == kind:
+                xs.append(layers.index(_layer_of(u["unit"])) + k * width)
+                ys.append(8 * u["bytes"] / u["weights"])
+        ax.bar(xs, ys, width=width, label=kind)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    path.write_bytes(_png(fig))
+
+
+def _allocation_lines(method: Method) -> list[str]:
+    details = method.allocation_details
     if not details:
         return []
     return [
         "## Allocation",
         "",
-        f"Fisher-guided (FLRC): ranks in multiples of {method['rank_multiple']} chosen to keep the most "
+        f"Fisher-guided (FLRC): ranks in multiples of {method.rank_multiple} chosen to keep the most "
         f"importance within {details['budget_params']:,} projection parameters; used "
         f"{details['projection_params']:,}. Predicted loss increase (half the Fisher mass of the dropped "
         f"components): {details['predicted_loss_increase']:.4f} nats/token. Search time "
@@ -146,8 +201,8 @@ def _allocation_lines(method: dict) -> list[str]:
     ]
 
 
-def _curve_lines(method: dict) -> list[str]:
-    points = (method.get("allocation_curve") or {}).get("points") or []
+def _curve_lines(method: Method) -> list[str]:
+    points = (method.allocation_curve or {}).get("points") or []
     if not points:
         return []
     return [
@@ -163,30 +218,30 @@ def _curve_lines(method: dict) -> list[str]:
 # --------------------------------------------------------------------------- quality vs compression
 
 
-def _chosen_point(manifest: dict) -> tuple[float, float] | None:
+def _chosen_point(manifest: Manifest) -> tuple[float, float] | None:
     """(fraction of projection parameters removed, predicted loss increase) of the exported allocation."""
-    details = manifest["method"].get("allocation_details")
+    details = manifest.method.allocation_details
     if not details:
         return None
-    dense = manifest["parameters"]["projection_params_dense"]
+    dense = manifest.parameters.projection_params_dense
     return 1.0 - details["projection_params"] / dense, details["predicted_loss_increase"]
 
 
-def _level_points(manifest: dict) -> list[tuple[str, float, float]]:
+def _level_points(manifest: Manifest) -> list[tuple[str, float, float]]:
     """(level, fraction of projection parameters removed, measured held-out NLL increase over the full level)."""
-    levels = [e for e in manifest.get("levels") or [] if e.get("nll_increase") is not None]
-    if len(levels) < 2 or "active_factor_params" not in levels[0]:
+    levels = [e for e in manifest.levels or [] if e.nll_increase is not None]
+    if len(levels) < 2 or levels[0].active_factor_params is None:
         return []
-    p = manifest["parameters"]
-    full = levels[0]["active_factor_params"]
-    return [(e["name"], 1.0 - (p["projection_params"] - (full - e["active_factor_params"])) / p["projection_params_dense"],
-             e["nll_increase"]) for e in levels]
+    p = manifest.parameters
+    full = levels[0].active_factor_params
+    return [(e.name, 1.0 - (p.projection_params - (full - e.active_factor_params)) / p.projection_params_dense,
+             e.nll_increase) for e in levels]
 
 
-def plot_quality(manifest: dict) -> bytes | None:
+def plot_quality(manifest: Manifest) -> bytes | None:
     """PNG: predicted loss increase vs fraction of projection parameters removed (the allocator's curve,
     the export marked), and beside it the rank levels' measured NLL increase; None without a curve."""
-    curve = (manifest["method"].get("allocation_curve") or {}).get("points") or []
+    curve = (manifest.method.allocation_curve or {}).get("points") or []
     levels = _level_points(manifest)
     if not curve and not levels:
         return None
@@ -230,26 +285,25 @@ def _file_sizes(directory: Path) -> dict[str, int]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, HTML)}
 
 
-def _predicted(directory: Path, manifest: dict, sizes: dict[str, int]) -> dict | str:
+def _predicted(directory: Path, manifest: Manifest, sizes: dict[str, int]) -> dict | str:
     """exporter validate's cost model on the recorded profile, or why it cannot run (the report says so
     rather than failing the export)."""
     try:
+        from exporter.device.cost_model import predict
         from exporter.device.profiles import DeviceProfile
-        from exporter.validate import predict
 
-        profile = DeviceProfile.from_dict(manifest["profile"])
-        files = {name: {"bytes": size} for name, size in sizes.items()}
-        return predict(directory, {**manifest, "files": files}, profile, profile.budget.prefill_prompt_tokens)
+        profile = DeviceProfile.from_dict(manifest.profile)
+        return predict(directory, manifest, profile, profile.budget.prefill_prompt_tokens, sizes=sizes)
     except Exception as exc:  # noqa: BLE001 - any failure of the estimate is reported in the page
         return f"{type(exc).__name__}: {exc}"
 
 
-def budget_rows(directory: Path, manifest: dict, sizes: dict[str, int]) -> tuple[list[dict], str | None]:
+def budget_rows(directory: Path, manifest: Manifest, sizes: dict[str, int]) -> tuple[list[dict], str | None]:
     """One row per device budget (RAM, decode, prefill): the budget, the weights it allows, this export's
     weights against it, and the cost model's prediction against it; plus why a prediction is missing, or
     where the cost model's decode figures come from."""
-    b, budget = manifest["budget"], manifest["profile"]["budget"]
-    weights = model_bytes(sizes, manifest["onnx"]["file"])
+    b, budget = manifest.budget, manifest.profile["budget"]
+    weights = model_bytes(sizes, manifest.onnx.file)
     predicted = _predicted(directory, manifest, sizes)
     missing = predicted if isinstance(predicted, str) else None
     predicted = {} if missing else predicted
@@ -311,40 +365,39 @@ img { max-width: 100%; } .note { color: #555; font-size: 0.88em; }
 """
 
 
-def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: bytes | None) -> str:
+def html_report(directory: Path, manifest: Manifest, ranks_png: bytes, quality_png: bytes | None) -> str:
     """report.html's text: self-contained (images as data URIs, inline CSS, no scripts, no links out)."""
     directory = Path(directory)
-    m, p, par, profile = manifest["method"], manifest["parameters"], manifest["parity"], manifest["profile"]
-    title = f"{manifest['source_model']['name']} for {profile['name']}"
+    m, p, par, profile = manifest.method, manifest.parameters, manifest.parity, manifest.profile
+    title = f"{manifest.source_model.name} for {profile['name']}"
     sizes = _file_sizes(directory)
     parity = (f"max |logit difference| {par['max_abs_logit_diff']:.2e} (tolerance {par['atol']}), greedy agreement "
               f"{par['greedy_agreement']:.0%} over {par['decode_steps']} steps: "
               f"<b>{'passed' if par['passed'] else 'FAILED'}</b>")
     if "quantized" in par:
-        parity += f"; {manifest['precision']} graph: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
+        parity += f"; {manifest.precision} graph: greedy agreement {par['quantized']['greedy_agreement']:.0%}"
     summary = [
-        ["exported", f"{_esc(manifest['precision'])} weights, {_esc(manifest['onnx'].get('activations') or 'fp32')} "
-                     f"activations, {_esc(manifest['onnx'].get('graph', ''))} graph, "
-                     f"exporter {_esc(manifest['exporter_version'])}"],
-        ["method", f"factorization {_esc(m['factorization'])}, allocation {_esc(m['allocation'])}, "
-                   f"budget from {_esc(m['budget_source'])}"],
-        ["calibration", _esc(m["calibration"] or "none needed")],
-        ["parameters", f"{p['total_params_dense']:,} &rarr; {p['total_params']:,} "
-                       f"({p['projection_fraction_removed']:.1%} of the decoder projections, "
-                       f"{p['total_fraction_removed']:.1%} of all)"],
+        ["exported", f"{_esc(manifest.precision)} weights, {_esc(manifest.onnx.activations or 'fp32')} "
+                     f"activations, {_esc(manifest.onnx.graph or '')} graph, "
+                     f"exporter {_esc(manifest.exporter_version)}"],
+        ["method", f"factorization {_esc(m.factorization)}, allocation {_esc(m.allocation)}, "
+                   f"budget from {_esc(m.budget_source)}"],
+        ["calibration", _esc(m.calibration or "none needed")],
+        ["parameters", f"{p.total_params_dense:,} &rarr; {p.total_params:,} "
+                       f"({p.projection_fraction_removed:.1%} of the decoder projections, "
+                       f"{p.total_fraction_removed:.1%} of all)"],
         ["ONNX Runtime parity (CPU)", parity],
     ]
-    derivation = manifest.get("schedule_derivation") or {}
+    derivation = manifest.schedule_derivation or {}
     if derivation.get("base_nll") is not None:
         summary.append(["held-out NLL", f"{derivation['base_nll']:.4f} nats/token (perplexity "
                                         f"{math.exp(derivation['base_nll']):.2f}) on {_esc(derivation.get('calibration', ''))}"])
-    if manifest.get("schedule"):
-        summary.append(["progressive schedule", _esc(",".join(f"{e['level']}:{e['start']}" for e in manifest["schedule"]))])
-    ort = manifest.get("ort_format")
+    if manifest.schedule:
+        summary.append(["progressive schedule", _esc(",".join(f"{e.level}:{e.start}" for e in manifest.schedule))])
+    ort = manifest.ort_format
     if ort:
-        check = ort.get("check", {})
-        summary.append(["ORT format", f"{_esc(ort['file'])} from {_esc(ort['source'])}: max |logit difference| "
-                                      f"{check.get('max_abs_logit_diff', float('nan')):.2e} against the .onnx"])
+        summary.append(["ORT format", f"{_esc(ort.file)} from {_esc(ort.source)}: max |logit difference| "
+                                      f"{ort.check.get('max_abs_logit_diff', float('nan')):.2e} against the .onnx"])
     body = [f"<h1>{_esc(title)}</h1>", f"<p>{_esc(profile['description'])}</p>",
             '<table class="summary">' + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary) + "</table>"]
 
@@ -355,7 +408,7 @@ def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: 
     body.append("<h2>Quality vs compression</h2>")
     if quality_png is not None:
         body.append(_img(quality_png, "predicted loss increase vs fraction of projection parameters removed"))
-        curve = (m.get("allocation_curve") or {}).get("points") or []
+        curve = (m.allocation_curve or {}).get("points") or []
         if curve:
             body.append('<p class="note">Predicted: the allocator run again at other budgets on the same Fisher '
                         "importances; the loss increase it predicts is half the Fisher mass of the components it "
@@ -364,8 +417,8 @@ def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: 
             body.append(_table(["projection parameters removed", "predicted loss increase (nats/token)"],
                                [[f"{c['fraction_removed']:.1%}", f"{c['predicted_loss_increase']:.4g}"] for c in curve]))
     else:
-        why = ("the model was exported dense: nothing was allocated" if m["allocation"] == "none" else
-               f"the ranks were not chosen from Fisher importances (allocation {_esc(m['allocation'])})")
+        why = ("the model was exported dense: nothing was allocated" if m.allocation == "none" else
+               f"the ranks were not chosen from Fisher importances (allocation {_esc(m.allocation)})")
         body.append(f'<p class="note">No curve: {why}, so there is no predicted loss to plot.</p>')
 
     rows, note = budget_rows(directory, manifest, sizes)
@@ -377,7 +430,7 @@ def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: 
                       f"{r['weights_allowed_bytes'] / MB:,.1f}", f"{r['weights_bytes'] / MB:,.1f}", fit,
                       "-" if r["predicted"] is None else f"{r['predicted']:,.2f} {_esc(r['unit'])}", pred])
         classes.append(["binds" if r["binds"] else "", "", "", "", fit_cls, "", pred_cls])
-    b = manifest["budget"]
+    b = manifest.budget
     body += ["<h2>Device budget</h2>",
              f"<p>{_esc(profile['name'])}: KV cache at max context {profile['budget']['max_context']} takes "
              f"{b['kv_cache_bytes'] / MB:,.1f} MB; the {_esc(b['binding'])} budget binds (allows the fewest weight "
@@ -399,14 +452,14 @@ def html_report(directory: Path, manifest: dict, ranks_png: bytes, quality_png: 
     body.append(f'<p class="note">Every file but {HTML} itself and {MANIFEST}, which is written last and lists '
                 f"the size and sha256 of every other file, {HTML} included.</p>")
 
-    if manifest.get("levels") and len(manifest["levels"]) > 1:
+    if manifest.levels and len(manifest.levels) > 1:
         body += ["<h2>Rank levels</h2>", _table(
             ["level", "file", "weight bytes read (MB)", "measured NLL increase (nats/token)", "parity"],
-            [[_esc(e["name"]), _esc(e["file"]), f"{e.get('weight_bytes', 0) / MB:,.3f}",
-              "-" if e.get("nll_increase") is None else f"{e['nll_increase']:.4g}",
-              "passed" if (e.get("parity") or {}).get("passed") else "-"] for e in manifest["levels"]])]
+            [[_esc(e.name), _esc(e.file), f"{(e.weight_bytes or 0) / MB:,.3f}",
+              "-" if e.nll_increase is None else f"{e.nll_increase:.4g}",
+              "passed" if (e.parity or {}).get("passed") else "-"] for e in manifest.levels])]
     body += ["<h2>Time per stage (s)</h2>",
-             _table(list(manifest["timings_s"]), [[f"{v:g}" for v in manifest["timings_s"].values()]])]
+             _table(list(manifest.timings_s), [[f"{v:g}" for v in manifest.timings_s.values()]])]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body)
             + "\n</body>\n</html>\n")

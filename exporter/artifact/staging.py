@@ -1,9 +1,7 @@
-"""Artifact directories that appear whole or not at all, and their manifest."""
+"""Artifact directories that appear whole or not at all (their manifest: exporter.artifact.manifest)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -11,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from exporter.errors import ExporterError
-
-MANIFEST = "manifest.json"
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -69,40 +65,3 @@ def _swap_in(new: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_table(directory: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} for every file but the manifest itself."""
-    table = {}
-    for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            table[path.relative_to(directory).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return table
-
-
-def model_bytes(sizes: dict[str, int], onnx_file: str) -> int:
-    """The ONNX graph and its external data as stored (weights at their precision), from {file: bytes}."""
-    return sum(n for f, n in sizes.items() if f == onnx_file or f.startswith(onnx_file + "."))
-
-
-def write_manifest(directory: Path, manifest: dict) -> None:
-    manifest = {**manifest, "files": file_table(directory)}
-    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-
-
-def read_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExporterError(f"{directory} is not an artifact (no {MANIFEST})") from None
-    except json.JSONDecodeError as exc:
-        raise ExporterError(f"{path} is not valid JSON: {exc.msg}") from None

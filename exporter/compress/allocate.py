@@ -177,3 +177,40 @@ def allocation_curve(projections, importance: dict, multiple: int,
                        "projection_params": allocation.projection_params,
                        "predicted_loss_increase": allocation.predicted_loss_increase})
     return {"points": points, "rank_multiple": multiple, "seconds": time.perf_counter() - start}
+
+
+def multiple_choice_knapsack(costs: list[list[int]], losses: list[list[float]], budget: int,
+                             granularity: int = 1) -> list[int] | None:
+    """One option per group minimizing the summed loss with summed cost <= `budget`; None where no choice fits.
+
+    Dynamic programming over the budget in steps of `granularity` (costs are rounded up to whole steps, so
+    the choice always fits; with granularity 1 it is exact): O(groups x options x budget / granularity).
+    """
+    import numpy as np
+
+    cells = budget // granularity
+    if cells < 0:
+        return None
+    steps = [[-(-c // granularity) for c in group] for group in costs]
+    best = np.zeros(cells + 1)  # best[b]: least loss of the groups so far within b steps
+    picks = []
+    for group_steps, group_losses in zip(steps, losses):
+        new = np.full(cells + 1, np.inf)
+        pick = np.full(cells + 1, -1, dtype=np.int16)
+        for option, (step, loss) in enumerate(zip(group_steps, group_losses)):
+            if step > cells:
+                continue
+            candidate = np.full(cells + 1, np.inf)
+            candidate[step:] = best[: cells + 1 - step] + loss
+            better = candidate < new
+            new[better], pick[better] = candidate[better], option
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best[cells]):
+        return None
+    choice, remaining = [], cells
+    for group_steps, pick in zip(reversed(steps), reversed(picks)):
+        option = int(pick[remaining])
+        choice.append(option)
+        remaining -= group_steps[option]
+    return choice[::-1]

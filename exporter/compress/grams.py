@@ -51,14 +51,19 @@ def run_layer(layer, hidden: torch.Tensor, kwargs) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True
+def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                     position_weights: dict[str, torch.Tensor] | None = None
                      ) -> Iterator[tuple[int, nn.Module, dict[str, torch.Tensor]]]:
     """Yield (index, layer, {qualified linear name: X^T X}) for every decoder layer, in order.
 
     Linears that read the same tensor (q/k/v; gate/up) share one Gram matrix object: it is
     accumulated once. Statistics come from the original (dense) activations, so they can be
     reused for any rank choice. Accumulation is float32 per batch and float64 across batches.
+    `position_weights` {name: weight per position}: that linear's Gram weights each token by its
+    position's weight, X^T diag(w) X (exporter.compress.importance.output_sensitivity: the first
+    tokens' keys and values, which every later token attends to, weigh hundreds of times more).
     """
+    weighted = position_weights or {}
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -72,6 +77,11 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
         def hook(name):
             def accumulate(_module, args):
                 x = args[0].detach()
+                if name in weighted:
+                    w = weighted[name][: x.shape[-2]].to(x.dtype)
+                    batch_grams[name] = (x * w[:, None]).reshape(-1, x.shape[-1]).float().T @ \
+                        x.reshape(-1, x.shape[-1]).float()
+                    return
                 key = (x.data_ptr(), tuple(x.shape))
                 if key not in by_input:
                     flat = x.reshape(-1, x.shape[-1]).float()

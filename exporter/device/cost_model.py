@@ -6,17 +6,25 @@ decode budget of t ms, less the per-node cost of the graph and the KV cache traf
 bytes that stream in the rest of it at the precision's effective rate. Prefill: compute-bound (2 FLOPs
 per parameter per prompt token), so a prefill budget of t ms for n tokens allows t * effective
 throughput / (2 n) parameters.
+
+`predict` runs the same model forward on an exported artifact (its stored bytes, its graph's nodes and
+quantized weights): the figures `exporter validate` compares with measurements and the report shows.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from exporter.errors import BudgetError
+from exporter.errors import BudgetError, ExporterError
 from exporter.precisions import check_activations
 
 if TYPE_CHECKING:  # only named in annotations: importing it would import torch
+    from exporter.artifact.manifest import Manifest
     from exporter.compress.factorize import Projection
 
 MB = 1_000_000
@@ -78,6 +86,8 @@ FACTOR_NODE_US_ESTIMATE = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider"
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
 ESTIMATE_DEFAULT_PROVIDER = "CPUExecutionProvider"  # other providers (CoreML, QNN, XNNPACK): as for CPU
+# Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
+INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
 def kv_cache_bytes(config, context: int, bytes_per_elem: float = 4.0) -> float:
@@ -213,3 +223,85 @@ def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str,
                      for precision, params in quantized_params.items()) / 1e6
     return {"bandwidth_ms": bandwidth_ms, "overhead_ms": overhead_ms, "dequant_ms": dequant_ms,
             "decode_ms": bandwidth_ms + overhead_ms + dequant_ms}
+
+
+# --------------------------------------------------------------------------- an exported artifact's figures
+
+
+def model_bytes(sizes: dict[str, int], onnx_file: str) -> int:
+    """The ONNX graph and its external data as stored (weights at their precision), from {file: bytes}."""
+    return sum(n for f, n in sizes.items() if f == onnx_file or f.startswith(onnx_file + "."))
+
+
+def graph_stats(model_path: Path) -> dict:
+    """Nodes of the ONNX graph (one pass each per decode step) and its quantized weights by precision:
+    MatMulNBits' K x N (int4, or int8 at 8 bits) and the constant B of MatMulInteger-style nodes (int8).
+    Reads the graph only (load_external_data=False)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends on a corrupt file
+        raise ExporterError(f"cannot read {model_path}: {type(exc).__name__}: {exc}") from None
+    initializers = {t.name: t for t in model.graph.initializer}
+    kv_bytes = KV_BYTES_PER_ELEM["fp32"]  # unless a past_key_values input says otherwise (fp16 graphs)
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            kv_bytes = float(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize)
+            break
+    embedding = initializers.get("model.embed_tokens.weight")  # untied: read one row per token, not whole
+    embedding_bytes = 0 if embedding is None else (
+        math.prod(embedding.dims) * onnx.helper.tensor_dtype_to_np_dtype(embedding.data_type).itemsize)
+    quantized = {"int4": 0, "int8": 0}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            quantized["int8" if attrs.get("bits", 4) == 8 else "int4"] += int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type in INT8_MATMULS and len(node.input) > 1 and node.input[1] in initializers:
+            quantized["int8"] += math.prod(initializers[node.input[1]].dims)
+    return {"nodes": len(model.graph.node), "quantized_params": quantized, "kv_bytes_per_elem": kv_bytes,
+            "embedding_bytes": embedding_bytes}
+
+
+def predict(artifact: Path, manifest: Manifest, profile, prompt_tokens: int,
+            sizes: dict[str, int] | None = None) -> dict:
+    """An artifact's decode and prefill latency and RAM on `profile` (`exporter validate` checks it against
+    measurements; the report shows it). Decode (decode_terms): every weight read once per token and the KV cache
+    moved KV_PASSES times, at the bandwidth a decode step's matrix-vector products reach beyond the caches
+    (exporter.device.host_probes._measure_decode_costs), plus a cost per graph node, plus the dequantisation of
+    int4/int8 weights not hidden behind those reads; prefill does 2 FLOPs per parameter per token
+    (compute-bound); RAM holds weights, the KV cache at max_context and the runtime. `sizes`: {file: bytes}
+    where the manifest has no file table yet (the report, written before it)."""
+    artifact = Path(artifact)
+    config = SimpleNamespace(**json.loads((artifact / "config.json").read_text()))
+    if sizes is None:
+        sizes = {name: entry.bytes for name, entry in manifest.files.items()}
+    stored = model_bytes(sizes, manifest.onnx.file)
+    graph = graph_stats(artifact / manifest.onnx.file)
+    read = stored - graph["embedding_bytes"]  # an untied embedding is read one row per token
+    kv_prompt = KV_PASSES * kv_cache_bytes(config, prompt_tokens, graph["kv_bytes_per_elem"])
+    costs, costs_source = decode_costs(profile)
+    terms = decode_terms(read + kv_prompt, graph["nodes"], graph["quantized_params"], costs)
+    compute = profile.hardware.compute_tflops
+    tflops = compute.get(manifest.precision) or compute.get("fp32") or max(compute.values())
+    params = manifest.parameters.total_params
+    prefill_s = 2.0 * params * prompt_tokens / (tflops * 1e12 * COMPUTE_EFFICIENCY)
+    kv_max = kv_cache_bytes(config, profile.budget.max_context, graph["kv_bytes_per_elem"])
+    return {
+        "decode_ms": terms["decode_ms"],
+        "decode_terms": {key: terms[key] for key in ("bandwidth_ms", "overhead_ms", "dequant_ms")},
+        "prefill_ms": prefill_s * 1e3,
+        "ram_mb": (stored + kv_max) / MB + RUNTIME_OVERHEAD_MB,
+        "bytes_per_token": read + kv_prompt,
+        "graph_nodes": graph["nodes"],
+        "quantized_params": graph["quantized_params"],
+        "bandwidth_gbs": profile.hardware.memory_bandwidth_gbs,
+        "decode_bandwidth_gbs": costs["gemv_bandwidth_gbs"],
+        "bandwidth_efficiency": costs["gemv_bandwidth_gbs"] / profile.hardware.memory_bandwidth_gbs,
+        "node_us": costs["node_us"],
+        "dequant_ns_per_param": {key: costs[f"{key}_ns_per_param"] for key in ("int4", "int8")},
+        "int4_stream_gbs": int4_stream_gbs(costs),  # bytes at the bandwidth + dequantisation, as bytes/s
+        "decode_costs_source": costs_source,
+        "compute_tflops": tflops,
+        "compute_efficiency": COMPUTE_EFFICIENCY,
+    }

@@ -9,7 +9,8 @@ model builder does, which decodes markedly faster than a traced export of the sa
   use ONNX's own `RMSNormalization` (opset 23; ORT's `SimplifiedLayerNormalization` would work too, but
   it sits in the default domain without an ONNX schema, so onnx.checker rejects it);
 * one first-stage MatMul for q/k/v and one for gate/up (projections that share an input are fused);
-* `MatMulNBits` for 4-bit weights, written by ONNX Runtime's own quantizer.
+* `MatMulNBits` for 4-bit (and 8-bit) weights, packed from the grids the PyTorch model holds
+  (exporter.graph.matmul_nbits), so the graph's weights are exactly those PyTorch was checked with.
 
 Projections. Each decoder projection is read as `ProjectionWeights`: an optional dense W (out x in),
 a list of low-rank pairs (down V: r x in, up U: out x r) and an optional bias; y = W x + sum U_k V_k x + b.
@@ -564,6 +565,15 @@ def _sliding_window(model, layer) -> int | None:
     return window
 
 
+def _max_positions(config) -> int:
+    return int(getattr(config, "max_position_embeddings", 4096))
+
+
+def constant_bytes(model, activations: str = "fp32") -> int:
+    """Bytes the graph stores besides the model's parameters: the rotary cos/sin caches."""
+    return 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
+
+
 def _rope_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim / 2], computed like HF (float32, times attention_scaling)."""
     rotary = _rotary(model)
@@ -623,7 +633,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = _head_dim(config)
     vocab = config.vocab_size
-    max_positions = int(getattr(config, "max_position_embeddings", 4096))
+    max_positions = _max_positions(config)
     g = _Graph(dtype)
     float_type = helper.np_dtype_to_tensor_dtype(g.dtype)
 
@@ -785,23 +795,21 @@ def _quiet_quantizer():
         ours.setLevel(our_level)
 
 
-def _quantize_int4(proto, block_size: int, accuracy_level: int | None):
-    with _quiet_quantizer():
-        try:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        except ImportError as exc:  # onnxruntime >= 1.23's quantizer needs the separate onnx-ir package
-            raise ImportError(f"int4 weights need ONNX Runtime's MatMulNBitsQuantizer: {exc} "
-                              "(pip install onnx-ir)") from exc
-        quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-        quantizer.process()
-        return quantizer.model.model
+def _quantize_int4(proto, model, block_size: int, accuracy_level: int | None, registry=None):
+    """MatMulNBits for every MatMul by a constant: the grids the PyTorch model holds (exporter.compress.quantize)
+    where it holds them, ONNX Runtime's symmetric round-to-nearest at `block_size` elsewhere."""
+    from exporter.compress.grid import QuantFormat
+    from exporter.graph.matmul_nbits import GridRegistry, quantize_matmuls
+
+    registry = registry if registry is not None else GridRegistry.from_model(model)
+    return quantize_matmuls(proto, QuantFormat(4, block_size, True), registry, accuracy_level)
 
 
-def _share_tied_embedding(proto, block_size: int) -> None:
-    """With tied embeddings, gather the embedding from lm_head's 4-bit blocks (GatherBlockQuantized).
+def _share_tied_embedding(proto) -> None:
+    """With tied embeddings, gather the embedding from lm_head's blocks (GatherBlockQuantized).
 
-    MatMulNBits stores lm_head as [vocab, blocks, block_size / 2] uint8 with scales per (row, block):
+    MatMulNBits stores lm_head as [vocab, blocks, block_size * bits / 8] uint8 with scales (and packed zero
+    points) per (row, block):
     row v is exactly embedding row v quantized along hidden, which is GatherBlockQuantized's layout
     (gather_axis 0, quantize_axis 1). Dropping the fp32 embedding saves vocab x hidden x 4 bytes.
     """
@@ -815,8 +823,15 @@ def _share_tied_embedding(proto, block_size: int) -> None:
         return
     embedding = numpy_helper.to_array(init[gather.input[0]])
     vocab, hidden = embedding.shape
+    attributes = {a.name: helper.get_attribute_value(a) for a in lm_head.attribute}
+    bits, block_size = attributes["bits"], attributes["block_size"]
+    if hidden % block_size:
+        return
     weight, scales = lm_head.input[1], lm_head.input[2]
-    shape_data = helper.make_tensor("/model/embed_tokens/data_shape", 7, [2], [vocab, hidden // 2])
+    zero_points = lm_head.input[3:4]
+    if zero_points and init[zero_points[0]].data_type != 2:  # GatherBlockQuantized takes uint8 zero points only
+        return
+    shape_data = helper.make_tensor("/model/embed_tokens/data_shape", 7, [2], [vocab, hidden * bits // 8])
     shape_scales = helper.make_tensor("/model/embed_tokens/scales_shape", 7, [2], [vocab, hidden // block_size])
     graph.initializer.extend([shape_data, shape_scales])
     nodes = [
@@ -825,9 +840,9 @@ def _share_tied_embedding(proto, block_size: int) -> None:
         helper.make_node("Reshape", [scales, shape_scales.name], ["/model/embed_tokens/scales"],
                          name="/model/embed_tokens/ReshapeScales"),
         helper.make_node("GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1],
-                                                  "/model/embed_tokens/scales"], list(gather.output),
+                                                  "/model/embed_tokens/scales", *zero_points], list(gather.output),
                          name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
-                         bits=4, block_size=block_size, gather_axis=0, quantize_axis=1),
+                         bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1),
     ]
     position = list(graph.node).index(gather)
     graph.node.remove(gather)
@@ -879,14 +894,21 @@ def _save(proto, path: Path, small_weights: bool = False) -> None:
                     location=data.name, size_threshold=SIZE_THRESHOLD)
 
 
-def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path):
+def _registry(model, weights: str):
+    from exporter.graph.matmul_nbits import GridRegistry
+
+    return GridRegistry.from_model(model) if weights == "int4" else None
+
+
+def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path,
+               registry=None):
     """The proto at `weights` precision (float formats are built at theirs and pass through)."""
     import tempfile
 
     if weights == "int4":
-        proto = _quantize_int4(proto, block_size, accuracy_level)
-        if getattr(model.config, "tie_word_embeddings", False) and model.config.hidden_size % block_size == 0:
-            _share_tied_embedding(proto, block_size)
+        _quantize_int4(proto, model, block_size, accuracy_level, registry)
+        if getattr(model.config, "tie_word_embeddings", False):
+            _share_tied_embedding(proto)
     elif weights == "int8":
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
             proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
@@ -1094,6 +1116,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
     extra = {name: sum(r[1:]) for name, r in _pair_ranks(model).items() if r}
     sizes = {name: model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in extra}
     data, index, entries = out_dir / "model.onnx.data", {}, []
+    registry = _registry(model, weights)  # once for all levels
     for j, fraction in enumerate(tqdm(fractions, desc="writing levels", unit="level", disable=not progress)):
         name = level_name(fraction)
         path = out_dir / ("model.onnx" if j == 0 else f"model.{name}.onnx")
@@ -1101,7 +1124,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
             proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
                                   transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
                                   dtype=FLOAT_TYPES[activations])
-        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
+        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, registry)
         meta = {"weights": weights, "activations": activations, "level": name, "fraction": str(fraction),
                 "corrective_form": corrective_form}
         if weights == "int4":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.artifact.manifest import MANIFEST
 from exporter.errors import ExporterError
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -353,7 +354,10 @@ def level_at(schedule: Schedule, t: int) -> str:
 
 
 def read_levels(directory: Path, manifest: dict) -> tuple[list[Level], Schedule]:
-    """The artifact's levels and default schedule; one full-rank level where the manifest has none."""
+    """The artifact's levels and default schedule; one full-rank level where the manifest has none.
+
+    Reads the manifest's JSON, not exporter.artifact.manifest.Manifest: a runtime also runs hand-written
+    manifests that hold only `levels` and `schedule`, and directories with a model.onnx and no manifest."""
     if "levels" not in manifest:
         file = manifest.get("onnx", {}).get("file", "model.onnx")
         return [Level("r100", 1.0, file)], [("r100", 0)]
@@ -362,8 +366,8 @@ def read_levels(directory: Path, manifest: dict) -> tuple[list[Level], Schedule]
         entries = manifest.get("schedule", [{"level": levels[0].name, "start": 0}])
         schedule = [(str(e["level"]), int(e["start"])) for e in entries]
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ExporterError(f"{directory}/manifest.json: malformed levels or schedule ({exc!r})") from None
-    return levels, validate_schedule(schedule, [lv.name for lv in levels], f"{directory}/manifest.json schedule")
+        raise ExporterError(f"{directory}/{MANIFEST}: malformed levels or schedule ({exc!r})") from None
+    return levels, validate_schedule(schedule, [lv.name for lv in levels], f"{directory}/{MANIFEST} schedule")
 
 
 # --------------------------------------------------------------------------- text
@@ -478,9 +482,9 @@ class Runtime:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ExporterError(f"artifact not found: {directory}")
-        self.manifest = _read_json(self.directory / "manifest.json")
+        self.manifest = _read_json(self.directory / MANIFEST)  # as JSON: see read_levels
         if not self.manifest and not (self.directory / "model.onnx").is_file():
-            raise ExporterError(f"{directory} is not an artifact (no manifest.json or model.onnx)")
+            raise ExporterError(f"{directory} is not an artifact (no {MANIFEST} or model.onnx)")
         self.levels, self.schedule = read_levels(self.directory, self.manifest)
         for level in self.levels:
             if not (self.directory / level.file).is_file():

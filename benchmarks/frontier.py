@@ -1,0 +1,174 @@
+"""The size-quality frontier: `--weights auto` at several byte budgets against fixed int4 settings, one run.
+
+    python benchmarks/frontier.py [--budgets 78,86.5,93.5,105.5] [--windows 64]
+                                  [--builder-python .venv-builder/bin/python]
+
+One loaded model, one calibration, one pricing of every MatMulNBits' menu (the export's own steps:
+exporter.pipeline.calibration_ids, exporter.compress.format_allocation.price_units), then per budget the
+knapsack's choice written as the export writes it (exporter.graph.writer.write_decoder). Fixed rows: ours
+at int4 block 32 with RTN (ONNX Runtime's own rule: the builder's default grid) and with GPTQ, and the
+onnxruntime-genai builder's int4 at block 32/64/128 where --builder-python is given. Every row: weight MB on
+disk, perplexity through ONNX Runtime on the same WikiText-2 windows, decode tok/s and peak RSS measured in a
+fresh process (paired per round against the first fixed row). Writes results/frontier-*.json/.md and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_io import publish_results  # noqa: E402
+from run import build_with_builder, onnx_mb, probe  # noqa: E402
+
+from exporter.compress.allocate import multiple_choice_knapsack  # noqa: E402
+from exporter.compress.format_allocation import apply_choices, fixed_bytes, price_units  # noqa: E402
+from exporter.compress.grid import QuantFormat  # noqa: E402
+from exporter.compress.quantize import quantize_model  # noqa: E402
+from exporter.graph.writer import constant_bytes, write_decoder  # noqa: E402
+from exporter.pipeline import FORMAT_BYTES_STEP  # noqa: E402
+from exporter.runtime.evaluate import ort_perplexity, text_windows  # noqa: E402
+from exporter.runtime.generation import OrtDecoder  # noqa: E402
+from exporter.source.calibration import calibration_ids  # noqa: E402
+from exporter.source.model import hf_directory, load_model, resolve_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", default="65,78,86.5,93.5,105.5", help="weight MB budgets of the auto rows")
+    parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--fisher-samples", type=int, default=8)
+    parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-rounds", type=int, default=11)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--keep", type=Path, help="keep every row's graph under KEEP/ROW")
+    args = parser.parse_args(argv)
+
+    source = resolve_model(None)
+    model, tokenizer = load_model(source)
+    windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
+    prompt = windows[-1, : args.prompt_tokens].tolist()
+    ids, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"), args.calib_samples, 512, 0)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="exporter-frontier-"))
+    rows, graphs = [], []
+
+    def add(name: str, folder: Path, onnx_path: Path, seconds: float, extra: dict | None = None) -> None:
+        print(f"[{name}] perplexity on {windows.shape[0]} windows", file=sys.stderr)
+        ppl = ort_perplexity(OrtDecoder(onnx_path, threads=args.threads), windows, progress=False)
+        rows.append({"row": name, "weight_mb": round(onnx_mb(folder), 2), "perplexity": round(ppl, 3),
+                     "build_s": round(seconds, 1), **(extra or {})})
+        graphs.append(onnx_path)
+        print(json.dumps(rows[-1]), file=sys.stderr)
+
+    if args.builder_python:
+        settings = [(f"builder int4 b{block}", {"block_size": str(block)}) for block in (32, 64, 128)]
+        settings.append(("builder int4 k_quant_mixed", {"algo_config": "k_quant_mixed"}))
+        for name, extra in settings:
+            folder = work / name.replace(" ", "-")
+            start = time.perf_counter()
+            path = build_with_builder(args.builder_python, hf_directory(source), folder, "int4", extra)
+            add(name, folder, path, time.perf_counter() - start)
+    for quantizer in ("rtn", "gptq"):
+        candidate = copy.deepcopy(model)
+        start = time.perf_counter()
+        quantize_model(candidate, lambda _name: QuantFormat(4, 32, True), ids if quantizer == "gptq" else None,
+                       fisher_samples=args.fisher_samples)
+        folder = work / f"ours-int4-b32-{quantizer}"
+        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
+        add(f"ours int4 b32 {quantizer}", folder, path, time.perf_counter() - start)
+        del candidate
+
+    start = time.perf_counter()
+    units = price_units(model, ids, ids[: args.fisher_samples])
+    pricing_s = time.perf_counter() - start
+    fixed = fixed_bytes(model) + constant_bytes(model)
+    for budget in (float(b) for b in args.budgets.split(",")):
+        start = time.perf_counter()
+        choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units],
+                                          int(budget * 1e6) - fixed, FORMAT_BYTES_STEP)
+        if choice is None:
+            print(f"[auto {budget}] infeasible", file=sys.stderr)
+            continue
+        for unit, option in zip(units, choice):
+            unit.choice = option
+        candidate = copy.deepcopy(model)
+        apply_choices(candidate, units)
+        folder = work / f"ours-auto-{budget:g}"
+        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
+        counts: dict[str, int] = {}
+        for unit in units:
+            key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn")
+            counts[key] = counts.get(key, 0) + 1
+        add(f"ours auto {budget:g} MB", folder, path, pricing_s + time.perf_counter() - start,
+            {"budget_mb": budget, "formats": counts,
+             "predicted_loss_increase": round(sum(u.loss[u.choice] for u in units), 5)})
+        del candidate
+
+    # decode: every graph in each round, in a fresh process, ratios paired per round against the first row
+    speeds = {i: [] for i in range(len(rows))}
+    for r in range(args.timing_rounds):
+        print(f"timing round {r + 1}/{args.timing_rounds}", file=sys.stderr)
+        for i, path in enumerate(graphs):
+            figures = probe(path, prompt, args.new_tokens, args.threads)
+            speeds[i].append(figures)
+    for i, row in enumerate(rows):
+        tps = [f["decode_tok_s"] for f in speeds[i]]
+        row["decode_tok_s"] = round(statistics.median(tps), 2)
+        row["decode_vs_first"] = round(statistics.median(
+            [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(speeds[i], speeds[0])]), 3)
+        row["peak_rss_mb"] = round(statistics.median(f["peak_rss_mb"] for f in speeds[i]), 1)
+    header = (f"SmolLM2-135M-Instruct, WikiText-2 test, {windows.shape[0]} windows of 512 tokens, ONNX Runtime CPU, "
+              f"{args.threads} threads; decode: median of {args.timing_rounds} rounds, ratio paired per round "
+              f"against `{rows[0]['row']}`")
+    lines = [header, "", "| row | weight MB | perplexity | decode tok/s | vs first | peak RSS MB | formats |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        formats = ", ".join(f"{v} {k}" for k, v in row.get("formats", {}).items()) or "-"
+        lines.append(f"| {row['row']} | {row['weight_mb']} | {row['perplexity']} | {row['decode_tok_s']} | "
+                     f"{row['decode_vs_first']} | {row['peak_rss_mb']} | {formats} |")
+    table = "\n".join(lines)
+    publish_results("frontier", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
+                                 "pricing_s": round(pricing_s, 1)}, table)
+    plot(rows, ROOT / "benchmarks" / "results" / "frontier.png")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("builder", "s"), ("ours int4", "o"), ("ours auto", "*")):
+        chosen = [r for r in rows if r["row"].startswith(kind)]
+        if chosen:
+            axes.plot([r["weight_mb"] for r in chosen], [r["perplexity"] for r in chosen], marker, label=kind,
+                      markersize=9)
+    axes.set_xlabel("weight MB on disk")
+    axes.set_ylabel("WikiText-2 perplexity (ONNX Runtime)")
+    axes.set_title("SmolLM2-135M-Instruct: size vs quality")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

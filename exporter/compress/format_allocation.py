@@ -1,0 +1,208 @@
+"""`--weights auto`: one format per graph weight (bits and block size) under a byte budget, priced by loss.
+
+Units. The graph multiplies by one MatMulNBits per input it reads (projections sharing an input are one
+fused first stage; a folded corrective branch shares its projection's second stage), and one MatMulNBits
+has one format, so the linears that feed one node are one unit (`format_units`).
+
+Menu. Every unit can take each format of `MENU` (int4 at blocks 128/64/32, int8 at 32 ...), each with exact
+bytes (QuantFormat.matrix_bytes) and an estimated loss increase.
+
+Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
+diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
+channel a_i and per position w_t (exporter.compress.importance.output_sensitivity: one backward pass per
+sequence prices every linear at once), and the error's energy per output taken from the position-weighted
+input Gram G = sum_t w_t x_t x_t^T over the T_G calibration tokens (the same Gram GPTQ minimizes):
+
+    dL ~= 1/2 * sum_i a_i (E G E^T)_ii / T_G
+
+E is the actual GPTQ error of that format, so the estimate sees the grid, the block size and GPTQ's
+compensation. Cross-terms between units are ignored (their errors are independent), so the estimates add.
+
+Choice. A multiple-choice knapsack (exporter.compress.allocate.multiple_choice_knapsack): the least total
+estimated loss whose bytes fit the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from exporter.compress.gptq import gptq
+from exporter.compress.grams import iter_layer_grams
+from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
+from exporter.compress.importance import EMBEDDING, output_sensitivity, position_weights
+from exporter.compress.lowrank import CorrectedLinear
+from exporter.compress.quantize import grid_linears, head_gram, set_grid
+from exporter.source.model import layers_prefix
+
+CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
+# Asymmetric grids (uint8 zero points) only: as fast as symmetric ones in ONNX Runtime's CPU kernel and closer.
+# Min-max grids (float zero points, exact for a Q4_1 source) are left out: that kernel runs them ~20x slower.
+MENU = tuple(QuantFormat.parse(name) for name in
+             ("int4-b128-asym", "int4-b64-asym", "int4-b32-asym", "int4-b16-asym", "int8-b128", "int8-b32"))
+
+
+@dataclass
+class Unit:
+    """Linears written as one MatMulNBits, and each menu format's bytes, estimated loss and grids."""
+
+    name: str
+    members: list[str]
+    options: list[QuantFormat]
+    methods: list[str]  # gptq | rtn, per option
+    bytes: list[int]
+    loss: list[float]
+    grids: list[dict[str, GridWeights]]
+    weights: int = 0  # parameters of its linears
+    choice: int = -1
+
+    def to_dict(self) -> dict:
+        return {"unit": self.name, "weights": self.weights, "format": self.options[self.choice].name,
+                "method": self.methods[self.choice], "bytes": self.bytes[self.choice], "predicted_loss_increase": self.loss[self.choice],
+                "menu": [{"format": f.name, "method": m, "bytes": b, "predicted_loss_increase": loss}
+                         for f, m, b, loss in zip(self.options, self.methods, self.bytes, self.loss)]}
+
+
+def format_units(model) -> list[list[str]]:
+    """Groups of grid linears that one MatMulNBits holds: those reading one input tensor (found by running
+    one short sequence), each folded corrective branch's up factor with its projection's up factor."""
+    linears = grid_linears(model)
+    by_module = {id(m): name for name, m in linears.items()}
+    seen: dict[tuple, tuple] = {}  # (address, shape) -> (the input, readers)
+
+    def hook(name):
+        def grab(_module, args):
+            x = args[0]
+            # holding x keeps its memory from going to a later tensor of the same shape
+            seen.setdefault((x.data_ptr(), tuple(x.shape)), (x, []))[1].append(name)
+        return grab
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    sample = torch.arange(min(8, model.config.vocab_size)).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            model(sample, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    parent = list(range(len(linears)))
+    index = {name: i for i, name in enumerate(linears)}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: str, b: str):
+        parent[find(index[a])] = find(index[b])
+
+    for _x, names in seen.values():
+        for other in names[1:]:
+            union(other, names[0])
+    for module in model.modules():
+        if isinstance(module, CorrectedLinear):
+            union(by_module[id(module.corrective_up)], by_module[id(module.base.up)])
+    groups: dict[int, list[str]] = {}
+    for name in linears:
+        groups.setdefault(find(index[name]), []).append(name)
+    return list(groups.values())
+
+
+def _error(weight: torch.Tensor, grid: GridWeights) -> torch.Tensor:
+    return weight.detach().double() - torch.from_numpy(grid.dequantize()).double()
+
+
+def estimated_loss(weight: torch.Tensor, grid: GridWeights, gram: torch.Tensor, fisher: torch.Tensor,
+                   tokens: int) -> float:
+    error = _error(weight, grid)
+    per_output = ((error @ gram) * error).sum(dim=1)
+    return 0.5 * float(fisher @ per_output) / tokens
+
+
+def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.Tensor, fisher: torch.Tensor) -> float:
+    """The estimate for a tied embedding's rows: its Gram is diagonal, each token's share of the calibration."""
+    return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
+
+
+def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True
+                ) -> list[Unit]:
+    """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
+    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may)."""
+    from tqdm.auto import tqdm
+
+    linears = grid_linears(model)
+    groups = format_units(model)
+    sensitivity = output_sensitivity(model, fisher_ids, list(linears), progress)
+    fisher = {name: s.channels for name, s in sensitivity.items()}
+    tokens = input_ids.numel()
+    grams: dict[str, torch.Tensor] = {}
+    for _index, _layer, layer_grams in iter_layer_grams(model, input_ids, progress=progress,
+                                                        position_weights=position_weights(sensitivity)):
+        grams.update(layer_grams)
+    head = model.get_output_embeddings()
+    head_name = next(n for n, m in linears.items() if m is head)
+    grams[head_name] = head_gram(model, input_ids)
+    tied = head.weight is model.get_input_embeddings().weight
+    # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
+    at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].expand(input_ids.shape).reshape(-1)
+    share = torch.zeros(head.out_features, dtype=torch.float64).index_add_(0, input_ids.reshape(-1), at) / tokens
+    units = []
+    for members in tqdm(groups, desc="pricing formats", unit="unit", disable=not progress):
+        methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
+        unit = Unit(_unit_name(members), members, [], [], [], [], [],
+                    weights=sum(linears[n].weight.numel() for n in members))
+        for fmt in menu:
+            for method in methods:
+                grids = {n: gptq(linears[n].weight, grams[n], fmt, CLIP) if method == "gptq"
+                         else round_to_nearest(linears[n].weight.detach().float().numpy(), fmt, CLIP)
+                         for n in members}
+                loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
+                if tied and head_name in members:
+                    loss += embedding_loss(head.weight, grids[head_name], share, fisher[EMBEDDING])
+                unit.options.append(fmt)
+                unit.methods.append(method)
+                unit.grids.append(grids)
+                unit.bytes.append(sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members))
+                unit.loss.append(loss)
+        units.append(unit)
+    return units
+
+
+def _unit_name(members: list[str]) -> str:
+    if len(members) == 1:
+        return members[0]
+    parent = members[0].rpartition(".")[0]
+    return parent + "." + "+".join(m.rpartition(".")[2] for m in members)
+
+
+def byte_range(model, menu=MENU) -> tuple[int, int]:
+    """(smallest, largest) weight bytes the menu allows, fixed bytes included: known before any pricing."""
+    linears = grid_linears(model)
+    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members) for f in menu]
+                for members in format_units(model)]
+    fixed = fixed_bytes(model)
+    return fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit)
+
+
+def fixed_bytes(model) -> int:
+    """Weight bytes outside the units: float parameters the graph stores as they are (norms, biases, an
+    untied embedding); a tied embedding is gathered from lm_head's blocks."""
+    grid_weights = {id(m.weight) for m in grid_linears(model).values()}
+    return sum(p.numel() * 4 for p in model.parameters() if id(p) not in grid_weights)
+
+
+def apply_choices(model, units: list[Unit]) -> None:
+    linears = grid_linears(model)
+    for unit in units:
+        for name, grid in unit.grids[unit.choice].items():
+            set_grid(linears[name], grid)
+
+
+def layer_of(name: str, model) -> int | None:
+    prefix = layers_prefix(model) + "."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix):].split(".", 1)[0])
+

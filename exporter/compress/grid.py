@@ -1,0 +1,173 @@
+"""Block grids: the integer codes, scales and zero points a quantized weight is stored as (numpy, torch-free).
+
+A weight matrix (out x in, as nn.Linear holds it) is cut into blocks of `block_size` along `in`
+(MatMulNBits' K; the last block zero-padded). Each block stores unsigned `bits`-bit codes q, a float32
+scale s and a zero point z, and reads back as (q - z) * s, computed in float32 exactly as written here:
+the PyTorch model holds these dequantized values, so the graph's MatMulNBits (exporter.graph.matmul_nbits)
+computes with the very weights the PyTorch model was checked with.
+
+Grids: symmetric (z = 2^(bits-1), the block's largest-magnitude value v mapped to code 0: s = v / -2^(bits-1),
+ONNX Runtime's own RTN rule), asymmetric (min/max with 0 kept on the grid, z an integer code: MatMulNBits'
+packed uint8 zero points) or min-max (z a float: the grid spans exactly the block's min to max, 0 need not be on
+it; MatMulNBits takes such zero points in the scales' type). A min-max grid of 16 levels is llama.cpp's Q4_1
+(scale and minimum per block of 32): weights dequantized from such a source sit on it again. Grids may shrink
+the range (`clip`, off by default: it raised SmolLM2-135M's perplexity, docs/quantization.md): the block keeps
+the shrink factor of a small search that minimizes its squared error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One way of storing a weight matrix: `bits` (4 or 8), `block_size` along the input, symmetric or not; an
+    asymmetric grid's zero point an integer code or a float (`float_zero`: min-max grids)."""
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    float_zero: bool = False
+
+    def __post_init__(self):
+        if self.float_zero and self.symmetric:
+            raise ValueError("float zero points are for asymmetric grids")
+        if self.bits not in (4, 8):
+            raise ValueError(f"{self.bits}-bit weights: MatMulNBits is written at 4 or 8 bits")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block size {self.block_size}: MatMulNBits needs a power of two >= 16")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}-b{self.block_size}" + ("" if self.symmetric else
+                                                        "-minmax" if self.float_zero else "-asym")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantFormat:
+        """`int4-b32`, `int8-b128-asym`, `int4-b32-minmax` (the inverse of `name`)."""
+        match = re.fullmatch(r"int(\d+)-b(\d+)(-asym|-minmax)?", text)
+        if not match:
+            raise ValueError(f"quantization format {text!r}: expected int<bits>-b<block>[-asym|-minmax], e.g. int4-b32")
+        return cls(int(match[1]), int(match[2]), match[3] is None, match[3] == "-minmax")
+
+    @property
+    def zero_dtype(self):
+        return np.float32 if self.float_zero else np.uint8
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    def blocks(self, in_features: int) -> int:
+        return math.ceil(in_features / self.block_size)
+
+    def matrix_bytes(self, out_features: int, in_features: int, scale_bytes: int = 4) -> int:
+        """Bytes of the MatMulNBits initializers for an out x in weight: packed codes, scales, packed zero points."""
+        blocks = self.blocks(in_features)
+        codes = out_features * blocks * self.block_size * self.bits // 8
+        zeros = (0 if self.symmetric else out_features * blocks * scale_bytes if self.float_zero
+                 else out_features * math.ceil(blocks * self.bits / 8))
+        return codes + out_features * blocks * scale_bytes + zeros
+
+
+@dataclass
+class GridWeights:
+    """A quantized out x in weight: codes (out x blocks*block_size, uint8, padding included), scales and zero
+    points (out x blocks; zero points uint8, float32 for min-max grids)."""
+
+    fmt: QuantFormat
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    in_features: int
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.codes, self.scales, self.zeros, self.fmt.block_size)[:, : self.in_features]
+
+
+def blocked(weight: np.ndarray, block_size: int, edge: bool = False) -> np.ndarray:
+    """out x in -> out x blocks x block_size, zero-padded along in (`edge`: padded with the last value, which
+    leaves a min-max grid's range as the real values' alone)."""
+    out_features, in_features = weight.shape
+    pad = (-in_features) % block_size
+    if pad:
+        weight = np.pad(weight, ((0, 0), (0, pad)), mode="edge" if edge else "constant")
+    return weight.reshape(out_features, -1, block_size)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_size: int) -> np.ndarray:
+    """(q - z) * s in float32, the one formula every reader of a grid uses."""
+    out_features = codes.shape[0]
+    q = codes.reshape(out_features, -1, block_size).astype(np.float32)
+    return ((q - zeros[..., None].astype(np.float32)) * scales[..., None]).reshape(out_features, -1)
+
+
+def block_params(blocks: np.ndarray, fmt: QuantFormat, shrink: float | np.ndarray = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(scales, zero points) of `blocks` (... x block_size, float32), the range shrunk by `shrink`."""
+    blocks = blocks.astype(np.float32)
+    top = fmt.levels - 1
+    if fmt.symmetric:
+        index = np.abs(blocks).argmax(axis=-1)[..., None]
+        peak = np.take_along_axis(blocks, index, axis=-1)[..., 0] * np.float32(shrink)
+        scales = (peak / np.float32(-(fmt.levels // 2))).astype(np.float32)
+        zeros = np.full(scales.shape, fmt.levels // 2, dtype=np.uint8)
+        return scales, zeros
+    if fmt.float_zero:  # the block's own range; a constant block c: s = |c|, z = -c / s
+        low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+        middle = (low + high) / 2
+        low, high = middle + (low - middle) * np.float32(shrink), middle + (high - middle) * np.float32(shrink)
+        scales = ((high - low) / np.float32(top)).astype(np.float32)
+        scales = np.where(scales == 0, np.where(low == 0, np.float32(1), np.abs(low)), scales).astype(np.float32)
+        return scales, (-low / scales).astype(np.float32)
+    low = np.minimum(blocks.min(axis=-1), 0) * np.float32(shrink)
+    high = np.maximum(blocks.max(axis=-1), 0) * np.float32(shrink)
+    scales = ((high - low) / np.float32(top)).astype(np.float32)
+    safe = np.where(scales == 0, np.float32(1), scales)
+    zeros = np.clip(np.round(-low / safe), 0, top).astype(np.uint8)
+    return scales, zeros
+
+
+def block_codes(blocks: np.ndarray, scales: np.ndarray, zeros: np.ndarray, fmt: QuantFormat) -> np.ndarray:
+    """The nearest codes of `blocks` on the grids (scales, zeros): round(w / s + z), clipped."""
+    safe = np.where(scales == 0, np.float32(1), scales)[..., None]
+    codes = np.round(blocks.astype(np.float32) / safe + zeros[..., None].astype(np.float32))
+    return np.clip(codes, 0, fmt.levels - 1).astype(np.uint8)
+
+
+def fit_blocks(blocks: np.ndarray, fmt: QuantFormat, clip: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scales, zeros) of `blocks` (... x block_size): round to nearest on each block's grid, the grid's
+    range shrunk where that lowers the block's squared error (`clip`)."""
+    blocks = blocks.astype(np.float32)
+    best = None
+    for shrink in CLIP_FACTORS if clip else (1.0,):
+        scales, zeros = block_params(blocks, fmt, shrink)
+        codes = block_codes(blocks, scales, zeros, fmt)
+        error = (((codes.astype(np.float32) - zeros[..., None]) * scales[..., None] - blocks) ** 2).sum(axis=-1)
+        if best is None:
+            best = [codes, scales, zeros, error]
+            continue
+        better = error < best[3]
+        best[0] = np.where(better[..., None], codes, best[0])
+        best[1] = np.where(better, scales, best[1])
+        best[2] = np.where(better, zeros, best[2])
+        best[3] = np.where(better, error, best[3])
+    return best[0], best[1], best[2]
+
+
+def round_to_nearest(weight: np.ndarray, fmt: QuantFormat, clip: bool = False) -> GridWeights:
+    """The data-free grid of an out x in weight (RTN; `clip=False` is ONNX Runtime's own symmetric RTN)."""
+    blocks = blocked(np.asarray(weight, dtype=np.float32), fmt.block_size, edge=fmt.float_zero)
+    codes, scales, zeros = fit_blocks(blocks, fmt, clip)
+    pad = (-weight.shape[1]) % fmt.block_size
+    if pad:  # padding's codes: those of 0, as the graph's B is padded
+        codes[:, -1, -pad:] = block_codes(np.zeros((weight.shape[0], 1), np.float32), scales[:, -1], zeros[:, -1], fmt)
+    return GridWeights(fmt, codes.reshape(weight.shape[0], -1), scales, zeros, weight.shape[1])

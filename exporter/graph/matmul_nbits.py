@@ -1,0 +1,237 @@
+"""MatMulNBits (and GatherBlockQuantized) from block grids, packed by the exporter itself.
+
+The fused graph concatenates projections into first stages, stacks up factors and slices rank levels,
+so one MatMul's B (K x N) holds rows of many nn.Linear weights. Every one of its columns is a row of some
+linear, and blocks run along K from 0 in both, so each (column, block) of B is a block of a linear's row.
+A `GridRegistry` indexes the blocks of every quantized linear (exporter.compress.quantize: `weight_grid`) by
+a hash of their dequantized float32 values; `quantize_matmuls` finds each B block's grid there and packs its
+codes, so the graph holds exactly the codes PyTorch dequantized (checked block by block: a block whose
+stored grid does not reproduce it, or no grid was found for, is rounded to nearest instead, the data-free
+fallback). One MatMul has one format (bits, block size, zero points): the one most of its blocks were
+quantized with.
+
+Layout (com.microsoft MatMulNBits): B uint8 [N, blocks, block_size * bits / 8], codes packed low bits first;
+scales [N, blocks] in the activations' type; zero points uint8 [N, ceil(blocks * bits / 8)] packed the same
+way, omitted for symmetric grids (the default zero point 2^(bits-1) is theirs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exporter.compress.grid import QuantFormat, block_codes, blocked, dequantize, fit_blocks
+
+MS_DOMAIN = "com.microsoft"
+_HASH_SEED = 20261202
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (..., n) along the last axis, low bits first: n * bits / 8 bytes."""
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    pad = (-codes.shape[-1]) % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    grouped = codes.reshape(codes.shape[:-1] + (-1, per_byte))
+    packed = np.zeros(grouped.shape[:-1], np.uint8)
+    for i in range(per_byte):
+        packed |= (grouped[..., i] << (i * bits)).astype(np.uint8)
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(per_byte)]
+    return np.stack(parts, axis=-1).reshape(packed.shape[:-1] + (-1,))[..., :count]
+
+
+def block_hashes(blocks: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each float32 block (..., block_size) from its values' bits (equal values, equal hash)."""
+    size = blocks.shape[-1]
+    multipliers = np.random.default_rng(_HASH_SEED + size).integers(1, 2**63, size, dtype=np.uint64) | np.uint64(1)
+    # + 0 turns -0.0 into 0.0: a negative scale dequantizes zero codes to -0.0, padding is +0.0
+    bits = (np.asarray(blocks, dtype=np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = bits * multipliers
+        mixed ^= mixed >> np.uint64(29)
+        return mixed.sum(axis=-1, dtype=np.uint64)
+
+
+class GridRegistry:
+    """The grids of a model's quantized linears, indexed by the hash of each dequantized block."""
+
+    def __init__(self, grids=()):
+        pending: dict[QuantFormat, list] = {}
+        for grid in grids:  # padding as the graph's B pads: zeros (a min-max grid may not hold 0)
+            values = blocked(grid.dequantize(), grid.fmt.block_size)
+            pending.setdefault(grid.fmt, []).append(
+                (block_hashes(values).ravel(), grid.scales.ravel(), grid.zeros.ravel()))
+        self.tables = {}
+        for fmt, parts in pending.items():
+            hashes, scales, zeros = (np.concatenate(p) for p in zip(*parts))
+            order = np.argsort(hashes, kind="stable")
+            self.tables[fmt] = (hashes[order], scales[order], zeros[order])
+
+    @classmethod
+    def from_model(cls, model) -> GridRegistry:
+        from exporter.compress.quantize import grid_of
+
+        grids = {id(g): g for m in model.modules() if (g := grid_of(m)) is not None}
+        return cls(grids.values())
+
+    @property
+    def formats(self) -> list[QuantFormat]:
+        return list(self.tables)
+
+    def lookup(self, fmt: QuantFormat, blocks: np.ndarray, width: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found, scales, zeros) for blocks (M x block_size) of `fmt`: a grid whose codes reproduce the block
+        exactly (found False elsewhere); only the first `width` values count (the rest: padding)."""
+        count = blocks.shape[0]
+        scales, zeros = np.zeros(count, np.float32), np.zeros(count, fmt.zero_dtype)
+        table = self.tables.get(fmt)
+        if table is None or count == 0:
+            return np.zeros(count, bool), scales, zeros
+        hashes, table_scales, table_zeros = table
+        wanted = block_hashes(blocks)
+        where = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+        hit = hashes[where] == wanted
+        scales[hit], zeros[hit] = table_scales[where[hit]], table_zeros[where[hit]]
+        codes = block_codes(blocks, scales, zeros, fmt)
+        exact = (dequantize(codes, scales[:, None], zeros[:, None], fmt.block_size) == blocks)[:, :width].all(axis=-1)
+        return hit & exact, scales, zeros
+
+
+def grid_matrix(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(codes N x blocks x block_size, scales N x blocks, zeros N x blocks, blocks found in the registry) of an
+    out x in weight (a MatMul's B transposed): registered grids where they reproduce a block, RTN elsewhere."""
+    blocks = blocked(np.asarray(weight, np.float32), fmt.block_size)
+    n, count, size = blocks.shape
+    flat = blocks.reshape(-1, size)
+    found = np.zeros(len(flat), bool)
+    scales, zeros = np.zeros(len(flat), np.float32), np.zeros(len(flat), fmt.zero_dtype)
+    if registry is not None:
+        whole = registry.lookup(fmt, flat.reshape(n, count, size)[:, :-1].reshape(-1, size))
+        last = registry.lookup(fmt, flat.reshape(n, count, size)[:, -1], weight.shape[1] - (count - 1) * size)
+        for mine, (a, b) in zip((found, scales, zeros), zip(whole, last)):
+            view = mine.reshape(n, count)
+            view[:, :-1], view[:, -1] = a.reshape(n, count - 1), b
+    codes = np.zeros(flat.shape, np.uint8)
+    codes[found] = block_codes(flat[found], scales[found], zeros[found], fmt)
+    if not found.all():
+        c, s, z = fit_blocks(flat[~found], fmt)
+        codes[~found], scales[~found], zeros[~found] = c, s, z
+    return codes.reshape(n, count, size), scales.reshape(n, count), zeros.reshape(n, count), int(found.sum())
+
+
+def choose_format(weight: np.ndarray, registry: GridRegistry | None, default: QuantFormat) -> QuantFormat:
+    """The registered format most of this weight's blocks were quantized with (`default` where none)."""
+    best, best_found = default, 0
+    for fmt in registry.formats if registry else []:
+        flat = blocked(np.asarray(weight, np.float32), fmt.block_size).reshape(-1, fmt.block_size)
+        sample = flat[:: max(1, len(flat) // 4096)]  # a strided sample decides; grid_matrix checks them all
+        found = int(registry.lookup(fmt, sample)[0].sum())
+        if found > best_found:
+            best, best_found = fmt, found
+    return best
+
+
+def matmul_nbits_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry | None = None,
+                        scale_dtype=np.float32) -> tuple[dict[str, np.ndarray], int]:
+    """({"B", "scales", "zero_points" (asymmetric only)}, blocks found in the registry) for an out x in weight."""
+    codes, scales, zeros, found = grid_matrix(weight, fmt, registry)
+    arrays = {"B": pack_codes(codes, fmt.bits), "scales": scales.astype(scale_dtype)}
+    if fmt.float_zero:  # unpacked, in the scales' type
+        arrays["zero_points"] = zeros.astype(scale_dtype)
+    elif not fmt.symmetric:
+        arrays["zero_points"] = pack_codes(zeros, fmt.bits)
+    return arrays, found
+
+
+def dequantize_inputs(arrays: dict[str, np.ndarray], fmt: QuantFormat, in_features: int) -> np.ndarray:
+    """The out x in float32 weight a MatMulNBits with these inputs multiplies by (the inverse of packing)."""
+    n, count, _ = arrays["B"].shape
+    codes = unpack_codes(arrays["B"], fmt.bits, fmt.block_size).reshape(n, count * fmt.block_size)
+    if fmt.float_zero:
+        zeros = arrays["zero_points"].astype(np.float32)
+    elif "zero_points" in arrays:
+        zeros = unpack_codes(arrays["zero_points"], fmt.bits, count)
+    else:
+        zeros = np.full((n, count), fmt.levels // 2, np.uint8)
+    return dequantize(codes, arrays["scales"].astype(np.float32), zeros, fmt.block_size)[:, :in_features]
+
+
+def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None = None,
+                     accuracy_level: int | None = None) -> dict:
+    """Replace every MatMul by a constant 2-D float B with MatMulNBits (in place). Returns a summary:
+    {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    summary = {"formats": {}, "blocks": 0, "registered": 0}
+    nodes = list(graph.node)
+    for position, node in enumerate(nodes):
+        if node.op_type != "MatMul" or node.input[1] not in initializers:
+            continue
+        tensor = initializers[node.input[1]]
+        b = numpy_helper.to_array(tensor)
+        if b.ndim != 2 or b.dtype not in (np.float32, np.float16):
+            continue
+        k, n = b.shape
+        weight = b.T.astype(np.float32)
+        fmt = choose_format(weight, registry, default)
+        arrays, found = matmul_nbits_inputs(weight, fmt, registry, b.dtype)
+        stem = node.input[1]
+        names = []
+        for key in ("B", "scales", "zero_points"):
+            if key in arrays:
+                names.append(f"{stem}_Q{fmt.bits}" if key == "B" else f"{stem}_{key}")
+                graph.initializer.append(numpy_helper.from_array(arrays[key], names[-1]))
+        inputs = [node.input[0], names[0], names[1]] + ([names[2]] if len(names) > 2 else [])
+        attributes = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.block_size}
+        if accuracy_level is not None:
+            attributes["accuracy_level"] = accuracy_level
+        replacement = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{fmt.bits}",
+                                       domain=MS_DOMAIN, **attributes)
+        graph.node.remove(node)
+        graph.node.insert(position, replacement)
+        consumers[stem] -= 1
+        if consumers[stem] == 0:
+            graph.initializer.remove(tensor)
+        summary["formats"][stem] = fmt.name
+        summary["blocks"] += arrays["scales"].size
+        summary["registered"] += found
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return summary
+
+
+def graph_formats(onnx_path) -> dict[str, int]:
+    """{format name: MatMulNBits nodes} of a saved graph (GatherBlockQuantized counted as `gather <format>`)."""
+    import onnx
+    from onnx import helper
+
+    counts: dict[str, int] = {}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        zero_points = node.input[3] if len(node.input) > 3 else ""
+        float_zero = bool(zero_points) and types.get(zero_points) != onnx.TensorProto.UINT8
+        name = QuantFormat(attributes["bits"], attributes["block_size"], not zero_points, float_zero).name
+        key = name if node.op_type == "MatMulNBits" else f"gather {name}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
