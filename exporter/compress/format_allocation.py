@@ -4,7 +4,7 @@ Units. The graph multiplies by one MatMulNBits per input it reads (projections s
 fused first stage; a folded corrective branch shares its projection's second stage), and one MatMulNBits
 has one format, so the linears that feed one node are one unit (`format_units`).
 
-Menu. Every unit can take each format of `MENU` (int4 at blocks 128/64/32, int8 at 32 ...), each with exact
+Menu. Every unit can take each format of `MENU` (int4 at blocks 256 to 16, int8 at 128 and 32), each with exact
 bytes (QuantFormat.matrix_bytes) and an estimated loss increase.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
@@ -37,10 +37,12 @@ from exporter.compress.quantize import grid_linears, head_gram, set_grid
 from exporter.source.model import layers_prefix
 
 CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
-# Asymmetric grids (uint8 zero points) only: as fast as symmetric ones in ONNX Runtime's CPU kernel and closer.
+# Mostly asymmetric grids (uint8 zero points): as fast as symmetric ones in ONNX Runtime's CPU kernel and closer;
+# symmetric b64 and asymmetric b256 are the byte-saving steps (a 576-wide row at b128 pads to 640).
 # Min-max grids (float zero points, exact for a Q4_1 source) are left out: that kernel runs them ~20x slower.
 MENU = tuple(QuantFormat.parse(name) for name in
-             ("int4-b128-asym", "int4-b64-asym", "int4-b32-asym", "int4-b16-asym", "int8-b128", "int8-b32"))
+             ("int4-b256-asym", "int4-b128-asym", "int4-b64", "int4-b64-asym", "int4-b32-asym", "int4-b16-asym",
+              "int8-b128", "int8-b32"))
 
 
 @dataclass
