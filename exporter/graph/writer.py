@@ -569,9 +569,15 @@ def _max_positions(config) -> int:
     return int(getattr(config, "max_position_embeddings", 4096))
 
 
+GRAPH_BYTES_PER_LAYER = 8_000  # model.onnx's own protobuf (nodes, names, shapes): SmolLM2-135M int4, ~5.6 KB/layer
+GRAPH_BYTES_BASE = 32_000
+
+
 def constant_bytes(model, activations: str = "fp32") -> int:
-    """Bytes the graph stores besides the model's parameters: the rotary cos/sin caches."""
-    return 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
+    """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches, and an allowance
+    for the graph's own protobuf, so that a byte budget holds for everything named model.onnx*."""
+    rope = 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
+    return rope + GRAPH_BYTES_BASE + GRAPH_BYTES_PER_LAYER * model.config.num_hidden_layers
 
 
 def _rope_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
