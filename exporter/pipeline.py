@@ -293,12 +293,13 @@ def choose_formats(plan: Plan, options: ExportOptions, ids, clock: Stopwatch) ->
         raise ExporterError("--weights auto needs calibration data to price formats (it reads --calib or "
                             "self-generated text); pass --quantizer gptq")
     budget_bytes = int(plan.budget.bytes if options.budget_mb is None else options.budget_mb * MB)
-    smallest, largest = (b + constant_bytes(plan.model, options.activations) for b in byte_range(plan.model))
-    if budget_bytes < smallest + FORMAT_BYTES_STEP * len(format_units(plan.model)):  # before minutes of pricing
+    groups = format_units(plan.model)
+    smallest, largest = (b + constant_bytes(plan.model, options.activations) for b in byte_range(plan.model, groups))
+    if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     with clock.stage("price formats"):
-        units = price_units(plan.model, ids, ids[: options.fisher_samples], progress=options.progress)
+        units = price_units(plan.model, ids, ids[: options.fisher_samples], progress=options.progress, groups=groups)
     fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,

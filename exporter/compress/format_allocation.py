@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from exporter.compress.factorize import unit_name
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
 from exporter.compress.importance import EMBEDDING, output_sensitivity, position_weights
 from exporter.compress.lowrank import CorrectedLinear
-from exporter.compress.quantize import grid_linears, head_gram, set_grid
+from exporter.compress.quantize import grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
 
 CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
@@ -128,14 +129,14 @@ def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.T
     return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
 
 
-def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True
-                ) -> list[Unit]:
+def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
+                groups: list[list[str]] | None = None) -> list[Unit]:
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
     round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may)."""
     from tqdm.auto import tqdm
 
     linears = grid_linears(model)
-    groups = format_units(model)
+    groups = groups or format_units(model)
     sensitivity = output_sensitivity(model, fisher_ids, list(linears), progress)
     fisher = {name: s.channels for name, s in sensitivity.items()}
     tokens = input_ids.numel()
@@ -144,7 +145,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                                                         position_weights=position_weights(sensitivity)):
         grams.update(layer_grams)
     head = model.get_output_embeddings()
-    head_name = next(n for n, m in linears.items() if m is head)
+    head_name = module_name(model, head)
     grams[head_name] = head_gram(model, input_ids)
     tied = head.weight is model.get_input_embeddings().weight
     # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
@@ -153,7 +154,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     units = []
     for members in tqdm(groups, desc="pricing formats", unit="unit", disable=not progress):
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
-        unit = Unit(_unit_name(members), members, [], [], [], [], [],
+        unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
         for fmt in menu:
             for method in methods:
@@ -172,18 +173,11 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     return units
 
 
-def _unit_name(members: list[str]) -> str:
-    if len(members) == 1:
-        return members[0]
-    parent = members[0].rpartition(".")[0]
-    return parent + "." + "+".join(m.rpartition(".")[2] for m in members)
-
-
-def byte_range(model, menu=MENU) -> tuple[int, int]:
-    """(smallest, largest) weight bytes the menu allows, fixed bytes included: known before any pricing."""
+def byte_range(model, groups: list[list[str]], menu=MENU) -> tuple[int, int]:
+    """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included: known
+    before any pricing."""
     linears = grid_linears(model)
-    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members) for f in menu]
-                for members in format_units(model)]
+    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members) for f in menu] for members in groups]
     fixed = fixed_bytes(model)
     return fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit)
 

@@ -49,11 +49,11 @@ def grid_linears(model) -> dict[str, nn.Linear]:
              for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
-        found[_name_of(model, head)] = head
+        found[module_name(model, head)] = head
     return found
 
 
-def _name_of(model, module) -> str:
+def module_name(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
@@ -96,7 +96,7 @@ def quantize_model(model, format_of: Callable[[str], QuantFormat | None], input_
     linears = grid_linears(model)
     todo = {name: fmt for name, module in linears.items()
             if grid_of(module) is None and (fmt := format_of(name)) is not None}
-    head_name = _name_of(model, model.get_output_embeddings())
+    head_name = module_name(model, model.get_output_embeddings())
     if not todo:
         return todo
     if method == "gptq" and any(name != head_name for name in todo):
