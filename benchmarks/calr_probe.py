@@ -3,17 +3,20 @@
     python benchmarks/calr_probe.py --ratio 0.4 --corrective-rank 0     # FLRC alone
     python benchmarks/calr_probe.py --ratio 0.4 --corrective-rank 16    # FLRC + CALR, same parameters
 
-Calibration (WikiText-2 valid, 32 x 512), decompositions and Fisher importance are computed once and
-cached in --cache, so each variant costs only its branch fitting and the perplexity windows. For the
-full table with ONNX export and speed, use `benchmarks/run.py --rows calr`.
+The export's own steps (exporter.pipeline.prepare and compress without training: calibration on WikiText-2
+valid, 32 x 512, whitened decompositions, Fisher importance, ranks and branches at equal parameters), then
+the corrective training stages this probe varies. For the full table with ONNX export and speed, use
+`benchmarks/run.py --rows calr`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,25 +27,13 @@ sys.path.insert(0, str(ROOT))
 from exporter.compress.corrective import (  # noqa: E402
     CorrectiveOptions,
     CorrectiveReport,
-    attach_correctives,
-    dense_teacher,
     train_blockwise,
     train_end_to_end,
 )
-from exporter.compress.factorize import (  # noqa: E402
-    apply_ranks,
-    corrective_ranks,
-    count_params,
-    decoder_projections,
-    decompose_model,
-    effective_ranks,
-    parameter_summary,
-)
-from exporter.compress.importance import component_fisher  # noqa: E402
-from exporter.pipeline import choose_ranks  # noqa: E402
+from exporter.compress.factorize import corrective_ranks, count_params, effective_ranks, parameter_summary  # noqa: E402
+from exporter.device.profiles import load_profile  # noqa: E402
+from exporter.pipeline import ExportOptions, compress, prepare  # noqa: E402
 from exporter.runtime.evaluate import perplexity, text_windows  # noqa: E402
-from exporter.source.calibration import calibration_ids  # noqa: E402
-from exporter.source.model import load_model, resolve_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -58,36 +49,26 @@ def main() -> int:
     parser.add_argument("--factor-lr-scale", type=float, default=CorrectiveOptions.factor_lr_scale)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--rank-multiple", type=int, default=16)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/exporter-calr-probe.pt"))
     parser.add_argument("--allocation", choices=["fisher", "uniform"], default="fisher")
     parser.add_argument("--skip-blockwise", action="store_true", help="end-to-end KL only")
     parser.add_argument("--blockwise-cache", type=Path, default=None,
                         help="reuse (or save) the model state after the block-wise stage, to compare KL settings")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tokenizer = load_model(resolve_model(None))
-    if args.cache.is_file():
-        prep = torch.load(args.cache, weights_only=False)
-    else:
-        ids, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"), 32, 512, seed=0)
-        decompositions = decompose_model(model, "whitened", ids, full_rank=True)
-        prep = {"ids": ids, "dec": decompositions, "imp": component_fisher(model, decompositions, ids[:8])}
-        torch.save(prep, args.cache)
-    projections = decoder_projections(model)
-    budget = round((1 - args.ratio) * sum(p.params for p in projections))
     options = None if args.corrective_rank == 0 else CorrectiveOptions(
         rank=args.corrective_rank, epochs=args.epochs, kl_steps=args.kl_steps, kl_lr=args.kl_lr,
         tune_factors=args.tune_factors, factor_lr_scale=args.factor_lr_scale)
-    # The export's choice (no fallback multiple: a --rank-multiple that does not fit is an error here).
-    ranks, branches, _, _ = choose_ranks(projections, args.allocation, prep["imp"], budget, options,
-                                         args.rank_multiple)
-    total = count_params(model)
-    teacher = dense_teacher(model) if options else None
-    apply_ranks(model, prep["dec"], ranks)
+    host = load_profile("host")
+    host = replace(host, runtime=replace(host.runtime, rank_multiple=args.rank_multiple))
+    export = ExportOptions(device="host", calib=str(DATA / "wikitext-2" / "valid.txt"), calib_samples=32,
+                           calib_seq_len=512, seed=0, weights="fp32", ratio=args.ratio, allocation=args.allocation,
+                           correctives=options)
+    prepared = prepare(export, profile=host)
+    teacher, tokenizer = prepared.model, prepared.tokenizer
+    total = count_params(teacher)
+    plan = compress(prepared, model=copy.deepcopy(teacher), train=False)  # ranks and untrained branches
+    model, projections, ids = plan.model, plan.projections, prepared.calibration()[0]
     seconds = 0.0
     if options:
-        applied = effective_ranks(model, projections)
-        attach_correctives(model, prep["dec"], {n: r for n, r in branches.items() if applied[n] is not None})
         start = time.perf_counter()
         if args.skip_blockwise:
             report = CorrectiveReport()
@@ -95,10 +76,10 @@ def main() -> int:
             model.load_state_dict(torch.load(args.blockwise_cache))
             report = CorrectiveReport()
         else:
-            report = train_blockwise(model, teacher, prep["ids"], options)
+            report = train_blockwise(model, teacher, ids, options)
             if args.blockwise_cache:
                 torch.save(model.state_dict(), args.blockwise_cache)
-        report = train_end_to_end(model, teacher, prep["ids"], options, report=report)
+        report = train_end_to_end(model, teacher, ids, options, report=report)
         seconds = time.perf_counter() - start
     summary = parameter_summary(projections, effective_ranks(model, projections), total,
                                 corrective_ranks(model, projections))

@@ -51,7 +51,6 @@ from exporter.compress.factorize import (  # noqa: E402
     corrective_ranks,
     count_params,
     decoder_projections,
-    decompose_model,
     effective_ranks,
     parameter_summary,
     uniform_ranks,
@@ -59,10 +58,9 @@ from exporter.compress.factorize import (  # noqa: E402
 from exporter.compress.lowrank import CorrectedLinear  # noqa: E402
 from exporter.graph.optimum_export import torch_greedy  # noqa: E402
 from exporter.graph.writer import write_decoder  # noqa: E402
+from exporter.pipeline import ExportOptions, prepare  # noqa: E402
 from exporter.runtime.generation import OrtDecoder  # noqa: E402
 from exporter.settings import CorrectiveOptions  # noqa: E402
-from exporter.source.calibration import calibration_ids  # noqa: E402
-from exporter.source.model import load_model, resolve_model  # noqa: E402
 
 FORMS = ("folded", "separate")
 DATA = ROOT.parent / "shared" / "data"
@@ -74,10 +72,9 @@ TEXT = ("The engineer explains how a small language model is compressed for an e
 def build_model(ratio: float, corrective_rank: int, multiple: int, seed: int, calib: str | None,
                 samples: int, seq_len: int):
     """(model, tokenizer, summary): SmolLM2 with uniform ranks and random-B branches of `corrective_rank`."""
-    model, tokenizer = load_model(resolve_model(None))
-    ids = None
-    if calib is not None:
-        ids, _ = calibration_ids(model, tokenizer, calib, samples, seq_len, seed=seed, progress=False)
+    prepared = prepare(ExportOptions(device="host", calib=calib, calib_samples=samples, calib_seq_len=seq_len,
+                                     seed=seed, progress=False))
+    model, tokenizer = prepared.model, prepared.tokenizer
     projections = decoder_projections(model)
     dense = sum(p.params for p in projections)
     budget = round((1.0 - ratio) * dense)
@@ -89,7 +86,7 @@ def build_model(ratio: float, corrective_rank: int, multiple: int, seed: int, ca
     options = CorrectiveOptions(rank=corrective_rank)
     ranks, branches = settle_ranks(primary_ranks, projections, options, budget)
     total = count_params(model)
-    decompositions = decompose_model(model, "svd" if ids is None else "whitened", ids, progress=False)
+    decompositions = prepared.decompositions("svd" if calib is None else "whitened", joint=False, full_rank=False)
     apply_ranks(model, decompositions, ranks)
     applied = effective_ranks(model, projections)
     attach_correctives(model, decompositions, {n: r for n, r in branches.items() if applied[n] is not None})

@@ -3,9 +3,9 @@
     python benchmarks/frontier.py [--budgets 78,86.5,93.5,105.5] [--windows 64]
                                   [--builder-python .venv-builder/bin/python]
 
-One loaded model, one calibration, one pricing of every MatMulNBits' menu (the export's own steps:
-exporter.pipeline.calibration_ids, exporter.compress.format_allocation.price_units), then per budget the
-knapsack's choice written as the export writes it (exporter.graph.writer.write_decoder). Fixed rows: ours
+One loaded model, one calibration, one pricing of every MatMulNBits' menu (exporter.pipeline.prepare), then
+per row a copy compressed by the export's own step (exporter.pipeline.compress: the knapsack's choice under
+the row's budget) and written as the export writes it (exporter.graph.writer.write_decoder). Fixed rows: ours
 at int4 block 32 with RTN (ONNX Runtime's own rule: the builder's default grid) and with GPTQ, and the
 onnxruntime-genai builder's int4 at block 32/64/128 where --builder-python is given. Every row: weight MB on
 disk, perplexity through ONNX Runtime on the same WikiText-2 windows, decode tok/s and peak RSS measured in a
@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +31,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import publish_results  # noqa: E402
 from run import build_with_builder, onnx_mb, probe  # noqa: E402
 
-from exporter.compress.allocate import multiple_choice_knapsack  # noqa: E402
-from exporter.compress.format_allocation import apply_choices, fixed_bytes, price_units  # noqa: E402
-from exporter.compress.grid import QuantFormat  # noqa: E402
-from exporter.compress.quantize import quantize_model  # noqa: E402
-from exporter.graph.writer import constant_bytes, write_decoder  # noqa: E402
-from exporter.pipeline import FORMAT_BYTES_STEP  # noqa: E402
+from exporter.errors import BudgetError  # noqa: E402
+from exporter.graph.writer import write_decoder  # noqa: E402
+from exporter.pipeline import ExportOptions, compress, prepare  # noqa: E402
 from exporter.runtime.evaluate import ort_perplexity, text_windows  # noqa: E402
 from exporter.runtime.generation import OrtDecoder  # noqa: E402
-from exporter.source.calibration import calibration_ids  # noqa: E402
-from exporter.source.model import hf_directory, load_model, resolve_model  # noqa: E402
+from exporter.source.model import hf_directory  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -58,11 +55,13 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=Path, help="keep every row's graph under KEEP/ROW")
     args = parser.parse_args(argv)
 
-    source = resolve_model(None)
-    model, tokenizer = load_model(source)
+    base = ExportOptions(device="host", calib=str(DATA / "wikitext-2" / "valid.txt"), calib_samples=args.calib_samples,
+                         calib_seq_len=512, fisher_samples=args.fisher_samples, seed=0, weights="int4", block_size=32,
+                         accuracy_level=4, progress=False)
+    prepared = prepare(base)
+    source, model, tokenizer = prepared.source, prepared.model, prepared.tokenizer
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
     prompt = windows[-1, : args.prompt_tokens].tolist()
-    ids, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"), args.calib_samples, 512, 0)
     work = args.keep or Path(tempfile.mkdtemp(prefix="exporter-frontier-"))
     rows, graphs = [], []
 
@@ -83,37 +82,32 @@ def main(argv=None) -> int:
             path = build_with_builder(args.builder_python, hf_directory(source), folder, "int4", extra)
             add(name, folder, path, time.perf_counter() - start)
     for quantizer in ("rtn", "gptq"):
-        candidate = copy.deepcopy(model)
         start = time.perf_counter()
-        quantize_model(candidate, lambda _name: QuantFormat(4, 32, True), ids if quantizer == "gptq" else None,
-                       fisher_samples=args.fisher_samples)
+        candidate = compress(prepared, replace(base, ratio=0.0, quantizer=quantizer), model=copy.deepcopy(model)).model
         folder = work / f"ours-int4-b32-{quantizer}"
         path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
         add(f"ours int4 b32 {quantizer}", folder, path, time.perf_counter() - start)
         del candidate
 
-    start = time.perf_counter()
-    units = price_units(model, ids, ids[: args.fisher_samples])
-    pricing_s = time.perf_counter() - start
-    fixed = fixed_bytes(model) + constant_bytes(model)
+    pricing_s = 0.0
     for budget in (float(b) for b in args.budgets.split(",")):
+        priced = pricing_s > 0
         start = time.perf_counter()
-        choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units],
-                                          int(budget * 1e6) - fixed, FORMAT_BYTES_STEP)
-        if choice is None:
-            print(f"[auto {budget}] infeasible", file=sys.stderr)
+        try:
+            plan = compress(prepared, replace(base, auto_formats=True, budget_mb=budget), model=copy.deepcopy(model))
+        except BudgetError as exc:
+            print(f"[auto {budget}] infeasible: {exc}", file=sys.stderr)
             continue
-        for unit, option in zip(units, choice):
-            unit.choice = option
-        candidate = copy.deepcopy(model)
-        apply_choices(candidate, units)
+        pricing_s = next(v for k, v in prepared.seconds.items() if k[0] == "price formats")
+        candidate, units = plan.model, plan.formats
         folder = work / f"ours-auto-{budget:g}"
         path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
         counts: dict[str, int] = {}
         for unit in units:
             key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn")
             counts[key] = counts.get(key, 0) + 1
-        add(f"ours auto {budget:g} MB", folder, path, pricing_s + time.perf_counter() - start,
+        own_s = time.perf_counter() - start - (0 if priced else pricing_s)  # this row's knapsack and writing
+        add(f"ours auto {budget:g} MB", folder, path, pricing_s + own_s,
             {"budget_mb": budget, "formats": counts,
              "predicted_loss_increase": round(sum(u.loss[u.choice] for u in units), 5)})
         del candidate

@@ -26,9 +26,8 @@ from exporter.compress.grams import iter_layer_grams  # noqa: E402
 from exporter.compress.grid import QuantFormat, round_to_nearest  # noqa: E402
 from exporter.compress.importance import output_sensitivity, position_weights  # noqa: E402
 from exporter.compress.quantize import grid_linears, set_grid  # noqa: E402
+from exporter.pipeline import ExportOptions, prepare  # noqa: E402
 from exporter.runtime.evaluate import perplexity, text_windows  # noqa: E402
-from exporter.source.calibration import calibration_ids  # noqa: E402
-from exporter.source.model import load_model, resolve_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SHOWN = ("model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj", "model.layers.3.mlp.down_proj",
@@ -41,9 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--fisher-samples", type=int, default=8)
     args = parser.parse_args(argv)
-    model, tokenizer = load_model(resolve_model(None))
+    prepared = prepare(ExportOptions(device="host", calib=str(DATA / "wikitext-2" / "valid.txt"),
+                                     calib_samples=args.calib_samples, calib_seq_len=512, seed=0))
+    model, tokenizer = prepared.model, prepared.tokenizer
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
-    ids, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"), args.calib_samples, 512, 0)
+    ids, _ = prepared.calibration()
     names = [n for n in grid_linears(model) if n != "lm_head"]
     sensitivity = output_sensitivity(model, ids[: args.fisher_samples], names)
     profile = {n: {"position 0": round(float(sensitivity[n].positions[0]), 1),

@@ -115,20 +115,17 @@ def _dir_mb(paths) -> float:
 
 
 def build(args, work: Path) -> dict:
-    import torch
 
-    from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
     from exporter.graph.optimum_export import check_parity
     from exporter.graph.writer import level_ranks, sliced_copy, write_decoder, write_levels
-    from exporter.source.model import load_model, resolve_model
+    from exporter.pipeline import ExportOptions, compress, prepare
 
-    torch.manual_seed(0)
-    model, tokenizer = load_model(resolve_model(None))
+    prepared = prepare(ExportOptions(device="host", ratio=args.ratio, method="svd", allocation="uniform",
+                                     weights="fp32", seed=0, progress=False))
+    model, tokenizer = prepared.model, prepared.tokenizer
     model.eval()
     start = time.perf_counter()
-    decompositions = decompose_model(model, "svd")
-    apply_ranks(model, decompositions, uniform_ranks(decoder_projections(model), args.ratio))
-    del decompositions
+    compress(prepared)  # plain SVD, uniform ranks: no calibration read
     prompt = _prompt(tokenizer)
     result = {"model": model.config.name_or_path, "ratio": args.ratio, "fractions": args.fractions,
               "factorize_s": round(time.perf_counter() - start, 1), "prompt": prompt, "formats": {}}

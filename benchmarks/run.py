@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,27 +28,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.compress.corrective import CorrectiveOptions, attach_correctives, train_correctives  # noqa: E402
+from exporter.compress.corrective import CorrectiveOptions  # noqa: E402
 from exporter.compress.factorize import (  # noqa: E402
-    apply_ranks,
     corrective_ranks,
     count_params,
     decoder_projections,
-    decompose_model,
     effective_ranks,
     parameter_summary,
 )
-from exporter.compress.grid import QuantFormat  # noqa: E402
-from exporter.compress.importance import component_fisher  # noqa: E402
-from exporter.compress.quantize import quantize_rtn  # noqa: E402
-from exporter.device.cost_model import node_price  # noqa: E402
 from exporter.device.profiles import load_profile  # noqa: E402
 from exporter.graph.optimum_export import export_onnx  # noqa: E402
-from exporter.pipeline import branch_linears, choose_ranks, primary_linears, rank_multiples  # noqa: E402
+from exporter.pipeline import ExportOptions, compress, prepare  # noqa: E402
 from exporter.runtime.evaluate import evaluate_summarization, ort_perplexity, perplexity, read_articles, text_windows  # noqa: E402
 from exporter.runtime.generation import OrtDecoder, Runtime  # noqa: E402
-from exporter.source.calibration import calibration_ids  # noqa: E402
-from exporter.source.model import hf_directory, load_model, resolve_model  # noqa: E402
+from exporter.source.model import hf_directory  # noqa: E402
 
 try:
     from exporter.graph.writer import write_decoder
@@ -185,6 +178,17 @@ def sensitivity_sweep(model, decompositions, projections, samples: torch.Tensor)
     return {"seconds": time.perf_counter() - start, "projections": len(projections), "losses": losses}
 
 
+def row_options(base: ExportOptions, row: Row, weights: str, args) -> ExportOptions:
+    """The export options that compress as `row` asks (a dense row: ratio 0; int4 rows get their grids)."""
+    correctives = None if row.calr == "-" else CorrectiveOptions(
+        rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
+    dense = row.method == "dense"
+    return replace(base, ratio=0.0 if dense else row.ratio, method="svd" if dense else row.method,
+                   allocation="uniform" if dense else row.allocation, weights=weights, joint=row.joint,
+                   latency_aware=row.latency_aware, correctives=correctives,
+                   quantization_aware=row.calr == "int4")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local model dir or .gguf (default: embedded SmolLM2-135M-Instruct)")
@@ -193,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env); "
                         "builder rows are skipped without it")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
+    parser.add_argument("--quantizer", choices=["rtn", "gptq"], default="rtn",
+                        help="int4 grids (rtn: the stored rows' setting; gptq: the export's default)")
     parser.add_argument("--accuracy-level", type=int, default=4,
                         help="int4 MatMulNBits accuracy_level (4: int8 activations, the builder's CPU default)")
     parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
@@ -225,22 +231,27 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
 
-    torch.manual_seed(0)
-    source = resolve_model(args.model)
-    model, tokenizer = load_model(source)
+    # Every row compresses a copy of one prepared model with the export's own steps (exporter.pipeline.compress);
+    # the statistics (calibration windows, factorizations, Fisher importance) are computed once and shared.
+    host = load_profile("host")
+    host = replace(host, runtime=replace(host.runtime, rank_multiple=args.rank_multiple))
+    base = ExportOptions(device="host", model=args.model, calib=str(DATA / "wikitext-2" / "valid.txt"),
+                         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                         fisher_samples=args.fisher_samples, seed=0, weights="fp32", block_size=args.block_size,
+                         accuracy_level=args.accuracy_level, quantizer=args.quantizer,
+                         factor_node_us=args.factor_node_us, progress=False)
+    prepared = prepare(base, profile=host)
+    source, model, tokenizer = prepared.source, prepared.model, prepared.tokenizer
     total = count_params(model)
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
     prompt = windows[-1, : args.prompt_tokens].tolist()
-    calib, _ = calibration_ids(model, tokenizer, str(DATA / "wikitext-2" / "valid.txt"),
-                               args.calib_samples, args.calib_seq_len, seed=0)
+    calib, _ = prepared.calibration()
     work = Path(tempfile.mkdtemp(prefix="exporter-bench-"))
     rouge_rows = {n.strip() for n in args.rouge_rows.split(",") if n.strip()}
     articles = read_articles(DATA / "cnn_dailymail" / "validation.jsonl", args.rouge_examples) if rouge_rows else []
 
-    decompositions, decompose_s = {}, {}
-    fisher, fisher_s = {}, {}  # by joint
-    train_seconds: dict[tuple, float] = {}
-    candidates: dict[tuple, tuple] = {}  # (method, allocation, ratio) -> (model, compress_s, search_s, torch ppl)
+    # row key -> (model, compress_s, search_s, torch ppl, train_s, node_params)
+    candidates: dict[tuple, tuple] = {}
     rows, graphs = [], []
     for name in names:
         s_ = ROWS[name]
@@ -253,51 +264,28 @@ def main(argv=None) -> int:
         if row.graph == "writer" and write_decoder is None:
             print(f"[{name}] skipped: exporter.graph.writer is not available", file=sys.stderr)
             continue
-        key = (row.method, row.allocation, row.ratio, row.calr, row.joint, row.latency_aware)
+        weights = row.weights if row.graph == "writer" else "fp32"  # optimum and builder rows: fp32 in PyTorch
+        key = (row.method, row.allocation, row.ratio, row.calr, row.joint, row.latency_aware, weights)
         if key not in candidates:
-            candidate, compress_s, search_s, train_s = model, 0.0, float("nan"), float("nan")
-            if row.method != "dense":
-                factored = (row.method, row.joint)
-                if factored not in decompositions:  # one decomposition serves every ratio and allocation
-                    start = time.perf_counter()
-                    decompositions[factored] = decompose_model(
-                        model, row.method, calib if row.method == "whitened" else None,
-                        full_rank=row.method == "whitened", joint=row.joint)
-                    decompose_s[factored] = time.perf_counter() - start
-                start = time.perf_counter()
-                if row.allocation == "fisher":
-                    if row.joint not in fisher:
-                        fisher[row.joint] = component_fisher(model, decompositions[factored], calib[: args.fisher_samples])
-                        fisher_s[row.joint] = time.perf_counter() - start
-                dense_projection = sum(p.params for p in projections)
-                budget = round((1.0 - row.ratio) * dense_projection)
-                options = None if row.calr == "-" else CorrectiveOptions(
-                    rank=args.corrective_rank, epochs=args.corrective_epochs, kl_steps=args.kl_steps)
-                multiple, base_multiple, options = rank_multiples(  # as the export does
-                    row.allocation, args.rank_multiple, options, args.block_size if row.weights == "int4" else None)
-                price = node_price(load_profile("host"), row.weights, args.factor_node_us) if row.latency_aware else 0.0
-                row.node_params = price
-                ranks, branches, _, _ = choose_ranks(projections, row.allocation, fisher.get(row.joint), budget,
-                                                     options, multiple, base_multiple, node_params=price)
-                search_s = time.perf_counter() - start if row.allocation == "fisher" else float("nan")
-                candidate = copy.deepcopy(model)
-                apply_ranks(candidate, decompositions[factored], ranks)
-                compress_s = decompose_s[factored] + time.perf_counter() - start
-                if options is not None:
-                    start = time.perf_counter()
-                    applied = effective_ranks(candidate, projections)
-                    attach_correctives(candidate, decompositions[factored],
-                                       {n: r for n, r in branches.items() if applied.get(n) is not None})
-                    if row.calr == "int4":
-                        quantize_rtn(primary_linears(candidate, projections), QuantFormat(4, args.block_size))
-                    train_correctives(candidate, model, calib, options)
-                    if row.calr == "int4":
-                        quantize_rtn(branch_linears(candidate, projections), QuantFormat(4, args.block_size))
-                    train_s = time.perf_counter() - start
-            candidates[key] = (candidate, compress_s, search_s, None)
-            train_seconds[key] = train_s
-        candidate, row.compress_s, row.search_s, torch_ppl = candidates[key]
-        row.train_s = train_seconds[key]
+            if row.method == "dense" and weights != "int4":
+                candidates[key] = (model, 0.0, float("nan"), None, float("nan"), 0.0)
+            else:
+                options = row_options(base, row, weights, args)
+                before = dict(prepared.clock.stages)
+                plan = compress(prepared, options, model=copy.deepcopy(model))
+                spent = {k: v - before.get(k, 0.0) for k, v in prepared.clock.stages.items()}
+                fisher = options.allocation == "fisher" and row.method != "dense"
+                # compression s: the factorization (computed once per method, charged to every row of it),
+                # Fisher importance (likewise) and this row's allocation; rank search s: importance + allocation
+                shared = prepared.seconds.get(("factorize", (options.method, options.joint, fisher)), 0.0)
+                importance = prepared.seconds.get(("importance", (options.method, options.joint,
+                                                                  options.fisher_samples)), 0.0) if fisher else 0.0
+                allocate_s = spent.get("allocate", 0.0)
+                candidates[key] = (plan.model, shared + importance + allocate_s,
+                                   importance + allocate_s if fisher else float("nan"), None,
+                                   spent["correctives"] if "correctives" in spent else float("nan"),
+                                   plan.allocation.node_params if plan.allocation else 0.0)
+        candidate, row.compress_s, row.search_s, torch_ppl, row.train_s, row.node_params = candidates[key]
         summary = parameter_summary(projections, effective_ranks(candidate, projections), total,
                                     corrective_ranks(candidate, projections))
         row.projection_removed, row.params = summary["projection_fraction_removed"], summary["total_params"]
@@ -317,7 +305,7 @@ def main(argv=None) -> int:
             if torch_ppl is None:
                 print(f"[{name}] perplexity on {windows.shape[0]} windows", file=sys.stderr)
                 torch_ppl = perplexity(candidate, windows)
-                candidates[key] = (candidate, row.compress_s, row.search_s, torch_ppl)
+                candidates[key] = (candidate, row.compress_s, row.search_s, torch_ppl, row.train_s, row.node_params)
             row.perplexity = torch_ppl
         else:  # quantized or foreign graphs: score the ONNX model itself
             print(f"[{name}] perplexity (onnxruntime) on {windows.shape[0]} windows", file=sys.stderr)
@@ -353,16 +341,17 @@ def main(argv=None) -> int:
             shutil.move(work / row.name, args.keep / row.name)
 
     sweep = None
-    if False in fisher and args.sweep_projections > 0:  # per-projection FLRC against the sweep it replaces
+    flrc = ("importance", ("whitened", False, args.fisher_samples))
+    if flrc in prepared.seconds and args.sweep_projections > 0:  # per-projection FLRC against the sweep it replaces
         projections = decoder_projections(model)
         # An even spread over layers and projection kinds.
         step = max(1, len(projections) // args.sweep_projections)
         sample = projections[::step][: args.sweep_projections]
-        sweep = sensitivity_sweep(model, decompositions["whitened", False], sample, calib[: args.fisher_samples])
+        sweep = sensitivity_sweep(model, prepared.decompositions("whitened", False, True), sample, calib[: args.fisher_samples])
         sweep["projections_total"] = len(projections)
         sweep["seconds_full"] = sweep["seconds"] / len(sample) * len(projections)
-        sweep["flrc_search_s"] = fisher_s[False]
-        sweep["speedup"] = sweep["seconds_full"] / fisher_s[False]
+        sweep["flrc_search_s"] = prepared.seconds[flrc]
+        sweep["speedup"] = sweep["seconds_full"] / prepared.seconds[flrc]
 
     table = format_table(rows, windows.shape[0], args)
     if sweep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -186,12 +187,94 @@ def resolve_precision(options: ExportOptions, profile) -> ExportOptions:
     return replace(options, weights=weights, activations=activations)
 
 
-def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
-                     profile=None, source=None, train: bool = True) -> Plan:
-    """Load the model, turn the budget into projection parameters, and factorize to fit it.
+# the keys of the statistics a Prepared caches; every option that changes them must match its own
+CALIBRATION_FIELDS = ("model", "calib", "calib_field", "calib_samples", "calib_seq_len", "seed")
 
-    `train=False` attaches the corrective branches (they count in the budget) without training them.
+
+@dataclass
+class Prepared:
+    """One loaded model and the statistics every compression of it reads, each computed once on first use:
+    the calibration windows, the factorizations (with the whitening Grams) and the Fisher importance.
+
+    The export compresses `model` itself; a benchmark or a multi-profile export hands `compress` a copy per
+    row, so `model` stays dense and the statistics serve every row.
     """
+
+    options: ExportOptions  # resolved; its CALIBRATION_FIELDS key the statistics
+    profile: object
+    source: object
+    model: object
+    tokenizer: object
+    clock: Stopwatch
+    seconds: dict = field(default_factory=dict)  # (statistic, key) -> seconds its first computation took
+    _calibration: tuple | None = None
+    _decompositions: dict = field(default_factory=dict)
+    _importance: dict = field(default_factory=dict)
+    _prices: dict = field(default_factory=dict)
+    _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
+
+    def _dense(self):
+        if self._consumed:
+            raise RuntimeError("the prepared model was compressed in place; prepare again (or compress copies)")
+        return self.model
+
+    def calibration(self) -> tuple[torch.Tensor, str]:
+        """(input ids, description) of the calibration windows."""
+        if self._calibration is None:
+            o = self.options
+            start = time.perf_counter()
+            with self.clock.stage("calibration"):
+                self._calibration = calibration_ids(
+                    self._dense(), self.tokenizer, o.calib, o.calib_samples, o.calib_seq_len, o.seed,
+                    o.calib_field, model_key=self.source.describe(), progress=o.progress)
+            self.seconds[("calibration", None)] = time.perf_counter() - start
+        return self._calibration
+
+    def decompositions(self, method: str, joint: bool, full_rank: bool) -> dict:
+        """Every decoder unit's factorization (exporter.compress.factorize.decompose_model)."""
+        key = (method, joint, full_rank)
+        if key not in self._decompositions:
+            ids = self.calibration()[0] if method == "whitened" else None
+            start = time.perf_counter()
+            with self.clock.stage("factorize"):
+                self._decompositions[key] = decompose_model(self._dense(), method, ids, progress=self.options.progress,
+                                                            full_rank=full_rank, joint=joint)
+            self.seconds[("factorize", key)] = time.perf_counter() - start
+        return self._decompositions[key]
+
+    def importance(self, method: str, joint: bool, samples: int) -> dict:
+        """Fisher importance of every component of the full-rank factorizations, on the first `samples` windows."""
+        key = (method, joint, samples)
+        if key not in self._importance:
+            decompositions = self.decompositions(method, joint, full_rank=True)
+            ids = self.calibration()[0]
+            start = time.perf_counter()
+            with self.clock.stage("importance"):
+                self._importance[key] = component_fisher(self._dense(), decompositions, ids[:samples],
+                                                         progress=self.options.progress)
+            self.seconds[("importance", key)] = time.perf_counter() - start
+        return self._importance[key]
+
+    def format_prices(self, groups: list[list[str]], samples: int) -> list:
+        """`--weights auto`: every MatMulNBits unit's menu with bytes, grids and estimated loss
+        (exporter.compress.format_allocation.price_units); a fresh copy of each unit per call, for its choice."""
+        from exporter.compress.format_allocation import price_units
+
+        key = (tuple(map(tuple, groups)), samples)
+        if key not in self._prices:
+            ids = self.calibration()[0]
+            start = time.perf_counter()
+            with self.clock.stage("price formats"):
+                self._prices[key] = price_units(self._dense(), ids, ids[:samples], progress=self.options.progress,
+                                                groups=groups)
+            self.seconds[("price formats", key)] = time.perf_counter() - start
+        return [copy.copy(unit) for unit in self._prices[key]]
+
+
+def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path | None = None,
+            profile=None, source=None) -> Prepared:
+    """Check the options and load the model: everything before the statistics (which Prepared computes on use)."""
+    clock = clock or Stopwatch()
     torch.manual_seed(options.seed)
     if options.allocation not in ALLOCATIONS:
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
@@ -205,6 +288,34 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     with clock.stage("load"):
         say(f"loading {source.describe()}")
         model, tokenizer = load_model(source)
+    return Prepared(options, profile, source, model, tokenizer, clock)
+
+
+def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
+                     profile=None, source=None, train: bool = True) -> Plan:
+    """Load the model, turn the budget into projection parameters, and factorize to fit it (in place)."""
+    return compress(prepare(options, clock, target, profile, source), train=train)
+
+
+def compress(prepared: Prepared, options: ExportOptions | None = None, model=None, train: bool = True) -> Plan:
+    """Compress `model` (default: the prepared model itself, in place) as `options` (default: the prepared
+    ones) and the device budget ask: ranks, corrective branches, int4 grids or `--weights auto` formats.
+
+    `train=False` attaches the corrective branches (they count in the budget) without training them.
+    """
+    options = resolve_precision(options or prepared.options, prepared.profile)
+    changed = [f for f in CALIBRATION_FIELDS if getattr(options, f) != getattr(prepared.options, f)]
+    if changed:
+        raise ValueError(f"compress: {', '.join(changed)} differ from the prepared statistics' (prepare again)")
+    if options.allocation not in ALLOCATIONS:
+        raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
+    if options.weights == "int4":
+        int4_format(options)
+    if model is None or model is prepared.model:
+        model, in_place = prepared.model, True
+    else:
+        in_place = False
+    profile, clock, tokenizer = prepared.profile, prepared.clock, prepared.tokenizer
     projections = decoder_projections(model, options.joint)
     total_dense = count_params(model)
     dense_projection = sum(p.params for p in projections)
@@ -231,7 +342,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
             say(f"the dense model ({total_dense * BYTES_PER_PARAM[options.weights] / MB:.0f} MB at "
                 f"{options.weights}) fits {budget_source} ({budget_bytes / MB:.0f} MB of weights): "
                 "exporting it dense (pass --ratio to compress anyway)")
-    plan = Plan(model, tokenizer, source, profile, projections, total_dense, budget, budget_source,
+    plan = Plan(model, tokenizer, prepared.source, profile, projections, total_dense, budget, budget_source,
                 target_params, {p.name: None for p in projections})
     quantized = options.weights == "int4" and train
     gptq = (quantized and options.quantizer == "gptq") or options.auto_formats  # auto prices GPTQ grids
@@ -239,25 +350,20 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     ids = None
     if gptq or (compressed and (options.method == "whitened" or options.allocation == "fisher"
                                 or options.correctives is not None)):
-        with clock.stage("calibration"):
-            ids, plan.calibration = calibration_ids(
-                model, tokenizer, options.calib, options.calib_samples, options.calib_seq_len,
-                options.seed, options.calib_field, model_key=source.describe(), progress=options.progress)
+        ids, plan.calibration = prepared.calibration()
     if not compressed:
         if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
-            choose_formats(plan, options, ids, clock)
+            choose_formats(plan, options, prepared, ids)
         if quantized:
             with clock.stage("quantize"):
                 quantize_grids(model, options, ids)
+        prepared._consumed |= in_place and (quantized or options.auto_formats)
         return plan
 
-    with clock.stage("factorize"):
-        decompositions = decompose_model(model, options.method, ids, progress=options.progress,
-                                         full_rank=options.allocation == "fisher", joint=options.joint)
-    if options.allocation == "fisher":
-        with clock.stage("importance"):
-            plan.importance = component_fisher(model, decompositions, ids[: options.fisher_samples],
-                                               progress=options.progress)
+    fisher = options.allocation == "fisher"
+    decompositions = prepared.decompositions(options.method, options.joint, full_rank=fisher)
+    if fisher:
+        plan.importance = prepared.importance(options.method, options.joint, options.fisher_samples)
 
     with clock.stage("allocate"):
         price = node_price(profile, options.weights, options.factor_node_us) if options.latency_aware else 0.0
@@ -265,6 +371,7 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
             projections, options.allocation, plan.importance, target_params, correctives, multiple, base_multiple,
             node_params=price)
     teacher = dense_teacher(model) if correctives is not None and train else None
+    prepared._consumed |= in_place
     apply_ranks(model, decompositions, ranks)
     plan.ranks = effective_ranks(model, projections)
     if correctives is not None:
@@ -284,11 +391,12 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     return plan
 
 
-def choose_formats(plan: Plan, options: ExportOptions, ids, clock: Stopwatch) -> None:
+def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
-    from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units, price_units
+    from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units
 
+    clock = prepared.clock
     if ids is None:
         raise ExporterError("--weights auto needs calibration data to price formats (it reads --calib or "
                             "self-generated text); pass --quantizer gptq")
@@ -298,8 +406,7 @@ def choose_formats(plan: Plan, options: ExportOptions, ids, clock: Stopwatch) ->
     if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
-    with clock.stage("price formats"):
-        units = price_units(plan.model, ids, ids[: options.fisher_samples], progress=options.progress, groups=groups)
+    units = prepared.format_prices(groups, options.fisher_samples)
     fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,

@@ -206,7 +206,7 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     tokenizer class a GGUF's vocabulary implies (save_pretrained writes the Python class it was built with,
     PreTrainedTokenizerFast, which onnxruntime-genai does not take for byte-level BPE) and the chat template
     inline (transformers also writes it to chat_template.jinja)."""
-    tokenizer.save_pretrained(directory)
+    tokenizer.save_pretrained(directory, legacy_format=False)  # tokenizer.json only, however it was loaded
     path = Path(directory) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     wanted = tokenizer.init_kwargs.get("tokenizer_class")
