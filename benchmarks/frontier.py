@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--keep", type=Path, help="keep every row's graph under KEEP/ROW")
+    parser.add_argument("--error-correction", type=int, default=0, metavar="RANK",
+                        help="also auto rows whose menu offers a whitened error correction of RANK (LQER)")
+    parser.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=True,
+                        help="the fixed int4 b32 rows (RTN, GPTQ)")
     args = parser.parse_args(argv)
 
     base = ExportOptions(device="host", calib=str(DATA / "wikitext-2" / "valid.txt"), calib_samples=args.calib_samples,
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             path = build_with_builder(args.builder_python, hf_directory(source), folder, "int4", extra)
             add(name, folder, path, time.perf_counter() - start)
-    for quantizer in ("rtn", "gptq"):
+    for quantizer in ("rtn", "gptq") if args.fixed else ():
         start = time.perf_counter()
         candidate = compress(prepared, replace(base, ratio=0.0, quantizer=quantizer), model=copy.deepcopy(model)).model
         folder = work / f"ours-int4-b32-{quantizer}"
@@ -89,25 +93,31 @@ def main(argv=None) -> int:
         add(f"ours int4 b32 {quantizer}", folder, path, time.perf_counter() - start)
         del candidate
 
-    pricing_s = 0.0
-    for budget in (float(b) for b in args.budgets.split(",")):
-        priced = pricing_s > 0
+    pricing_s = {}
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget, rank in [(b, 0) for b in budgets] + [(b, args.error_correction) for b in budgets
+                                                     if args.error_correction]:
+        label = f"ours auto {budget:g} MB" + (f" +lqer{rank}" if rank else "")
+        priced = rank in pricing_s
         start = time.perf_counter()
         try:
-            plan = compress(prepared, replace(base, auto_formats=True, budget_mb=budget), model=copy.deepcopy(model))
+            plan = compress(prepared, replace(base, auto_formats=True, budget_mb=budget, error_correction=rank),
+                            model=copy.deepcopy(model))
         except BudgetError as exc:
-            print(f"[auto {budget}] infeasible: {exc}", file=sys.stderr)
+            print(f"[{label}] infeasible: {exc}", file=sys.stderr)
             continue
-        pricing_s = next(v for k, v in prepared.seconds.items() if k[0] == "price formats")
+        pricing_s[rank] = next(v for k, v in prepared.seconds.items()
+                               if k[0] == "price formats" and k[1][2] == ((rank,) if rank else ()))
         candidate, units = plan.model, plan.formats
-        folder = work / f"ours-auto-{budget:g}"
+        folder = work / (f"ours-auto-{budget:g}" + (f"-lqer{rank}" if rank else ""))
         path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
         counts: dict[str, int] = {}
         for unit in units:
-            key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn")
+            key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
+                + (f"+lqer{unit.correction(unit.choice)}" if unit.correction(unit.choice) else "")
             counts[key] = counts.get(key, 0) + 1
-        own_s = time.perf_counter() - start - (0 if priced else pricing_s)  # this row's knapsack and writing
-        add(f"ours auto {budget:g} MB", folder, path, pricing_s + own_s,
+        own_s = time.perf_counter() - start - (0 if priced else pricing_s[rank])  # its knapsack and writing
+        add(label, folder, path, pricing_s[rank] + own_s,
             {"budget_mb": budget, "formats": counts,
              "predicted_loss_increase": round(sum(u.loss[u.choice] for u in units), 5)})
         del candidate
@@ -136,7 +146,7 @@ def main(argv=None) -> int:
                      f"{row['decode_vs_first']} | {row['peak_rss_mb']} | {formats} |")
     table = "\n".join(lines)
     publish_results("frontier", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-                                 "pricing_s": round(pricing_s, 1)}, table)
+                                 "pricing_s": {str(k): round(v, 1) for k, v in pricing_s.items()}}, table)
     plot(rows, ROOT / "benchmarks" / "results" / "frontier.png")
     return 0
 
@@ -150,8 +160,12 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("builder", "s"), ("ours int4", "o"), ("ours auto", "*")):
-        chosen = [r for r in rows if r["row"].startswith(kind)]
+    kinds = (("builder", "s", lambda r: r.startswith("builder")),
+             ("ours int4", "o", lambda r: r.startswith("ours int4")),
+             ("ours auto", "*", lambda r: r.startswith("ours auto") and "+lqer" not in r),
+             ("ours auto + LQER", "P", lambda r: r.startswith("ours auto") and "+lqer" in r))
+    for kind, marker, belongs in kinds:
+        chosen = [r for r in rows if belongs(r["row"])]
         if chosen:
             axes.plot([r["weight_mb"] for r in chosen], [r["perplexity"] for r in chosen], marker, label=kind,
                       markersize=9)

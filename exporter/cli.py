@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(data-free)")
     export.add_argument("--asymmetric", action="store_true",
                         help="int4 grids with a zero point per block (uint8; default: symmetric)")
+    export.add_argument("--error-correction", type=int, default=0, metavar="RANK",
+                        help="int4 dense weights: add a whitened low-rank correction of each projection group's "
+                        "quantization error (LQER; RANK a multiple of 16; default: 0, none)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
                         "down (default: 1.0,0.85,0.7; 1.0: one level; fp32, fp16 and int4 only)")
@@ -173,8 +176,11 @@ def _validate_command(commands) -> None:
 
 def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", required=True, help="profile name (see `exporter profiles`) or path to a .toml")
-    command.add_argument("--model", help="local Hugging Face model directory or .gguf file "
-                         "(default: the embedded SmolLM2-135M-Instruct)")
+    command.add_argument("--model", help="local Hugging Face model directory, .gguf file, or Hub id org/name[@revision] "
+                         "(downloaded to the Hugging Face cache; offline: read from it) (default: the embedded "
+                         "SmolLM2-135M-Instruct)")
+    command.add_argument("--trust-remote-code", action="store_true",
+                         help="let transformers run the model repository's own Python code (default: off)")
     size = command.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=_ratio, help="fraction of the decoder projection parameters to remove "
                       "(default: what the device budget requires)")
@@ -240,7 +246,8 @@ def _options(args):
         weights="int4" if args.weights == "auto" else args.weights, auto_formats=args.weights == "auto",
         activations=args.activations, graph=getattr(args, "graph", "auto"),
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
-        asymmetric=getattr(args, "asymmetric", False),
+        trust_remote_code=args.trust_remote_code,
+        asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,

@@ -38,6 +38,7 @@ from exporter.compress.corrective import (
     settle_ranks,
     train_correctives,
 )
+from exporter.compress.error_correction import CORRECTION_FORMAT
 from exporter.compress.factorize import (
     apply_ranks,
     corrective_ranks,
@@ -82,7 +83,8 @@ QUANTIZED_MIN_AGREEMENT = 0.25
 @dataclass
 class ExportOptions:
     device: str
-    model: str | None = None
+    model: str | None = None  # a local directory, a .gguf file or a Hub id (exporter.source.model.resolve_model)
+    trust_remote_code: bool = False  # run the model's own Python code (transformers' trust_remote_code)
     out: Path | None = None
     ratio: float | None = None
     budget_mb: float | None = None
@@ -112,6 +114,9 @@ class ExportOptions:
     # round-to-nearest; asymmetric grids store a zero point per block (uint8, packed).
     quantizer: str = "gptq"
     asymmetric: bool = False
+    # int4 dense weights: a whitened correction of each input group's quantization error, of this rank, beside
+    # its GPTQ grid (exporter.compress.error_correction; 0: none). One level: no rank levels.
+    error_correction: int = 0
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
     auto_formats: bool = False
@@ -160,6 +165,7 @@ class Plan:
     rank_multiple: int = 1
     corrective_report: object = None  # CorrectiveReport when correctives were trained
     formats: list | None = None  # format_allocation.Unit per MatMulNBits under --weights auto
+    error_correction: dict | None = None  # --error-correction: rank, formats, output error kept
     formats_budget: dict | None = None
 
     @property
@@ -255,18 +261,18 @@ class Prepared:
             self.seconds[("importance", key)] = time.perf_counter() - start
         return self._importance[key]
 
-    def format_prices(self, groups: list[list[str]], samples: int) -> list:
+    def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = ()) -> list:
         """`--weights auto`: every MatMulNBits unit's menu with bytes, grids and estimated loss
         (exporter.compress.format_allocation.price_units); a fresh copy of each unit per call, for its choice."""
         from exporter.compress.format_allocation import price_units
 
-        key = (tuple(map(tuple, groups)), samples)
+        key = (tuple(map(tuple, groups)), samples, corrections)
         if key not in self._prices:
             ids = self.calibration()[0]
             start = time.perf_counter()
             with self.clock.stage("price formats"):
                 self._prices[key] = price_units(self._dense(), ids, ids[:samples], progress=self.options.progress,
-                                                groups=groups)
+                                                groups=groups, corrections=corrections)
             self.seconds[("price formats", key)] = time.perf_counter() - start
         return [copy.copy(unit) for unit in self._prices[key]]
 
@@ -282,7 +288,8 @@ def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path
     options = resolve_precision(options, profile)
     if options.weights == "int4":
         int4_format(options)  # a bad block size fails before the work
-    source = source or resolve_model(options.model)
+    check_error_correction(options)
+    source = source or resolve_model(options.model, options.trust_remote_code)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
     with clock.stage("load"):
@@ -311,6 +318,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     if options.weights == "int4":
         int4_format(options)
+    check_error_correction(options)
     if model is None or model is prepared.model:
         model, in_place = prepared.model, True
     else:
@@ -356,10 +364,15 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
             choose_formats(plan, options, prepared, ids)
         if quantized:
             with clock.stage("quantize"):
+                if options.error_correction and not options.auto_formats:
+                    plan.error_correction = correct_errors(model, options, ids)
                 quantize_grids(model, options, ids)
         prepared._consumed |= in_place and (quantized or options.auto_formats)
         return plan
 
+    if options.error_correction:
+        raise ExporterError("--error-correction corrects dense int4 weights: pass --ratio 0 (or a budget the dense "
+                            "int4 model fits), without low-rank factorization")
     fisher = options.allocation == "fisher"
     decompositions = prepared.decompositions(options.method, options.joint, full_rank=fisher)
     if fisher:
@@ -406,7 +419,8 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
-    units = prepared.format_prices(groups, options.fisher_samples)
+    units = prepared.format_prices(groups, options.fisher_samples,
+                                   (options.error_correction,) if options.error_correction else ())
     fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
@@ -429,9 +443,41 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 def _format_counts(units) -> dict[str, int]:
     counts: dict[str, int] = {}
     for unit in units:
-        name = unit.options[unit.choice].name
+        rank = unit.correction(unit.choice)
+        name = unit.options[unit.choice].name + (f"+lqer{rank}" if rank else "")
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def check_error_correction(options: ExportOptions) -> None:
+    """--error-correction needs int4 GPTQ grids (it corrects what the grid lost on calibration inputs); with
+    --weights auto it is one more option of each unit's menu."""
+    rank = options.error_correction
+    if not rank:
+        return
+    if rank < 0 or rank % CORRECTION_FORMAT.block_size:
+        raise ExporterError(f"--error-correction: the rank must be a positive multiple of "
+                            f"{CORRECTION_FORMAT.block_size} (its up factor's block), got {rank}")
+    if options.weights != "int4" or options.quantizer != "gptq":
+        raise ExporterError("--error-correction needs --weights int4 (or auto) with --quantizer gptq")
+
+
+def correct_errors(model, options: ExportOptions, ids) -> dict:
+    """GPTQ grids for the decoder projections with a whitened correction of rank --error-correction per input
+    group (exporter.compress.error_correction); returns the manifest's summary."""
+    from exporter.compress.error_correction import quantize_with_correction
+
+    fmt = int4_format(options)
+    report = quantize_with_correction(model, ids, lambda _name: fmt, lambda _name: options.error_correction,
+                                      CORRECTION_FORMAT, fisher_samples=options.fisher_samples,
+                                      progress=options.progress)
+    kept = [r["error_after"] / r["error_before"] for r in report.values() if r["error_before"] > 0]
+    summary = {"rank": options.error_correction, "groups": len(report), "down_format": fmt.name,
+               "up_format": CORRECTION_FORMAT.name,
+               "output_error_kept": round(sum(kept) / len(kept), 4) if kept else None}
+    say(f"error correction: rank {options.error_correction} on {len(report)} input groups; "
+        f"{summary['output_error_kept']:.0%} of the quantization's output error left on calibration inputs")
+    return summary
 
 
 def int4_format(options: ExportOptions) -> QuantFormat:
@@ -515,7 +561,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
     from exporter.runtime.generation import schedule_text
 
     clock = Stopwatch()
-    profile, source = load_profile(options.device), resolve_model(options.model)
+    profile, source = load_profile(options.device), resolve_model(options.model, options.trust_remote_code)
     options = resolve_precision(options, profile)
     target = Path(options.out or default_out(source.name, profile.name))
     fractions = _requested_levels(options, levels, schedule)  # bad --levels / --schedule fail before the work
@@ -582,7 +628,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             exporter_version=__version__,
-            source_model=SourceModel(name=plan.source.name, path=plan.source.describe(),
+            source_model=SourceModel(name=plan.source.name, path=plan.source.describe(), hub_id=plan.source.hub_id,
                                      architecture=type(model).__name__, model_type=model.config.model_type),
             profile=profile.to_dict(),
             method=Method(
@@ -600,6 +646,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 correctives=_corrective_summary(options, plan) if compressed else None,
                 formats={**plan.formats_budget, "units": [u.to_dict() for u in plan.formats]}
                 if plan.formats else None,
+                error_correction=plan.error_correction,
             ),
             precision=options.weights,
             budget=plan.budget.to_dict(),
@@ -711,6 +758,8 @@ def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
     elif options.weights == "int4" and options.asymmetric:
         # a level reads a prefix of the full level's blocks; packed 4-bit zero points split bytes between blocks
         reason = "asymmetric int4 graphs have no rank levels"
+    elif options.error_correction:
+        reason = "int4 graphs with --error-correction have no rank levels"
     if len(fractions) > 1 and reason:
         if levels is not None:
             raise ExporterError(f"--levels: {reason}; pass --levels 1.0")

@@ -210,9 +210,17 @@ def test_missing_model_path(workdir, capsys, calib_file):
     run_failing(workdir, capsys, export_args(workdir / "absent", calib_file, workdir / "x"), "model not found")
 
 
-def test_hub_name_is_not_downloaded(workdir, capsys, calib_file):
+def test_uncached_hub_id_offline_is_one_line(workdir, capsys, calib_file, monkeypatch):
+    """No network in tests: huggingface_hub's answer for an id neither cached nor reachable, mocked."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*_args, **_kwargs):
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     run_failing(workdir, capsys, export_args("HuggingFaceTB/SmolLM2-135M", calib_file, workdir / "x"),
-                "model not found", "never downloaded")
+                "not in the Hugging Face cache", "hf download HuggingFaceTB/SmolLM2-135M")
 
 
 def test_model_file_that_is_not_gguf(workdir, capsys, calib_file):

@@ -109,6 +109,7 @@ class SourceModel(Record):
     path: str  # what `exporter validate` reloads as the PyTorch reference
     architecture: str
     model_type: str
+    hub_id: str | None = sometimes()  # org/name@revision where the model came from the Hugging Face Hub
 
 
 @dataclass(kw_only=True)
@@ -124,6 +125,7 @@ class Method(Record):
     seed: int
     correctives: dict | None
     formats: dict | None = sometimes()  # --weights auto: the budget and every MatMulNBits' menu and choice
+    error_correction: dict | None = sometimes()  # --error-correction: rank, formats, output error kept
 
 
 @dataclass(kw_only=True)

@@ -135,7 +135,7 @@ def _trainable(module: nn.Module, tune_factors: bool) -> tuple[list, list]:
         if isinstance(sub, CorrectedLinear):
             for p in (sub.corrective_down.weight, sub.corrective_up.weight):
                 branch[id(p)] = p
-            if tune_factors:
+            if tune_factors and isinstance(sub.base, LowRankLinear):
                 for p in (sub.base.down.weight, sub.base.up.weight):
                     factors[id(p)] = p
     return list(branch.values()), list(factors.values())
@@ -218,7 +218,7 @@ def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -
         for names in branches.values():
             modules = [s_layer.get_submodule(name) for name in names]
             teacher_weight = torch.cat([t_layer.get_submodule(name).weight.double() for name in names])  # out x in
-            primary = torch.cat([m.base.up.weight.double() @ m.base.down.weight.double() for m in modules])
+            primary = torch.cat([primary_weight(m.base) for m in modules])
             target = cross @ teacher_weight.T - gram @ primary.T  # X_s^T R, in x out (undamped)
             z = torch.linalg.solve_triangular(chol, target, upper=False)  # S^-1 X_s^T R
             u, sigma, vh = torch.linalg.svd(z, full_matrices=False)
@@ -232,6 +232,13 @@ def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -
                 for module in modules:
                     module.corrective_up.weight.copy_((up / scale)[start:start + module.out_features])
                     start += module.out_features
+
+
+def primary_weight(base: nn.Module) -> torch.Tensor:
+    """The out x in weight a branch's primary path computes (float64): U V, or a dense base's (quantized) W."""
+    if isinstance(base, LowRankLinear):
+        return base.up.weight.double() @ base.down.weight.double()
+    return base.weight.double()
 
 
 def _reset_branches(layer) -> None:

@@ -24,16 +24,16 @@ estimated loss whose bytes fit the budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from exporter.compress.factorize import unit_name
+from exporter.compress.factorize import replace_module, unit_name
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
 from exporter.compress.importance import EMBEDDING, output_sensitivity, position_weights
-from exporter.compress.lowrank import CorrectedLinear
+from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
 
@@ -59,12 +59,18 @@ class Unit:
     grids: list[dict[str, GridWeights]]
     weights: int = 0  # parameters of its linears
     choice: int = -1
+    corrections: list[int] = field(default_factory=list)  # per option: rank of its error correction (0: none)
+
+    def correction(self, option: int) -> int:
+        return self.corrections[option] if self.corrections else 0
 
     def to_dict(self) -> dict:
         return {"unit": self.name, "weights": self.weights, "format": self.options[self.choice].name,
-                "method": self.methods[self.choice], "bytes": self.bytes[self.choice], "predicted_loss_increase": self.loss[self.choice],
-                "menu": [{"format": f.name, "method": m, "bytes": b, "predicted_loss_increase": loss}
-                         for f, m, b, loss in zip(self.options, self.methods, self.bytes, self.loss)]}
+                "method": self.methods[self.choice], "correction_rank": self.correction(self.choice),
+                "bytes": self.bytes[self.choice], "predicted_loss_increase": self.loss[self.choice],
+                "menu": [{"format": f.name, "method": m, "correction_rank": self.correction(k), "bytes": b,
+                          "predicted_loss_increase": loss}
+                         for k, (f, m, b, loss) in enumerate(zip(self.options, self.methods, self.bytes, self.loss))]}
 
 
 def format_units(model) -> list[list[str]]:
@@ -105,7 +111,7 @@ def format_units(model) -> list[list[str]]:
         for other in names[1:]:
             union(other, names[0])
     for module in model.modules():
-        if isinstance(module, CorrectedLinear):
+        if isinstance(module, CorrectedLinear) and isinstance(module.base, LowRankLinear):
             union(by_module[id(module.corrective_up)], by_module[id(module.base.up)])
     groups: dict[int, list[str]] = {}
     for name in linears:
@@ -119,9 +125,42 @@ def _error(weight: torch.Tensor, grid: GridWeights) -> torch.Tensor:
 
 def estimated_loss(weight: torch.Tensor, grid: GridWeights, gram: torch.Tensor, fisher: torch.Tensor,
                    tokens: int) -> float:
-    error = _error(weight, grid)
-    per_output = ((error @ gram) * error).sum(dim=1)
-    return 0.5 * float(fisher @ per_output) / tokens
+    return error_loss(_error(weight, grid), gram, fisher, tokens)
+
+
+def error_loss(error: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, tokens: int) -> float:
+    """1/2 sum_i a_i (E G E^T)_ii / T: the loss increase a weight error E (out x in) is estimated to cost."""
+    per_output = ((error @ gram.double()) * error).sum(dim=1)
+    return 0.5 * float(fisher.double() @ per_output) / tokens
+
+
+def corrected_options(members: list[str], linears: dict, grams: dict, fisher: dict, grids: dict, fmt: QuantFormat,
+                      ranks: tuple[int, ...], tokens: int) -> list[tuple[int, int, float, dict]]:
+    """(rank, bytes added, estimated loss, grids) of each whitened error correction rank for a unit whose members
+    sit on `grids` (exporter.compress.error_correction: one R on the unit's format, L at CORRECTION_FORMAT; each
+    output channel weighted by its Fisher, as the estimate is)."""
+    from exporter.compress.error_correction import CORRECTION_FORMAT, correction_factors
+
+    errors = {n: _error(linears[n].weight, grids[n]) for n in members}
+    error = torch.cat([errors[n] for n in members])
+    gram = sum(grams[n].double() for n in members) / len(members)
+    channels = torch.cat([fisher[n] for n in members])
+    found = []
+    for rank in ranks:
+        down, up, down_grid = correction_factors(error, gram, rank, fmt, channels=channels)
+        chosen, loss, row = {}, 0.0, 0
+        for n in members:
+            out = linears[n].out_features
+            part = up[row : row + out].float()
+            row += out
+            up_grid = gptq(part, down @ grams[n].double() @ down.T, CORRECTION_FORMAT)
+            residual = errors[n] - torch.from_numpy(up_grid.dequantize()).double() @ down.double()
+            loss += error_loss(residual, grams[n], fisher[n], tokens)
+            chosen[f"{n}.corrective_down"], chosen[f"{n}.corrective_up"] = down_grid, up_grid
+        added = fmt.matrix_bytes(rank, error.shape[1]) + sum(CORRECTION_FORMAT.matrix_bytes(linears[n].out_features,
+                                                                                          rank) for n in members)
+        found.append((rank, added, loss, chosen))
+    return found
 
 
 def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.Tensor, fisher: torch.Tensor) -> float:
@@ -130,9 +169,10 @@ def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.T
 
 
 def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
-                groups: list[list[str]] | None = None) -> list[Unit]:
+                groups: list[list[str]] | None = None, corrections: tuple[int, ...] = ()) -> list[Unit]:
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
-    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may)."""
+    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may), and with
+    `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank."""
     from tqdm.auto import tqdm
 
     linears = grid_linears(model)
@@ -164,11 +204,22 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
                 if tied and head_name in members:
                     loss += embedding_loss(head.weight, grids[head_name], share, fisher[EMBEDDING])
+                size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
                 unit.options.append(fmt)
                 unit.methods.append(method)
                 unit.grids.append(grids)
-                unit.bytes.append(sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members))
+                unit.bytes.append(size)
                 unit.loss.append(loss)
+                unit.corrections.append(0)
+                if corrections and fmt.bits == 4 and head_name not in members:
+                    for rank, added, corrected, extra in corrected_options(members, linears, grams, fisher, grids,
+                                                                           fmt, corrections, tokens):
+                        unit.options.append(fmt)
+                        unit.methods.append(method)
+                        unit.grids.append({**grids, **extra})
+                        unit.bytes.append(size + added)
+                        unit.loss.append(corrected)
+                        unit.corrections.append(rank)
         units.append(unit)
     return units
 
@@ -190,10 +241,22 @@ def fixed_bytes(model) -> int:
 
 
 def apply_choices(model, units: list[Unit]) -> None:
+    """Each unit's chosen grids into the model; a chosen error correction as a CorrectedLinear per member."""
     linears = grid_linears(model)
     for unit in units:
-        for name, grid in unit.grids[unit.choice].items():
-            set_grid(linears[name], grid)
+        grids = unit.grids[unit.choice]
+        for name in unit.members:
+            set_grid(linears[name], grids[name])
+        rank = unit.correction(unit.choice)
+        shared = None
+        for name in unit.members if rank else ():
+            corrected = CorrectedLinear(linears[name], rank)
+            if shared is None:
+                set_grid(corrected.corrective_down, grids[f"{name}.corrective_down"])
+                shared = corrected.corrective_down
+            corrected.corrective_down = shared  # one R for the unit (exporter.compress.error_correction)
+            set_grid(corrected.corrective_up, grids[f"{name}.corrective_up"])
+            replace_module(model, name, corrected)
 
 
 def layer_of(name: str, model) -> int | None:

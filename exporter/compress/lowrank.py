@@ -44,19 +44,20 @@ class LowRankLinear(nn.Module):
 
 
 class CorrectedLinear(nn.Module):
-    """CALR: a low-rank primary path plus a parallel, learned low-rank corrective branch.
+    """A primary path plus a parallel low-rank corrective branch: y = base(x) + corrective_up(corrective_down(x)).
 
-    y = base(x) + corrective_up(corrective_down(x)). `corrective_up` starts at zero, so an untrained
-    branch reproduces the primary path exactly; training (exporter.compress.corrective) fits the branch to
-    what the compressed model's outputs lose, not to the weight residual. Wraps the primary module
-    the way PEFT's LoRA layers wrap a base Linear.
+    CALR: `base` is a LowRankLinear and the branch is learned (exporter.compress.corrective) against what the
+    compressed model's outputs lose, not the weight residual; `corrective_up` starts at zero, so an untrained
+    branch reproduces the primary path exactly. Quantization error correction: `base` is a dense nn.Linear on
+    a grid and the branch the whitened SVD of its error (exporter.compress.error_correction). Wraps the
+    primary module the way PEFT's LoRA layers wrap a base Linear.
     """
 
-    def __init__(self, base: LowRankLinear, rank: int, down_init: torch.Tensor | None = None):
+    def __init__(self, base: LowRankLinear | nn.Linear, rank: int, down_init: torch.Tensor | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        dtype = base.down.weight.dtype
+        dtype = (base.down.weight if isinstance(base, LowRankLinear) else base.weight).dtype
         self.corrective_down = nn.Linear(self.in_features, rank, bias=False, dtype=dtype)
         self.corrective_up = nn.Linear(rank, self.out_features, bias=False, dtype=dtype)
         with torch.no_grad():
@@ -65,8 +66,9 @@ class CorrectedLinear(nn.Module):
             nn.init.zeros_(self.corrective_up.weight)
 
     @property
-    def rank(self) -> int:
-        return self.base.rank
+    def rank(self) -> int | None:
+        """The primary path's rank (None: a dense base)."""
+        return self.base.rank if isinstance(self.base, LowRankLinear) else None
 
     @property
     def corrective_rank(self) -> int:

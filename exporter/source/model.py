@@ -1,4 +1,5 @@
-"""Resolve and load a causal LM from local files only (never a hub)."""
+"""Resolve and load a causal LM: a local directory, a .gguf file, or a Hugging Face Hub id (`org/name[@revision]`,
+downloaded with huggingface_hub to its usual cache when the network allows, read from that cache offline)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,10 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 CACHE_FORMAT = 2
+# org/name[@revision]: a Hub id, when no local path of that name exists
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+# what a Hub snapshot fetches: configs, safetensors weights (never pickled .bin/.pt), tokenizer files
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja")
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,8 @@ class ModelSource:
     path: Path
     gguf_file: str | None  # file name inside `path` when the source is a GGUF
     name: str
+    trust_remote_code: bool = False  # run a model's own Python code (--trust-remote-code)
+    hub_id: str | None = None  # org/name@revision where the files came from the Hub
 
     def describe(self) -> str:
         return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
@@ -57,22 +65,53 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model(model: str | None) -> ModelSource:
-    """Turn --model (None, a directory or a .gguf path) into a ModelSource; nothing remote."""
+def resolve_model(model: str | None, trust_remote_code: bool = False) -> ModelSource:
+    """Turn --model (None, a directory, a .gguf path or a Hub id) into a ModelSource."""
     if model is None:
         path = default_model_path()
         return ModelSource(path.parent, path.name, DEFAULT_MODEL_NAME)
     path = Path(model).expanduser()
     if not path.exists():
-        hint = " (models are never downloaded: pass a local directory or .gguf file)" if "/" in model and not model.startswith((".", "/", "~")) else ""
-        raise ModelError(f"model not found: {model}{hint}")
+        hub = HUB_ID.fullmatch(model)
+        if hub and not model.startswith((".", "/", "~")):
+            return hub_snapshot(hub["repo"], hub["revision"], trust_remote_code)
+        raise ModelError(f"model not found: {model} (expected a local directory, a .gguf file or a Hub id org/name)")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"unsupported model file {path}: expected a .gguf file or a Hugging Face model directory")
-        return ModelSource(path.parent.resolve(), path.name, path.stem)
+        return ModelSource(path.parent.resolve(), path.name, path.stem, trust_remote_code)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return ModelSource(path.resolve(), None, path.resolve().name)
+    return ModelSource(path.resolve(), None, path.resolve().name, trust_remote_code)
+
+
+def hub_snapshot(repo: str, revision: str | None, trust_remote_code: bool = False) -> ModelSource:
+    """A Hub model's files (safetensors only) from huggingface_hub's cache, downloaded first where the network
+    allows (HF_HUB_OFFLINE=1: the cache alone)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    hub_id = repo + (f"@{revision}" if revision else "")
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{hub_id} is not in the Hugging Face cache and the Hub cannot be reached: fetch it where "
+                         f"the network allows (`hf download {repo}`{f' --revision {revision}' if revision else ''}, "
+                         "or any exporter command without HF_HUB_OFFLINE), or pass a local directory") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise ModelError(f"{hub_id}: {str(exc).splitlines()[0]}") from None
+    except HfHubHTTPError as exc:
+        raise ModelError(f"{hub_id}: the Hub answered {str(exc).splitlines()[0]}") from None
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{hub_id} has no config.json: not a transformers model")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{hub_id} has no safetensors weights (pickled .bin/.pt checkpoints are not read)")
+    return ModelSource(path, None, repo.rsplit("/", 1)[-1], trust_remote_code, hub_id)
 
 
 def _gguf_cache_path(source: ModelSource) -> Path:
@@ -106,10 +145,12 @@ def load_model(source: ModelSource, dtype=None):
     try:
         # A GGUF's tokenizer is rebuilt from its own metadata (exporter.source.tokenizer: transformers' conversion
         # is wrong for byte-level BPE vocabularies); the converted cache holds the rebuilt one.
+        remote = {"trust_remote_code": source.trust_remote_code}
         tokenizer = (gguf_tokenizer(source.path / source.gguf_file) if gguf_kwargs
-                     else AutoTokenizer.from_pretrained(directory, local_files_only=True))
+                     else AutoTokenizer.from_pretrained(directory, local_files_only=True, **remote))
         model = AutoModelForCausalLM.from_pretrained(
-            directory, local_files_only=True, dtype=dtype, **gguf_kwargs
+            directory, local_files_only=True, dtype=dtype, use_safetensors=True if source.hub_id else None, **remote,
+            **gguf_kwargs
         )
     except ModelError:
         raise
