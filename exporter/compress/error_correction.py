@@ -89,6 +89,39 @@ def quantize_with_correction(model, input_ids: torch.Tensor, format_of: Callable
     return report
 
 
+def group_correction(errors: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], rank: int, fmt: QuantFormat,
+                     up_format: QuantFormat = CORRECTION_FORMAT, channels: torch.Tensor | None = None
+                     ) -> tuple[GridWeights, dict[str, GridWeights]]:
+    """One input group's correction of its members' quantization errors (out x in each): (R's grid at `fmt`,
+    {member: its L's grid at `up_format`}). R from the stacked errors under the members' mean Gram
+    (`correction_factors`); each L by GPTQ on its input's Gram R G R^T."""
+    members = list(errors)
+    gram = sum(grams[m].double() for m in members) / len(members)
+    down, up, down_grid = correction_factors(torch.cat([errors[m] for m in members]), gram, rank, fmt, channels)
+    ups, row = {}, 0
+    for m in members:
+        out = errors[m].shape[0]
+        part = up[row : row + out].float()
+        row += out
+        ups[m] = gptq(part, down.double() @ grams[m].double() @ down.double().T, up_format)
+    return down_grid, ups
+
+
+def install_correction(model, linears: dict, members: list[str], down_grid: GridWeights,
+                       up_grids: dict[str, GridWeights]) -> None:
+    """Each member (its linear on its grid) wrapped in a CorrectedLinear holding the group's one R module and
+    its own L, both on their grids, as a joint unit shares its down factor."""
+    shared = None
+    for m in members:
+        corrected = CorrectedLinear(linears[m], down_grid.codes.shape[0])
+        if shared is None:
+            set_grid(corrected.corrective_down, down_grid)
+            shared = corrected.corrective_down
+        corrected.corrective_down = shared
+        set_grid(corrected.corrective_up, up_grids[m])
+        replace_module(model, m, corrected)
+
+
 def _correct_layer(model, linears, grams, group_of, todo, rank_of, up_format, channels) -> dict[str, dict]:
     """One decoder layer of quantize_with_correction (its Grams `grams`)."""
     report = {}
@@ -106,21 +139,9 @@ def _correct_layer(model, linears, grams, group_of, todo, rank_of, up_format, ch
         weight = torch.cat([originals[m] for m in members])
         quantized = torch.cat([linears[m].weight.detach() for m in members])
         weighted = None if channels is None else torch.cat([channels[m] for m in members])
-        down, up, down_grid = correction_factors(weight - quantized, gram, rank, todo[members[0]], weighted)
-        row, shared = 0, None
-        for m in members:
-            linear = linears[m]
-            corrected = CorrectedLinear(linear, rank)
-            if shared is None:
-                set_grid(corrected.corrective_down, down_grid)
-                shared = corrected.corrective_down
-            corrected.corrective_down = shared  # one R module per group, as a joint unit shares its down factor
-            part = up[row : row + linear.out_features]
-            row += linear.out_features
-            up_gram = down.double() @ grams[m].double() @ down.double().T
-            corrected.corrective_up.weight.copy_(part)
-            set_grid(corrected.corrective_up, gptq(part.float(), up_gram, up_format))
-            replace_module(model, m, corrected)
+        errors = {m: originals[m] - linears[m].weight.detach() for m in members}
+        down_grid, up_grids = group_correction(errors, grams, rank, todo[members[0]], up_format, weighted)
+        install_correction(model, linears, members, down_grid, up_grids)
         after = torch.cat([model.get_submodule(m).base.weight + model.get_submodule(m).corrective_up.weight
                            @ model.get_submodule(m).corrective_down.weight for m in members])
         report[first] = {"rank": rank, "error_before": whitened_error(weight, quantized, gram, weighted),

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from exporter.compress.factorize import replace_module, unit_name
+from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
+from exporter.compress.factorize import unit_name
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
@@ -139,26 +140,19 @@ def corrected_options(members: list[str], linears: dict, grams: dict, fisher: di
     """(rank, bytes added, estimated loss, grids) of each whitened error correction rank for a unit whose members
     sit on `grids` (exporter.compress.error_correction: one R on the unit's format, L at CORRECTION_FORMAT; each
     output channel weighted by its Fisher, as the estimate is)."""
-    from exporter.compress.error_correction import CORRECTION_FORMAT, correction_factors
-
     errors = {n: _error(linears[n].weight, grids[n]) for n in members}
-    error = torch.cat([errors[n] for n in members])
-    gram = sum(grams[n].double() for n in members) / len(members)
     channels = torch.cat([fisher[n] for n in members])
     found = []
     for rank in ranks:
-        down, up, down_grid = correction_factors(error, gram, rank, fmt, channels=channels)
-        chosen, loss, row = {}, 0.0, 0
+        down_grid, up_grids = group_correction(errors, grams, rank, fmt, channels=channels)
+        down = torch.from_numpy(down_grid.dequantize()).double()
+        chosen, loss = {}, 0.0
         for n in members:
-            out = linears[n].out_features
-            part = up[row : row + out].float()
-            row += out
-            up_grid = gptq(part, down @ grams[n].double() @ down.T, CORRECTION_FORMAT)
-            residual = errors[n] - torch.from_numpy(up_grid.dequantize()).double() @ down.double()
+            residual = errors[n] - torch.from_numpy(up_grids[n].dequantize()).double() @ down
             loss += error_loss(residual, grams[n], fisher[n], tokens)
-            chosen[f"{n}.corrective_down"], chosen[f"{n}.corrective_up"] = down_grid, up_grid
-        added = fmt.matrix_bytes(rank, error.shape[1]) + sum(CORRECTION_FORMAT.matrix_bytes(linears[n].out_features,
-                                                                                          rank) for n in members)
+            chosen[f"{n}.corrective_down"], chosen[f"{n}.corrective_up"] = down_grid, up_grids[n]
+        added = fmt.matrix_bytes(rank, linears[members[0]].in_features) + sum(
+            CORRECTION_FORMAT.matrix_bytes(linears[n].out_features, rank) for n in members)
         found.append((rank, added, loss, chosen))
     return found
 
@@ -247,16 +241,9 @@ def apply_choices(model, units: list[Unit]) -> None:
         grids = unit.grids[unit.choice]
         for name in unit.members:
             set_grid(linears[name], grids[name])
-        rank = unit.correction(unit.choice)
-        shared = None
-        for name in unit.members if rank else ():
-            corrected = CorrectedLinear(linears[name], rank)
-            if shared is None:
-                set_grid(corrected.corrective_down, grids[f"{name}.corrective_down"])
-                shared = corrected.corrective_down
-            corrected.corrective_down = shared  # one R for the unit (exporter.compress.error_correction)
-            set_grid(corrected.corrective_up, grids[f"{name}.corrective_up"])
-            replace_module(model, name, corrected)
+        if unit.correction(unit.choice):
+            install_correction(model, linears, unit.members, grids[f"{unit.members[0]}.corrective_down"],
+                               {n: grids[f"{n}.corrective_up"] for n in unit.members})
 
 
 def layer_of(name: str, model) -> int | None:
