@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--fisher-samples", type=int, default=8)
+    parser.add_argument("--calib-chat", type=float, default=0.0,
+                        help="share of calibration windows that are chat turns (the CLI's --calib-chat; default 0, "
+                        "as the stored frontier rows)")
     parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-rounds", type=int, default=11)
@@ -60,8 +63,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     base = ExportOptions(device="host", calib=str(DATA / "wikitext-2" / "valid.txt"), calib_samples=args.calib_samples,
-                         calib_seq_len=512, fisher_samples=args.fisher_samples, seed=0, weights="int4", block_size=32,
-                         accuracy_level=4, progress=False)
+                         calib_seq_len=512, calib_chat=args.calib_chat, fisher_samples=args.fisher_samples, seed=0,
+                         weights="int4", block_size=32, accuracy_level=4, progress=False)
     prepared = prepare(base)
     source, model, tokenizer = prepared.source, prepared.model, prepared.tokenizer
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)

@@ -12,7 +12,7 @@ from pathlib import Path
 from exporter import __version__
 from exporter.artifact.manifest import Manifest
 from exporter.errors import ExporterError
-from exporter.settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
+from exporter.settings import CALIB_CHAT, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CorrectiveOptions
 
 
 def _ratio(text: str) -> float:
@@ -48,6 +48,17 @@ def _int_at_least(minimum: int, expected: str):
     return parse
 
 
+def _share(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return value
+
+
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
@@ -76,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="compress a model for a device and export it to ONNX")
     _compression_options(export)
-    export.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-DEVICE)")
+    export.add_argument("--out", type=Path, help="artifact directory (default: artifacts/MODEL-DEVICE); with several "
+                        "--device profiles, the directory of one artifact per profile, OUT/PROFILE")
     export.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     export.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                         help="fused ONNX Runtime decoder (exporter's writer; default where supported) or "
@@ -175,7 +187,8 @@ def _validate_command(commands) -> None:
 
 
 def _compression_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--device", required=True, help="profile name (see `exporter profiles`) or path to a .toml")
+    command.add_argument("--device", required=True, help="profile name (see `exporter profiles`) or path to a .toml; "
+                         "`export` takes several, comma-separated (a,b,c): one artifact each, from one statistics pass")
     command.add_argument("--model", help="local Hugging Face model directory, .gguf file, or Hub id org/name[@revision] "
                          "(downloaded to the Hugging Face cache; offline: read from it) (default: the embedded "
                          "SmolLM2-135M-Instruct)")
@@ -204,6 +217,10 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help=f"calibration sequences (default: {DEFAULT_NUM_SAMPLES})")
     command.add_argument("--calib-seq-len", type=_positive_int, default=DEFAULT_SEQ_LEN,
                          help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN})")
+    command.add_argument("--calib-chat", type=_share, default=CALIB_CHAT, metavar="SHARE",
+                         help="with --calib: this share of the calibration sequences are conversations in the "
+                         "model's chat template, the file's paragraphs as user turns and the model's own "
+                         f"answers, so the compressed model keeps answering like itself (default: {CALIB_CHAT})")
     command.add_argument("--fisher-samples", type=_positive_int, default=8,
                          help="calibration sequences used for Fisher importance (default: 8)")
     command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4", "auto"],
@@ -242,7 +259,7 @@ def _options(args):
         budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint,
         latency_aware=args.latency_aware is not None, factor_node_us=args.latency_aware or None, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
+        calib_chat=args.calib_chat, fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights="int4" if args.weights == "auto" else args.weights, auto_formats=args.weights == "auto",
         activations=args.activations, graph=getattr(args, "graph", "auto"),
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
@@ -310,11 +327,18 @@ def _allocate(args) -> int:
 
 def _export(args) -> int:
     from exporter.graph.levels import parse_levels
-    from exporter.pipeline import run_export
+    from exporter.pipeline import run_exports
 
     levels = None if args.levels is None else parse_levels(args.levels)
-    result = run_export(_options(args), levels=levels, schedule=args.schedule)
-    print(format_summary(Manifest.from_dict(result), result["artifact"], result["artifact_bytes"]))
+    results = run_exports(_options(args), levels=levels, schedule=args.schedule)
+    for result in results:
+        print(format_summary(Manifest.from_dict(result), result["artifact"], result["artifact_bytes"]))
+    if len(results) > 1:
+        print(f"{len(results)} artifacts from one statistics pass:")
+        for result in results:
+            manifest = Manifest.from_dict(result)
+            print(f"  {manifest.profile['name']:<24} {manifest.precision:<5} {result['artifact_bytes'] / 1e6:8.1f} MB  "
+                  f"{sum(manifest.timings_s.values()):7.1f} s  {result['artifact']}")
     return 0
 
 

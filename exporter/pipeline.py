@@ -94,6 +94,9 @@ class ExportOptions:
     calib_field: str = "text"
     calib_samples: int = DEFAULT_NUM_SAMPLES
     calib_seq_len: int = DEFAULT_SEQ_LEN
+    # share of the calibration sequences that are conversations (the file's paragraphs as user turns, the
+    # model's own answers; exporter.source.calibration.chat_windows), where the tokenizer has a chat template
+    calib_chat: float = 0.0
     fisher_samples: int = 8
     seed: int = 0
     force: bool = False
@@ -194,7 +197,7 @@ def resolve_precision(options: ExportOptions, profile) -> ExportOptions:
 
 
 # the keys of the statistics a Prepared caches; every option that changes them must match its own
-CALIBRATION_FIELDS = ("model", "calib", "calib_field", "calib_samples", "calib_seq_len", "seed")
+CALIBRATION_FIELDS = ("model", "calib", "calib_field", "calib_samples", "calib_seq_len", "calib_chat", "seed")
 
 
 @dataclass
@@ -217,6 +220,7 @@ class Prepared:
     _decompositions: dict = field(default_factory=dict)
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
+    _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
 
     def _dense(self):
@@ -232,7 +236,8 @@ class Prepared:
             with self.clock.stage("calibration"):
                 self._calibration = calibration_ids(
                     self._dense(), self.tokenizer, o.calib, o.calib_samples, o.calib_seq_len, o.seed,
-                    o.calib_field, model_key=self.source.describe(), progress=o.progress)
+                    o.calib_field, model_key=self.source.describe(), progress=o.progress,
+                    chat_share=o.calib_chat)
             self.seconds[("calibration", None)] = time.perf_counter() - start
         return self._calibration
 
@@ -304,13 +309,16 @@ def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | No
     return compress(prepare(options, clock, target, profile, source), train=train)
 
 
-def compress(prepared: Prepared, options: ExportOptions | None = None, model=None, train: bool = True) -> Plan:
+def compress(prepared: Prepared, options: ExportOptions | None = None, model=None, train: bool = True,
+             profile=None) -> Plan:
     """Compress `model` (default: the prepared model itself, in place) as `options` (default: the prepared
-    ones) and the device budget ask: ranks, corrective branches, int4 grids or `--weights auto` formats.
+    ones) and the budget of `profile` (default: the prepared one) ask: ranks, corrective branches, int4 grids
+    or `--weights auto` formats.
 
     `train=False` attaches the corrective branches (they count in the budget) without training them.
     """
-    options = resolve_precision(options or prepared.options, prepared.profile)
+    profile = profile or prepared.profile
+    options = resolve_precision(options or prepared.options, profile)
     changed = [f for f in CALIBRATION_FIELDS if getattr(options, f) != getattr(prepared.options, f)]
     if changed:
         raise ValueError(f"compress: {', '.join(changed)} differ from the prepared statistics' (prepare again)")
@@ -323,7 +331,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         model, in_place = prepared.model, True
     else:
         in_place = False
-    profile, clock, tokenizer = prepared.profile, prepared.clock, prepared.tokenizer
+    clock, tokenizer = prepared.clock, prepared.tokenizer
     projections = decoder_projections(model, options.joint)
     total_dense = count_params(model)
     dense_projection = sum(p.params for p in projections)
@@ -395,8 +403,20 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
             if quantized and options.quantization_aware:  # train against the primary path as int4 computes it
                 with clock.stage("quantize"):
                     quantize_grids(model, options, ids, only=primary_linears(model, projections))
-            with clock.stage("correctives"):
-                plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress)
+            # Branches trained against the float primary path depend only on the ranks and the training
+            # options: another profile of a multi-device export with the same ranks takes them from here.
+            key = None if quantized and options.quantization_aware else (
+                options.method, options.joint, repr(correctives), tuple(plan.ranks.items()),
+                tuple(plan.corrective_ranks.items()))
+            if key is not None and key in prepared._trained:
+                state, plan.corrective_report = prepared._trained[key]
+                model.load_state_dict(state)
+            else:
+                with clock.stage("correctives"):
+                    plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress)
+                if key is not None and not in_place:  # the last one only: a model's worth of memory
+                    prepared._trained = {key: ({k: v.clone() for k, v in model.state_dict().items()},
+                                               plan.corrective_report)}
         del teacher
     if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
         with clock.stage("quantize"):
@@ -548,24 +568,74 @@ def choose_ranks(projections, allocation: str, importance: dict | None, target_p
     return ranks, branches, chosen, used
 
 
-def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, schedule: str | None = None) -> dict:
+def device_names(device: str) -> list[str]:
+    """`--device` as a list: one profile, or several separated by commas (each once)."""
+    names = [name.strip() for name in device.split(",")]
+    if not all(names):
+        raise ExporterError(f"--device {device!r}: an empty profile name in the list")
+    if len(set(names)) != len(names):
+        raise ExporterError(f"--device {device!r}: a profile named twice")
+    return names
+
+
+def run_exports(options: ExportOptions, levels: tuple[float, ...] | None = None,
+                schedule: str | None = None) -> list[dict]:
+    """`run_export` for each profile of `--device a,b,...`, from one load and one statistics pass: the
+    calibration windows, factorizations, Fisher importance and format prices are computed for the first
+    profile and reused by the others (Prepared), each of which compresses a copy of the dense model to its
+    own budget. With several profiles, `--out DIR` holds one artifact per profile, DIR/<profile name>."""
+    names = device_names(options.device)
+    if len(names) == 1:
+        return [run_export(options, levels, schedule)]
+    profiles = [load_profile(name) for name in names]  # a bad name fails before any work
+    source = resolve_model(options.model, options.trust_remote_code)
+    runs = []
+    for name, profile in zip(names, profiles):
+        target = Path(options.out) / profile.name if options.out else default_out(source.name, profile.name)
+        runs.append((profile, resolve_precision(replace(options, device=name, out=target), profile)))
+    for profile, run in runs:  # every option and every target checked before minutes of work
+        _requested_levels(run, levels, schedule)
+        if run.weights == "int4":
+            int4_format(run)
+        check_error_correction(run)
+        check_target(run.out, options.force)
+    prepared = prepare(runs[0][1], Stopwatch(), None, runs[0][0], source)
+    results = []
+    for number, (profile, run) in enumerate(runs, 1):
+        say(f"[{number}/{len(runs)}] {profile.name}: {run.out}")
+        prepared.clock = Stopwatch()  # this artifact's times; a statistic lands in the first that computes it
+        results.append(run_export(run, levels, schedule, prepared=prepared, profile=profile))
+    return results
+
+
+def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, schedule: str | None = None,
+               prepared: Prepared | None = None, profile=None) -> dict:
     """Run the whole job; returns the manifest written into the artifact (Manifest.to_dict(), without the file
     table) with the artifact's path and size on disk (`artifact`, `artifact_bytes`).
 
     `levels`: rank fractions of the progressive levels to write (default `schedule.DEFAULT_LEVELS`; one level
     where the graph cannot be sliced); `schedule`: `--schedule` text, instead of the one derived from
-    calibration measurements (exporter.graph.levels).
+    calibration measurements (exporter.graph.levels). `prepared`: statistics shared with other exports
+    (run_exports); a copy of its dense model is compressed for `profile`.
     """
     from exporter.graph.levels import level_name
     from exporter.graph.writer import write_levels
     from exporter.runtime.generation import schedule_text
 
-    clock = Stopwatch()
-    profile, source = load_profile(options.device), resolve_model(options.model, options.trust_remote_code)
+    if prepared is None:
+        clock = Stopwatch()
+        profile, source = load_profile(options.device), resolve_model(options.model, options.trust_remote_code)
+    else:
+        clock, source = prepared.clock, prepared.source
     options = resolve_precision(options, profile)
     target = Path(options.out or default_out(source.name, profile.name))
     fractions = _requested_levels(options, levels, schedule)  # bad --levels / --schedule fail before the work
-    plan = plan_compression(options, clock, target, profile, source)
+    if prepared is None:
+        plan = plan_compression(options, clock, target, profile, source)
+    else:
+        with clock.stage("load"):
+            model = copy.deepcopy(prepared.model)  # the prepared model stays dense for the next profile
+        plan = compress(prepared, options, model=model, profile=profile)
     model, tokenizer, profile, params = plan.model, plan.tokenizer, plan.profile, plan.parameters
     say(f"{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
         f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all parameters "
@@ -798,7 +868,8 @@ def _held_out_windows(plan: Plan, options: ExportOptions):
     # The same call as plan_compression's: the same windows (self-generated text comes from the cache).
     ids, description = calibration_ids(plan.model, plan.tokenizer, options.calib, options.calib_samples,
                                        options.calib_seq_len, options.seed, options.calib_field,
-                                       model_key=plan.source.describe(), progress=options.progress)
+                                       model_key=plan.source.describe(), progress=options.progress,
+                                       chat_share=options.calib_chat)
     holdout = (options.correctives or CorrectiveOptions()).holdout
     count = max(1, min(holdout, ids.shape[0] // 4))
     return ids[-count:], f"the last {count} windows of {description}"

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_NUM_SAMPLES = 32  # calibration sequences
 DEFAULT_SEQ_LEN = 512  # tokens per calibration sequence
+# with a calibration file, the share of sequences that are chat turns (`--calib-chat`; measured in
+# benchmarks/RESULTS.md, "Chat-format calibration")
+CALIB_CHAT = 0.5
 # ONNX Runtime against PyTorch, fp32: the export's parity check and golden.json's fp32 tolerance on devices
 PARITY_ATOL = 1e-2
 

@@ -60,18 +60,33 @@ def windows_from_texts(texts, tokenizer, num_samples: int, seq_len: int, seed: i
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def chat_prefix(tokenizer) -> list[int] | None:
-    """Token ids of the chat template up to where a user's message begins (None without a template)."""
+def _around_user_message(tokenizer) -> tuple[str, str] | None:
+    """The chat template's text before and after a user's message, the assistant's turn opened (None: no
+    template, or one that needs other roles or fields)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     marker = "\x00USER\x00"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    except Exception:  # a template that needs other roles or fields: no chat samples
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:
         return None
     if marker not in text:
         return None
-    return tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"] or None
+    before, after = text.split(marker, 1)
+    return before, after
+
+
+def chat_prefix(tokenizer) -> list[int] | None:
+    """Token ids of the chat template up to where a user's message begins (None without a template)."""
+    parts = _around_user_message(tokenizer)
+    return (tokenizer(parts[0], add_special_tokens=False)["input_ids"] or None) if parts else None
+
+
+def chat_suffix(tokenizer) -> list[int] | None:
+    """Token ids that close a user's message and open the assistant's answer (None without a template)."""
+    parts = _around_user_message(tokenizer)
+    return (tokenizer(parts[1], add_special_tokens=False)["input_ids"] or None) if parts else None
 
 
 def sample_from_model(model, tokenizer, num_samples: int, seq_len: int, seed: int, batch_size: int = 16,
@@ -109,31 +124,100 @@ def sample_from_model(model, tokenizer, num_samples: int, seq_len: int, seed: in
     return torch.cat(batches)
 
 
+def paragraphs(texts) -> list[str]:
+    """The user's text as candidate chat messages: its lines of 40 characters or more (no `= Heading =`)."""
+    lines = [line.strip() for text in texts for line in text.splitlines()]
+    return [p for p in lines if len(p) >= 40 and not p.startswith("=")] or [p for p in lines if p] or \
+        ["\n\n".join(texts)]
+
+
+def chat_windows(model, tokenizer, texts, count: int, seq_len: int, seed: int, batch_size: int = 16,
+                 progress: bool = True) -> torch.Tensor:
+    """`count` windows [count, seq_len] of conversations in the model's chat template: a seeded paragraph of the
+    user's text as the user turn (at most seq_len / 4 tokens), then the model's own answer, sampled as in
+    sample_from_model up to its end of turn (at most seq_len / 4 tokens); conversations follow each other until
+    a window is full, and each window starts at a conversation. Short answers keep the turn markers, answer
+    openings and end-of-turn tokens, what chat use reads most, frequent, and generation cheap."""
+    from tqdm.auto import tqdm
+
+    prefix, suffix = chat_prefix(tokenizer), chat_suffix(tokenizer)
+    candidates = paragraphs(texts)
+    quarter = max(1, seq_len // 4)
+    end = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    generator = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed)
+    windows, current = [], []
+    bar = tqdm(total=count, desc="sampling chat turns", unit="window", disable=not progress)
+    while len(windows) < count:
+        picks = torch.randint(0, len(candidates), (batch_size,), generator=generator).tolist()
+        prompts = [prefix + tokenizer(candidates[i], add_special_tokens=False)["input_ids"][:quarter] + suffix
+                   for i in picks]
+        width = max(len(p) for p in prompts)
+        # left padding: every answer starts right after its own prompt
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95,
+                                 max_new_tokens=quarter, eos_token_id=end, pad_token_id=pad)
+        for prompt, row in zip(prompts, out[:, width:].tolist()):
+            answer = row[: row.index(end) + 1] if end in row else row
+            current += prompt + answer
+            if len(current) >= seq_len and len(windows) < count:
+                windows.append(current[:seq_len])
+                current = []
+                bar.update(1)
+    bar.close()
+    return torch.tensor(windows, dtype=torch.long)
+
+
 def calibration_ids(model, tokenizer, calib: str | None, num_samples: int = DEFAULT_NUM_SAMPLES,
                     seq_len: int = DEFAULT_SEQ_LEN, seed: int = 0, text_field: str = "text",
-                    model_key: str = "", progress: bool = True) -> tuple[torch.Tensor, str]:
-    """Token ids [num_samples, seq_len] and a description of where they came from."""
+                    model_key: str = "", progress: bool = True, chat_share: float = 0.0) -> tuple[torch.Tensor, str]:
+    """Token ids [num_samples, seq_len] and a description of where they came from.
+
+    With a calibration file and `chat_share` > 0, that share of the sequences are conversations (chat_windows:
+    the file's paragraphs as user messages, the model's own answers), at seeded positions among the file's
+    windows; models without a chat template read the file only."""
     if num_samples < 1 or seq_len < 2:
         raise CalibrationError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    if not 0.0 <= chat_share <= 1.0:
+        raise CalibrationError(f"--calib-chat must be between 0 and 1, got {chat_share}")
     if calib is not None:
         texts = read_texts(calib, text_field)
         if not any(t.strip() for t in texts):
             raise CalibrationError(f"calibration file is empty: {calib}")
-        ids = windows_from_texts(texts, tokenizer, num_samples, seq_len, seed)
-        return ids, f"{calib} ({num_samples} x {seq_len} tokens, seed {seed})"
+        chats = round(num_samples * chat_share) if chat_prefix(tokenizer) and chat_suffix(tokenizer) else 0
+        description = f"{calib} ({num_samples} x {seq_len} tokens, seed {seed})"
+        if chats == 0:
+            return windows_from_texts(texts, tokenizer, num_samples, seq_len, seed), description
+        text_ids = windows_from_texts(texts, tokenizer, num_samples - chats, seq_len, seed) \
+            if chats < num_samples else torch.empty(0, seq_len, dtype=torch.long)
+        digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+        key = hashlib.sha256(f"chat-v2:{model_key}:{digest}:{chats}:{seq_len}:{seed}".encode()).hexdigest()[:16]
+        turns = _cached(cache_dir() / "calibration" / f"chat-{key}.pt", model_key, lambda: chat_windows(
+            model, tokenizer, texts, chats, seq_len, seed, progress=progress))
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([text_ids, turns])[order]  # the conversations at seeded positions
+        return ids, f"{calib} ({num_samples - chats} windows and {chats} chat turns of {seq_len} tokens, seed {seed})"
     # v2: chat-turn starts and unsuppressed end-of-sequence tokens (see sample_from_model)
     key = hashlib.sha256(f"v2:{model_key}:{num_samples}:{seq_len}:{seed}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "calibration" / f"self-{key}.pt"
-    description = f"self-generated ({num_samples} x {seq_len} tokens, seed {seed})"
-    if model_key and cached.is_file():
-        return torch.load(cached), description
-    ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
+    ids = _cached(cache_dir() / "calibration" / f"self-{key}.pt", model_key,
+                  lambda: sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress))
+    return ids, f"self-generated ({num_samples} x {seq_len} tokens, seed {seed})"
+
+
+def _cached(path: Path, model_key: str, compute) -> torch.Tensor:
+    """compute(), kept at `path` for the next export of the same model (model_key empty: never cached)."""
+    if model_key and path.is_file():
+        return torch.load(path)
+    ids = compute()
     if model_key:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
             torch.save(ids, tmp)
-            tmp.replace(cached)
+            tmp.replace(path)
         except OSError as exc:
             log.warning("could not cache calibration samples: %s", exc)
-    return ids, description
+    return ids
