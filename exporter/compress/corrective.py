@@ -277,8 +277,9 @@ def train_blockwise(student, teacher, input_ids: torch.Tensor, options: Correcti
     for index in bar:
         s_layer, t_layer = student_layers[index], teacher_layers[index]
         branches = [n for n, m in s_layer.named_modules() if isinstance(m, CorrectedLinear)]
-        teacher_inputs, targets = _linear_inputs(t_layer, teacher_states, branches if options.solve else [])
-        student_states = [(hidden, kwargs) for hidden, (_, kwargs) in zip(student_hidden, teacher_states)]
+        layer_states = [(hidden, kwargs[index]) for hidden, kwargs in teacher_states]  # this layer's kwargs
+        teacher_inputs, targets = _linear_inputs(t_layer, layer_states, branches if options.solve else [])
+        student_states = [(hidden, kwargs) for hidden, (_, kwargs) in zip(student_hidden, layer_states)]
         held = slice(n_train, None)
         before = _relative_error(s_layer, student_states[held], targets[held])
         if options.solve:

@@ -22,27 +22,48 @@ class _StopForward(Exception):
 
 
 def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
-    """Hidden states and keyword arguments entering decoder layer 0, one entry per batch."""
-    first = decoder_layers(model)[0]
-    captured = []
+    """[(hidden states entering decoder layer 0, [keyword arguments of layer 0, 1, ...])], one entry per batch.
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        kwargs["use_cache"] = False
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
+    Each layer keeps its own keyword arguments: models that interleave sliding-window and global attention
+    (Gemma 3, Qwen 2/3 with layer_types) give each layer type its own mask and rotary tables. Every layer's
+    forward is replaced by a recorder for the pass, so it costs the embedding and no layer compute."""
+    layers = decoder_layers(model)
+    captured, current = [], {}
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    def recorder(index):
+        def record(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            if index == 0:
+                current["hidden"] = hidden.detach()
+            current.setdefault("kwargs", []).append(kwargs)
+            if index == len(layers) - 1:
+                raise _StopForward
+            # the input back: kwargs are computed before the layer loop, so what later recorders receive
+            # (a family that takes [0] of a layer's output gets the first row) does not change them
+            return hidden
+        return record
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # a wrapper set on the instance (accelerate's)
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)  # an instance attribute: nn.Module.__call__ runs it, hooks and all
     try:
         for begin in range(0, input_ids.shape[0], batch_size):
+            current.clear()
             try:
                 with torch.no_grad():
                     model(input_ids[begin : begin + batch_size], use_cache=False)
             except _StopForward:
                 pass
+            captured.append((current["hidden"], current["kwargs"]))
     finally:
-        handle.remove()
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 
@@ -101,7 +122,7 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
                 batch_grams.clear()
                 by_input.clear()
                 with torch.no_grad():
-                    states[b] = (run_layer(layer, hidden, kwargs), kwargs)
+                    states[b] = (run_layer(layer, hidden, kwargs[index]), kwargs)
                 added: dict[int, torch.Tensor] = {}
                 for name, gram in batch_grams.items():
                     if id(gram) not in added:

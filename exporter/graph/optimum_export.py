@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.errors import ParityError
+from exporter.errors import ModelError, ParityError
 from exporter.runtime.generation import OrtDecoder
 from exporter.settings import PARITY_ATOL
 
@@ -26,7 +26,12 @@ def export_onnx(model, out_dir: Path, opset: int | None = None) -> Path:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent branches are expected
-        onnx_export_from_model(model, str(out_dir), task=TASK, opset=opset, do_validation=False)
+        try:
+            onnx_export_from_model(model, str(out_dir), task=TASK, opset=opset, do_validation=False)
+        except Exception as exc:  # optimum's own errors (unknown model type, unsupported task) are untyped
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"neither the fused graph writer nor optimum-onnx can export {type(model).__name__} "
+                             f"(model_type {getattr(model.config, 'model_type', '?')!r}); optimum-onnx says: {first}") from exc
     path = out_dir / "model.onnx"
     onnx.checker.check_model(str(path))  # a path (not a proto) also works above 2 GB
     return path

@@ -211,9 +211,18 @@ def layers_prefix(model) -> str:
 
 
 def decoder_layers(model):
-    """The list of decoder blocks of a causal LM (Llama, Qwen2/3, Mistral, Phi3, Gemma ...)."""
-    base = getattr(model, model.base_model_prefix, model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ModelError(f"unsupported architecture {type(model).__name__}: no decoder `layers` found")
-    return layers
+    """The list of decoder blocks of a causal LM: the module list of config.num_hidden_layers blocks that hold
+    nn.Linear projections, wherever the model keeps it (`model.layers` in Llama or Qwen, `model.language_model
+    .layers` in multimodal wrappers, any name in others), so no family needs naming here."""
+    from torch import nn
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) == count
+             and all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module)]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(name for name, _ in found)})"
+        raise ModelError(f"unsupported architecture {type(model).__name__}: {what} module list of "
+                         f"config.num_hidden_layers={count} blocks with nn.Linear projections found")
+    return found[0][1]
