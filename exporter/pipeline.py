@@ -599,11 +599,12 @@ def run_exports(options: ExportOptions, levels: tuple[float, ...] | None = None,
             int4_format(run)
         check_error_correction(run)
         check_target(run.out, options.force)
-    prepared = prepare(runs[0][1], Stopwatch(), None, runs[0][0], source)
+    clocks = [Stopwatch() for _ in runs]  # each artifact's times; the model's load and a statistic land in the
+    prepared = prepare(runs[0][1], clocks[0], None, runs[0][0], source)  # first artifact that needs them
     results = []
-    for number, (profile, run) in enumerate(runs, 1):
+    for number, ((profile, run), clock) in enumerate(zip(runs, clocks), 1):
         say(f"[{number}/{len(runs)}] {profile.name}: {run.out}")
-        prepared.clock = Stopwatch()  # this artifact's times; a statistic lands in the first that computes it
+        prepared.clock = clock
         results.append(run_export(run, levels, schedule, prepared=prepared, profile=profile))
     return results
 
