@@ -47,7 +47,7 @@ def test_share_of_conversations_at_seeded_positions(model, chat_tokenizer, calib
     assert ids.shape == (SAMPLES, SEQ_LEN)
     prefix, suffix = chat_prefix(chat_tokenizer), chat_suffix(chat_tokenizer)
     chats = [row for row in ids.tolist() if row[:len(prefix)] == prefix]
-    assert len(chats) == 4 and "4 chat turns" in description
+    assert len(chats) == 4 and "8 x 48 tokens: 4 windows and 4 of chat turns" in description
     file_ids = chat_tokenizer(calib_text, add_special_tokens=False)["input_ids"]
     messages = [chat_tokenizer(p, add_special_tokens=False)["input_ids"] for p in paragraphs([calib_text])]
     for row in chats:  # (the start of) a paragraph of the file as the user's message, then the model's answer

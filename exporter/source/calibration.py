@@ -199,7 +199,8 @@ def calibration_ids(model, tokenizer, calib: str | None, num_samples: int = DEFA
             model, tokenizer, texts, chats, seq_len, seed, progress=progress))
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
         ids = torch.cat([text_ids, turns])[order]  # the conversations at seeded positions
-        return ids, f"{calib} ({num_samples - chats} windows and {chats} chat turns of {seq_len} tokens, seed {seed})"
+        return ids, (f"{calib} ({num_samples} x {seq_len} tokens: {num_samples - chats} windows and {chats} of "
+                     f"chat turns, seed {seed})")
     # v2: chat-turn starts and unsuppressed end-of-sequence tokens (see sample_from_model)
     key = hashlib.sha256(f"v2:{model_key}:{num_samples}:{seq_len}:{seed}".encode()).hexdigest()[:16]
     ids = _cached(cache_dir() / "calibration" / f"self-{key}.pt", model_key,
