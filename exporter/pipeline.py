@@ -162,6 +162,7 @@ class Plan:
     target_params: int | None  # projection parameters allowed; None: dense
     ranks: dict
     calibration: str | None = None
+    windows: torch.Tensor | None = None  # the calibration windows it read (Prepared.calibration)
     allocation: Allocation | None = None
     importance: dict | None = None  # projection -> Fisher score of each component
     corrective_ranks: dict = field(default_factory=dict)  # projection -> r_c (0: no branch)
@@ -367,6 +368,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
     if gptq or (compressed and (options.method == "whitened" or options.allocation == "fisher"
                                 or options.correctives is not None)):
         ids, plan.calibration = prepared.calibration()
+        plan.windows = ids
     if not compressed:
         if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
             choose_formats(plan, options, prepared, ids)
@@ -866,11 +868,13 @@ def _held_out_windows(plan: Plan, options: ExportOptions):
 
     if options.calib is None and plan.calibration is None:
         return None, "no calibration data was read (plain SVD, uniform ranks, no correctives)"
-    # The same call as plan_compression's: the same windows (self-generated text comes from the cache).
-    ids, description = calibration_ids(plan.model, plan.tokenizer, options.calib, options.calib_samples,
-                                       options.calib_seq_len, options.seed, options.calib_field,
-                                       model_key=plan.source.describe(), progress=options.progress,
-                                       chat_share=options.calib_chat)
+    if plan.windows is not None:  # the windows compression read, not read (or sampled) again
+        ids, description = plan.windows, plan.calibration
+    else:
+        ids, description = calibration_ids(plan.model, plan.tokenizer, options.calib, options.calib_samples,
+                                           options.calib_seq_len, options.seed, options.calib_field,
+                                           model_key=plan.source.describe(), progress=options.progress,
+                                           chat_share=options.calib_chat)
     holdout = (options.correctives or CorrectiveOptions()).holdout
     count = max(1, min(holdout, ids.shape[0] // 4))
     return ids[-count:], f"the last {count} windows of {description}"
