@@ -229,6 +229,10 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          "activations, KV cache and logits in fp16, for the CUDA provider. auto: MatMulNBits weights, each at the "
                          "format (int4/int8, block size) a knapsack over GPTQ's estimated loss chooses to fit "
                          "--budget-mb (or the profile's budget)")
+    command.add_argument("--onnxruntime-version", metavar="X.Y",
+                         help="the ONNX Runtime release the app bundles (1.18 or later): only operators, opsets and "
+                         "weight formats it runs are written (default: the profile's runtime.onnxruntime_version, "
+                         "else the newest)")
     command.add_argument("--activations", choices=["fp32", "fp16"],
                          help="activations, KV cache and logits (default: fp16 for fp16 weights, and for int4 "
                          "weights when the profile's first provider is CUDA, which runs attention in fp16 only; "
@@ -261,7 +265,8 @@ def _options(args):
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_chat=args.calib_chat, fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights="int4" if args.weights == "auto" else args.weights, auto_formats=args.weights == "auto",
-        activations=args.activations, graph=getattr(args, "graph", "auto"),
+        activations=args.activations, onnxruntime_version=args.onnxruntime_version,
+        graph=getattr(args, "graph", "auto"),
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),

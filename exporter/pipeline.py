@@ -59,6 +59,8 @@ from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projecti
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
+from exporter.graph.onnxruntime_releases import EIGHT_BIT_MATMUL_RELEASE, check_release, oldest_release, parse_release
+from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import constant_bytes, unsupported_reason, write_decoder
 from exporter.precisions import ACTIVATIONS, check_activations
@@ -112,6 +114,9 @@ class ExportOptions:
     # Activations, KV cache and logits: fp32 | fp16 (None: fp16 with fp16 weights, and with int4 weights
     # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
     activations: str | None = None
+    # The oldest ONNX Runtime release ("1.20") that must run the artifact (exporter.graph.onnxruntime_releases);
+    # None: the profile's runtime.onnxruntime_version, else the newest (resolve_precision).
+    onnxruntime_version: str | None = None
     block_size: int = 32
     # int4 grids (exporter.compress.grid): GPTQ on each linear's input Gram where calibration is read, else
     # round-to-nearest; asymmetric grids store a zero point per block (uint8, packed).
@@ -194,7 +199,9 @@ def resolve_precision(options: ExportOptions, profile) -> ExportOptions:
         activations = check_activations(weights, activations)
     except ValueError as exc:
         raise ExporterError(f"--activations: {exc}") from None
-    return replace(options, weights=weights, activations=activations)
+    release = parse_release(options.onnxruntime_version or profile.runtime.onnxruntime_version)
+    return replace(options, weights=weights, activations=activations,
+                   onnxruntime_version=release_name(release) if release else None)
 
 
 # the keys of the statistics a Prepared caches; every option that changes them must match its own
@@ -267,18 +274,21 @@ class Prepared:
             self.seconds[("importance", key)] = time.perf_counter() - start
         return self._importance[key]
 
-    def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = ()) -> list:
-        """`--weights auto`: every MatMulNBits unit's menu with bytes, grids and estimated loss
-        (exporter.compress.format_allocation.price_units); a fresh copy of each unit per call, for its choice."""
-        from exporter.compress.format_allocation import price_units
+    def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = (),
+                      menu: tuple | None = None) -> list:
+        """`--weights auto`: every MatMulNBits unit's menu (default: format_allocation.MENU) with bytes, grids
+        and estimated loss (exporter.compress.format_allocation.price_units); a fresh copy of each unit per
+        call, for its choice."""
+        from exporter.compress.format_allocation import MENU, price_units
 
-        key = (tuple(map(tuple, groups)), samples, corrections)
+        menu = tuple(menu or MENU)
+        key = (tuple(map(tuple, groups)), samples, corrections, tuple(f.name for f in menu))
         if key not in self._prices:
             ids = self.calibration()[0]
             start = time.perf_counter()
             with self.clock.stage("price formats"):
-                self._prices[key] = price_units(self._dense(), ids, ids[:samples], progress=self.options.progress,
-                                                groups=groups, corrections=corrections)
+                self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
+                                                progress=self.options.progress, groups=groups, corrections=corrections)
             self.seconds[("price formats", key)] = time.perf_counter() - start
         return [copy.copy(unit) for unit in self._prices[key]]
 
@@ -295,12 +305,14 @@ def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path
     if options.weights == "int4":
         int4_format(options)  # a bad block size fails before the work
     check_error_correction(options)
+    check_runtime(options)
     source = source or resolve_model(options.model, options.trust_remote_code)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
     with clock.stage("load"):
         say(f"loading {source.describe()}")
         model, tokenizer = load_model(source)
+    check_model_runtime(model, options)
     return Prepared(options, profile, source, model, tokenizer, clock)
 
 
@@ -328,6 +340,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
     if options.weights == "int4":
         int4_format(options)
     check_error_correction(options)
+    check_runtime(options)
     if model is None or model is prepared.model:
         model, in_place = prepared.model, True
     else:
@@ -437,12 +450,14 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                             "self-generated text); pass --quantizer gptq")
     budget_bytes = int(plan.budget.bytes if options.budget_mb is None else options.budget_mb * MB)
     groups = format_units(plan.model)
-    smallest, largest = (b + constant_bytes(plan.model, options.activations) for b in byte_range(plan.model, groups))
+    menu = runtime_menu(options)
+    smallest, largest = (b + constant_bytes(plan.model, options.activations)
+                         for b in byte_range(plan.model, groups, menu))
     if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
-                                   (options.error_correction,) if options.error_correction else ())
+                                   (options.error_correction,) if options.error_correction else (), menu)
     fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
@@ -460,6 +475,16 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                            "predicted_loss_increase": sum(u.loss[u.choice] for u in units)}
     say(f"formats: {plan.formats_budget['chosen_bytes'] / MB:.1f} MB of {budget_bytes / MB:.1f} MB, "
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
+
+
+def runtime_menu(options: ExportOptions) -> tuple:
+    """`--weights auto`'s formats that the target ONNX Runtime runs (8-bit MatMulNBits: 1.22 and later)."""
+    from exporter.compress.format_allocation import MENU
+
+    release = parse_release(options.onnxruntime_version)
+    if release is None or release >= EIGHT_BIT_MATMUL_RELEASE:
+        return MENU
+    return tuple(f for f in MENU if f.bits == 4)
 
 
 def _format_counts(units) -> dict[str, int]:
@@ -482,6 +507,35 @@ def check_error_correction(options: ExportOptions) -> None:
                             f"{CORRECTION_FORMAT.block_size} (its up factor's block), got {rank}")
     if options.weights != "int4" or options.quantizer != "gptq":
         raise ExporterError("--error-correction needs --weights int4 (or auto) with --quantizer gptq")
+
+
+def check_runtime(options: ExportOptions) -> None:
+    """What an older ONNX Runtime target (--onnxruntime-version, resolved) rules out, before the work."""
+    import onnxruntime
+
+    release = parse_release(options.onnxruntime_version)
+    if release is None:
+        return
+    if options.error_correction and CORRECTION_FORMAT.bits != 4 and release < EIGHT_BIT_MATMUL_RELEASE:
+        raise ExporterError(f"--error-correction stores its factors as {CORRECTION_FORMAT.bits}-bit MatMulNBits, "
+                            f"which ONNX Runtime {release_name(release)} does not run (it needs "
+                            f"{release_name(EIGHT_BIT_MATMUL_RELEASE)}); drop it or target a newer release")
+    installed = parse_release(".".join(onnxruntime.__version__.split(".")[:2]))
+    if options.ort_format and installed and release < installed:
+        raise ExporterError(f"--ort: the ORT format this ONNX Runtime ({onnxruntime.__version__}) writes is read by "
+                            f"it and later releases only, not by {release_name(release)}; convert model.onnx with "
+                            f"ONNX Runtime {release_name(release)}'s own tools")
+
+
+def check_model_runtime(model, options: ExportOptions) -> None:
+    """What the target ONNX Runtime cannot run of this model's fused graph, before minutes of compression."""
+    from exporter.graph.writer import release_reason
+
+    release = parse_release(options.onnxruntime_version)
+    if release is not None and options.graph != "optimum" and unsupported_reason(model) is None:
+        reason = release_reason(model, release)
+        if reason:
+            raise ExporterError(f"{type(model).__name__} on ONNX Runtime {release_name(release)}: {reason}")
 
 
 def correct_errors(model, options: ExportOptions, ids) -> dict:
@@ -600,6 +654,7 @@ def run_exports(options: ExportOptions, levels: tuple[float, ...] | None = None,
         if run.weights == "int4":
             int4_format(run)
         check_error_correction(run)
+        check_runtime(run)
         check_target(run.out, options.force)
     clocks = [Stopwatch() for _ in runs]  # each artifact's times; the model's load and a statistic land in the
     prepared = prepare(runs[0][1], clocks[0], None, runs[0][0], source)  # first artifact that needs them
@@ -645,6 +700,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
         f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
 
     graph = choose_graph(model, options)
+    release = parse_release(options.onnxruntime_version)
     fractions = _exported_levels(plan, graph, options, fractions, explicit=levels is not None)
     leveled = len(fractions) > 1
     with staging_dir(target, options.force) as staging:
@@ -654,11 +710,12 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 + (f", levels {', '.join(level_name(f) for f in fractions)})" if leveled else ")"))
             if graph == "optimum":
                 onnx_path = export_onnx(model, staging)
+                check_release(_graph_proto(onnx_path), release, "optimum-onnx's graph")
             elif leveled and options.weights == "fp32":
-                entries = write_levels(model, staging, fractions, progress=options.progress)
+                entries = write_levels(model, staging, fractions, progress=options.progress, onnxruntime=release)
                 onnx_path = staging / entries[0]["file"]
             else:  # one level, or the fp32 twin of the quantized levels
-                onnx_path = write_decoder(model, staging)
+                onnx_path = write_decoder(model, staging, onnxruntime=release)
             save_tokenizer(tokenizer, staging)
             if graph == "fused":  # the builder's I/O contract: onnxruntime-genai can load it
                 write_genai_config(staging, model, tokenizer, onnx_path.name, profile.budget.max_context)
@@ -674,10 +731,12 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 if leveled:
                     entries = write_levels(model, staging, fractions, weights=options.weights,
                                            block_size=options.block_size, accuracy_level=accuracy_level,
-                                           progress=options.progress, activations=options.activations)
+                                           progress=options.progress, activations=options.activations,
+                                           onnxruntime=release)
                 else:
                     write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
-                                  accuracy_level=accuracy_level, activations=options.activations)
+                                  accuracy_level=accuracy_level, activations=options.activations,
+                                  onnxruntime=release)
             with clock.stage("parity"):
                 parity["quantized"] = check_parity(model, onnx_path, prompt, options.parity_steps,
                                                    atol=float("inf"), min_agreement=QUANTIZED_MIN_AGREEMENT).to_dict()
@@ -731,7 +790,8 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                            weights=options.weights, activations=options.activations,
                            block_size=options.block_size if int4 else None,
                            accuracy_level=options.accuracy_level if int4 else None,
-                           quantization=_quantization_summary(options, staging / onnx_path.name) if int4 else None),
+                           quantization=_quantization_summary(options, staging / onnx_path.name) if int4 else None,
+                           **_runtime_summary(staging, [e["file"] for e in level_entries], release)),
             levels=[Level.from_dict(entry) for entry in level_entries],
             schedule=[ScheduleEntry(level=level, start=start) for level, start in chosen],
             schedule_derivation=derivation,
@@ -746,6 +806,21 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
         write_manifest(staging, manifest)
     return {**manifest.to_dict(), "artifact": str(target),
             "artifact_bytes": sum(f.stat().st_size for f in target.rglob("*") if f.is_file())}
+
+
+def _graph_proto(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _runtime_summary(directory: Path, files: list[str], release: tuple[int, int] | None) -> dict:
+    """The manifest's opset, IR version, target and oldest ONNX Runtime release over every level's graph."""
+    protos = [_graph_proto(directory / f) for f in files]
+    opset = max(next(o.version for o in p.opset_import if o.domain in ("", "ai.onnx")) for p in protos)
+    oldest = max((oldest_release(p) for p in protos), key=parse_release)
+    return {"opset": opset, "ir_version": max(p.ir_version for p in protos), "oldest_onnxruntime": oldest,
+            "target_onnxruntime": release_name(release) if release else None}
 
 
 def primary_linears(model, projections) -> list:

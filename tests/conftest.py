@@ -4,7 +4,7 @@ calibration text, and a session-wide EXPORTER_CACHE so no test writes to ~/.cach
 Everything is built in-process (no downloads, no files from outside the repository):
 
 * a byte-level BPE tokenizer trained with `tokenizers` on generated English-like text;
-* one model per family (Llama, Qwen3, Qwen2, Mistral): hidden 64, 2 layers, 4 heads, 2 KV heads,
+* one model per family (Llama, Qwen3, Qwen2, Mistral, Gemma 3, SmolLM3, Phi-3): hidden 64, 2 layers, 4 heads, 2 KV heads,
   intermediate 128. Each is briefly trained (a few dozen Adam steps, seeded) on the same text so
   its activations are anisotropic like a real LM's (whitening then matters) and its logits are
   decisive (greedy comparisons between runtimes do not hinge on near-ties).
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FAMILIES = ("llama", "qwen3", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "gemma3_text", "smollm3", "phi3")
 SEQ_LEN = 32  # calibration window length used throughout the tests
 
 _SUBJECTS = ["the model", "a small robot", "the engineer", "my neighbour", "the old river", "a quiet student",
@@ -71,7 +71,15 @@ def build_tokenizer(text: str, vocab_size: int = 384):
 
 
 def model_config(family: str, tokenizer):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        SmolLM3Config,
+    )
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -87,6 +95,13 @@ def model_config(family: str, tokenizer):
         return Qwen2Config(**common)  # q/k/v carry biases
     if family == "mistral":
         return MistralConfig(sliding_window=None, **common)
+    if family == "gemma3_text":  # a sliding layer (window 8, shorter than the tests' prompts) and a global one
+        return Gemma3TextConfig(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                **common)
+    if family == "smollm3":  # layer 1 without rotary embedding (NoPE)
+        return SmolLM3Config(no_rope_layers=[1, 0], **common)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj modules
+        return Phi3Config(**common)
     raise ValueError(family)
 
 

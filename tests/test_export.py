@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from exporter.architectures import architecture_of
 from exporter.artifact.staging import staging_dir
 from exporter.compress.factorize import apply_ranks, count_params, decoder_projections, decompose_model, uniform_ranks
 from exporter.compress.lowrank import LowRankLinear
@@ -14,7 +15,7 @@ from exporter.errors import ExporterError, ParityError
 from exporter.graph.optimum_export import check_parity, export_onnx, torch_greedy
 from exporter.runtime.generation import OrtDecoder
 
-FAMILIES = ["llama", "qwen3", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "gemma3_text", "smollm3", "phi3"]
 PROMPT = "The engineer explains the last question with great care. Then a small robot"
 
 
@@ -73,7 +74,7 @@ def test_onnx_holds_the_factors_not_dense_weights(exported):
     sizes = [numpy_helper.to_array(t).size for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     assert sum(sizes) == count_params(model)
     shapes = {tuple(t.dims) for t in graph.initializer}
-    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    q = model.get_submodule(f"model.layers.0.self_attn.{architecture_of(model).qkv[0]}")
     assert (q.in_features, q.rank) in shapes and (q.rank, q.out_features) in shapes
 
 

@@ -40,3 +40,19 @@ def test_onnxruntime_genai_runs_the_fp16_graph(tmp_path, tiny_models, tokenizer)
     expected, _, _ = OrtDecoder(path, threads=1).greedy(prompt, steps)
     generated = genai_greedy(og, tmp_path, prompt, steps)
     assert len(generated) >= 1 and generated == expected[: len(generated)]
+
+
+def test_onnxruntime_genai_runs_gemma3(tmp_path, tiny_models, tokenizer):
+    """Gemma 3's fused graph (gemma3_text in genai_config.json): onnxruntime-genai generates the exporter
+    runtime's tokens, past the sliding window of its local layers."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    model = tiny_models.load("gemma3_text")
+    path = write_decoder(model, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    write_genai_config(tmp_path, model, tokenizer, path.name)
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7, 21, 30]
+    steps = 8
+    assert len(prompt) + steps > model.config.sliding_window
+    expected, _, _ = OrtDecoder(path, threads=1).greedy(prompt, steps)
+    generated = genai_greedy(og, tmp_path, prompt, steps)
+    assert len(generated) >= 1 and generated == expected[: len(generated)]

@@ -75,20 +75,40 @@ def test_grams_equal_a_plain_forward(gemma3, calib_ids):
         assert torch.allclose(gram, reference[name], rtol=1e-4, atol=1e-4 * float(reference[name].abs().max())), name
 
 
-def test_export_compresses_through_the_generic_path(gemma3_dir, calib_file, tmp_path):
+def test_export_compresses_and_writes_the_fused_graph(gemma3_dir, calib_file, tmp_path):
+    """Gemma 3 through the CLI: compressed like any decoder, then the fused int4 graph (tied embedding gathered
+    from lm_head's blocks and scaled by sqrt(hidden); sliding and global layers on their own rope tables)."""
     from exporter.cli import main
 
     out = tmp_path / "art"
-    code = main(["export", "--device", "host", "--model", str(gemma3_dir), "--ratio", "0.2", "--weights", "fp32",
-                 "--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", str(SEQ_LEN),
-                 "--out", str(out), "--no-progress"])
+    code = main(["export", "--device", "raspberry-pi-5", "--model", str(gemma3_dir), "--ratio", "0.2",
+                 "--weights", "int4", "--no-correctives", "--calib", str(calib_file), "--calib-samples", "4",
+                 "--calib-seq-len", str(SEQ_LEN), "--out", str(out), "--no-progress"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["onnx"]["graph"] == "optimum"  # no fused writer for Gemma 3 yet
+    assert manifest["onnx"]["graph"] == "fused"
     assert len(manifest["ranks"]) == 4 * 7
     assert any(entry["rank"] is not None for entry in manifest["ranks"].values()), "nothing factorized"
     assert manifest["parameters"]["projection_fraction_removed"] == pytest.approx(0.2, abs=0.02)
-    assert manifest["parity"]["passed"]
+    assert manifest["parity"]["passed"]  # the fp32 twin, against PyTorch
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "gemma3_text"
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GatherBlockQuantized", "FastGelu", "MatMulNBits"} <= ops
+    assert manifest["onnx"]["oldest_onnxruntime"] == "1.24"  # its sliding window (onnxruntime_releases)
+
+
+def test_an_older_runtime_is_refused_before_the_work(gemma3_dir, calib_file, tmp_path, capsys):
+    from exporter.cli import main
+
+    code = main(["export", "--device", "raspberry-pi-5", "--model", str(gemma3_dir), "--ratio", "0.2",
+                 "--onnxruntime-version", "1.22", "--calib", str(calib_file), "--calib-samples", "4",
+                 "--calib-seq-len", str(SEQ_LEN), "--out", str(tmp_path / "art"), "--no-progress"])
+    assert code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("exporter:")]
+    assert len(err) == 1 and "Gemma3ForCausalLM on ONNX Runtime 1.22: its sliding-window attention needs 1.24" in err[0]
+    assert not (tmp_path / "art").exists()
 
 
 def test_a_model_without_decoder_blocks_is_a_one_line_error():

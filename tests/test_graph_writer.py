@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from exporter.architectures import architecture_of
 from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
 from exporter.compress.lowrank import LowRankLinear
 from exporter.graph.optimum_export import torch_greedy
 from exporter.graph.writer import LowRankPair, ProjectionWeights, build_decoder, supports, write_decoder
 from exporter.runtime.generation import OrtDecoder, decode, sample_token
 
-FAMILIES = ["llama", "qwen3", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "gemma3_text", "smollm3", "phi3"]
 PROMPT = "The engineer explains the last question with great care. Then a small robot"
 STEPS = 8
 
@@ -71,9 +72,10 @@ def _ops(path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_parity(models, family, variant, prompt, tmp_path):
     model = models(family, variant)
+    spec = architecture_of(model)
     kinds = {type(getattr(getattr(layer, part), name)) for layer in model.model.layers
-             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                 ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
+             for part, names in (("self_attn", (*spec.qkv, "o_proj")), ("mlp", (*spec.gate_up, "down_proj")))
+             for name in names}
     assert kinds == {"dense": {torch.nn.Linear}, "lowrank": {LowRankLinear},
                      "mixed": {torch.nn.Linear, LowRankLinear}}[variant]
     ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
@@ -93,7 +95,7 @@ FP16_RTOL = 2e-3
 
 
 @pytest.mark.parametrize("variant", ["dense", "mixed"])
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_fp16_parity(models, family, variant, prompt, tmp_path):
     import onnx
 
@@ -189,8 +191,11 @@ def test_int4(models, family, prompt, tmp_path):
     ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
     path = write_decoder(model, tmp_path, weights="int4", block_size=32)
     ops = Counter(n.op_type for n in _ops(path).node)
-    # per layer: qkv first stage + 3 ups, o (2), gate/up first stage + 2 ups, down (2); plus lm_head
-    assert ops["MatMulNBits"] == 11 * model.config.num_hidden_layers + 1 and ops["MatMul"] == 0
+    # per layer: qkv first stage + an up per module (3; Phi-3's fused qkv_proj: 1), o (2), gate/up first stage +
+    # an up per module, down (2); plus lm_head
+    spec = architecture_of(model)
+    per_layer = 1 + len(spec.qkv) + 2 + 1 + len(spec.gate_up) + 2
+    assert ops["MatMulNBits"] == per_layer * model.config.num_hidden_layers + 1 and ops["MatMul"] == 0
     logits = _run(path, prompt, ref_tokens)
     # Tolerance: 4-bit symmetric blocks of 32 on 64-wide tiny layers; logits here span about +-7.
     agreement = np.mean(np.argmax(logits, axis=-1) == np.asarray(ref_tokens))
@@ -277,12 +282,13 @@ def test_corrective_pairs_fold_into_one_pair():
 
 
 def _random_model(family, **overrides):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen3Config
 
-    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen3": Qwen3Config}[family]
-    config = config_class(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
-                          initializer_range=0.1, **overrides)
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen3": Qwen3Config,
+                    "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config}[family]
+    sizes = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, max_position_embeddings=128, initializer_range=0.1)
+    config = config_class(**{**sizes, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -295,6 +301,20 @@ VARIANTS = {
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "wide-heads": ("qwen3", dict(head_dim=32)),  # heads * head_dim != hidden
+    # Gemma 3 as its checkpoints are: tied, sliding and global layers (their own rope bases), the 4B's linear
+    # rope scaling on the global ones; soft-capped logits (Gemma 2's, in Gemma 3's config schema)
+    "gemma3-tied": ("gemma3_text", dict(tie_word_embeddings=True, head_dim=16, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "gemma3-softcap": ("gemma3_text", dict(head_dim=16, sliding_window=4, final_logit_softcapping=0.5)),
+    # Phi-4-mini rotates 3/4 of each head: here half of 32 dims; Phi-3's sliding window on every layer
+    "phi3-partial-rotary": ("phi3", dict(num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5,
+                                         pad_token_id=0)),
+    "phi3-window": ("phi3", dict(sliding_window=5, pad_token_id=0)),
+    # LongRoPE: short factors up to 16 positions, long ones after; the prompt (12) and its steps cross the switch
+    "phi3-longrope": ("phi3", dict(pad_token_id=0, original_max_position_embeddings=16, rope_scaling={
+        "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
 }
 
 
@@ -314,6 +334,9 @@ def test_unsupported_models_are_refused(tmp_path):
 
     dynamic = _random_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     assert not supports(dynamic)
+    odd_rotary = _random_model("phi3", partial_rotary_factor=0.75, pad_token_id=0)  # 12 of 16 dims: GroupQueryAttention cannot
+    with pytest.raises(NotImplementedError, match="partial rotary embeddings over a multiple of 16 dims only"):
+        write_decoder(odd_rotary, tmp_path)
     with pytest.raises(NotImplementedError, match="dynamic"):
         write_decoder(dynamic, tmp_path)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
@@ -340,12 +363,13 @@ def test_joint_units_write_one_down_and_one_stacked_up(tiny_models, calib_ids, f
     layers = model.config.num_hidden_layers
     ops = Counter(n.op_type for n in graph.node)
     assert ops["MatMul"] == 8 * layers + 1  # V and stacked U of each of the 4 units per layer, lm_head
+    head_norms = architecture_of(model).head_norms
     for attention in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
         packed = attention.input[1] == attention.input[2] == ""
-        assert packed == (family != "qwen3")
+        assert packed == (not head_norms)
         if packed:
             qkv = producers[attention.input[0]]
             assert qkv.op_type == ("Add" if family == "qwen2" else "MatMul")
-    assert ops["Split"] == (2 if family == "qwen3" else 1) * layers  # gate/up (and Qwen3's q/k/v)
+    assert ops["Split"] == (2 if head_norms else 1) * layers  # gate/up (and q/k/v before Qwen3's, Gemma's norms)
     logits = _run(path, prompt, ref_tokens)
     assert np.abs(logits - ref_logits).max() <= 1e-3

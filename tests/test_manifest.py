@@ -154,12 +154,12 @@ def test_a_newer_writers_keys_are_kept_where_they_were():
     data = int4_manifest()
     data = {**{k: v for k, v in data.items() if k != "timings_s"}, "energy": {"joules": 1.5},
             "timings_s": data["timings_s"]}  # a new top-level key before the last one
-    data["onnx"] = {"opset": 21, **data["onnx"]}
+    data["onnx"] = {"graph_optimization": "all", **data["onnx"]}
     data["ranks"][Q_PROJ]["bits"] = 4
     data["levels"][1]["latency_ms"] = 3.2
     data["ort_format"] = None  # present, null: kept as written
     manifest = Manifest.from_dict(data)
-    assert manifest.extra == {"energy": {"joules": 1.5}} and manifest.onnx.extra == {"opset": 21}
+    assert manifest.extra == {"energy": {"joules": 1.5}} and manifest.onnx.extra == {"graph_optimization": "all"}
     assert manifest.ranks[Q_PROJ].extra == {"bits": 4} and manifest.ort_format is None
     assert as_json(manifest.to_dict()) == as_json(data)
 

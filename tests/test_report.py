@@ -257,3 +257,18 @@ def test_a_failing_cost_model_is_reported_not_fatal(fake_artifact):
     assert "Prediction unavailable: FileNotFoundError" in page and "config.json" in page
     table = page[page.index("<h2>Device budget</h2>"):page.index("<h2>Sizes on disk</h2>")]
     assert table.count('class="fail">FAIL') == 1  # the weights still fail the decode allowance
+
+
+def test_report_shows_where_the_weight_bytes_are(exported):
+    """Every initializer byte of model.onnx (its data file and the inline constants) lands in one part."""
+    from exporter.artifact.report import PARTS, bytes_by_part
+
+    parts = bytes_by_part(exported / "model.onnx")
+    assert set(parts) <= {name for name, _ in PARTS} | {"other"}
+    data, graph = (exported / "model.onnx.data").stat().st_size, (exported / "model.onnx").stat().st_size
+    assert data <= sum(parts.values()) <= data + graph
+    assert min(parts["embedding and lm_head"], parts["attention"], parts["MLP"], parts["rotary tables"]) > 0
+    assert parts.get("other", 0) < 0.01 * sum(parts.values())  # the names say where nearly everything goes
+    report = (exported / "report.md").read_text()
+    assert "## Where the weight bytes are" in report and "| embedding and lm_head |" in report
+    assert "<h2>Where the weight bytes are (model.onnx)</h2>" in (exported / HTML).read_text()

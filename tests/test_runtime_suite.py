@@ -62,12 +62,14 @@ def test_suite_passes_on_the_fresh_artifact(artifact, tmp_path):
     code, output, outcomes = run_suite(tmp_path, "--artifact", artifact)
     assert code == 0, output
     expected = {"test_every_file_matches_the_manifest", "test_manifest_lists_the_model_and_its_golden_outputs",
+                "test_onnxruntime_is_recent_enough",
                 "test_model_runs_with_provider[CPUExecutionProvider]", "test_decode_latency_p95",
                 "test_prefill_latency", "test_peak_rss"} | {f"test_golden_case_reproduced[case{i}]" for i in range(3)} \
         | {f"test_tokenizer_matches_golden_ids[{r}]" for r in ("onnxruntime-genai", "tokenizers")}
     names = {re.sub(r"\[(case\d)-\d+tok\]", r"[\1]", name) for name in outcomes}  # ids carry prompt lengths
     assert names == expected and set(outcomes.values()) == {"passed"}, outcomes
     assert "decode p50" in output and "peak RSS" in output  # the measured figures are printed
+    assert "the artifact needs 1.23 or later" in output  # the newest form: RMSNormalization, opset 23
 
 
 def test_tampered_artifact_fails_naming_the_files(artifact, tmp_path):

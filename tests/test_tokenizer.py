@@ -138,7 +138,7 @@ def test_export_check_names_the_first_text_a_reader_encodes_differently(tmp_path
     assert "\n" not in str(info.value)
 
 
-FAMILIES = ("llama", "qwen3", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen3", "qwen2", "mistral", "gemma3_text", "smollm3", "phi3")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

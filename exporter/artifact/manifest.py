@@ -156,6 +156,12 @@ class OnnxGraph(Record):
     block_size: int | None = sometimes()  # int4 only
     accuracy_level: int | None = sometimes()  # int4 only
     quantization: dict | None = sometimes()  # int4: quantizer, default grid, MatMulNBits per format
+    # absent before ONNX Runtime targets: the default-domain opset and IR version written, the release the
+    # export targeted (--onnxruntime-version; None: the newest) and the oldest release that runs every level
+    opset: int | None = sometimes()
+    ir_version: int | None = sometimes()
+    target_onnxruntime: str | None = sometimes()
+    oldest_onnxruntime: str | None = sometimes()
 
 
 @dataclass(kw_only=True)

@@ -110,6 +110,7 @@ def write_report(directory: Path, manifest: Manifest) -> None:
         f"max |logit difference| {par['max_abs_logit_diff']:.2e} (tolerance {par['atol']}), greedy agreement "
         f"{par['greedy_agreement']:.0%} — **{'passed' if par['passed'] else 'FAILED'}**.",
         "",
+        *_bytes_lines(directory, manifest),
         *_allocation_lines(m),
         *_format_lines(m),
         "## Ranks per layer",
@@ -280,6 +281,36 @@ def plot_quality(manifest: Manifest) -> bytes | None:
 # --------------------------------------------------------------------------- report.html
 
 
+# Where a graph's initializer bytes go, by name (the fused writer's and the quantizers' names; optimum's
+# `onnx::MatMul_123` land in "other")
+PARTS = (("embedding and lm_head", ("embed_tokens", "lm_head")), ("attention", (".attn.", ".self_attn.", "/attn/")),
+         ("MLP", (".mlp.", "/mlp/")), ("rotary tables", ("cos_cache", "sin_cache")),
+         ("norms", ("norm",)))
+
+
+def bytes_by_part(onnx_path: Path) -> dict[str, int]:
+    """Initializer bytes of one graph (inline or external) per part of the model: PARTS, then "other"."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    totals = {name: 0 for name, _ in PARTS} | {"other": 0}
+    for tensor in onnx.load(str(onnx_path), load_external_data=False).graph.initializer:
+        size = ExternalDataInfo(tensor).length if tensor.data_location == onnx.TensorProto.EXTERNAL \
+            else len(tensor.raw_data) or onnx.numpy_helper.to_array(tensor).nbytes
+        part = next((name for name, keys in PARTS if any(k in tensor.name for k in keys)), "other")
+        totals[part] += size or 0
+    return {name: size for name, size in totals.items() if size}
+
+
+def _bytes_lines(directory: Path, manifest: Manifest) -> list[str]:
+    parts = bytes_by_part(directory / manifest.onnx.file)
+    total = sum(parts.values())
+    return ["## Where the weight bytes are", "",
+            f"{manifest.onnx.file} and its data, {total / MB:.1f} MB ({manifest.precision} weights):", "",
+            "| part | MB | share |", "|---|---|---|",
+            *(f"| {name} | {size / MB:.2f} | {size / total:.1%} |" for name, size in parts.items()), ""]
+
+
 def _file_sizes(directory: Path) -> dict[str, int]:
     return {p.relative_to(directory).as_posix(): p.stat().st_size
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, HTML)}
@@ -444,6 +475,11 @@ def html_report(directory: Path, manifest: Manifest, ranks_png: bytes, quality_p
              "--artifact ARTIFACT</code> on the device." + (f" {_esc(note[0].upper() + note[1:])}." if note
                                                           else "") + "</p>"]
 
+    parts = bytes_by_part(directory / manifest.onnx.file)
+    total = sum(parts.values())
+    body += [f"<h2>Where the weight bytes are ({_esc(manifest.onnx.file)})</h2>",
+             _table(["part", "MB", "share"], [[_esc(name), f"{size / MB:,.2f}", f"{size / total:.1%}"]
+                                              for name, size in parts.items()])]
     body.append("<h2>Sizes on disk</h2>")
     total = sum(sizes.values())
     body.append(_table(["file", "MB", "share"], [[_esc(name), f"{size / MB:,.3f}", f"{size / total:.1%}" if total else "-"]

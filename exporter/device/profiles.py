@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter.errors import ProfileError
+from exporter.errors import ExporterError, ProfileError
+from exporter.graph.onnxruntime_releases import OLDEST, parse_release
+from exporter.graph.onnxruntime_releases import name as release_name
 
 # A checkout's device_profiles/ beside the package; an installed wheel carries them as exporter/device_profiles
 _CHECKOUT_PROFILES = Path(__file__).resolve().parents[2] / "device_profiles"
@@ -46,6 +48,8 @@ class Runtime:
     # Provider name -> its ONNX Runtime provider options (strings), for every session on the device
     # (runtime_tests, docs/deploying.md's app snippets), e.g. CUDA's attention kernel choice.
     provider_options: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # The ONNX Runtime release the app bundles ("1.20"): the writer emits only what it runs. None: the newest.
+    onnxruntime_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,13 @@ def _positive(v: Any) -> bool:
 
 def _non_negative(v: Any) -> bool:
     return _is_number(v) and v >= 0
+
+
+def _release(value) -> bool:
+    try:
+        return isinstance(value, str) and parse_release(value) is not None
+    except ExporterError:
+        return False
 
 
 def _positive_int(v: Any) -> bool:
@@ -203,7 +214,8 @@ def _parse(path: Path, builtin: bool) -> DeviceProfile:
         sources=sources,
     )
 
-    rt = top.sub("runtime", ("execution_providers", "weight_precision", "rank_multiple", "provider_options"))
+    rt = top.sub("runtime", ("execution_providers", "weight_precision", "rank_multiple", "provider_options",
+                             "onnxruntime_version"))
     providers = tuple(rt.get("execution_providers", lambda v: _text_list(v) and len(v) > 0,
                              "expected a non-empty list of provider names"))
     options = rt.get("provider_options", lambda v: isinstance(v, dict) and all(k in providers for k in v),
@@ -223,6 +235,9 @@ def _parse(path: Path, builtin: bool) -> DeviceProfile:
         # ONNX Runtime takes provider options as strings (TOML booleans as its "1"/"0").
         provider_options={provider: {key: str(int(v)) if isinstance(v, bool) else str(v) for key, v in values.items()}
                           for provider, values in options.items()},
+        onnxruntime_version=rt.get("onnxruntime_version", lambda v: v is None or _release(v),
+                                   f"expected a release such as \"1.20\" (oldest supported: {release_name(OLDEST)})",
+                                   default=None),
     )
 
     bd = top.sub("budget", (

@@ -1,13 +1,15 @@
-"""A fused ONNX Runtime decoder graph for (possibly factorized) Llama-family and Qwen2/3 models.
+"""A fused ONNX Runtime decoder graph for (possibly factorized) decoders of the families in
+exporter.architectures (Llama, Mistral, Qwen2/3, Gemma 3, SmolLM3, Phi-3), each a spec there, not a branch here.
 
 The graph uses ONNX Runtime's fused contrib ops (domain com.microsoft), as the onnxruntime-genai
 model builder does, which decodes markedly faster than a traced export of the same weights:
 
 * `GroupQueryAttention` with the KV cache and rotary embedding inside (`do_rotary=1`, cos/sin caches);
 * `SkipSimplifiedLayerNormalization` for every RMSNorm that follows a residual add (it also returns the
-  new residual stream); the one plain RMSNorm (layer 0's input norm) and Qwen3's per-head q/k norms
-  use ONNX's own `RMSNormalization` (opset 23; ORT's `SimplifiedLayerNormalization` would work too, but
-  it sits in the default domain without an ONNX schema, so onnx.checker rejects it);
+  new residual stream); the plain RMSNorms (layer 0's input norm, per-head q/k norms, Gemma's norms on
+  the branch outputs) use ONNX's own `RMSNormalization` (opset 23; ORT's `SimplifiedLayerNormalization`
+  would work too, but it sits in the default domain without an ONNX schema, so onnx.checker rejects it),
+  composed of opset-21 operators for an older ONNX Runtime (`_rms_norm`);
 * one first-stage MatMul for q/k/v and one for gate/up (projections that share an input are fused);
 * `MatMulNBits` for 4-bit (and 8-bit) weights, packed from the grids the PyTorch model holds
   (exporter.graph.matmul_nbits), so the graph's weights are exactly those PyTorch was checked with.
@@ -98,20 +100,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.architectures import GATE_UP, MODEL_CLASSES, QKV, architecture_of
+from exporter.architectures import MODEL_CLASSES, architecture_of
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.errors import ExporterError
 from exporter.graph.levels import DEFAULT_LEVELS, check_levels, level_name
+from exporter.graph.onnxruntime_releases import (
+    PACKED_GATHER_RELEASE,
+    RMS_NORMALIZATION_OPSET,
+    SLIDING_WINDOW_RELEASE,
+    check_release,
+    limits,
+)
+from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.precisions import check_activations
 
 # Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
 # graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
-OPSET = 23  # RMSNormalization
+OPSET = 23  # RMSNormalization; lower for an older ONNX Runtime (exporter.graph.onnxruntime_releases)
 MS_DOMAIN = "com.microsoft"
 # Rope types whose cos/sin tables do not depend on the sequence length: HF's inv_freq and
 # attention_scaling (which multiplies cos and sin) describe them completely.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# LongRoPE (Phi-3 128k, Phi-4-mini): one table pair below original_max_position_embeddings, another above; the
+# graph picks a pair per call from the total sequence length, as HF picks its inv_freq per forward
+SWITCHED_ROPE_TYPES = ("longrope",)
+# The gated MLP activations the writer emits (config names -> how): SiLU, tanh-approximated GELU (ONNX
+# Runtime's FastGelu), exact GELU (its Gelu)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "FastGelu", "gelu_new": "FastGelu",
+               "gelu": "Gelu"}
 CORRECTIVE_FORMS = ("folded", "separate")  # how CALR branches are written; see the module docstring
 DEFAULT_CORRECTIVE_FORM = "folded"
 
@@ -200,20 +217,22 @@ class _Graph:
     ops take their weights at the type of their activations (GroupQueryAttention's cos/sin caches,
     SkipSimplifiedLayerNormalization's gamma, MatMul's B); integer constants (shapes, indices) stay as given."""
 
-    def __init__(self, dtype=np.float32):
+    def __init__(self, dtype=np.float32, opset: int = OPSET):
         from onnx import helper
 
         self.helper = helper
         self.dtype = np.dtype(dtype)
+        self.opset = opset
         self.nodes, self.initializers, self.names = [], [], set()
 
-    def constant(self, name: str, array: np.ndarray) -> str:
+    def constant(self, name: str, array: np.ndarray, keep_type: bool = False) -> str:
+        """An initializer; float arrays at the graph's float type unless `keep_type`."""
         from onnx import numpy_helper
 
         if name in self.names:
             raise ValueError(f"duplicate initializer {name}")
         self.names.add(name)
-        if np.issubdtype(array.dtype, np.floating):
+        if np.issubdtype(array.dtype, np.floating) and not keep_type:
             array = array.astype(self.dtype, copy=False)
         self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))  # keeps 0-d
         return name
@@ -241,6 +260,28 @@ def _sum(g: _Graph, terms: Sequence[str], name: str) -> str:
     return y
 
 
+def _rms_norm(g: _Graph, x: str, gamma: str, name: str, eps: float) -> str:
+    """RMSNorm over the last axis: ONNX's RMSNormalization (opset 23), or below that opset its composition
+    x / sqrt(mean(x^2) + eps) * gamma, computed in float32 as RMSNormalization's stash_type does. The
+    composition is the pattern ONNX Runtime's SimplifiedLayerNormFusion rewrites into its fused kernel."""
+    from onnx import TensorProto
+
+    if g.opset >= RMS_NORMALIZATION_OPSET:
+        return g.op("RMSNormalization", [x, gamma], f"{name}/RMSNorm", axis=-1, epsilon=eps)
+    if g.dtype != np.float32:
+        x = g.op("Cast", [x], f"{name}/Cast", to=TensorProto.FLOAT)
+    stem = name.strip("/").replace("/", ".")
+    square = g.op("Pow", [x, g.constant(f"{stem}.two", np.array(2.0, np.float32), keep_type=True)], f"{name}/Pow")
+    mean = g.op("ReduceMean", [square, g.constant(f"{stem}.last_axis", np.array([-1], np.int64))],
+                f"{name}/ReduceMean", keepdims=1)
+    shifted = g.op("Add", [mean, g.constant(f"{stem}.epsilon", np.array(eps, np.float32), keep_type=True)],
+                   f"{name}/Add")
+    y = g.op("Div", [x, g.op("Sqrt", [shifted], f"{name}/Sqrt")], f"{name}/Div")
+    if g.dtype != np.float32:
+        y = g.op("Cast", [y], f"{name}/Cast_1", to=int(g.helper.np_dtype_to_tensor_dtype(g.dtype)))
+    return g.op("Mul", [y, gamma], f"{name}/Mul")
+
+
 def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, name: str, eps: float) -> tuple[str, str]:
     """RMSNorm(x + residual) and the new residual x + residual, in one SkipSimplifiedLayerNormalization.
     Its mean and inverse-std outputs stay unnamed, as the genai builder leaves them: ONNX Runtime then
@@ -250,6 +291,15 @@ def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, name: str, eps: flo
     g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], name,
          outputs=[normed, "", "", new_residual], domain=MS_DOMAIN, epsilon=eps)
     return normed, new_residual
+
+
+def _gated(g: _Graph, gate: str, up: str, activation: str, prefix: str) -> str:
+    """act(gate) * up: SiLU as Sigmoid and Mul (ONNX Runtime fuses them), tanh GELU as FastGelu, GELU as Gelu."""
+    if ACTIVATIONS[activation] == "silu":
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{prefix}/act/Sigmoid")], f"{prefix}/act/Mul")
+    else:
+        act = g.op(ACTIVATIONS[activation], [gate], f"{prefix}/act/{ACTIVATIONS[activation]}", domain=MS_DOMAIN)
+    return g.op("Mul", [act, up], f"{prefix}/Mul")
 
 
 def _emit_branches(g: _Graph, x: str, projections: Sequence[ProjectionWeights], prefix: str, *,
@@ -505,6 +555,17 @@ def _arch(model) -> str:
     return type(model).__name__
 
 
+def _activation(config) -> str:
+    """The gated MLP's activation (Gemma's configs name it hidden_activation, the others hidden_act)."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+
+
+def _local_rotary(model):
+    """The rotary embedding of the sliding-window layers where the family has its own (else None)."""
+    name = architecture_of(model).local_rotary
+    return getattr(model.model, name) if name else None
+
+
 def _rotary(model):
     base = model.model
     rotary = getattr(base, "rotary_emb", None)
@@ -519,20 +580,25 @@ def _check(model) -> None:
     if architecture_of(model) is None:
         raise NotImplementedError(f"graph writer supports {', '.join(MODEL_CLASSES)}, not {arch}")
     config = model.config
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise NotImplementedError(f"graph writer supports the SiLU MLP only, not hidden_act={act!r}")
+    act = _activation(config)
+    if act not in ACTIVATIONS:
+        raise NotImplementedError(f"graph writer supports the MLP activations {', '.join(ACTIVATIONS)}, not {act!r}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError("graph writer does not write attention logit soft-capping")
     rotary = _rotary(model)
     if rotary is None or not hasattr(rotary, "inv_freq"):
         raise NotImplementedError("graph writer needs the model's rotary embedding (rotary_emb.inv_freq)")
     rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
+    if rope_type not in STATIC_ROPE_TYPES + SWITCHED_ROPE_TYPES:
         raise NotImplementedError(
             f"graph writer does not implement rope_scaling type {rope_type!r} (its tables depend on the "
-            f"sequence length); supported: {', '.join(STATIC_ROPE_TYPES)}")
+            f"sequence length); supported: {', '.join(STATIC_ROPE_TYPES + SWITCHED_ROPE_TYPES)}")
     head_dim = _head_dim(config)
-    if 2 * rotary.inv_freq.numel() != head_dim:
-        raise NotImplementedError("graph writer does not implement partial rotary embeddings")
+    half = rotary.inv_freq.numel()  # the rotated part of each head, halved (the cos/sin caches' width)
+    if 2 * half != head_dim and (2 * half > head_dim or half % 8):
+        # GroupQueryAttention rotates a head's first 2 x cache-width dims, for widths that are multiples of 8
+        raise NotImplementedError(f"graph writer writes partial rotary embeddings over a multiple of 16 dims only, "
+                                  f"not {2 * half} of {head_dim}")
     for layer in model.model.layers:
         if getattr(layer.self_attn, "is_causal", True) is False:
             raise NotImplementedError("graph writer writes causal attention only")
@@ -551,6 +617,14 @@ def unsupported_reason(model) -> str | None:
         _check(model)
     except (NotImplementedError, AttributeError) as exc:
         return str(exc) or type(exc).__name__
+    return None
+
+
+def release_reason(model, release: tuple[int, int]) -> str | None:
+    """Why ONNX Runtime `release` cannot run this model's fused graph (what the weights do not decide), or None."""
+    if release < SLIDING_WINDOW_RELEASE and any(_sliding_window(model, layer) for layer in model.model.layers):
+        return (f"its sliding-window attention needs {release_name(SLIDING_WINDOW_RELEASE)} or later (older "
+                f"GroupQueryAttention computes other values once a prompt is longer than the window)")
     return None
 
 
@@ -577,13 +651,17 @@ def constant_bytes(model, activations: str = "fp32") -> int:
     """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches, and an allowance
     for the graph's own protobuf, so that a byte budget holds for everything named model.onnx*."""
     rope = 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
+    if _local_rotary(model) is not None or _long_rope(model) is not None:  # a second pair of tables
+        rope *= 2
     return rope + GRAPH_BYTES_BASE + GRAPH_BYTES_PER_LAYER * model.config.num_hidden_layers
 
 
-def _rope_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches [max_positions, head_dim / 2], computed like HF (float32, times attention_scaling)."""
-    rotary = _rotary(model)
-    inv_freq = rotary.inv_freq.detach().float().cpu()
+def _rope_tables(model, max_positions: int, rotary=None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, head_dim / 2] of `rotary` (default: the model's), computed like HF
+    (float32, times attention_scaling)."""
+    rotary = rotary or _rotary(model)
+    # the frequencies the module was built with: a LongRoPE module's inv_freq is whichever pair it last used
+    inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq).detach().float().cpu()
     positions = torch.arange(max_positions, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -593,32 +671,68 @@ def _rope_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- the decoder
 
 
-def _norm_weight(module) -> tuple[np.ndarray, float]:
+def _long_rope(model) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """LongRoPE's switch position (original_max_position_embeddings) and its long-factor cos/sin tables, or None."""
+    rotary = _rotary(model)
+    if getattr(rotary, "rope_type", "default") not in SWITCHED_ROPE_TYPES:
+        return None
+    config = model.config
+    switch = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+    long_inv_freq, _ = rotary.rope_init_fn(config, None, seq_len=switch + 1)
+    positions = torch.arange(_max_positions(config), dtype=torch.float32)
+    freqs = positions[:, None] * long_inv_freq.float()[None, :]
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    return switch, (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
+
+
+def _switched_caches(g: _Graph, total_len: str, short: tuple[str, str], long: tuple[np.ndarray, np.ndarray],
+                     switch: int) -> tuple[str, str]:
+    """The long tables where the total sequence length exceeds `switch`, else the short ones: an If whose
+    branches pass on outer-scope initializers (no copy of the tables per step)."""
+    helper = g.helper
+    long_names = g.constant("cos_cache_long", long[0]), g.constant("sin_cache_long", long[1])
+    longer = g.op("Greater", [total_len, g.constant("rope_switch", np.array(switch, np.int32))], "/model/rope/Greater")
+
+    def branch(name: str, sources: tuple[str, str]):
+        outs = [f"/model/rope/{name}/{kind}" for kind in ("cos", "sin")]
+        nodes = [helper.make_node("Identity", [src], [out], name=f"/model/rope/{name}/Identity_{k}")
+                 for k, (src, out) in enumerate(zip(sources, outs))]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(
+            g.dtype), None) for o in outs])
+
+    cos, sin = g.op("If", [longer], "/model/rope/If", outputs=2, then_branch=branch("long", long_names),
+                    else_branch=branch("short", short))
+    return cos, sin
+
+
+def _norm_weight(module, offset: float = 0.0) -> tuple[np.ndarray, float]:
+    """An RMSNorm's scale (its weight, plus `offset` where the family scales by offset + weight) and epsilon."""
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = getattr(module, "eps")
-    return _np(module.weight), float(eps)
+    weight = _np(module.weight)
+    return (weight + np.float32(offset) if offset else weight), float(eps)
 
 
 def _projections(layer_prefix: str, parent, names: Sequence[str]) -> list[ProjectionWeights]:
     return [ProjectionWeights.from_module(f"{layer_prefix}.{n}", getattr(parent, n)) for n in names]
 
 
-def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int) -> str:
-    """RMSNorm over head_dim of [batch, seq, heads * head_dim] (Qwen3's q_norm / k_norm)."""
-    weight, eps = _norm_weight(module)
+def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int, offset: float = 0.0) -> str:
+    """RMSNorm over head_dim of [batch, seq, heads * head_dim] (Qwen3's and Gemma 3's q_norm / k_norm)."""
+    weight, eps = _norm_weight(module, offset)
     stem = prefix.strip("/").replace("/", ".")
     shape = g.constant(f"{stem}.heads_shape", np.array([0, 0, -1, head_dim], np.int64))
     flat = g.constant(f"{stem}.flat_shape", np.array([0, 0, -1], np.int64))
     y = g.op("Reshape", [x, shape], f"{prefix}/Reshape")
-    y = g.op("RMSNormalization", [y, g.constant(f"{stem}.weight", weight)], f"{prefix}/RMSNorm",
-             axis=-1, epsilon=eps)
+    y = _rms_norm(g, y, g.constant(f"{stem}.weight", weight), prefix, eps)
     return g.op("Reshape", [y, flat], f"{prefix}/Reshape_1")
 
 
 def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
                   share_tied: bool = True, levels: Sequence[dict[str, int]] | None = None, level: int = 0,
-                  transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM, dtype=np.float32):
+                  transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM, dtype=np.float32,
+                  onnxruntime: tuple[int, int] | None = None):
     """The decoder as an onnx.ModelProto (weights inline; save with external data).
 
     dtype: the float type of weights, activations, KV cache and logits (np.float32 or np.float16; see
@@ -627,6 +741,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     levels, level: write rank level `level` of `levels` in the prefix layout of `_emit_level_projections`
     (`transposed`: float first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
     corrective_form: CALR branches "folded" into the primary factors or written as a "separate" branch.
+    onnxruntime: the oldest ONNX Runtime release (major, minor) that must load the graph; None: the newest.
     """
     from onnx import TensorProto, helper
 
@@ -640,7 +755,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     head_dim = _head_dim(config)
     vocab = config.vocab_size
     max_positions = _max_positions(config)
-    g = _Graph(dtype)
+    g = _Graph(dtype, limits(onnxruntime)[0])
     float_type = helper.np_dtype_to_tensor_dtype(g.dtype)
 
     # Inputs / outputs.
@@ -669,6 +784,12 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     total_len = g.op("Cast", [total], "/model/attn_mask_reformat/total_seq_len", to=TensorProto.INT32)
     cos, sin = _rope_tables(model, max_positions)
     cos_cache, sin_cache = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
+    if (long_rope := _long_rope(model)) is not None:
+        cos_cache, sin_cache = _switched_caches(g, total_len, (cos_cache, sin_cache), long_rope[1:], long_rope[0])
+    local_caches = None  # the sliding-window layers' own tables (Gemma 3's local rope base)
+    if _local_rotary(model) is not None:
+        cos, sin = _rope_tables(model, max_positions, _local_rotary(model))
+        local_caches = g.constant("cos_cache_local", cos), g.constant("sin_cache_local", sin)
 
     # Embedding. Tied fp32/fp16 weights are stored once, MatMul-ready for lm_head (hidden x vocab); the
     # embedding gathers from its Transpose, which ONNX Runtime folds at load (as the genai builder does).
@@ -688,6 +809,10 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
         else:
             table = g.constant("model.embed_tokens.weight", _np(base.embed_tokens.weight))
         hidden = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
+    embed_scale = getattr(base.embed_tokens, "embed_scale", None)  # Gemma: sqrt(hidden), at the weights' type
+    if embed_scale is not None and float(embed_scale) != 1.0:
+        hidden = g.op("Mul", [hidden, g.constant("model.embed_tokens.embed_scale", np.array(float(embed_scale)))],
+                      "/model/embed_tokens/Mul")
 
     def emit(x: str, projections: list[ProjectionWeights], prefix: str, packed: bool = False) -> list[str]:
         if levels is not None and any(p.pairs for p in projections):
@@ -696,59 +821,80 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
         return _emit_projections(g, x, projections, prefix, fuse=fuse, packed=packed, active_ranks=active_ranks,
                                  corrective_form=corrective_form)
 
+    spec = architecture_of(model)
+    activation = _activation(config)
+
+    def norm_weight(module):
+        return _norm_weight(module, spec.norm_offset)
+
+    def output_norm(x: str, layer, name: str | None, i: int) -> str:
+        """The family's norm on a branch's output before its residual add, where it has one."""
+        if name is None:
+            return x
+        weight, eps = norm_weight(getattr(layer, name))
+        return _rms_norm(g, x, g.constant(f"model.layers.{i}.{name}.weight", weight), f"/model/layers.{i}/{name}",
+                         eps)
+
     residual, normed = hidden, None
     for i, layer in enumerate(layers):
         lp = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
-        weight, eps = _norm_weight(layer.input_layernorm)
+        weight, eps = norm_weight(layer.input_layernorm)
         if i == 0:
-            normed = g.op("RMSNormalization", [hidden, g.constant(f"{lp}.input_layernorm.weight", weight)],
-                          f"/model/layers.{i}/input_layernorm/RMSNorm", axis=-1, epsilon=eps)
+            normed = _rms_norm(g, hidden, g.constant(f"{lp}.input_layernorm.weight", weight),
+                               f"/model/layers.{i}/input_layernorm", eps)
         # else: `normed` and `residual` come from the previous layer's last SkipSimplifiedLayerNorm.
 
         # Attention.
-        qkv = _projections(f"{lp}.self_attn", attn, QKV)
-        has_head_norm = architecture_of(model).head_norms
-        ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=not has_head_norm)
+        qkv = _projections(f"{lp}.self_attn", attn, spec.qkv)
+        ys = emit(normed, qkv, f"/model/layers.{i}/attn/qkv_proj", packed=not spec.head_norms)
         if len(ys) == 1:  # packed q/k/v: GroupQueryAttention splits them
             q, k, v = ys[0], "", ""
         else:
             q, k, v = ys
-        if has_head_norm:
-            q = _head_norm(g, q, attn.q_norm, f"/model/layers.{i}/attn/q_norm", head_dim)
-            k = _head_norm(g, k, attn.k_norm, f"/model/layers.{i}/attn/k_norm", head_dim)
+        if spec.head_norms:
+            q = _head_norm(g, q, attn.q_norm, f"/model/layers.{i}/attn/q_norm", head_dim, spec.norm_offset)
+            k = _head_norm(g, k, attn.k_norm, f"/model/layers.{i}/attn/k_norm", head_dim, spec.norm_offset)
         window = _sliding_window(model, layer)
-        attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+        caches = local_caches if window is not None and local_caches else (cos_cache, sin_cache)
+        rotary = getattr(attn, "use_rope", True)  # SmolLM3's NoPE layers: no rotation, no caches
+        if not rotary:
+            caches = ()
+        attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(bool(rotary)), rotary_interleaved=0,
                      scale=float(attn.scaling), local_window_size=-1 if window is None else int(window))
         attn_out, _, _ = g.op(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-             cos_cache, sin_cache],
+             *caches],
             f"/model/layers.{i}/attn/GroupQueryAttention",
             outputs=[f"/model/layers.{i}/attn/GroupQueryAttention/output_0", f"present.{i}.key",
                      f"present.{i}.value"],
             domain=MS_DOMAIN, **attrs)
         (o,) = emit(attn_out, _projections(f"{lp}.self_attn", attn, ["o_proj"]), f"/model/layers.{i}/attn/o_proj")
 
-        weight, eps = _norm_weight(layer.post_attention_layernorm)
-        normed, residual = _skip_norm(g, o, residual, g.constant(f"{lp}.post_attention_layernorm.weight", weight),
-                                      f"/model/layers.{i}/post_attention_layernorm/SkipLayerNorm", eps)
+        o = output_norm(o, layer, spec.attention_output_norm, i)
+        weight, eps = norm_weight(getattr(layer, spec.mlp_norm))
+        normed, residual = _skip_norm(g, o, residual, g.constant(f"{lp}.{spec.mlp_norm}.weight", weight),
+                                      f"/model/layers.{i}/{spec.mlp_norm}/SkipLayerNorm", eps)
 
-        # MLP: down(silu(gate(x)) * up(x)).
-        gate, up = emit(normed, _projections(f"{lp}.mlp", mlp, GATE_UP), f"/model/layers.{i}/mlp/gate_up_proj")
-        sig = g.op("Sigmoid", [gate], f"/model/layers.{i}/mlp/act/Sigmoid")
-        act = g.op("Mul", [gate, sig], f"/model/layers.{i}/mlp/act/Mul")
-        prod = g.op("Mul", [act, up], f"/model/layers.{i}/mlp/Mul")
+        # MLP: down(act(gate(x)) * up(x)).
+        gate_up = emit(normed, _projections(f"{lp}.mlp", mlp, spec.gate_up), f"/model/layers.{i}/mlp/gate_up_proj")
+        if len(gate_up) == 1:  # one fused module: [gate; up]
+            gate_up = g.op("Split", gate_up, f"/model/layers.{i}/mlp/gate_up_proj/Split", outputs=2, axis=-1,
+                           num_outputs=2)
+        gate, up = gate_up
+        prod = _gated(g, gate, up, activation, f"/model/layers.{i}/mlp")
         (down,) = emit(prod, _projections(f"{lp}.mlp", mlp, ["down_proj"]), f"/model/layers.{i}/mlp/down_proj")
+        down = output_norm(down, layer, spec.mlp_output_norm, i)
 
         # Next norm (next layer's input norm, or the final norm) fused with the residual add.
         if i + 1 < n_layers:
-            weight, eps = _norm_weight(layers[i + 1].input_layernorm)
+            weight, eps = norm_weight(layers[i + 1].input_layernorm)
             gamma = g.constant(f"model.layers.{i + 1}.input_layernorm.weight", weight)
             node = f"/model/layers.{i + 1}/input_layernorm/SkipLayerNorm"
             normed, residual = _skip_norm(g, down, residual, gamma, node, eps)
         else:
-            weight, eps = _norm_weight(base.norm)
+            weight, eps = norm_weight(base.norm)
             normed = g.op("SkipSimplifiedLayerNormalization",
                           [down, residual, g.constant("model.norm.weight", weight)],
                           "/model/norm/SkipLayerNorm", outputs=["/model/norm/output_0"], domain=MS_DOMAIN,
@@ -756,10 +902,17 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
 
     lm_head = "lm_head.MatMul.weight" if tied_once else g.constant("lm_head.MatMul.weight",
                                                                    _np(model.lm_head.weight).T)  # hidden x vocab
-    g.op("MatMul", [normed, lm_head], "/lm_head/MatMul", outputs=["logits"])
+    cap = getattr(config, "final_logit_softcapping", None)  # logits = cap * tanh(logits / cap)
+    if cap is None:
+        g.op("MatMul", [normed, lm_head], "/lm_head/MatMul", outputs=["logits"])
+    else:
+        logits = g.op("MatMul", [normed, lm_head], "/lm_head/MatMul")
+        cap = g.constant("lm_head.softcap", np.array(float(cap)))
+        capped = g.op("Tanh", [g.op("Div", [logits, cap], "/lm_head/softcap/Div")], "/lm_head/softcap/Tanh")
+        g.op("Mul", [capped, cap], "/lm_head/softcap/Mul", outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", g.opset), helper.make_opsetid(MS_DOMAIN, 1)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="exporter.graph_writer")
     proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     # GroupQueryAttention appends to a past buffer bound as its own present: a runtime may share them
@@ -811,19 +964,21 @@ def _quantize_int4(proto, model, block_size: int, accuracy_level: int | None, re
     return quantize_matmuls(proto, QuantFormat(4, block_size, True), registry, accuracy_level)
 
 
-def _share_tied_embedding(proto) -> None:
-    """With tied embeddings, gather the embedding from lm_head's blocks (GatherBlockQuantized).
+def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
+    """With tied embeddings, gather the embedding from lm_head's blocks.
 
     MatMulNBits stores lm_head as [vocab, blocks, block_size * bits / 8] uint8 with scales (and packed zero
     points) per (row, block):
     row v is exactly embedding row v quantized along hidden, which is GatherBlockQuantized's layout
     (gather_axis 0, quantize_axis 1). Dropping the fp32 embedding saves vocab x hidden x 4 bytes.
+    packed_gather: one GatherBlockQuantized (ONNX Runtime 1.23 and later read this packed uint8 layout);
+    otherwise the same bytes are gathered and dequantized with standard operators (`_gather_blocks`).
     """
     from onnx import helper, numpy_helper
 
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
-    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
     gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
     if lm_head is None or gather is None or gather.input[0] not in init:
         return
@@ -835,7 +990,7 @@ def _share_tied_embedding(proto) -> None:
         return
     weight, scales = lm_head.input[1], lm_head.input[2]
     zero_points = lm_head.input[3:4]
-    if zero_points and init[zero_points[0]].data_type != 2:  # GatherBlockQuantized takes uint8 zero points only
+    if zero_points and init[zero_points[0]].data_type != 2:  # packed uint8 zero points only
         return
     shape_data = helper.make_tensor("/model/embed_tokens/data_shape", 7, [2], [vocab, hidden * bits // 8])
     shape_scales = helper.make_tensor("/model/embed_tokens/scales_shape", 7, [2], [vocab, hidden // block_size])
@@ -845,16 +1000,72 @@ def _share_tied_embedding(proto) -> None:
                          name="/model/embed_tokens/ReshapeData"),
         helper.make_node("Reshape", [scales, shape_scales.name], ["/model/embed_tokens/scales"],
                          name="/model/embed_tokens/ReshapeScales"),
-        helper.make_node("GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1],
-                                                  "/model/embed_tokens/scales", *zero_points], list(gather.output),
-                         name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
-                         bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1),
     ]
+    if packed_gather:
+        nodes.append(helper.make_node(
+            "GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1], "/model/embed_tokens/scales",
+                                     *zero_points], list(gather.output),
+            name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
+            bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))
+    else:
+        scale_type = init[scales].data_type
+        nodes += _gather_blocks(graph, gather.input[1], zero_points[0] if zero_points else None, bits,
+                                block_size, vocab, hidden, scale_type, gather.output[0])
     position = list(graph.node).index(gather)
     graph.node.remove(gather)
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
     graph.initializer.remove(init[gather.input[0]])
+
+
+def _gather_blocks(graph, ids: str, zero_points: str | None, bits: int, block_size: int, vocab: int,
+                   hidden: int, scale_type: int, output: str) -> list:
+    """Standard-operator nodes for GatherBlockQuantized over "/model/embed_tokens/data" and ".../scales":
+    the rows' codes (4-bit: two per byte, low nibble first), their zero points (packed the same way,
+    default 2^(bits-1)) and scales gathered, then (q - z) * s, as MatMulNBits dequantizes."""
+    from onnx import helper, numpy_helper
+
+    stem, blocks = "/model/embed_tokens", hidden // block_size
+    nodes = []
+
+    def const(key: str, array) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(array), f"{stem}/{key}"))
+        return f"{stem}/{key}"
+
+    def node(op: str, inputs: list[str], key: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{stem}/{key}/output_0"], name=f"{stem}/{key}", **attrs))
+        return f"{stem}/{key}/output_0"
+
+    def codes(packed: str, key: str, count: int) -> str:
+        """[batch, seq, count] float codes from [batch, seq, bytes] uint8."""
+        if bits == 4:
+            low = node("BitwiseAnd", [packed, const(f"{key}_mask", np.array(15, np.uint8))], f"{key}_Low")
+            high = node("BitShift", [packed, const(f"{key}_shift", np.array(4, np.uint8))], f"{key}_High",
+                        direction="RIGHT")
+            axis = const(f"{key}_axis", np.array([-1], np.int64))
+            pairs = node("Concat", [node("Unsqueeze", [low, axis], f"{key}_LowAxis"),
+                                    node("Unsqueeze", [high, axis], f"{key}_HighAxis")], f"{key}_Pairs", axis=-1)
+            packed = node("Reshape", [pairs, const(f"{key}_flat", np.array([0, 0, -1], np.int64))], f"{key}_Flat")
+            packed = node("Slice", [packed, const(f"{key}_start", np.array([0], np.int64)),
+                                    const(f"{key}_end", np.array([count], np.int64)),
+                                    const(f"{key}_last", np.array([-1], np.int64))], f"{key}_Count")
+        return node("Cast", [packed], f"{key}_Cast", to=scale_type)
+
+    q = codes(node("Gather", [f"{stem}/data", ids], "GatherData"), "data", hidden)
+    q = node("Reshape", [q, const("blocks_shape", np.array([0, 0, blocks, block_size], np.int64))], "Blocks")
+    last = const("last_axis", np.array([-1], np.int64))
+    if zero_points is None:
+        z = const("zero_point", np.array(2 ** (bits - 1), helper.tensor_dtype_to_np_dtype(scale_type)))
+    else:  # MatMulNBits keeps them flat: [vocab * bytes per row]
+        rows = node("Reshape", [zero_points, const("zero_points_shape", np.array([vocab, -1], np.int64))],
+                    "ZeroPointRows")
+        z = codes(node("Gather", [rows, ids], "GatherZeroPoints"), "zero_points", blocks)
+        z = node("Unsqueeze", [z, last], "ZeroPointsAxis")
+    s = node("Unsqueeze", [node("Gather", [f"{stem}/scales", ids], "GatherScales"), last], "ScalesAxis")
+    y = node("Mul", [node("Sub", [q, z], "Sub"), s], "Mul")
+    nodes.append(helper.make_node("Reshape", [y, const("hidden_shape", np.array([0, 0, hidden], np.int64))],
+                                  [output], name=f"{stem}/Reshape"))
+    return nodes
 
 
 def _quantize_int8(proto, work_dir: Path):
@@ -907,17 +1118,19 @@ def _registry(model, weights: str):
 
 
 def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path,
-               registry=None):
-    """The proto at `weights` precision (float formats are built at theirs and pass through)."""
+               registry=None, onnxruntime: tuple[int, int] | None = None):
+    """The proto at `weights` precision (float formats are built at theirs and pass through), checked to run on
+    ONNX Runtime `onnxruntime` (None: the newest)."""
     import tempfile
 
     if weights == "int4":
         _quantize_int4(proto, model, block_size, accuracy_level, registry)
         if getattr(model.config, "tie_word_embeddings", False):
-            _share_tied_embedding(proto)
+            _share_tied_embedding(proto, packed_gather=onnxruntime is None or onnxruntime >= PACKED_GATHER_RELEASE)
     elif weights == "int8":
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
             proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
+    check_release(proto, onnxruntime, f"the {weights} graph")
     return proto
 
 
@@ -937,7 +1150,8 @@ def _save_configs(model, out_dir: Path) -> None:
 
 def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
                   accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True,
-                  corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None) -> Path:
+                  corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None,
+                  onnxruntime: tuple[int, int] | None = None) -> Path:
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
     weights: "fp32"; "fp16" (weights, activations, KV cache and logits in float16: the module docstring's
@@ -945,6 +1159,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
     corrective_form: how CALR branches are written, "folded" (default) or "separate" (module docstring).
     activations: "fp32" or "fp16" (int4 only: the CUDA int4 graph); None: fp16 for fp16 weights, else fp32.
+    onnxruntime: the oldest ONNX Runtime release (major, minor) that must run the graph (None: the newest);
+    an ExporterError names what it lacks.
     """
     import onnx
 
@@ -954,8 +1170,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         proto = build_decoder(model, fuse=_fuse, share_tied=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                              dtype=FLOAT_TYPES[activations])
-    proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir)
+                              dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime)
+    proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, onnxruntime=onnxruntime)
     meta = {"weights": weights, "activations": activations, "fused": str(_fuse),
             "corrective_form": corrective_form}
     if weights == "int4":
@@ -976,9 +1192,9 @@ LEVEL_WEIGHTS = ("fp32", "fp16", "int4")
 
 def _pair_ranks(model) -> dict[str, list[int]]:
     """Ranks of every decoder projection's pairs (primary first, then correctives); [] for dense ones."""
-    ranks = {}
+    ranks, spec = {}, architecture_of(model)
     for i, layer in enumerate(model.model.layers):
-        for part, names in (("self_attn", (*QKV, "o_proj")), ("mlp", (*GATE_UP, "down_proj"))):
+        for part, names in (("self_attn", (*spec.qkv, "o_proj")), ("mlp", (*spec.gate_up, "down_proj"))):
             for proj in _projections(f"model.layers.{i}.{part}", getattr(layer, part), names):
                 ranks[proj.name] = [pair.rank for pair in proj.pairs]
     return ranks
@@ -1090,7 +1306,8 @@ def _point_into(proto, data: Path, index: dict) -> None:
 
 def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVELS, *, weights: str = "fp32",
                  block_size: int = 32, accuracy_level: int | None = None, progress: bool = True,
-                 corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None) -> list[dict]:
+                 corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None,
+                 onnxruntime: tuple[int, int] | None = None) -> list[dict]:
     """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
     `levels` list.
 
@@ -1099,7 +1316,8 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
     fraction, file, and rank_multiple (level ranks are rounded up to it: the int4 block size),
     active_factor_params (primary + corrective factor parameters of the low-rank projections) and
     weight_bytes (the initializers the level reads). `corrective_form` as in `write_decoder`; level ranks
-    then come from `level_ranks(model, fractions, rank_multiple, corrective_form)`; `activations` as there.
+    then come from `level_ranks(model, fractions, rank_multiple, corrective_form)`; `activations` and
+    `onnxruntime` as there.
     """
     import onnx
     from onnx import numpy_helper
@@ -1129,8 +1347,8 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
         with torch.no_grad():
             proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
                                   transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                                  dtype=FLOAT_TYPES[activations])
-        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, registry)
+                                  dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime)
+        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, registry, onnxruntime)
         meta = {"weights": weights, "activations": activations, "level": name, "fraction": str(fraction),
                 "corrective_form": corrective_form}
         if weights == "int4":
