@@ -53,7 +53,7 @@ from exporter.compress.grid import QuantFormat
 from exporter.compress.importance import component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
-from exporter.compress.quantize import grid_linears, quantize_model
+from exporter.compress.quantize import grid_linears, quantize_embedding, quantize_model
 from exporter.console import say
 from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from exporter.device.profiles import load_profile
@@ -452,13 +452,13 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     groups = format_units(plan.model)
     menu = runtime_menu(options)
     smallest, largest = (b + constant_bytes(plan.model, options.activations)
-                         for b in byte_range(plan.model, groups, menu))
+                         for b in byte_range(plan.model, groups, menu, options.block_size))
     if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
                                    (options.error_correction,) if options.error_correction else (), menu)
-    fixed = fixed_bytes(plan.model) + constant_bytes(plan.model, options.activations)
+    fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
                                           granularity=FORMAT_BYTES_STEP)
@@ -468,6 +468,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     for unit, option in zip(units, choice):
         unit.choice = option
     apply_choices(plan.model, units)
+    quantize_embedding(plan.model, QuantFormat(4, options.block_size, True))  # counted in fixed_bytes
     plan.formats = units
     plan.formats_budget = {"budget_bytes": budget_bytes, "fixed_bytes": fixed,
                            "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
@@ -573,6 +574,7 @@ def quantize_grids(model, options: ExportOptions, ids, only: list | None = None)
     quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
                    ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
                    progress=options.progress)
+    quantize_embedding(model, QuantFormat(4, options.block_size, True))
 
 
 def rank_multiples(allocation: str, profile_multiple: int, correctives: CorrectiveOptions | None,

@@ -234,6 +234,44 @@ def test_int4_with_fp16_activations(models, family, prompt, tmp_path):
         write_decoder(model, tmp_path / "bad", weights="int8", activations="fp16")
 
 
+def test_int4_quantizes_an_untied_embedding(tiny_models, prompt, tmp_path):
+    """The int4 byte budget counts every parameter at 4 bits: an untied embedding on its 4-bit grid in PyTorch
+    (quantize_embedding, as the int4 pipeline does) is stored as that grid's blocks and gathered with
+    GatherBlockQuantized; the graph then follows the PyTorch model as tightly as its linears do. Without a grid
+    the table stays fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    from exporter.compress.grid import QuantFormat, round_to_nearest
+    from exporter.compress.quantize import grid_linears, quantize_embedding, quantize_rtn
+    from exporter.graph.matmul_nbits import dequantize_inputs
+
+    model = tiny_models.load("llama")
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    table = model.model.embed_tokens.weight.detach().numpy().copy()
+    fp32_table = write_decoder(model, tmp_path / "no-grid", weights="int4")
+    assert "model.embed_tokens.weight" in {t.name for t in _ops(fp32_table).initializer}
+
+    fmt = QuantFormat(4, 32, True)
+    quantize_rtn(list(grid_linears(model).values()), fmt)
+    quantize_embedding(model, fmt)
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    path = write_decoder(model, tmp_path / "grid", weights="int4", block_size=32)
+    graph = onnx.load(str(path)).graph  # with its external data
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert "model.embed_tokens.weight" not in init
+    assert [n.op_type for n in graph.node if n.name.startswith("/model/embed_tokens/")] == ["GatherBlockQuantized"]
+    vocab, hidden = table.shape
+    data, scales = init["/model/embed_tokens/data"], init["/model/embed_tokens/scales"]
+    assert data.shape == (vocab, hidden // 2) and scales.shape == (vocab, hidden // 32)
+    stored = dequantize_inputs({"B": data.reshape(vocab, hidden // 32, 16), "scales": scales}, fmt, hidden)
+    assert np.array_equal(stored, round_to_nearest(table, fmt).dequantize())  # RTN's grid of the table
+    assert np.array_equal(stored, model.model.embed_tokens.weight.detach().numpy())  # what PyTorch holds
+    logits = _run(path, prompt, ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()  # int4 graph, fp32 activations
+    assert list(np.argmax(logits, axis=-1)) == ref_tokens
+
+
 def test_int8(models, prompt, tmp_path):
     model = models("llama", "mixed")
     ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)

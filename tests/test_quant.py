@@ -161,3 +161,27 @@ def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, 
     assert bool(zero_points) == asymmetric
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 8, forced_tokens=ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)
+
+
+def test_an_int4_export_stores_an_untied_embedding_in_4_bits(llama_dir, calib_file, tmp_path):
+    """Through the CLI: the untied embedding is put on its grid with the linears and stored as 4-bit blocks, so the
+    weights on disk are what the int4 byte budget counted."""
+    import json
+
+    import onnx
+
+    from exporter.artifact.report import bytes_by_part
+    from exporter.cli import main
+
+    out = tmp_path / "art"
+    assert main(["export", "--device", "raspberry-pi-5", "--model", str(llama_dir), "--ratio", "0", "--weights",
+                 "int4", "--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--no-correctives", "--out", str(out), "--no-progress"]) == 0
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
+    config = json.loads((out / "config.json").read_text())
+    assert not config["tie_word_embeddings"]
+    fp32_tables = 2 * config["vocab_size"] * config["hidden_size"] * 4  # embedding and lm_head in fp32
+    assert bytes_by_part(out / "model.onnx")["embedding and lm_head"] < 0.2 * fp32_tables
+    assert json.loads((out / "manifest.json").read_text())["parity"]["quantized"]["passed"]

@@ -218,20 +218,28 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     return units
 
 
-def byte_range(model, groups: list[list[str]], menu=MENU) -> tuple[int, int]:
+def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32) -> tuple[int, int]:
     """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included: known
     before any pricing."""
     linears = grid_linears(model)
     per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members) for f in menu] for members in groups]
-    fixed = fixed_bytes(model)
+    fixed = fixed_bytes(model, embedding_block_size)
     return fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit)
 
 
-def fixed_bytes(model) -> int:
-    """Weight bytes outside the units: float parameters the graph stores as they are (norms, biases, an
-    untied embedding); a tied embedding is gathered from lm_head's blocks."""
+def fixed_bytes(model, embedding_block_size: int = 32) -> int:
+    """Weight bytes outside the units: float parameters the graph stores as they are (norms, biases), and an
+    untied embedding, which the int4 graph stores as 4-bit blocks of `embedding_block_size` (exporter.graph.
+    writer); a tied embedding is gathered from lm_head's blocks."""
     grid_weights = {id(m.weight) for m in grid_linears(model).values()}
-    return sum(p.numel() * 4 for p in model.parameters() if id(p) not in grid_weights)
+    embedding = model.get_input_embeddings().weight
+    total = 0
+    for p in model.parameters():
+        if p is embedding and id(p) not in grid_weights and p.shape[1] % embedding_block_size == 0:
+            total += QuantFormat(4, embedding_block_size, True).matrix_bytes(*p.shape)
+        elif id(p) not in grid_weights:
+            total += p.numel() * 4
+    return total
 
 
 def apply_choices(model, units: list[Unit]) -> None:

@@ -42,6 +42,17 @@ def quantize_rtn(modules: list[nn.Linear], fmt: QuantFormat, clip: bool = False)
         set_grid(module, round_to_nearest(module.weight.detach().float().numpy(), fmt, clip))
 
 
+def quantize_embedding(model, fmt: QuantFormat) -> None:
+    """An untied input embedding on its round-to-nearest grid (`fmt`), once: the int4 graph stores it as 4-bit
+    blocks (exporter.graph.writer), so PyTorch holds the same values. A tied one follows lm_head's grid."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if (head is not None and head.weight is embedding.weight) or grid_of(embedding) is not None \
+            or embedding.weight.shape[1] % fmt.block_size:
+        return
+    set_grid(embedding, round_to_nearest(embedding.weight.detach().float().numpy(), fmt))
+
+
 def grid_linears(model) -> dict[str, nn.Linear]:
     """{qualified name: module} of the linears the graph writes as MatMulNBits: the decoder layers' and lm_head."""
     prefix = layers_prefix(model)

@@ -974,7 +974,7 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     packed_gather: one GatherBlockQuantized (ONNX Runtime 1.23 and later read this packed uint8 layout);
     otherwise the same bytes are gathered and dequantized with standard operators (`_gather_blocks`).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
@@ -982,8 +982,7 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
     if lm_head is None or gather is None or gather.input[0] not in init:
         return
-    embedding = numpy_helper.to_array(init[gather.input[0]])
-    vocab, hidden = embedding.shape
+    vocab, hidden = init[gather.input[0]].dims
     attributes = {a.name: helper.get_attribute_value(a) for a in lm_head.attribute}
     bits, block_size = attributes["bits"], attributes["block_size"]
     if hidden % block_size:
@@ -1001,21 +1000,64 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
         helper.make_node("Reshape", [scales, shape_scales.name], ["/model/embed_tokens/scales"],
                          name="/model/embed_tokens/ReshapeScales"),
     ]
+    _gather_quantized(graph, gather, nodes, zero_points[0] if zero_points else None, bits, block_size, vocab, hidden,
+                      init[scales].data_type, packed_gather)
+
+
+def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None:
+    """An untied embedding on a 4-bit grid in PyTorch (exporter.compress.quantize.quantize_embedding: the int4
+    pipeline puts it there, as the int4 byte budget counts every parameter at 4 bits) is stored as that grid's
+    blocks and gathered as the tied one is; one without a grid stays a float table."""
+    from onnx import helper, numpy_helper
+
+    from exporter.compress.quantize import grid_of
+    from exporter.graph.matmul_nbits import GridRegistry, matmul_nbits_inputs
+
+    graph = proto.graph
+    init = {t.name: t for t in graph.initializer}
+    gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
+    grid = grid_of(model.get_input_embeddings())
+    if gather is None or gather.input[0] not in init or grid is None:
+        return
+    table = numpy_helper.to_array(init[gather.input[0]])
+    vocab, hidden = table.shape
+    arrays, found = matmul_nbits_inputs(table, grid.fmt, GridRegistry([grid]), scale_dtype=table.dtype)
+    if found != vocab * grid.fmt.blocks(hidden) or hidden % grid.fmt.block_size:
+        raise ValueError("the embedding table does not hold its grid's values")
+    graph.initializer.extend([
+        numpy_helper.from_array(arrays["B"].reshape(vocab, -1), "/model/embed_tokens/data"),
+        numpy_helper.from_array(arrays["scales"].reshape(vocab, -1), "/model/embed_tokens/scales")])
+    zero_points = None
+    if "zero_points" in arrays:
+        zero_points = "/model/embed_tokens/zero_points"
+        graph.initializer.append(numpy_helper.from_array(arrays["zero_points"].reshape(vocab, -1), zero_points))
+    _gather_quantized(graph, gather, [], zero_points, grid.fmt.bits, grid.fmt.block_size, vocab, hidden,
+                      helper.np_dtype_to_tensor_dtype(table.dtype), packed_gather)
+
+
+def _gather_quantized(graph, gather, nodes: list, zero_points: str | None, bits: int, block_size: int, vocab: int,
+                      hidden: int, scale_type: int, packed_gather: bool) -> None:
+    """Replace the embedding's `gather` by `nodes` (which provide "/model/embed_tokens/data" [vocab, bytes per
+    row] and ".../scales" [vocab, blocks] where they are not initializers) and a gather of those blocks:
+    GatherBlockQuantized, or its standard-operator form."""
+    from onnx import helper
+
+    init = {t.name: t for t in graph.initializer}
     if packed_gather:
         nodes.append(helper.make_node(
             "GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1], "/model/embed_tokens/scales",
-                                     *zero_points], list(gather.output),
+                                     *([zero_points] if zero_points else [])], list(gather.output),
             name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
             bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))
     else:
-        scale_type = init[scales].data_type
-        nodes += _gather_blocks(graph, gather.input[1], zero_points[0] if zero_points else None, bits,
-                                block_size, vocab, hidden, scale_type, gather.output[0])
+        nodes += _gather_blocks(graph, gather.input[1], zero_points, bits, block_size, vocab, hidden, scale_type,
+                                gather.output[0])
     position = list(graph.node).index(gather)
     graph.node.remove(gather)
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
-    graph.initializer.remove(init[gather.input[0]])
+    if gather.input[0] in init:
+        graph.initializer.remove(init[gather.input[0]])
 
 
 def _gather_blocks(graph, ids: str, zero_points: str | None, bits: int, block_size: int, vocab: int,
@@ -1125,8 +1167,11 @@ def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int 
 
     if weights == "int4":
         _quantize_int4(proto, model, block_size, accuracy_level, registry)
-        if getattr(model.config, "tie_word_embeddings", False):
-            _share_tied_embedding(proto, packed_gather=onnxruntime is None or onnxruntime >= PACKED_GATHER_RELEASE)
+        packed = onnxruntime is None or onnxruntime >= PACKED_GATHER_RELEASE
+        if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+            _share_tied_embedding(proto, packed_gather=packed)
+        else:
+            _quantize_untied_embedding(proto, model, packed_gather=packed)
     elif weights == "int8":
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
             proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
