@@ -1011,7 +1011,7 @@ def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None
     from onnx import helper, numpy_helper
 
     from exporter.compress.quantize import grid_of
-    from exporter.graph.matmul_nbits import GridRegistry, matmul_nbits_inputs
+    from exporter.graph.matmul_nbits import pack_codes
 
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
@@ -1019,20 +1019,22 @@ def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None
     grid = grid_of(model.get_input_embeddings())
     if gather is None or gather.input[0] not in init or grid is None:
         return
-    table = numpy_helper.to_array(init[gather.input[0]])
-    vocab, hidden = table.shape
-    arrays, found = matmul_nbits_inputs(table, grid.fmt, GridRegistry([grid]), scale_dtype=table.dtype)
-    if found != vocab * grid.fmt.blocks(hidden) or hidden % grid.fmt.block_size:
-        raise ValueError("the embedding table does not hold its grid's values")
+    table = init[gather.input[0]]  # at the activations' type: the scales take it
+    vocab, hidden = table.dims
+    fmt, dtype = grid.fmt, helper.tensor_dtype_to_np_dtype(table.data_type)
+    if hidden % fmt.block_size or fmt.float_zero:
+        raise ValueError(f"the embedding's grid {fmt.name} cannot be gathered in blocks of its rows")
+    # the grid's own codes (not a lookup of the table's values, which an fp16 graph holds rounded)
+    codes = grid.codes.reshape(vocab, -1, fmt.block_size)
     graph.initializer.extend([
-        numpy_helper.from_array(arrays["B"].reshape(vocab, -1), "/model/embed_tokens/data"),
-        numpy_helper.from_array(arrays["scales"].reshape(vocab, -1), "/model/embed_tokens/scales")])
+        numpy_helper.from_array(pack_codes(codes, fmt.bits).reshape(vocab, -1), "/model/embed_tokens/data"),
+        numpy_helper.from_array(grid.scales.astype(dtype), "/model/embed_tokens/scales")])
     zero_points = None
-    if "zero_points" in arrays:
+    if not fmt.symmetric:
         zero_points = "/model/embed_tokens/zero_points"
-        graph.initializer.append(numpy_helper.from_array(arrays["zero_points"].reshape(vocab, -1), zero_points))
-    _gather_quantized(graph, gather, [], zero_points, grid.fmt.bits, grid.fmt.block_size, vocab, hidden,
-                      helper.np_dtype_to_tensor_dtype(table.dtype), packed_gather)
+        graph.initializer.append(numpy_helper.from_array(pack_codes(grid.zeros, fmt.bits), zero_points))
+    _gather_quantized(graph, gather, [], zero_points, fmt.bits, fmt.block_size, vocab, hidden, table.data_type,
+                      packed_gather)
 
 
 def _gather_quantized(graph, gather, nodes: list, zero_points: str | None, bits: int, block_size: int, vocab: int,
