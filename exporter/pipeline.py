@@ -138,6 +138,11 @@ class ExportOptions:
     progress: bool = True
     ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.graph.ort_format)
 
+    @property
+    def release(self) -> tuple[int, int] | None:
+        """onnxruntime_version as (major, minor); None: the newest."""
+        return parse_release(self.onnxruntime_version)
+
 
 @dataclass
 class Stopwatch:
@@ -302,10 +307,7 @@ def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
     profile = profile or load_profile(options.device)
     options = resolve_precision(options, profile)
-    if options.weights == "int4":
-        int4_format(options)  # a bad block size fails before the work
-    check_error_correction(options)
-    check_runtime(options)
+    check_options(options)  # a bad block size, correction or runtime target fails before the work
     source = source or resolve_model(options.model, options.trust_remote_code)
     if target is not None:
         check_target(target, options.force)  # before minutes of work, not after
@@ -337,10 +339,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         raise ValueError(f"compress: {', '.join(changed)} differ from the prepared statistics' (prepare again)")
     if options.allocation not in ALLOCATIONS:
         raise ExporterError(f"unknown allocation {options.allocation!r}; expected one of {', '.join(ALLOCATIONS)}")
-    if options.weights == "int4":
-        int4_format(options)
-    check_error_correction(options)
-    check_runtime(options)
+    check_options(options)
     if model is None or model is prepared.model:
         model, in_place = prepared.model, True
     else:
@@ -468,7 +467,6 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     for unit, option in zip(units, choice):
         unit.choice = option
     apply_choices(plan.model, units)
-    quantize_embedding(plan.model, QuantFormat(4, options.block_size, True))  # counted in fixed_bytes
     plan.formats = units
     plan.formats_budget = {"budget_bytes": budget_bytes, "fixed_bytes": fixed,
                            "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
@@ -482,7 +480,7 @@ def runtime_menu(options: ExportOptions) -> tuple:
     """`--weights auto`'s formats that the target ONNX Runtime runs (8-bit MatMulNBits: 1.22 and later)."""
     from exporter.compress.format_allocation import MENU
 
-    release = parse_release(options.onnxruntime_version)
+    release = options.release
     if release is None or release >= EIGHT_BIT_MATMUL_RELEASE:
         return MENU
     return tuple(f for f in MENU if f.bits == 4)
@@ -495,6 +493,14 @@ def _format_counts(units) -> dict[str, int]:
         name = unit.options[unit.choice].name + (f"+lqer{rank}" if rank else "")
         counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def check_options(options: ExportOptions) -> None:
+    """The checks of resolved options that need no model: int4 format, error correction, runtime target."""
+    if options.weights == "int4":
+        int4_format(options)
+    check_error_correction(options)
+    check_runtime(options)
 
 
 def check_error_correction(options: ExportOptions) -> None:
@@ -514,7 +520,7 @@ def check_runtime(options: ExportOptions) -> None:
     """What an older ONNX Runtime target (--onnxruntime-version, resolved) rules out, before the work."""
     import onnxruntime
 
-    release = parse_release(options.onnxruntime_version)
+    release = options.release
     if release is None:
         return
     if options.error_correction and CORRECTION_FORMAT.bits != 4 and release < EIGHT_BIT_MATMUL_RELEASE:
@@ -532,7 +538,7 @@ def check_model_runtime(model, options: ExportOptions) -> None:
     """What the target ONNX Runtime cannot run of this model's fused graph, before minutes of compression."""
     from exporter.graph.writer import release_reason
 
-    release = parse_release(options.onnxruntime_version)
+    release = options.release
     if release is not None and options.graph != "optimum" and unsupported_reason(model) is None:
         reason = release_reason(model, release)
         if reason:
@@ -574,7 +580,7 @@ def quantize_grids(model, options: ExportOptions, ids, only: list | None = None)
     quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
                    ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
                    progress=options.progress)
-    quantize_embedding(model, QuantFormat(4, options.block_size, True))
+    quantize_embedding(model, options.block_size)  # --weights auto counts it in format_allocation.fixed_bytes
 
 
 def rank_multiples(allocation: str, profile_multiple: int, correctives: CorrectiveOptions | None,
@@ -653,10 +659,7 @@ def run_exports(options: ExportOptions, levels: tuple[float, ...] | None = None,
         runs.append((profile, resolve_precision(replace(options, device=name, out=target), profile)))
     for profile, run in runs:  # every option and every target checked before minutes of work
         _requested_levels(run, levels, schedule)
-        if run.weights == "int4":
-            int4_format(run)
-        check_error_correction(run)
-        check_runtime(run)
+        check_options(run)
         check_target(run.out, options.force)
     clocks = [Stopwatch() for _ in runs]  # each artifact's times; the model's load and a statistic land in the
     prepared = prepare(runs[0][1], clocks[0], None, runs[0][0], source)  # first artifact that needs them
@@ -702,7 +705,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
         f"({plan.total_dense / 1e6:.1f}M -> {params['total_params'] / 1e6:.1f}M)")
 
     graph = choose_graph(model, options)
-    release = parse_release(options.onnxruntime_version)
+    release = options.release
     fractions = _exported_levels(plan, graph, options, fractions, explicit=levels is not None)
     leveled = len(fractions) > 1
     with staging_dir(target, options.force) as staging:

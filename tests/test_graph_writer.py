@@ -254,7 +254,7 @@ def test_int4_quantizes_an_untied_embedding(tiny_models, prompt, tmp_path):
 
     fmt = QuantFormat(4, 32, True)
     quantize_rtn(list(grid_linears(model).values()), fmt)
-    quantize_embedding(model, fmt)
+    quantize_embedding(model, fmt.block_size)
     ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
     path = write_decoder(model, tmp_path / "grid", weights="int4", block_size=32)
     graph = onnx.load(str(path)).graph  # with its external data

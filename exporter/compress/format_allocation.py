@@ -35,7 +35,7 @@ from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
 from exporter.compress.importance import EMBEDDING, output_sensitivity, position_weights
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
-from exporter.compress.quantize import grid_linears, head_gram, module_name, set_grid
+from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
 
 CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
@@ -236,7 +236,7 @@ def fixed_bytes(model, embedding_block_size: int = 32) -> int:
     total = 0
     for p in model.parameters():
         if p is embedding and id(p) not in grid_weights and p.shape[1] % embedding_block_size == 0:
-            total += QuantFormat(4, embedding_block_size, True).matrix_bytes(*p.shape)
+            total += embedding_format(embedding_block_size).matrix_bytes(*p.shape)
         elif id(p) not in grid_weights:
             total += p.numel() * 4
     return total

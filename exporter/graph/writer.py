@@ -651,7 +651,8 @@ def constant_bytes(model, activations: str = "fp32") -> int:
     """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches, and an allowance
     for the graph's own protobuf, so that a byte budget holds for everything named model.onnx*."""
     rope = 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
-    if _local_rotary(model) is not None or _long_rope(model) is not None:  # a second pair of tables
+    switched = getattr(_rotary(model), "rope_type", "default") in SWITCHED_ROPE_TYPES
+    if _local_rotary(model) is not None or switched:  # a second pair of tables
         rope *= 2
     return rope + GRAPH_BYTES_BASE + GRAPH_BYTES_PER_LAYER * model.config.num_hidden_layers
 
@@ -787,8 +788,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     if (long_rope := _long_rope(model)) is not None:
         cos_cache, sin_cache = _switched_caches(g, total_len, (cos_cache, sin_cache), long_rope[1:], long_rope[0])
     local_caches = None  # the sliding-window layers' own tables (Gemma 3's local rope base)
-    if _local_rotary(model) is not None:
-        cos, sin = _rope_tables(model, max_positions, _local_rotary(model))
+    if (local := _local_rotary(model)) is not None:
+        cos, sin = _rope_tables(model, max_positions, local)
         local_caches = g.constant("cos_cache_local", cos), g.constant("sin_cache_local", sin)
 
     # Embedding. Tied fp32/fp16 weights are stored once, MatMul-ready for lm_head (hidden x vocab); the
