@@ -125,6 +125,9 @@ class ExportOptions:
     # int4 dense weights: a whitened correction of each input group's quantization error, of this rank, beside
     # its GPTQ grid (exporter.compress.error_correction; 0: none). One level: no rank levels.
     error_correction: int = 0
+    # int4 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's scales,
+    # codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
+    tune_scales: int = 0
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
     auto_formats: bool = False
@@ -180,6 +183,7 @@ class Plan:
     corrective_report: object = None  # CorrectiveReport when correctives were trained
     formats: list | None = None  # format_allocation.Unit per MatMulNBits under --weights auto
     error_correction: dict | None = None  # --error-correction: rank, formats, output error kept
+    scale_tuning: dict | None = None  # --tune-scales: steps, KL before and after on held-out windows
     formats_budget: dict | None = None
 
     @property
@@ -375,13 +379,15 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                 target_params, {p.name: None for p in projections})
     quantized = options.weights == "int4" and train
     gptq = (quantized and options.quantizer == "gptq") or options.auto_formats  # auto prices GPTQ grids
+    tuned = quantized and options.tune_scales > 0
     compressed = target_params is not None
     ids = None
-    if gptq or (compressed and (options.method == "whitened" or options.allocation == "fisher"
-                                or options.correctives is not None)):
+    if gptq or tuned or (compressed and (options.method == "whitened" or options.allocation == "fisher"
+                                         or options.correctives is not None)):
         ids, plan.calibration = prepared.calibration()
         plan.windows = ids
     if not compressed:
+        teacher = dense_teacher(model) if tuned else None
         if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
             choose_formats(plan, options, prepared, ids)
         if quantized:
@@ -389,6 +395,8 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                 if options.error_correction and not options.auto_formats:
                     plan.error_correction = correct_errors(model, options, ids)
                 quantize_grids(model, options, ids)
+        if tuned:
+            plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
         prepared._consumed |= in_place and (quantized or options.auto_formats)
         return plan
 
@@ -405,7 +413,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         ranks, _, plan.allocation, plan.rank_multiple = choose_ranks(
             projections, options.allocation, plan.importance, target_params, correctives, multiple, base_multiple,
             node_params=price)
-    teacher = dense_teacher(model) if correctives is not None and train else None
+    teacher = dense_teacher(model) if (correctives is not None and train) or tuned else None
     prepared._consumed |= in_place
     apply_ranks(model, decompositions, ranks)
     plan.ranks = effective_ranks(model, projections)
@@ -431,11 +439,24 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                 if key is not None and not in_place:  # the last one only: a model's worth of memory
                     prepared._trained = {key: ({k: v.clone() for k, v in model.state_dict().items()},
                                                plan.corrective_report)}
-        del teacher
     if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
         with clock.stage("quantize"):
             quantize_grids(model, options, ids)
+    if tuned:
+        plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
     return plan
+
+
+def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwatch) -> dict:
+    """--tune-scales: the grids' scales trained end to end against `teacher` (exporter.compress.scale_tuning);
+    returns the manifest's summary."""
+    from exporter.compress.scale_tuning import tune_scales
+
+    with clock.stage("tune scales"):
+        report = tune_scales(model, teacher, ids, options.tune_scales, seed=options.seed, progress=options.progress)
+    say(f"scale tuning: {report.steps} steps on {report.scales:,} scales, held-out KL {report.kl_before:.4f} -> "
+        f"{report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
+    return report.to_dict()
 
 
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
@@ -784,6 +805,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 formats={**plan.formats_budget, "units": [u.to_dict() for u in plan.formats]}
                 if plan.formats else None,
                 error_correction=plan.error_correction,
+                scale_tuning=plan.scale_tuning,
             ),
             precision=options.weights,
             budget=plan.budget.to_dict(),

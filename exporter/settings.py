@@ -10,6 +10,9 @@ DEFAULT_SEQ_LEN = 512  # tokens per calibration sequence
 # with a calibration file, the share of sequences that are chat turns (`--calib-chat`; measured in
 # benchmarks/RESULTS.md, "Chat-format calibration")
 CALIB_CHAT = 0.5
+# int4 and `--weights auto`: end-to-end KL steps that train the grids' scales (`--tune-scales`; measured in
+# benchmarks/RESULTS.md, "Scale tuning")
+TUNE_SCALES_STEPS = 0
 # ONNX Runtime against PyTorch, fp32: the export's parity check and golden.json's fp32 tolerance on devices
 PARITY_ATOL = 1e-2
 

@@ -126,6 +126,7 @@ class Method(Record):
     correctives: dict | None
     formats: dict | None = sometimes()  # --weights auto: the budget and every MatMulNBits' menu and choice
     error_correction: dict | None = sometimes()  # --error-correction: rank, formats, output error kept
+    scale_tuning: dict | None = sometimes()  # --tune-scales: steps, held-out KL before and after, kept
 
 
 @dataclass(kw_only=True)

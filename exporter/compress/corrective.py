@@ -330,7 +330,8 @@ def _batched_kwargs(kwargs: dict, batch: int) -> dict:
     return out
 
 
-def _kl(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+def kl_divergence(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions on `batch`, per token."""
     with torch.no_grad():
         target = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
     logits = student(batch, use_cache=False).logits.float()
@@ -352,14 +353,14 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     holdout = _holdout(input_ids, options)
     held, train = input_ids[-holdout:], input_ids[:-holdout]
     with torch.no_grad():
-        report.kl_before = float(_kl(student, teacher, held))
+        report.kl_before = float(kl_divergence(student, teacher, held))
     optimizer, params = _optimizer(student, options, options.kl_lr)
     generator = torch.Generator().manual_seed(1)
     student.train()
     bar = tqdm(range(options.kl_steps), desc="end-to-end KL", unit="step", disable=not progress)
     for _ in bar:
         batch = train[torch.randint(len(train), (options.kl_batch_size,), generator=generator)]
-        loss = _kl(student, teacher, batch)
+        loss = kl_divergence(student, teacher, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -368,7 +369,7 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():
-        report.kl_after = float(_kl(student, teacher, held))
+        report.kl_after = float(kl_divergence(student, teacher, held))
     report.seconds += time.perf_counter() - start
     return report
 

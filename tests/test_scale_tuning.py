@@ -1,0 +1,102 @@
+"""End-to-end tuning of the grids' scales (exporter.compress.scale_tuning): codes and zero points stay, the
+weights stay on their grids, the held-out KL falls (or the scales go back), and the graph packs the tuned
+scales, so ONNX Runtime follows PyTorch as tightly as before."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from exporter.compress.corrective import dense_teacher, kl_divergence
+from exporter.compress.grid import QuantFormat
+from exporter.compress.quantize import grid_of, quantize_model
+from exporter.compress.scale_tuning import grid_modules, tune_scales
+
+FMT = QuantFormat(4, 32, False)
+
+
+def _quantized(tiny_models, tie: bool = False):
+    model = tiny_models.load("llama")
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+    teacher = dense_teacher(model)
+    quantize_model(model, lambda _n: FMT, progress=False)  # round to nearest: a large error to tune away
+    return model, teacher
+
+
+def _grids(model) -> dict[str, tuple]:
+    return {name: (g.codes.copy(), g.zeros.copy(), g.scales.copy())
+            for name, m in model.named_modules() if (g := grid_of(m)) is not None}
+
+
+def test_tuning_moves_only_the_scales_and_lowers_the_held_out_kl(tiny_models, calib_ids):
+    model, teacher = _quantized(tiny_models)
+    before = _grids(model)
+    report = tune_scales(model, teacher, calib_ids, steps=30, lr=1e-2, holdout=2, progress=False)
+    assert report.kept and report.kl_after < 0.9 * report.kl_before
+    assert report.scales == sum(int(np.prod(s.shape)) for _c, _z, s in before.values())
+    after = _grids(model)
+    assert after.keys() == before.keys()
+    moved = 0
+    for name, (codes, zeros, scales) in before.items():
+        new_codes, new_zeros, new_scales = after[name]
+        assert np.array_equal(codes, new_codes) and np.array_equal(zeros, new_zeros)
+        moved += int((new_scales != scales).sum())
+        module = model.get_submodule(name)
+        assert torch.equal(module.weight, torch.from_numpy(grid_of(module).dequantize()))  # exactly on the grid
+    assert moved > report.scales // 2
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():  # the model now computes what its grids hold
+        assert abs(float(kl_divergence(model, teacher, calib_ids[-2:])) - report.kl_after) < 1e-5
+
+
+def test_a_tied_embedding_reads_the_tuned_head(tiny_models, calib_ids):
+    model, teacher = _quantized(tiny_models, tie=True)
+    assert len(grid_modules(model)) == 2 * 7 + 1  # the head once: the embedding is the same weight
+    report = tune_scales(model, teacher, calib_ids, steps=10, lr=1e-2, holdout=2, progress=False)
+    assert report.kept
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert embedding.weight is head.weight
+    assert torch.equal(embedding.weight, torch.from_numpy(grid_of(head).dequantize()))
+
+
+def test_a_tuning_that_raises_the_kl_is_undone(tiny_models, calib_ids):
+    model, teacher = _quantized(tiny_models)
+    before = _grids(model)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    report = tune_scales(model, teacher, calib_ids, steps=3, lr=5.0, holdout=2, progress=False)  # far too large
+    assert not report.kept and report.kl_after > report.kl_before
+    for name, (_codes, _zeros, scales) in before.items():
+        assert np.array_equal(grid_of(model.get_submodule(name)).scales, scales)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_the_graph_packs_the_tuned_scales(tiny_models, calib_ids, tokenizer, tmp_path):
+    from exporter.graph.optimum_export import torch_greedy
+    from exporter.graph.writer import write_decoder
+    from exporter.runtime.generation import OrtDecoder
+
+    model, teacher = _quantized(tiny_models)
+    assert tune_scales(model, teacher, calib_ids, steps=10, lr=1e-2, holdout=2, progress=False).kept
+    prompt = tokenizer("The engineer explains the last question", add_special_tokens=False)["input_ids"]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, 8)
+    path = write_decoder(model, tmp_path, weights="int4", block_size=32, accuracy_level=None)
+    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 8, forced_tokens=ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)
+
+
+def test_export_with_tuned_scales(llama_dir, calib_file, tmp_path):
+    from exporter.cli import main
+
+    out = tmp_path / "art"
+    code = main(["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
+                 "--calib-seq-len", "32", "--ratio", "0", "--device", "host", "--weights", "int4",
+                 "--tune-scales", "6", "--no-progress", "--out", str(out)])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    tuning = manifest["method"]["scale_tuning"]
+    assert tuning["steps"] == 6 and tuning["scales"] > 0 and "tune scales" in manifest["timings_s"]
+    assert manifest["parity"]["quantized"]["greedy_agreement"] >= 0.5
