@@ -89,13 +89,9 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
     holdout = max(1, min(holdout, input_ids.shape[0] // 4))
     held, train = input_ids[-holdout:], input_ids[:-holdout]
     modules = grid_modules(model)
-    tied = {id(m.weight): m for m in modules}
     for p in model.parameters():
         p.requires_grad_(False)
-    tunings = {}
-    for module in modules:
-        tuning = TunedScales(grid_of(module), module.weight.dtype)
-        tunings[id(module)] = tuning
+    tunings = {id(m): TunedScales(grid_of(m), m.weight.dtype) for m in modules}
     # A tied embedding shares lm_head's weight: it reads lm_head's tuned values too.
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -129,7 +125,6 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
             parametrize.remove_parametrizations(embedding, "weight", leave_parametrized=False)
         for module in modules:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        del tied
     kept = kl_after < kl_before
     for module in modules:
         set_grid(module, grids[id(module)] if kept else grid_of(module))
