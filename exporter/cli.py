@@ -256,6 +256,10 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tune-factors", action="store_true",
                          help="also train the SVD factors (default: frozen; only the branches train)")
     command.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
+    command.add_argument("--fresh-statistics", action="store_true",
+                         help="compute the Fisher importance and --weights auto's prices again instead of reading "
+                         "what an earlier run of the same model, calibration and exporter kept (EXPORTER_CACHE/"
+                         "statistics), and keep the new ones")
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -274,7 +278,7 @@ def _options(args):
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
-        tune_scales=getattr(args, "tune_scales", 0),
+        tune_scales=getattr(args, "tune_scales", 0), reuse_statistics=not args.fresh_statistics,
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,

@@ -29,6 +29,7 @@ from exporter.artifact.manifest import (
 )
 from exporter.artifact.report import write_report
 from exporter.artifact.staging import check_target, staging_dir
+from exporter.compress import statistics_store
 from exporter.compress.allocate import Allocation, allocate, allocation_curve
 from exporter.compress.corrective import (
     CorrectiveOptions,
@@ -50,10 +51,11 @@ from exporter.compress.factorize import (
     uniform_ranks,
 )
 from exporter.compress.grid import QuantFormat
-from exporter.compress.importance import component_fisher
+from exporter.compress.importance import Sensitivity, component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
 from exporter.compress.quantize import grid_linears, quantize_embedding, quantize_model
+from exporter.compress.statistics_store import StatisticsStore
 from exporter.console import say
 from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from exporter.device.profiles import load_profile
@@ -140,6 +142,10 @@ class ExportOptions:
     parity_atol: float = PARITY_ATOL
     progress: bool = True
     ort_format: bool = False  # also write model.ort for ONNX Runtime Mobile (exporter.graph.ort_format)
+    # Read the Fisher importance and `--weights auto`'s prices from the statistics store where an earlier run of
+    # the same model, calibration and exporter kept them (exporter.compress.statistics_store); False: compute them
+    # again (and replace what is kept).
+    reuse_statistics: bool = True
 
     @property
     def release(self) -> tuple[int, int] | None:
@@ -237,7 +243,10 @@ class Prepared:
     _decompositions: dict = field(default_factory=dict)
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
+    _sensitivities: dict = field(default_factory=dict)  # the output sensitivities each pricing read
     _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
+    _store: StatisticsStore | None = None
+    reused: list = field(default_factory=list)  # the statistics read from the store (for the summary)
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
 
     def _dense(self):
@@ -270,10 +279,28 @@ class Prepared:
             self.seconds[("factorize", key)] = time.perf_counter() - start
         return self._decompositions[key]
 
+    def store(self) -> StatisticsStore:
+        """The on-disk store of this model's statistics on these calibration windows (its digest is taken once)."""
+        if self._store is None:
+            self._store = StatisticsStore.for_run(statistics_store.default_root(), self._dense(),
+                                                  self.calibration()[0], self.options.seed)
+        return self._store
+
+    def _stored(self, statistic: str, key) -> tuple[dict, dict] | None:
+        found = self.store().load(statistic, key) if self.options.reuse_statistics else None
+        if found is not None:
+            say(f"{statistic}: read from {self.store().path(statistic, key)} (--fresh-statistics computes it again)")
+            self.reused.append(statistic)
+        return found
+
     def importance(self, method: str, joint: bool, samples: int) -> dict:
         """Fisher importance of every component of the full-rank factorizations, on the first `samples` windows."""
         key = (method, joint, samples)
         if key not in self._importance:
+            found = self._stored("importance", list(key))
+            if found is not None:
+                self._importance[key] = found[0]
+                return self._importance[key]
             decompositions = self.decompositions(method, joint, full_rank=True)
             ids = self.calibration()[0]
             start = time.perf_counter()
@@ -281,25 +308,55 @@ class Prepared:
                 self._importance[key] = component_fisher(self._dense(), decompositions, ids[:samples],
                                                          progress=self.options.progress)
             self.seconds[("importance", key)] = time.perf_counter() - start
+            self.store().save("importance", list(key), self._importance[key])
         return self._importance[key]
 
     def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = (),
                       menu: tuple | None = None) -> list:
         """`--weights auto`: every MatMulNBits unit's menu (default: format_allocation.MENU) with bytes, grids
         and estimated loss (exporter.compress.format_allocation.price_units); a fresh copy of each unit per
-        call, for its choice."""
-        from exporter.compress.format_allocation import MENU, price_units
+        call, for its choice. Prices read from the statistics store come without grids: `chosen_grids`."""
+        from exporter.compress.format_allocation import MENU, Unit, price_units, pricing_statistics
 
         menu = tuple(menu or MENU)
         key = (tuple(map(tuple, groups)), samples, corrections, tuple(f.name for f in menu))
         if key not in self._prices:
             ids = self.calibration()[0]
+            stored_key = [list(map(list, groups)), samples, list(corrections), [f.name for f in menu]]
+            found = self._stored("format prices", stored_key)
+            if found is not None:
+                tensors, info = found
+                sensitivity = {name: Sensitivity(tensors[f"channels:{name}"], tensors[f"positions:{name}"])
+                               for name in info["sensitivity"]}
+                self._prices[key] = [Unit.from_record(record) for record in info["units"]]
+                self._sensitivities[key] = sensitivity
+                return self.format_prices(groups, samples, corrections, menu)
             start = time.perf_counter()
             with self.clock.stage("price formats"):
+                statistics = pricing_statistics(self._dense(), ids, ids[:samples], progress=self.options.progress)
                 self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
-                                                progress=self.options.progress, groups=groups, corrections=corrections)
+                                                progress=self.options.progress, groups=groups,
+                                                corrections=corrections, statistics=statistics)
             self.seconds[("price formats", key)] = time.perf_counter() - start
-        return [copy.copy(unit) for unit in self._prices[key]]
+            tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
+                       for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
+            self.store().save("format prices", stored_key, tensors,
+                              {"sensitivity": list(statistics.sensitivity),
+                               "units": [unit.record() for unit in self._prices[key]]})
+            self._sensitivities[key] = statistics.sensitivity
+        return [replace(unit, grids=list(unit.grids)) for unit in self._prices[key]]
+
+    def chosen_grids(self, units: list, samples: int) -> None:
+        """Each unit's chosen grids where its prices were read from the store: one pass for the Grams (from the
+        stored sensitivities), then GPTQ of the chosen format only."""
+        from exporter.compress.format_allocation import fill_chosen_grids, pricing_statistics
+
+        def statistics():
+            sensitivity = next(s for (_groups, n, *_rest), s in self._sensitivities.items() if n == samples)
+            with self.clock.stage("price formats"):
+                return pricing_statistics(self._dense(), self.calibration()[0], sensitivity=sensitivity,
+                                          progress=self.options.progress)
+        fill_chosen_grids(units, statistics)
 
 
 def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path | None = None,
@@ -487,6 +544,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     for unit, option in zip(units, choice):
         unit.choice = option
+    prepared.chosen_grids(units, options.fisher_samples)
     apply_choices(plan.model, units)
     plan.formats = units
     plan.formats_budget = {"budget_bytes": budget_bytes, "fixed_bytes": fixed,

@@ -163,6 +163,16 @@ def exporter_cache(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _own_statistics_store(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty statistics store (outside its tmp_path): what it computes is what it
+    checks; two runs within one test share it."""
+    from exporter.compress import statistics_store
+
+    root = tmp_path_factory.mktemp("statistics")
+    monkeypatch.setattr(statistics_store, "default_root", lambda: root)
+
+
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
     """Training text of the tiny models and tokenizer (a few hundred lines)."""

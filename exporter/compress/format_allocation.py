@@ -33,7 +33,7 @@ from exporter.compress.factorize import unit_name
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
-from exporter.compress.importance import EMBEDDING, output_sensitivity, position_weights
+from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
@@ -64,6 +64,19 @@ class Unit:
 
     def correction(self, option: int) -> int:
         return self.corrections[option] if self.corrections else 0
+
+    def record(self) -> dict:
+        """Everything but the grids, for the statistics store (`from_record` reads it back)."""
+        return {"name": self.name, "members": self.members, "options": [f.name for f in self.options],
+                "methods": self.methods, "bytes": self.bytes, "loss": self.loss, "weights": self.weights,
+                "corrections": self.corrections}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Unit:
+        """A priced unit without grids (`fill_chosen_grids` computes the chosen option's)."""
+        return cls(record["name"], record["members"], [QuantFormat.parse(f) for f in record["options"]],
+                   record["methods"], record["bytes"], record["loss"], [None] * len(record["options"]),
+                   weights=record["weights"], corrections=record["corrections"])
 
     def to_dict(self) -> dict:
         return {"unit": self.name, "weights": self.weights, "format": self.options[self.choice].name,
@@ -162,17 +175,31 @@ def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.T
     return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
 
 
-def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
-                groups: list[list[str]] | None = None, corrections: tuple[int, ...] = ()) -> list[Unit]:
-    """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
-    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may), and with
-    `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank."""
-    from tqdm.auto import tqdm
+@dataclass
+class PricingStatistics:
+    """What prices every menu option of every unit and computes its grids: the output sensitivities, the
+    position-weighted input Grams (lm_head's plain), each token's share of the calibration."""
 
+    linears: dict
+    sensitivity: dict[str, Sensitivity]
+    grams: dict[str, torch.Tensor]
+    share: torch.Tensor
+    head_name: str
+    tied: bool
+    tokens: int
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        return {name: s.channels for name, s in self.sensitivity.items()}
+
+
+def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor | None = None,
+                       sensitivity: dict[str, Sensitivity] | None = None, progress: bool = True) -> PricingStatistics:
+    """The statistics of `price_units`; the sensitivities from `fisher_ids` (one backward pass per sequence)
+    unless given (read from the statistics store), the Grams from `input_ids` (one forward pass per layer)."""
     linears = grid_linears(model)
-    groups = groups or format_units(model)
-    sensitivity = output_sensitivity(model, fisher_ids, list(linears), progress)
-    fisher = {name: s.channels for name, s in sensitivity.items()}
+    if sensitivity is None:
+        sensitivity = output_sensitivity(model, fisher_ids, list(linears), progress)
     tokens = input_ids.numel()
     grams: dict[str, torch.Tensor] = {}
     for _index, _layer, layer_grams in iter_layer_grams(model, input_ids, progress=progress,
@@ -185,6 +212,28 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
     at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].expand(input_ids.shape).reshape(-1)
     share = torch.zeros(head.out_features, dtype=torch.float64).index_add_(0, input_ids.reshape(-1), at) / tokens
+    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens)
+
+
+def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:
+    linears, grams = statistics.linears, statistics.grams
+    return {n: gptq(linears[n].weight, grams[n], fmt, CLIP) if method == "gptq"
+            else round_to_nearest(linears[n].weight.detach().float().numpy(), fmt, CLIP) for n in members}
+
+
+def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
+                groups: list[list[str]] | None = None, corrections: tuple[int, ...] = (),
+                statistics: PricingStatistics | None = None) -> list[Unit]:
+    """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
+    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may), and with
+    `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank."""
+    from tqdm.auto import tqdm
+
+    statistics = statistics or pricing_statistics(model, input_ids, fisher_ids, progress=progress)
+    linears, grams, fisher, tokens = statistics.linears, statistics.grams, statistics.fisher, statistics.tokens
+    head_name, tied = statistics.head_name, statistics.tied
+    head = linears[head_name]
+    groups = groups or format_units(model)
     units = []
     for members in tqdm(groups, desc="pricing formats", unit="unit", disable=not progress):
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
@@ -192,12 +241,10 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                     weights=sum(linears[n].weight.numel() for n in members))
         for fmt in menu:
             for method in methods:
-                grids = {n: gptq(linears[n].weight, grams[n], fmt, CLIP) if method == "gptq"
-                         else round_to_nearest(linears[n].weight.detach().float().numpy(), fmt, CLIP)
-                         for n in members}
+                grids = _grids(statistics, members, fmt, method)
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
                 if tied and head_name in members:
-                    loss += embedding_loss(head.weight, grids[head_name], share, fisher[EMBEDDING])
+                    loss += embedding_loss(head.weight, grids[head_name], statistics.share, fisher[EMBEDDING])
                 size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
                 unit.options.append(fmt)
                 unit.methods.append(method)
@@ -216,6 +263,28 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                         unit.corrections.append(rank)
         units.append(unit)
     return units
+
+
+def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict[str, GridWeights]:
+    """The grids of one option of a unit, exactly as `price_units` computes them (GPTQ and the correction's SVD
+    are deterministic): for units whose prices were read from the statistics store, which keeps no grids."""
+    members, fmt, rank = unit.members, unit.options[option], unit.correction(option)
+    grids = _grids(statistics, members, fmt, unit.methods[option])
+    if rank:
+        (_rank, _added, _loss, extra), = corrected_options(members, statistics.linears, statistics.grams,
+                                                           statistics.fisher, grids, fmt, (rank,), statistics.tokens)
+        grids.update(extra)
+    return grids
+
+
+def fill_chosen_grids(units: list[Unit], statistics) -> None:
+    """Compute the chosen option's grids of every unit that has none (`statistics`: a callable returning the
+    PricingStatistics, called only if one is missing)."""
+    missing = [unit for unit in units if unit.grids[unit.choice] is None]
+    if missing:
+        computed = statistics()
+        for unit in missing:
+            unit.grids[unit.choice] = option_grids(computed, unit, unit.choice)
 
 
 def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32) -> tuple[int, int]:
