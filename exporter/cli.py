@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--error-correction", type=int, default=0, metavar="RANK",
                         help="int4 dense weights: add a whitened low-rank correction of each projection group's "
                         "quantization error (LQER; RANK a multiple of 16; default: 0, none)")
-    export.add_argument("--tune-scales", type=_nonnegative_int, default=TUNE_SCALES_STEPS, metavar="STEPS",
+    export.add_argument("--tune-scales", type=_nonnegative_int, metavar="STEPS",
                         help="int4 and auto weights: train every block's scale end to end against the dense model "
                         "(KL on the calibration windows; codes fixed, no bytes added) for STEPS steps "
-                        f"(default: {TUNE_SCALES_STEPS}; 0: off)")
+                        f"(default: {TUNE_SCALES_STEPS} with --weights auto, else 0; 0: off)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
                         "down (default: 1.0,0.85,0.7; 1.0: one level; fp32, fp16 and int4 only)")
@@ -278,12 +278,17 @@ def _options(args):
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
-        tune_scales=getattr(args, "tune_scales", 0), reuse_statistics=not args.fresh_statistics,
+        tune_scales=_tune_scales(args), reuse_statistics=not args.fresh_statistics,
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
             kl_steps=args.kl_steps, tune_factors=args.tune_factors),
     )
+
+
+def _tune_scales(args) -> int:
+    steps = getattr(args, "tune_scales", None)
+    return steps if steps is not None else TUNE_SCALES_STEPS if args.weights == "auto" else 0
 
 
 def _allocate(args) -> int:

@@ -246,7 +246,6 @@ class Prepared:
     _sensitivities: dict = field(default_factory=dict)  # the output sensitivities each pricing read
     _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
     _store: StatisticsStore | None = None
-    reused: list = field(default_factory=list)  # the statistics read from the store (for the summary)
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
 
     def _dense(self):
@@ -290,7 +289,6 @@ class Prepared:
         found = self.store().load(statistic, key) if self.options.reuse_statistics else None
         if found is not None:
             say(f"{statistic}: read from {self.store().path(statistic, key)} (--fresh-statistics computes it again)")
-            self.reused.append(statistic)
         return found
 
     def importance(self, method: str, joint: bool, samples: int) -> dict:
@@ -324,26 +322,25 @@ class Prepared:
             ids = self.calibration()[0]
             stored_key = [list(map(list, groups)), samples, list(corrections), [f.name for f in menu]]
             found = self._stored("format prices", stored_key)
-            if found is not None:
+            if found is not None:  # prices and sensitivities; the grids are computed for the chosen options
                 tensors, info = found
-                sensitivity = {name: Sensitivity(tensors[f"channels:{name}"], tensors[f"positions:{name}"])
-                               for name in info["sensitivity"]}
+                self._sensitivities[key] = {name: Sensitivity(tensors[f"channels:{name}"], tensors[f"positions:{name}"])
+                                            for name in info["sensitivity"]}
                 self._prices[key] = [Unit.from_record(record) for record in info["units"]]
-                self._sensitivities[key] = sensitivity
-                return self.format_prices(groups, samples, corrections, menu)
-            start = time.perf_counter()
-            with self.clock.stage("price formats"):
-                statistics = pricing_statistics(self._dense(), ids, ids[:samples], progress=self.options.progress)
-                self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
-                                                progress=self.options.progress, groups=groups,
-                                                corrections=corrections, statistics=statistics)
-            self.seconds[("price formats", key)] = time.perf_counter() - start
-            tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
-                       for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
-            self.store().save("format prices", stored_key, tensors,
-                              {"sensitivity": list(statistics.sensitivity),
-                               "units": [unit.record() for unit in self._prices[key]]})
-            self._sensitivities[key] = statistics.sensitivity
+            else:
+                start = time.perf_counter()
+                with self.clock.stage("price formats"):
+                    statistics = pricing_statistics(self._dense(), ids, ids[:samples], progress=self.options.progress)
+                    self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
+                                                    progress=self.options.progress, groups=groups,
+                                                    corrections=corrections, statistics=statistics)
+                self.seconds[("price formats", key)] = time.perf_counter() - start
+                self._sensitivities[key] = statistics.sensitivity
+                tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
+                           for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
+                self.store().save("format prices", stored_key, tensors,
+                                  {"sensitivity": list(statistics.sensitivity),
+                                   "units": [unit.record() for unit in self._prices[key]]})
         return [replace(unit, grids=list(unit.grids)) for unit in self._prices[key]]
 
     def chosen_grids(self, units: list, samples: int) -> None:

@@ -38,6 +38,7 @@ def test_one_statistics_pass_for_every_profile(tmp_path, capsys, monkeypatch, ll
     assert "2 artifacts from one statistics pass:" in out
     manifests = [json.loads((tmp_path / "both" / name / "manifest.json").read_text()) for name in DEVICES]
     assert [m["profile"]["name"] for m in manifests] == list(DEVICES)
+    assert not any("scale_tuning" in m["method"] for m in manifests)  # no tuning by default with int4
     # the statistics' time is the first artifact's; the second pays only its own compression and writing
     assert "factorize" in manifests[0]["timings_s"] and "factorize" not in manifests[1]["timings_s"]
 

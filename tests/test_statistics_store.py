@@ -13,6 +13,7 @@ import exporter.compress.format_allocation
 import exporter.pipeline
 from exporter.cli import main
 from exporter.compress.statistics_store import StatisticsStore, model_digest, tensor_digest
+from exporter.settings import TUNE_SCALES_STEPS
 
 
 def test_a_file_is_read_back_only_under_its_own_key(tmp_path, capsys):
@@ -82,6 +83,7 @@ def test_auto_prices_are_priced_once_and_give_the_same_artifact(tmp_path, llama_
     assert len(priced) == 2 and "read from" not in capsys.readouterr().err
     read, fresh = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("read", "fresh"))
     assert read["method"]["formats"] == fresh["method"]["formats"]
+    assert read["method"]["scale_tuning"]["steps"] == TUNE_SCALES_STEPS > 0  # the CLI's default with auto
     assert len({u["format"] for u in read["method"]["formats"]["units"]}) > 1
     # the chosen grids recomputed from the stored sensitivities are GPTQ's grids of the full pricing, bit for bit
     assert (tmp_path / "read" / "model.onnx.data").read_bytes() == (tmp_path / "fresh" / "model.onnx.data").read_bytes()
