@@ -12,6 +12,8 @@ def _encoder(reader: str, artifact: Path):
         if not (artifact / "genai_config.json").is_file():
             pytest.skip("the artifact has no genai_config.json (optimum graph): onnxruntime-genai cannot load it")
         tokenizer = og.Tokenizer(og.Config(str(artifact)))  # the tokenizer files only
+        if hasattr(tokenizer, "update_options"):  # BOS/EOS as the export encoded them (off by default)
+            tokenizer.update_options(add_special_tokens="true")
         return lambda text: [int(i) for i in tokenizer.encode(text)]
     tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers package is not installed here")
     tokenizer = tokenizers.Tokenizer.from_file(str(artifact / "tokenizer.json"))

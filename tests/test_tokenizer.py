@@ -109,22 +109,64 @@ def test_a_vocabulary_the_rebuilder_does_not_understand_is_a_one_line_error(tmp_
     assert "\n" not in str(info.value)
 
 
-def test_sentencepiece_gguf_encodes_with_byte_fallback_and_bos(tmp_path):
-    """tokenizer.ggml.model llama: SentencePiece BPE; merges follow the scores, unknown characters fall back to
-    byte tokens, a space prefix is added, BOS by default."""
+def _sentencepiece_tokenizer(tmp_path, **fields):
+    """A SentencePiece GGUF vocabulary (tokenizer.ggml.model llama): <unk> <s> </s>, the 256 bytes, a few pieces."""
     pieces = ["\u2581", "t", "h", "e", "a", "n", "d", "\u2581t", "he", "\u2581the", "an", "\u2581an", "\u2581and"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     types = [2, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
     scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
-    path = write_gguf(tmp_path / "spm.gguf", {
+    return gguf_tokenizer(write_gguf(tmp_path / "spm.gguf", {
         "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-        "tokenizer.ggml.unknown_token_id": 0})
-    spm = gguf_tokenizer(path)
+        "tokenizer.ggml.unknown_token_id": 0, **fields}))
+
+
+def test_windows_start_with_the_bos_the_tokenizer_adds(tmp_path, tokenizer):
+    """Perplexity and calibration windows read text as the model does in use: after its BOS where it has one."""
+    from exporter.runtime.evaluate import leading_special_ids, text_windows
+    from exporter.source.calibration import windows_from_texts
+
+    spm = _sentencepiece_tokenizer(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("the and the an " * 200)
+    assert leading_special_ids(spm) == [1] and leading_special_ids(tokenizer) == []
+    windows = text_windows(spm, text, 16, 3)
+    assert windows.shape == (3, 16) and (windows[:, 0] == 1).all() and (windows[:, 1:] != 1).all()
+    assert windows[:, 1:].reshape(-1).tolist() == spm("the and the an " * 200, add_special_tokens=False)[
+        "input_ids"][: 3 * 15]  # consecutive text, one BOS per window
+    calibration = windows_from_texts(["the and the an " * 50], spm, 4, 16, seed=0)
+    assert calibration.shape == (4, 16) and (calibration[:, 0] == 1).all()
+    plain = text_windows(tokenizer, text, 16, 3)  # no BOS: plain consecutive windows, as before
+    assert plain.reshape(-1).tolist() == tokenizer("the and the an " * 200, add_special_tokens=False)[
+        "input_ids"][: 3 * 16]
+
+
+def test_sentencepiece_gguf_encodes_with_byte_fallback_and_bos(tmp_path):
+    """tokenizer.ggml.model llama: SentencePiece BPE; merges follow the scores, unknown characters fall back to
+    byte tokens, a space prefix is added, BOS by default."""
+    spm = _sentencepiece_tokenizer(tmp_path)
     ids = spm("the and é")["input_ids"]
     assert ids[0] == 1 and spm.convert_ids_to_tokens(ids[1:3]) == ["\u2581the", "\u2581and"]
     assert spm.convert_ids_to_tokens(ids[-2:]) == ["<0xC3>", "<0xA9>"]  # é as its UTF-8 bytes
     assert spm.decode(ids, skip_special_tokens=True) == "the and é"
+
+
+def test_a_bos_tokenizer_reads_the_same_in_onnxruntime_genai(tmp_path, tiny_models):
+    """A SentencePiece GGUF that adds BOS (Gemma 3's): onnxruntime-genai's encode leaves special tokens out unless
+    asked, so the export's check (and runtime_tests) ask, and the artifact's ids match the source's, BOS first."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from exporter.graph.genai_config import write_genai_config
+    from exporter.source.tokenizer import genai_tokenizer
+
+    spm = _sentencepiece_tokenizer(tmp_path, **{"tokenizer.ggml.add_bos_token": True})
+    artifact = tmp_path / "artifact"
+    save_tokenizer(spm, artifact)
+    write_genai_config(artifact, tiny_models.load("llama"), spm, "model.onnx")
+    texts = ["the and é", "and the", "the"]
+    assert check_artifact_tokenizer(spm, artifact, texts)["readers"] == ["onnxruntime-genai", "tokenizers",
+                                                                         "transformers"]
+    assert [int(i) for i in genai_tokenizer(artifact).encode("the and")] == spm("the and")["input_ids"]
+    assert spm("the and")["input_ids"][0] == 1
 
 
 def test_export_check_names_the_first_text_a_reader_encodes_differently(tmp_path, tokenizer):

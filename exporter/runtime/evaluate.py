@@ -27,18 +27,36 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special ids the tokenizer puts before any text: Gemma 3's <bos>, none for SmolLM2."""
+    from tokenizers import Tokenizer
+
+    probe = "a"
+    plain = encode(tokenizer, probe)
+    full = (tokenizer.encode(probe, add_special_tokens=True).ids if isinstance(tokenizer, Tokenizer)
+            else tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 def text_windows(tokenizer, path: str | Path, window: int = 512, max_windows: int = 64) -> np.ndarray:
-    """The first `max_windows` non-overlapping windows of the tokenized file, [n, window] int64
-    (fewer where the file is shorter)."""
+    """The first `max_windows` non-overlapping windows of the tokenized file, [n, window] int64 (fewer where the
+    file is shorter). Each starts with the ids the tokenizer puts before a text (BOS), as every sequence the model
+    reads in use does: Gemma 3 270M scored 135 on WikiText-2 windows without its <bos>, 53 with it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ExporterError(f"data file not found: {path}") from None
+    prefix = leading_special_ids(tokenizer)
+    body = window - len(prefix)
     ids = np.asarray(encode(tokenizer, text), dtype=np.int64)
-    count = min(max_windows, len(ids) // window)
+    count = min(max_windows, len(ids) // body) if body > 0 else 0
     if count < 1:
         raise CalibrationError(f"{path} is too short for one {window}-token window ({len(ids)} tokens)")
-    return ids[: count * window].reshape(count, window)
+    rows = ids[: count * body].reshape(count, body)
+    return np.concatenate([np.tile(np.asarray(prefix, dtype=np.int64), (count, 1)), rows], axis=1)
 
 
 def perplexity(model, windows, batch_size: int = 4, progress: bool = True) -> float:

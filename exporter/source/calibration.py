@@ -49,15 +49,20 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 
 def windows_from_texts(texts, tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`num_samples` random windows of `seq_len` tokens from the joined texts (seeded)."""
+    """`num_samples` random windows of `seq_len` tokens from the joined texts (seeded), each after the ids the
+    tokenizer puts before a text (BOS, where it adds one), as the model reads text in use."""
+    from exporter.runtime.evaluate import leading_special_ids
+
+    prefix = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
+    body = seq_len - prefix.numel()
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if ids.numel() < seq_len:
+    if ids.numel() < body or body < 1:
         raise CalibrationError(
             f"calibration text too short: {ids.numel()} tokens, need at least --calib-seq-len={seq_len}"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body + 1, (num_samples,), generator=generator)
+    return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts.tolist()])
 
 
 def _around_user_message(tokenizer) -> tuple[str, str] | None:

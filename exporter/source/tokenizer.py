@@ -254,8 +254,9 @@ _SAMPLE_BASE = (
     "a",
     "zero-width\u200bjoiner and non\u00a0breaking space and soft\u00adhyphen",
     # Not "½": onnxruntime-genai 0.18 splits digits only where they are decimal (Nd), `tokenizers` and llama.cpp
-    # wherever they are numeric (N): " ½" is one piece there and two here, with any tokenizer.json (docs/tokenizer.md)
-    "Math: x² + y² = z², ∑ᵢ aᵢ, √2 ≈ 1.414, 3/4",
+    # wherever they are numeric (N): " ½" is one piece there and two here, with any tokenizer.json. Not "²,":
+    # Gemma 3's vocabulary merges it, onnxruntime-genai does not (docs/tokenizer.md)
+    "Math: x² + y² = z² and ∑ᵢ aᵢ, √2 ≈ 1.414, 3/4",
     "JSON: {\"key\": [1, 2, 3], \"nested\": {\"a\": null, \"b\": true}}",
     "Markdown: **bold** _italic_ `code` # Heading\n- item one\n- item two",
     "Repeated letters: aaaaaaaaaaaaaaaaaaaaaaaa bbbbbbbbbbbb !!!!!!!!!!!! ............",
@@ -320,7 +321,18 @@ def genai_tokenizer(directory: Path):
         return None
     if not (Path(directory) / "genai_config.json").is_file():
         return None
-    return og.Tokenizer(og.Config(str(directory)))  # reads the tokenizer files only, not the model
+    tokenizer = og.Tokenizer(og.Config(str(directory)))  # reads the tokenizer files only, not the model
+    with_special_tokens(tokenizer)
+    return tokenizer
+
+
+def with_special_tokens(tokenizer) -> None:
+    """Have an onnxruntime-genai tokenizer add BOS/EOS as the source tokenizer's post-processor says. Its
+    encode leaves them out by default (0.18; transformers' add_special_tokens=False): Gemma 3's <bos> was
+    missing. Apps that encode raw text for such a model set the same option; chat templates carry <bos>."""
+    update = getattr(tokenizer, "update_options", None)  # onnxruntime-genai 0.8 and later
+    if update is not None:
+        update(add_special_tokens="true")
 
 
 def check_artifact_tokenizer(source_tokenizer, directory: Path, texts: list[str] | None = None) -> dict:
