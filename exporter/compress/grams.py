@@ -41,9 +41,11 @@ def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
             current.setdefault("kwargs", []).append(kwargs)
             if index == len(layers) - 1:
                 raise _StopForward
-            # the input back: kwargs are computed before the layer loop, so what later recorders receive
-            # (a family that takes [0] of a layer's output gets the first row) does not change them
-            return hidden
+            # kwargs are computed before the layer loop, so what later recorders receive does not change them;
+            # a one-tuple survives both loops: those that pass a layer's output on (Llama: the next recorder
+            # ignores it) and those that take its [0] (Gemma 3: a bare tensor lost a dimension per layer and
+            # failed at the fifth, on the real 18-layer checkpoint)
+            return (hidden,)
         return record
 
     own = [layer.__dict__.get("forward") for layer in layers]  # a wrapper set on the instance (accelerate's)
