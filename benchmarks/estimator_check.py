@@ -36,7 +36,6 @@ from exporter.compress.format_allocation import (  # noqa: E402
     fixed_bytes,
     format_units,
     option_grids,
-    pricing_statistics,
 )
 from exporter.device.cost_model import MB  # noqa: E402
 from exporter.graph.writer import constant_bytes  # noqa: E402
@@ -70,11 +69,10 @@ def main(argv=None) -> int:
     options = ExportOptions(device="host", calib=str(DATA / "valid.txt"), calib_chat=0.5, weights="int4",
                             auto_formats=True, progress=False)
     prepared = prepare(options)
-    dense, ids = prepared.model, prepared.calibration()[0]
+    dense = prepared.model
     groups, menu = format_units(dense), runtime_menu(prepared.options)
     units = prepared.format_prices(groups, options.fisher_samples, (), menu)
-    sensitivity = next(iter(prepared._sensitivities.values()))
-    statistics = pricing_statistics(dense, ids, sensitivity=sensitivity, progress=False)
+    statistics = prepared.pricing_statistics(options.fisher_samples)
     windows = text_windows(prepared.tokenizer, DATA / "test.txt", 512, args.windows)
     base = math.log(perplexity(dense, windows, progress=False))
     print(f"dense: perplexity {math.exp(base):.3f} on {args.windows} windows; {len(units)} units", flush=True)

@@ -55,7 +55,6 @@ from exporter.compress.importance import Sensitivity, component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
 from exporter.compress.quantize import grid_linears, quantize_embedding, quantize_model
-from exporter.compress.statistics_store import StatisticsStore
 from exporter.console import say
 from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from exporter.device.profiles import load_profile
@@ -243,9 +242,9 @@ class Prepared:
     _decompositions: dict = field(default_factory=dict)
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
-    _sensitivities: dict = field(default_factory=dict)  # the output sensitivities each pricing read
+    _sensitivities: dict = field(default_factory=dict)  # {Fisher samples: output sensitivities} pricing read
     _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
-    _store: StatisticsStore | None = None
+    _store: statistics_store.StatisticsStore | None = None
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
 
     def _dense(self):
@@ -278,11 +277,11 @@ class Prepared:
             self.seconds[("factorize", key)] = time.perf_counter() - start
         return self._decompositions[key]
 
-    def store(self) -> StatisticsStore:
+    def store(self) -> statistics_store.StatisticsStore:
         """The on-disk store of this model's statistics on these calibration windows (its digest is taken once)."""
         if self._store is None:
-            self._store = StatisticsStore.for_run(statistics_store.default_root(), self._dense(),
-                                                  self.calibration()[0], self.options.seed)
+            self._store = statistics_store.StatisticsStore.for_run(statistics_store.default_root(), self._dense(),
+                                                                   self.calibration()[0], self.options.seed)
         return self._store
 
     def _stored(self, statistic: str, key) -> tuple[dict, dict] | None:
@@ -324,8 +323,9 @@ class Prepared:
             found = self._stored("format prices", stored_key)
             if found is not None:  # prices and sensitivities; the grids are computed for the chosen options
                 tensors, info = found
-                self._sensitivities[key] = {name: Sensitivity(tensors[f"channels:{name}"], tensors[f"positions:{name}"])
-                                            for name in info["sensitivity"]}
+                self._sensitivities[samples] = {name: Sensitivity(tensors[f"channels:{name}"],
+                                                                  tensors[f"positions:{name}"])
+                                                for name in info["sensitivity"]}
                 self._prices[key] = [Unit.from_record(record) for record in info["units"]]
             else:
                 start = time.perf_counter()
@@ -335,7 +335,7 @@ class Prepared:
                                                     progress=self.options.progress, groups=groups,
                                                     corrections=corrections, statistics=statistics)
                 self.seconds[("price formats", key)] = time.perf_counter() - start
-                self._sensitivities[key] = statistics.sensitivity
+                self._sensitivities[samples] = statistics.sensitivity
                 tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
                            for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
                 self.store().save("format prices", stored_key, tensors,
@@ -343,17 +343,21 @@ class Prepared:
                                    "units": [unit.record() for unit in self._prices[key]]})
         return [replace(unit, grids=list(unit.grids)) for unit in self._prices[key]]
 
+    def pricing_statistics(self, samples: int):
+        """The Grams and the sensitivities a pricing on `samples` Fisher sequences read (one Gram pass; after
+        `format_prices`), from which any option's grids are computed (format_allocation.option_grids)."""
+        from exporter.compress.format_allocation import pricing_statistics
+
+        with self.clock.stage("price formats"):
+            return pricing_statistics(self._dense(), self.calibration()[0], sensitivity=self._sensitivities[samples],
+                                      progress=self.options.progress)
+
     def chosen_grids(self, units: list, samples: int) -> None:
         """Each unit's chosen grids where its prices were read from the store: one pass for the Grams (from the
         stored sensitivities), then GPTQ of the chosen format only."""
-        from exporter.compress.format_allocation import fill_chosen_grids, pricing_statistics
+        from exporter.compress.format_allocation import fill_chosen_grids
 
-        def statistics():
-            sensitivity = next(s for (_groups, n, *_rest), s in self._sensitivities.items() if n == samples)
-            with self.clock.stage("price formats"):
-                return pricing_statistics(self._dense(), self.calibration()[0], sensitivity=sensitivity,
-                                          progress=self.options.progress)
-        fill_chosen_grids(units, statistics)
+        fill_chosen_grids(units, lambda: self.pricing_statistics(samples))
 
 
 def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path | None = None,

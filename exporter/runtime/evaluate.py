@@ -18,23 +18,19 @@ from exporter.errors import CalibrationError, ExporterError
 SUMMARY_REQUEST = "Summarize the following news article in two or three sentences.\n\nArticle:\n{article}"
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids without special tokens, from a `tokenizers.Tokenizer` or a transformers tokenizer."""
+def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids (without special tokens by default), from a `tokenizers.Tokenizer` or a transformers tokenizer."""
     from tokenizers import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
 def leading_special_ids(tokenizer) -> list[int]:
     """The special ids the tokenizer puts before any text: Gemma 3's <bos>, none for SmolLM2."""
-    from tokenizers import Tokenizer
-
     probe = "a"
-    plain = encode(tokenizer, probe)
-    full = (tokenizer.encode(probe, add_special_tokens=True).ids if isinstance(tokenizer, Tokenizer)
-            else tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain, full = encode(tokenizer, probe), encode(tokenizer, probe, add_special_tokens=True)
     for start in range(len(full) - len(plain) + 1):
         if full[start : start + len(plain)] == plain:
             return list(full[:start])
