@@ -260,6 +260,10 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help="compute the Fisher importance and --weights auto's prices again instead of reading "
                          "what an earlier run of the same model, calibration and exporter kept (EXPORTER_CACHE/"
                          "statistics), and keep the new ones")
+    command.add_argument("--compute", default="auto", metavar="auto|cpu|cuda[:N]",
+                         help="where the torch stages run (statistics, Fisher importance, GPTQ, corrective training, "
+                         "scale tuning); the weights stay in host memory and passes over the decoder move one layer "
+                         "at a time to the device (default: auto, CUDA where present)")
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -279,6 +283,7 @@ def _options(args):
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
         tune_scales=_tune_scales(args), reuse_statistics=not args.fresh_statistics,
+        compute=args.compute,
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
@@ -350,6 +355,8 @@ def _export(args) -> int:
 
     levels = None if args.levels is None else parse_levels(args.levels)
     results = run_exports(_options(args), levels=levels, schedule=args.schedule)
+    if any(result.get("rank") for result in results):  # a data-parallel rank after the first: rank 0 reports
+        return 0
     for result in results:
         print(format_summary(Manifest.from_dict(result), result["artifact"], result["artifact_bytes"]))
     if len(results) > 1:
@@ -504,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         _quiet_libraries()
+    from exporter.compress.distributed import stop_on_sigterm
+
+    stop_on_sigterm()
     try:
         return {"export": _export, "allocate": _allocate, "profiles": _profiles,
                 "generate": _generate, "evaluate": _evaluate, "validate": _validate}[args.command](args)
@@ -515,6 +525,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("exporter: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a collective of a data-parallel run that failed: a peer stopped, or timed out
+        from exporter.compress import distributed
+
+        if args.debug or not distributed.launched():
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"exporter: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: a "
+              f"collective failed (another process stopped or timed out; its own error says why): {first}",
+              file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line; in a data-parallel run (torchrun), rank 0's alone."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ from exporter.artifact.manifest import (
 )
 from exporter.artifact.report import write_report
 from exporter.artifact.staging import check_target, staging_dir
-from exporter.compress import statistics_store
+from exporter.compress import compute, distributed, statistics_store
 from exporter.compress.allocate import Allocation, allocate, allocation_curve
 from exporter.compress.corrective import (
     CorrectiveOptions,
@@ -145,6 +145,8 @@ class ExportOptions:
     # the same model, calibration and exporter kept them (exporter.compress.statistics_store); False: compute them
     # again (and replace what is kept).
     reuse_statistics: bool = True
+    # Where the torch stages compute (exporter.compress.compute): auto (CUDA where present), cpu, cuda or cuda:N.
+    compute: str = "auto"
 
     @property
     def release(self) -> tuple[int, int] | None:
@@ -257,11 +259,11 @@ class Prepared:
         if self._calibration is None:
             o = self.options
             start = time.perf_counter()
-            with self.clock.stage("calibration"):
-                self._calibration = calibration_ids(
+            with self.clock.stage("calibration"):  # data-parallel: rank 0's windows, sent to the others
+                self._calibration = distributed.from_rank_zero(lambda: calibration_ids(
                     self._dense(), self.tokenizer, o.calib, o.calib_samples, o.calib_seq_len, o.seed,
                     o.calib_field, model_key=self.source.describe(), progress=o.progress,
-                    chat_share=o.calib_chat)
+                    chat_share=o.calib_chat))
             self.seconds[("calibration", None)] = time.perf_counter() - start
         return self._calibration
 
@@ -286,9 +288,15 @@ class Prepared:
 
     def _stored(self, statistic: str, key) -> tuple[dict, dict] | None:
         found = self.store().load(statistic, key) if self.options.reuse_statistics else None
+        if not distributed.all_agree(found is not None):  # data-parallel: every rank reads, or all compute
+            found = None
         if found is not None:
             say(f"{statistic}: read from {self.store().path(statistic, key)} (--fresh-statistics computes it again)")
         return found
+
+    def _keep(self, statistic: str, key, tensors: dict, info: dict | None = None) -> None:
+        if distributed.rank() == 0:  # one writer
+            self.store().save(statistic, key, tensors, info)
 
     def importance(self, method: str, joint: bool, samples: int) -> dict:
         """Fisher importance of every component of the full-rank factorizations, on the first `samples` windows."""
@@ -305,7 +313,7 @@ class Prepared:
                 self._importance[key] = component_fisher(self._dense(), decompositions, ids[:samples],
                                                          progress=self.options.progress)
             self.seconds[("importance", key)] = time.perf_counter() - start
-            self.store().save("importance", list(key), self._importance[key])
+            self._keep("importance", list(key), self._importance[key])
         return self._importance[key]
 
     def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = (),
@@ -338,7 +346,7 @@ class Prepared:
                 self._sensitivities[samples] = statistics.sensitivity
                 tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
                            for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
-                self.store().save("format prices", stored_key, tensors,
+                self._keep("format prices", stored_key, tensors,
                                   {"sensitivity": list(statistics.sensitivity),
                                    "units": [unit.record() for unit in self._prices[key]]})
         return [replace(unit, grids=list(unit.grids)) for unit in self._prices[key]]
@@ -383,7 +391,8 @@ def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path
 def plan_compression(options: ExportOptions, clock: Stopwatch, target: Path | None = None,
                      profile=None, source=None, train: bool = True) -> Plan:
     """Load the model, turn the budget into projection parameters, and factorize to fit it (in place)."""
-    return compress(prepare(options, clock, target, profile, source), train=train)
+    with compute.using(compute.resolve(options.compute)):
+        return compress(prepare(options, clock, target, profile, source), train=train)
 
 
 def compress(prepared: Prepared, options: ExportOptions | None = None, model=None, train: bool = True,
@@ -510,8 +519,11 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
     returns the manifest's summary."""
     from exporter.compress.scale_tuning import tune_scales
 
-    with clock.stage("tune scales"):
-        report = tune_scales(model, teacher, ids, options.tune_scales, seed=options.seed, progress=options.progress)
+    device = compute.current()  # the two models whole on the compute device, the tuned weights written back
+    with clock.stage("tune scales"), compute.onloaded(model, device, write_back=True), \
+            compute.onloaded(teacher, device):
+        report = tune_scales(model, teacher, ids.to(device), options.tune_scales, seed=options.seed,
+                             progress=options.progress)
     say(f"scale tuning: {report.steps} steps on {report.scales:,} scales, held-out KL {report.kl_before:.4f} -> "
         f"{report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
     return report.to_dict()
@@ -729,6 +741,19 @@ def run_exports(options: ExportOptions, levels: tuple[float, ...] | None = None,
     profile and reused by the others (Prepared), each of which compresses a copy of the dense model to its
     own budget. With several profiles, `--out DIR` holds one artifact per profile, DIR/<profile name>."""
     names = device_names(options.device)
+    device = compute.resolve(options.compute)
+    distributed.start(device)  # torchrun: join the data-parallel group (exporter.compress.distributed)
+    if distributed.rank() > 0:
+        options = replace(options, progress=False)
+    with compute.using(device):
+        results = _run_exports(options, names, levels, schedule)
+    # after a failure the group is left as it is: leaving it waits for the peers, while this process's exit
+    # closes its connections at once and fails their next collective
+    distributed.stop()
+    return results
+
+
+def _run_exports(options: ExportOptions, names: list[str], levels, schedule) -> list[dict]:
     if len(names) == 1:
         return [run_export(options, levels, schedule)]
     profiles = [load_profile(name) for name in names]  # a bad name fails before any work
@@ -765,6 +790,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
     from exporter.graph.writer import write_levels
     from exporter.runtime.generation import schedule_text
 
+    device = compute.resolve(options.compute)  # a bad --compute fails before the work
     if prepared is None:
         clock = Stopwatch()
         profile, source = load_profile(options.device), resolve_model(options.model, options.trust_remote_code)
@@ -778,7 +804,10 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
     else:
         with clock.stage("load"):
             model = copy.deepcopy(prepared.model)  # the prepared model stays dense for the next profile
-        plan = compress(prepared, options, model=model, profile=profile)
+        with compute.using(device):
+            plan = compress(prepared, options, model=model, profile=profile)
+    if distributed.rank() > 0:  # data-parallel: rank 0 writes the artifact
+        return {"artifact": None, "rank": distributed.rank()}
     model, tokenizer, profile, params = plan.model, plan.tokenizer, plan.profile, plan.parameters
     say(f"{params['projection_fraction_removed']:.1%} of decoder projection parameters removed "
         f"({plan.budget_source}), {params['total_fraction_removed']:.1%} of all parameters "
@@ -865,6 +894,9 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 if plan.formats else None,
                 error_correction=plan.error_correction,
                 scale_tuning=plan.scale_tuning,
+                compute=compute.describe(device),
+                **({"world_size": distributed.world_size(), "sharding": distributed.describe()["sharding"]}
+                   if distributed.active() else {}),
             ),
             precision=options.weights,
             budget=plan.budget.to_dict(),

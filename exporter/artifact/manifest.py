@@ -127,6 +127,9 @@ class Method(Record):
     formats: dict | None = sometimes()  # --weights auto: the budget and every MatMulNBits' menu and choice
     error_correction: dict | None = sometimes()  # --error-correction: rank, formats, output error kept
     scale_tuning: dict | None = sometimes()  # --tune-scales: steps, held-out KL before and after, kept
+    compute: str | None = sometimes()  # where the torch stages ran (--compute): cpu, cuda:0 (NVIDIA H200)
+    world_size: int | None = sometimes()  # data-parallel processes (torchrun), where more than one
+    sharding: str | None = sometimes()  # how those processes split the calibration windows
 
 
 @dataclass(kw_only=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from exporter.compress import compute
 from exporter.compress.factorize import Projection, install_unit, unit_name
 from exporter.compress.grams import capture_layer_inputs, run_layer
 from exporter.compress.lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
@@ -210,7 +211,8 @@ def _solve_block(s_layer, t_layer, student_states, teacher_inputs: list[dict]) -
             cross = c if cross is None else cross + c
         # Ridge damping (1% of the mean input energy, as GPTQ damps its Hessian): without it, input
         # directions the calibration barely excites get huge, ill-conditioned branch weights.
-        damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        damped = gram + 0.01 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                   device=gram.device)
         chol = whitening_factor(damped)
         branches: dict[int, list[str]] = {}  # a joint unit's projections share one branch down factor
         for name in group:
@@ -376,8 +378,13 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
 
 def train_correctives(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
                       progress: bool = True) -> CorrectiveReport:
-    report = train_blockwise(student, teacher, input_ids, options, progress)
-    return train_end_to_end(student, teacher, input_ids, options, progress, report)
+    """Both stages on the compute device (exporter.compress.compute), the two models whole there; the trained
+    values are written back to the student's host tensors."""
+    device = compute.current()
+    with compute.onloaded(student, device, write_back=True), compute.onloaded(teacher, device):
+        input_ids = input_ids.to(device)
+        report = train_blockwise(student, teacher, input_ids, options, progress)
+        return train_end_to_end(student, teacher, input_ids, options, progress, report)
 
 
 def dense_teacher(model):

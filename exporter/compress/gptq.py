@@ -5,7 +5,8 @@ spread over the columns not yet rounded with the inverse Hessian of the layer's 
 (the Gram the calibration pass accumulates), so the output W X moves as little as the grid allows.
 Grids (exporter.compress.grid) are fitted per block when the block's first column is reached, on the
 block's values as updated by then, with the same clipping search as round-to-nearest. With H = I the
-updates vanish and GPTQ is round-to-nearest.
+updates vanish and GPTQ is round-to-nearest. The column loop runs on the compute device
+(exporter.compress.compute); each block's grid is fitted on the host (exporter.compress.grid), once per block.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from exporter.compress import compute
 from exporter.compress.grid import GridWeights, QuantFormat, block_codes, fit_blocks
 
 DAMPING = 0.01  # of the mean diagonal, added to H: keeps the Cholesky factorization defined
@@ -24,7 +26,7 @@ def _inverse_hessian_factor(gram: torch.Tensor, damping: float) -> tuple[torch.T
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damping * torch.diagonal(h).mean()
+    h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * damping * torch.diagonal(h).mean()
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True), dead
 
@@ -36,12 +38,13 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     out_features, in_features = weight.shape
     block = fmt.block_size
     padded = in_features + (-in_features) % block
-    hinv, dead = _inverse_hessian_factor(gram, damping)
+    device = compute.current()
+    hinv, dead = _inverse_hessian_factor(gram.to(device), damping)
     hinv = hinv.float()
-    w = torch.zeros(out_features, padded)
-    w[:, :in_features] = weight.detach().float()
+    w = torch.zeros(out_features, padded, device=device)
+    w[:, :in_features] = weight.detach().to(device).float()
     w[:, :in_features][:, dead] = 0
-    codes = np.zeros((out_features, padded), dtype=np.uint8)
+    codes = torch.zeros((out_features, padded), dtype=torch.uint8, device=device)
     scales = np.zeros((out_features, padded // block), dtype=np.float32)
     zeros = np.zeros((out_features, padded // block), dtype=fmt.zero_dtype)
     lazy = max(block, LAZY_COLUMNS // block * block)
@@ -58,17 +61,20 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
                 values[:, :width] = chunk[:, i : i + width]
                 if fmt.float_zero and column + block > in_features:  # padding outside a min-max grid's range
                     values[:, in_features - column :] = values[:, in_features - column - 1 : in_features - column]
-                _, s, z = fit_blocks(values.numpy()[:, None, :], fmt, clip)
+                _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip)
                 scales[:, j], zeros[:, j] = s[:, 0], z[:, 0]
-                s_t, z_t = torch.from_numpy(scales[:, j]), torch.from_numpy(zeros[:, j]).float()
+                s_t = torch.from_numpy(scales[:, j]).to(device)
+                z_t = torch.from_numpy(zeros[:, j]).float().to(device)
+                safe = torch.where(s_t == 0, 1.0, s_t)
             x = chunk[:, i]
-            q = torch.from_numpy(block_codes(x.numpy()[:, None], scales[:, j], zeros[:, j], fmt)[:, 0])
-            codes[:, column] = q.numpy()
-            dequantized = (q.float() - z_t) * s_t
+            q = torch.clamp(torch.round(x / safe + z_t), 0, fmt.levels - 1)  # grid.block_codes, in torch
+            codes[:, column] = q.to(torch.uint8)
+            dequantized = (q - z_t) * s_t
             error = (x - dequantized) / hinv[column, column]
             chunk[:, i:] -= error[:, None] * hinv[column, column : stop][None, :]
             errors[:, i] = error
         w[:, stop:in_features] -= errors @ hinv[start:stop, stop:in_features]
+    codes = codes.cpu().numpy()
     if padded > in_features:  # padding columns hold 0: their code is the block's zero point
         for j in range(in_features // block, padded // block):
             first = max(in_features, j * block)

@@ -4,16 +4,19 @@ The model's embedding runs once to capture the inputs of the first decoder layer
 keyword arguments the architecture passes: rotary embeddings, masks); then every layer runs on the
 stored hidden states of all calibration samples, with hooks on its nn.Linear modules accumulating
 the Gram matrix X^T X of their inputs. Only one layer's activations are alive at a time, as in
-llm-compressor's sequential pipeline, so 1B-class models fit in a few GB.
+llm-compressor's sequential pipeline, so 1B-class models fit in a few GB. Both run on the compute
+device (exporter.compress.compute), one layer's weights moved there at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from exporter.compress import compute, distributed
 from exporter.source.model import decoder_layers, layers_prefix
 
 
@@ -21,8 +24,27 @@ class _StopForward(Exception):
     pass
 
 
-def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
-    """[(hidden states entering decoder layer 0, [keyword arguments of layer 0, 1, ...])], one entry per batch.
+@contextmanager
+def layer_forwards(model, forward_of):
+    """Every decoder layer's forward replaced by `forward_of(index)` for the block: an instance attribute, which
+    nn.Module.__call__ runs, hooks and all; a wrapper already set on the instance (accelerate's) is put back."""
+    layers = decoder_layers(model)
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.forward = forward_of(index)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int, device: torch.device | None = None):
+    """[(hidden states entering decoder layer 0, [keyword arguments of layer 0, 1, ...])], one entry per batch,
+    on `device` (default: the compute device; the model's tensors outside its layers are moved there for the pass).
 
     Each layer keeps its own keyword arguments: models that interleave sliding-window and global attention
     (Gemma 3, Qwen 2/3 with layer_types) give each layer type its own mask and rotary tables. Every layer's
@@ -48,24 +70,16 @@ def capture_layer_inputs(model, input_ids: torch.Tensor, batch_size: int):
             return (hidden,)
         return record
 
-    own = [layer.__dict__.get("forward") for layer in layers]  # a wrapper set on the instance (accelerate's)
-    for index, layer in enumerate(layers):
-        layer.forward = recorder(index)  # an instance attribute: nn.Module.__call__ runs it, hooks and all
-    try:
+    device = torch.device(device or compute.current())
+    with layer_forwards(model, recorder), compute.outside_layers(model, device):
         for begin in range(0, input_ids.shape[0], batch_size):
             current.clear()
             try:
                 with torch.no_grad():
-                    model(input_ids[begin : begin + batch_size], use_cache=False)
+                    model(input_ids[begin : begin + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
             captured.append((current["hidden"], current["kwargs"]))
-    finally:
-        for layer, forward in zip(layers, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     return captured
 
 
@@ -85,13 +99,17 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
     `position_weights` {name: weight per position}: that linear's Gram weights each token by its
     position's weight, X^T diag(w) X (exporter.compress.importance.output_sensitivity: the first
     tokens' keys and values, which every later token attends to, weigh hundreds of times more).
+    Computed on the compute device (exporter.compress.compute), the layer moved there for its pass; the layer
+    is back on the host, and the Grams there, when yielded.
     """
     weighted = position_weights or {}
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
     prefix = layers_prefix(model)
-    states = capture_layer_inputs(model, input_ids, batch_size)
+    device = compute.current()
+    # data-parallel (exporter.compress.distributed): this rank's windows; the Grams are summed over ranks
+    states = capture_layer_inputs(model, distributed.shard(input_ids), batch_size, device)
     for index in tqdm(range(len(layers)), desc="calibration statistics", unit="layer", disable=not progress):
         layer = layers[index]
         batch_grams: dict[str, torch.Tensor] = {}
@@ -101,7 +119,7 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
             def accumulate(_module, args):
                 x = args[0].detach()
                 if name in weighted:
-                    w = weighted[name][: x.shape[-2]].to(x.dtype)
+                    w = weighted[name][: x.shape[-2]].to(x.device, x.dtype)
                     batch_grams[name] = (x * w[:, None]).reshape(-1, x.shape[-1]).float().T @ \
                         x.reshape(-1, x.shape[-1]).float()
                     return
@@ -120,20 +138,26 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
         ]
         totals: dict[str, torch.Tensor] = {}  # shared inputs map to one float64 tensor
         try:
-            for b, (hidden, kwargs) in enumerate(states):
-                batch_grams.clear()
-                by_input.clear()
-                with torch.no_grad():
-                    states[b] = (run_layer(layer, hidden, kwargs[index]), kwargs)
-                added: dict[int, torch.Tensor] = {}
-                for name, gram in batch_grams.items():
-                    if id(gram) not in added:
-                        total = totals.get(name)
-                        if total is None:
-                            total = torch.zeros(gram.shape, dtype=torch.float64)
-                        added[id(gram)] = total.add_(gram.double())
-                    totals[name] = added[id(gram)]
+            with compute.onloaded(layer, device):
+                for b, (hidden, kwargs) in enumerate(states):
+                    batch_grams.clear()
+                    by_input.clear()
+                    with torch.no_grad():
+                        states[b] = (run_layer(layer, hidden, kwargs[index]), kwargs)
+                    added: dict[int, torch.Tensor] = {}
+                    for name, gram in batch_grams.items():
+                        if id(gram) not in added:
+                            total = totals.get(name)
+                            if total is None:
+                                total = torch.zeros(gram.shape, dtype=torch.float64, device=device)
+                            added[id(gram)] = total.add_(gram.double())
+                        totals[name] = added[id(gram)]
         finally:
             for handle in handles:
                 handle.remove()
-        yield index, layer, totals
+        distributed.sum_over_ranks(totals.values())
+        on_host: dict[int, torch.Tensor] = {}  # shared Grams stay shared
+        for gram in totals.values():
+            if id(gram) not in on_host:
+                on_host[id(gram)] = gram.cpu()
+        yield index, layer, {name: on_host[id(gram)] for name, gram in totals.items()}

@@ -9,46 +9,72 @@ is what makes FLRC's search cheap compared with truncating projections one at a 
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from exporter.compress import compute, distributed
 from exporter.compress.factorize import install_unit
+from exporter.compress.layerwise import backward_layerwise
 from exporter.compress.lowrank import Decomposition
+from exporter.source.model import decoder_layers, layers_prefix
+
+
+def _by_layer(model, names) -> dict[int, list[str]]:
+    """{decoder layer index: the qualified names under it}; names outside the layers left out."""
+    prefix = layers_prefix(model) + "."
+    found: dict[int, list[str]] = {}
+    for name in names:
+        if name.startswith(prefix):
+            found.setdefault(int(name[len(prefix):].split(".")[0]), []).append(name)
+    return found
 
 
 def component_fisher(model, decompositions: dict[str, Decomposition], input_ids: torch.Tensor,
                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """{unit name: F_k for each component k, in the decomposition's order} (float64)."""
-    import copy
-
+    """{unit name: F_k for each component k, in the decomposition's order} (float64). Computed on the compute
+    device one layer at a time (exporter.compress.layerwise): each layer is copied with its units at full rank,
+    gated, for its backward."""
     from tqdm.auto import tqdm
 
-    factored = copy.deepcopy(model)
-    installed = {name: install_unit(factored, name, decomposition.linear(decomposition.max_rank))
-                 for name, decomposition in decompositions.items()}
-    for parameter in factored.parameters():
-        parameter.requires_grad_(False)
+    device = compute.current()
+    prefix = layers_prefix(model)
+    units = _by_layer(model, decompositions)
     gates: dict[str, nn.Parameter] = {}
-    handles = []
-    for name, modules in installed.items():
-        # A joint unit's projections share its components: one gate scales component k in all of them.
-        gate = gates[name] = nn.Parameter(torch.ones(modules[0].rank))
-        for module in modules:
-            handles.append(module.up.register_forward_pre_hook(lambda _m, args, g=gate: (args[0] * g,)))
-    fisher = {name: torch.zeros(g.numel(), dtype=torch.float64) for name, g in gates.items()}
-    try:
-        for sequence in tqdm(input_ids, desc="Fisher importance", unit="seq", disable=not progress):
-            batch = sequence.unsqueeze(0)
-            loss = factored(batch, labels=batch, use_cache=False).loss
-            grads = torch.autograd.grad(loss, list(gates.values()))
-            for name, grad in zip(gates, grads):
-                fisher[name] += grad.double() ** 2
-    finally:
-        for handle in handles:
-            handle.remove()
-    return fisher
+    fisher: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(decoder_layers(model)), desc="Fisher importance", unit="layer", disable=not progress)
+
+    @contextmanager
+    def gated(index, layer):
+        own = f"{prefix}.{index}."
+        factored = copy.deepcopy(layer)
+        gates.clear()
+        for name in units.get(index, []):
+            decomposition = decompositions[name]
+            modules = install_unit(factored, name[len(own):], decomposition.linear(decomposition.max_rank))
+            # A joint unit's projections share its components: one gate scales component k in all of them.
+            gate = gates[name] = nn.Parameter(torch.ones(modules[0].rank, device=device))
+            fisher.setdefault(name, torch.zeros(gate.numel(), dtype=torch.float64, device=device))
+            for module in modules:
+                module.up.register_forward_pre_hook(lambda _m, args, g=gate: (args[0] * g,))
+        for parameter in factored.parameters():
+            parameter.requires_grad_(False)
+        with compute.onloaded(factored, device):
+            yield factored
+        bar.update()
+
+    def square(_index, _sequence):
+        for name, gate in gates.items():
+            fisher[name] += gate.grad.double() ** 2
+            gate.grad = None
+
+    backward_layerwise(model, distributed.shard(input_ids), gated, square)
+    bar.close()
+    distributed.sum_over_ranks(fisher.values())
+    return {name: fisher[name].cpu() for name in decompositions}
 
 
 # --------------------------------------------------------------------------- output sensitivity
@@ -70,15 +96,17 @@ class Sensitivity:
 def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progress: bool = True
                        ) -> dict[str, Sensitivity]:
     """{linear name: Sensitivity} for the named linears (qualified names), and under EMBEDDING for the input
-    embedding's output (a tied lm_head's rows are also the embedding's). One backward pass per sequence."""
+    embedding's output (a tied lm_head's rows are also the embedding's). One backward pass per sequence, on the
+    compute device one layer at a time (exporter.compress.layerwise)."""
     from tqdm.auto import tqdm
 
+    device = compute.current()
     modules = dict(model.named_modules())
     embedding = model.get_input_embeddings()
     length = input_ids.shape[1]
-    channels = {n: torch.zeros(modules[n].out_features, dtype=torch.float64) for n in names}
-    channels[EMBEDDING] = torch.zeros(embedding.embedding_dim, dtype=torch.float64)
-    positions = {n: torch.zeros(length, dtype=torch.float64) for n in channels}
+    channels = {n: torch.zeros(modules[n].out_features, dtype=torch.float64, device=device) for n in names}
+    channels[EMBEDDING] = torch.zeros(embedding.embedding_dim, dtype=torch.float64, device=device)
+    positions = {n: torch.zeros(length, dtype=torch.float64, device=device) for n in channels}
 
     def accumulator(name):
         def accumulate(g):  # returns None: the gradient flows on unchanged
@@ -88,33 +116,30 @@ def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progres
         return accumulate
 
     def hook(name):
-        def forward(_module, _args, output):
+        def forward(_module, _args, output):  # only the passes with autograd on: the layers' and the head's
             if output.requires_grad:
                 output.register_hook(accumulator(name))
         return forward
 
-    def leaf(_module, _args, output):  # a leaf that needs grad: every later output then carries one
-        output = output.detach().requires_grad_(True)
-        output.register_hook(accumulator(EMBEDDING))
-        return output
+    bar = tqdm(total=len(decoder_layers(model)), desc="output sensitivity", unit="layer", disable=not progress)
+
+    @contextmanager
+    def onloaded(_index, layer):
+        with compute.onloaded(layer, device):
+            yield layer
+        bar.update()
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    handles.append(embedding.register_forward_hook(leaf))
-    weights = list(model.parameters())
-    flags = [p.requires_grad for p in weights]
-    for p in weights:
-        p.requires_grad_(False)
     try:
-        for sequence in tqdm(input_ids, desc="output sensitivity", unit="seq", disable=not progress):
-            batch = sequence.unsqueeze(0)
-            model(batch, labels=batch, use_cache=False).loss.backward()
+        for grad in backward_layerwise(model, distributed.shard(input_ids), onloaded):
+            accumulator(EMBEDDING)(grad)
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(weights, flags):
-            p.requires_grad_(flag)
+        bar.close()
+    distributed.sum_over_ranks([*channels.values(), *positions.values()])
     count = len(input_ids)
-    return {n: Sensitivity(channels[n] / count, positions[n] / positions[n].mean().clamp_min(1e-30))
+    return {n: Sensitivity((channels[n] / count).cpu(), (positions[n] / positions[n].mean().clamp_min(1e-30)).cpu())
             for n in channels}
 
 

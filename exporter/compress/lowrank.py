@@ -157,7 +157,7 @@ def whitening_factor(gram: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     """Lower-triangular S with S @ S.T = gram (+ a growing diagonal shift when gram is singular)."""
     gram = gram.double()
     scale = gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     jitter = 0.0
     for attempt in range(max_tries):
         factor, info = torch.linalg.cholesky_ex(gram + jitter * scale * eye)
@@ -179,7 +179,11 @@ def decompose(
     component k costs exactly sigma_k^2 of ||X W^T - X W_r^T||^2. Each component is split so its two
     factor vectors have equal norm, which keeps later gradient training of the factors stable.
     """
-    w = weight.detach().double()
+    from exporter.compress import compute
+
+    device = compute.current()
+    w = weight.detach().to(device).double()
+    gram = None if gram is None else gram.to(device)
     if gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         down_dir = vh
@@ -195,6 +199,6 @@ def decompose(
     up = u * up_scale
     down = down_dir * (s / up_scale).unsqueeze(1)
     return Decomposition(
-        up.to(weight.dtype), down.to(weight.dtype), s.to(torch.float32),
+        up.to("cpu", weight.dtype), down.to("cpu", weight.dtype), s.to("cpu", torch.float32),
         None if bias is None else bias.detach().clone(),
     )

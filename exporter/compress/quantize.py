@@ -16,9 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from exporter.compress import compute, distributed
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
+from exporter.compress.layerwise import head_inputs
 from exporter.source.model import decoder_layers, layers_prefix
 
 METHODS = ("gptq", "rtn")
@@ -76,21 +78,17 @@ def module_name(model, module) -> str:
 
 @torch.no_grad()
 def head_gram(model, input_ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """X^T X of lm_head's input (the final norm's output) over `input_ids` (float64)."""
+    """X^T X of lm_head's input (the final norm's output) over `input_ids` (float64), on the compute device."""
     head = model.get_output_embeddings()
-    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=compute.current())
 
-    def accumulate(_module, args):
-        flat = args[0].detach().reshape(-1, head.in_features).float()
+    def accumulate(x):
+        flat = x.reshape(-1, head.in_features).float()
         total.add_((flat.T @ flat).double())
 
-    handle = head.register_forward_pre_hook(accumulate)
-    try:
-        for begin in range(0, input_ids.shape[0], batch_size):
-            model(input_ids[begin : begin + batch_size], use_cache=False)
-    finally:
-        handle.remove()
-    return total
+    head_inputs(model, distributed.shard(input_ids), batch_size, accumulate)
+    distributed.sum_over_ranks([total])
+    return total.cpu()
 
 
 def quantize_model(model, format_of: Callable[[str], QuantFormat | None], input_ids: torch.Tensor | None = None,

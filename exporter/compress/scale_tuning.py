@@ -64,7 +64,7 @@ class TunedScales(nn.Module):
         return weight.reshape(weight.shape[0], -1)[:, : self.in_features]
 
     def tuned_grid(self) -> GridWeights:
-        scales = self.scales().detach().float().numpy().astype(np.float32)
+        scales = self.scales().detach().float().cpu().numpy().astype(np.float32)
         return GridWeights(self.grid.fmt, self.grid.codes, scales, self.grid.zeros, self.in_features)
 
 
@@ -91,7 +91,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
     modules = grid_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    tunings = {id(m): TunedScales(grid_of(m), m.weight.dtype) for m in modules}
+    tunings = {id(m): TunedScales(grid_of(m), m.weight.dtype).to(m.weight.device) for m in modules}
     # A tied embedding shares lm_head's weight: it reads lm_head's tuned values too.
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()

@@ -1,0 +1,154 @@
+"""Data-parallel statistics over torch.distributed: two gloo processes started by torchrun, as users start them,
+against one process. CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from exporter.compress.factorize import decompose_model
+from exporter.compress.grams import iter_layer_grams
+from exporter.compress.importance import component_fisher, output_sensitivity
+
+SEQ_LEN = 32
+
+
+def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 ARGS`, with the session's EXPORTER_CACHE (its host measurements)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "EXPORTER_COLLECTIVE_TIMEOUT": "60", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(29500 + os.getpid() % 1000), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+STATISTICS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from torch import nn
+from exporter.compress import distributed
+from exporter.compress.factorize import decompose_model
+from exporter.compress.grams import iter_layer_grams
+from exporter.compress.importance import component_fisher, output_sensitivity
+
+model_dir, ids_path, out = sys.argv[1:4]
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+ids = torch.load(ids_path)
+distributed.start(torch.device("cpu"))
+assert distributed.world_size() == 2
+grams = {n: g for _, _, layer in iter_layer_grams(model, ids, progress=False) for n, g in layer.items()}
+decompositions = decompose_model(model, "whitened", ids, progress=False, full_rank=True)
+fisher = component_fisher(model, decompositions, ids[:4], progress=False)
+names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+sensitivity = {n: s.channels for n, s in output_sensitivity(model, ids[:4], names, progress=False).items()}
+if distributed.rank() == 0:
+    torch.save({"grams": grams, "fisher": fisher, "sensitivity": sensitivity}, out)
+distributed.stop()
+"""
+
+
+def test_two_processes_compute_the_statistics_of_one(llama_dir, tiny_models, calib_ids, tmp_path):
+    ids = calib_ids[:6, :SEQ_LEN]
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "dp_statistics.py"  # not statistics.py: the script's folder leads sys.path
+    script.write_text(textwrap.dedent(STATISTICS))
+    run = torchrun([str(script), str(llama_dir), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(tmp_path / "out.pt")
+    model = tiny_models.load("llama")
+    grams = {n: g for _, _, layer in iter_layer_grams(model, ids, progress=False) for n, g in layer.items()}
+    decompositions = decompose_model(model, "whitened", ids, progress=False, full_rank=True)
+    fisher = component_fisher(model, decompositions, ids[:4], progress=False)
+    names = list(two["sensitivity"])[:-1]  # the embedding's entry last
+    sensitivity = output_sensitivity(model, ids[:4], names, progress=False)
+    assert set(two["grams"]) == set(grams)
+    for name, gram in grams.items():  # float32 products per batch, and other batches: float tolerance
+        torch.testing.assert_close(two["grams"][name], gram, rtol=1e-4, atol=1e-6 * float(gram.abs().max()))
+    for name, scores in fisher.items():
+        # from factorizations of those Grams: the same to their tolerance
+        torch.testing.assert_close(two["fisher"][name], scores, rtol=1e-3, atol=1e-6 * float(scores.max()))
+    for name, s in sensitivity.items():
+        torch.testing.assert_close(two["sensitivity"][name], s.channels, rtol=1e-4,
+                                   atol=1e-6 * float(s.channels.max()))
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_torchrun_export_writes_the_artifact_of_one_process(llama_dir, calib_file, tmp_path):
+    from exporter import cli
+
+    args = ["export", "--device", "raspberry-pi-5", "--model", str(llama_dir), "--calib", str(calib_file), "--ratio", "0.3",
+            "--weights", "int4", "--no-correctives", "--calib-samples", "8", "--calib-seq-len", "64",
+            "--fisher-samples", "4", "--compute", "cpu", "--no-progress", "--force"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*args, "--out", str(one)]) == 0
+    run = torchrun(["-m", "exporter", *args, "--out", str(two), "--fresh-statistics"])  # computed here, not read
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "summary" not in run.stdout or run.stdout.count(str(two)) >= 1  # rank 0 alone reports
+    first, second = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert second["method"]["world_size"] == 2 and "rank r reads windows r, r+N" in second["method"]["sharding"]
+    assert "world_size" not in first["method"]
+    assert second["ranks"] == first["ranks"]  # the same allocation
+    a, b = _initializers(one / first["onnx"]["file"]), _initializers(two / second["onnx"]["file"])
+    assert set(a) == set(b)
+    # Grams summed in another order can move a value across a rounding boundary of GPTQ, which carries the change
+    # along its row (a code, or a later block's scale): a few entries of the grids differ, nothing else
+    for name in a:
+        same = a[name] == b[name] if a[name].dtype == np.uint8 else np.isclose(b[name], a[name], rtol=1e-4, atol=1e-6)
+        grid = name.endswith(("_Q4", "_Q8", "_scales", "_zero_points")) or a[name].dtype == np.uint8
+        assert same.mean() > (0.97 if grid else 1.0 - 1e-9), name
+
+
+FAILING_RANK = """
+import os, sys
+import exporter.pipeline as pipeline
+from exporter import cli
+from exporter.errors import ModelError
+
+if os.environ["RANK"] == "1":  # rank 1 fails after the group is formed; rank 0 waits in a collective
+    def missing(*_args, **_kwargs):
+        raise ModelError("no model here (rank 1)")
+    pipeline.resolve_model = missing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_rank_ends_the_job_with_one_line_errors(llama_dir, calib_file, tmp_path):
+    script = tmp_path / "dp_failing.py"
+    script.write_text(textwrap.dedent(FAILING_RANK))
+    start = time.monotonic()
+    run = torchrun([str(script), "export", "--device", "raspberry-pi-5", "--model", str(llama_dir), "--calib", str(calib_file),
+                    "--ratio", "0.3", "--no-correctives", "--calib-samples", "4", "--calib-seq-len", "32",
+                    "--compute", "cpu", "--no-progress", "--out", str(tmp_path / "out")], timeout=200)
+    assert run.returncode != 0
+    assert time.monotonic() - start < 150  # no hang: the peer's exit fails the collective (timeout 60 s at worst)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("exporter: error:")]
+    assert any("no model here (rank 1)" in line for line in errors), run.stderr[-3000:]
+    # rank 0, waiting in a collective, ends with its own line: torchrun stopped it, or the collective failed
+    assert any("rank 0 of 2" in line for line in errors), run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("count", [1])
+def test_fewer_windows_than_processes_is_a_one_line_error(count, monkeypatch):
+    from exporter.compress import distributed
+    from exporter.errors import ExporterError
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ExporterError, match="1 calibration sequences for 2 processes"):
+        distributed.shard(torch.zeros(count, 4, dtype=torch.long))
