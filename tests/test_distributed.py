@@ -49,12 +49,19 @@ ids = torch.load(ids_path)
 distributed.start(torch.device("cpu"))
 assert distributed.world_size() == 2
 grams = {n: g for _, _, layer in iter_layer_grams(model, ids, progress=False) for n, g in layer.items()}
+import exporter.compress.factorize as factorize
+calls, decompose = [], factorize.decompose
+factorize.decompose = lambda *args, **kwargs: calls.append(1) or decompose(*args, **kwargs)
 decompositions = decompose_model(model, "whitened", ids, progress=False, full_rank=True)
+factorize.decompose = decompose
+counts = [None, None]
+torch.distributed.all_gather_object(counts, len(calls))  # each rank factorized its share
 fisher = component_fisher(model, decompositions, ids[:4], progress=False)
 names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 sensitivity = {n: s.channels for n, s in output_sensitivity(model, ids[:4], names, progress=False).items()}
 if distributed.rank() == 0:
-    torch.save({"grams": grams, "fisher": fisher, "sensitivity": sensitivity}, out)
+    torch.save({"grams": grams, "fisher": fisher, "sensitivity": sensitivity, "counts": counts,
+                "units": list(decompositions)}, out)
 distributed.stop()
 """
 
@@ -74,6 +81,8 @@ def test_two_processes_compute_the_statistics_of_one(llama_dir, tiny_models, cal
     names = list(two["sensitivity"])[:-1]  # the embedding's entry last
     sensitivity = output_sensitivity(model, ids[:4], names, progress=False)
     assert set(two["grams"]) == set(grams)
+    assert two["units"] == list(decompositions)  # every unit, in one process's order
+    assert sum(two["counts"]) == len(decompositions) and min(two["counts"]) > 0  # each SVD once, on one rank
     for name, gram in grams.items():  # float32 products per batch, and other batches: float tolerance
         torch.testing.assert_close(two["grams"][name], gram, rtol=1e-4, atol=1e-6 * float(gram.abs().max()))
     for name, scores in fisher.items():

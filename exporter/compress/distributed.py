@@ -5,8 +5,10 @@ Each loads the model and reads the same calibration windows (rank 0 makes them a
 every statistic that is a sum over calibration sequences (the Grams, the head's Gram, the Fisher scores, the
 output sensitivities) is computed by each rank on its shard of the windows, rank r taking windows r, r+N, ...,
 and summed over the ranks (all_reduce), so every rank holds the statistics one process computes, up to the order
-of float additions. Choices made from them (ranks, formats, GPTQ grids) are then the same on every rank. Rank 0
-writes the artifact; the others stop after the compression. Backends: gloo on CPUs, NCCL with `--compute cuda`
+of float additions. Per-weight work (each projection's whitened SVD, its GPTQ grid) is split over the ranks, every
+N-th projection of a layer to each, and the results exchanged (all_gather). Choices made from the statistics
+(ranks, formats) are then the same on every rank. Rank 0 writes the artifact; the others stop after the
+compression. Backends: gloo on CPUs, NCCL with `--compute cuda`
 (each rank on cuda:LOCAL_RANK). Collectives time out (EXPORTER_COLLECTIVE_TIMEOUT seconds, default 1800), and a
 rank whose peer stopped fails its next collective: every rank ends with a one-line error, none hangs.
 """
@@ -106,6 +108,23 @@ def _collective_device() -> torch.device:
     """NCCL reduces CUDA tensors only; gloo, host ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
         else torch.device("cpu")
+
+
+def split_work(keys: list) -> tuple[list, callable]:
+    """(the keys this rank computes: every N-th, from its rank; a merge of each rank's {key: result} into every
+    rank's, in `keys`' order). Per-weight work (a projection's SVD, its GPTQ grid) is done once, by one rank."""
+    size = world_size()
+    mine = keys if size == 1 else keys[rank() :: size]
+
+    def merge(results: dict) -> dict:
+        if size == 1:
+            return results
+        gathered = [None] * size
+        torch.distributed.all_gather_object(gathered, results)
+        merged = {k: v for part in gathered for k, v in part.items()}
+        return {k: merged[k] for k in keys}
+
+    return mine, merge
 
 
 def all_agree(flag: bool) -> bool:

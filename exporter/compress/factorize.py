@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from exporter.architectures import JOINT_GROUPS
+from exporter.compress import distributed
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.lowrank import (
     CorrectedLinear,
@@ -126,10 +127,10 @@ def decompose_model(model, method: str, input_ids: torch.Tensor | None = None, b
     units = {p.members[0]: p for p in decoder_projections(model, joint)}
     result: dict[str, Decomposition] = {}
 
-    def add(unit: Projection, gram):
+    def add(unit: Projection, gram, into: dict | None = None):
         cap = None if full_rank else break_even_rank(unit.out_features, unit.in_features)
         weight, bias = unit_weight(model, unit.name)
-        result[unit.name] = decompose(weight, gram, max_rank=cap, bias=bias)
+        (result if into is None else into)[unit.name] = decompose(weight, gram, max_rank=cap, bias=bias)
 
     if method == "svd":
         for unit in tqdm(list(units.values()), desc="factorizing", unit="proj", disable=not progress):
@@ -138,9 +139,14 @@ def decompose_model(model, method: str, input_ids: torch.Tensor | None = None, b
     if input_ids is None:
         raise ValueError("whitened SVD needs calibration input ids")
     for _index, _layer, grams in iter_layer_grams(model, input_ids, batch_size, progress):
-        for name, gram in grams.items():
-            if name in units:  # a joint unit's projections read one input: its first one's Gram serves
-                add(units[name], gram)
+        # a joint unit's projections read one input: its first one's Gram serves
+        here = [name for name in grams if name in units]
+        mine, merge = distributed.split_work([units[name].name for name in here])  # data-parallel: one rank each
+        computed: dict[str, Decomposition] = {}
+        for name in here:
+            if units[name].name in mine:
+                add(units[name], grams[name], computed)
+        result.update(merge(computed))  # every rank's dict in the same order
     return result
 
 

@@ -73,7 +73,7 @@ def component_fisher(model, decompositions: dict[str, Decomposition], input_ids:
 
     backward_layerwise(model, distributed.shard(input_ids), gated, square)
     bar.close()
-    distributed.sum_over_ranks(fisher.values())
+    distributed.sum_over_ranks([fisher[name] for name in decompositions])  # one order on every rank
     return {name: fisher[name].cpu() for name in decompositions}
 
 

@@ -118,8 +118,10 @@ def quantize_model(model, format_of: Callable[[str], QuantFormat | None], input_
         names = [n for n in todo if n != head_name]
         weights = position_weights(output_sensitivity(model, input_ids[:fisher_samples], names, progress))
         for _index, _layer, grams in iter_layer_grams(model, input_ids, progress=progress, position_weights=weights):
-            for name in [n for n in grams if n in todo]:
-                set_grid(linears[name], gptq(linears[name].weight, grams[name], todo[name], clip))
+            mine, merge = distributed.split_work([n for n in grams if n in todo])  # data-parallel: one rank each
+            grids = merge({name: gptq(linears[name].weight, grams[name], todo[name], clip) for name in mine})
+            for name, grid in grids.items():
+                set_grid(linears[name], grid)
     else:
         for name in tqdm([n for n in todo if n != head_name], desc="quantizing", unit="linear",
                          disable=not progress):
