@@ -151,4 +151,5 @@ def describe() -> dict | None:
         return None
     return {"world_size": world_size(), "backend": torch.distributed.get_backend(),
             "sharding": "calibration windows interleaved over ranks: rank r reads windows r, r+N, ...; sums "
-                        "over windows (Grams, Fisher scores, output sensitivities) all-reduced"}
+                        "over windows (Grams, Fisher scores, output sensitivities) all-reduced; each projection's "
+                        "SVD and GPTQ grid computed by one rank"}
