@@ -19,6 +19,7 @@ from contextvars import ContextVar
 
 import torch
 
+from exporter.compress.distributed import local_cuda_index
 from exporter.errors import ExporterError
 
 CHOICES = "auto, cpu, cuda or cuda:N"
@@ -28,8 +29,6 @@ _current: ContextVar[torch.device] = ContextVar("compute_device", default=torch.
 
 def resolve(text: str) -> torch.device:
     """The device `--compute` names; a one-line error where it does not exist on this machine."""
-    from exporter.compress.distributed import local_cuda_index
-
     text = (text or "auto").strip().lower()
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,15 +116,3 @@ def outside_layers(model, device: torch.device | None = None):
 
     return onloaded(model, device, skip=layers_prefix(model))
 
-
-def to_device(value, device: torch.device):
-    """Tensors inside tuples, lists and dicts (a layer's keyword arguments) moved to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
