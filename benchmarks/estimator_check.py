@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         print(f"single {units[index].name} {units[index].options[option].name}: estimated {estimate:.2e}, "
               f"measured {delta:.2e}", flush=True)
 
-    fixed = fixed_bytes(dense, options.block_size) + constant_bytes(dense, prepared.options.activations)
+    fixed = fixed_bytes(dense, options.block_size) + constant_bytes(dense, prepared.options.activations,
+                                                                  prepared.profile.budget.max_context)
     configurations = []
     plans = [(f"knapsack {mb} MB", multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units],
                                                             int(float(mb) * MB) - fixed,

@@ -7,7 +7,9 @@ One loaded model, one calibration, one pricing of every MatMulNBits' menu (expor
 per row a copy compressed by the export's own step (exporter.pipeline.compress: the knapsack's choice under
 the row's budget) and written as the export writes it (exporter.graph.writer.write_decoder). Fixed rows: ours
 at int4 block 32 with RTN (ONNX Runtime's own rule: the builder's default grid) and with GPTQ, and the
-onnxruntime-genai builder's int4 at block 32/64/128 where --builder-python is given. Every row: weight MB on
+onnxruntime-genai builder's int4 at block 32/64/128 where --builder-python is given; with --ort-quantizers,
+ONNX Runtime's own MatMulNBitsQuantizer (k_quant, HQQ) on our dense graph (`write_with_onnxruntime_quantizer`).
+Every row: weight MB on
 disk, perplexity through ONNX Runtime on the same WikiText-2 windows, decode tok/s and peak RSS measured in a
 fresh process (paired per round against the first fixed row). Writes results/frontier-*.json/.md and a plot.
 """
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=Path, help="keep every row's graph under KEEP/ROW")
     parser.add_argument("--error-correction", type=int, default=0, metavar="RANK",
                         help="also auto rows whose menu offers a whitened error correction of RANK (LQER)")
+    parser.add_argument("--ort-quantizers", default="",
+                        help="ONNX Runtime's own quantizer rows on our dense graph, e.g. k_quant-b32,hqq-b32,hqq-b64")
     parser.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=True,
                         help="the fixed int4 b32 rows (RTN, GPTQ)")
     args = parser.parse_args(argv)
@@ -70,6 +74,7 @@ def main(argv=None) -> int:
     windows = text_windows(tokenizer, DATA / "wikitext-2" / "test.txt", 512, args.windows)
     prompt = windows[-1, : args.prompt_tokens].tolist()
     work = args.keep or Path(tempfile.mkdtemp(prefix="exporter-frontier-"))
+    context = prepared.profile.budget.max_context  # rotary tables as the export writes them (the budget counts them)
     rows, graphs = [], []
 
     def add(name: str, folder: Path, onnx_path: Path, seconds: float, extra: dict | None = None) -> None:
@@ -82,17 +87,23 @@ def main(argv=None) -> int:
 
     if args.builder_python:
         settings = [(f"builder int4 b{block}", {"block_size": str(block)}) for block in (32, 64, 128)]
-        settings.append(("builder int4 k_quant_mixed", {"algo_config": "k_quant_mixed"}))
+        settings += [(f"builder int4 {algo}", {"algo_config": algo}) for algo in ("k_quant", "k_quant_mixed")]
         for name, extra in settings:
             folder = work / name.replace(" ", "-")
             start = time.perf_counter()
             path = build_with_builder(args.builder_python, hf_directory(source), folder, "int4", extra)
             add(name, folder, path, time.perf_counter() - start)
+    for setting in filter(None, args.ort_quantizers.split(",")):
+        algo, block = setting.rsplit("-b", 1)
+        folder = work / f"ort-{setting}"
+        start = time.perf_counter()
+        path = write_with_onnxruntime_quantizer(model, folder, algo, int(block), context)
+        add(f"onnxruntime quantizer {algo} b{block}", folder, path, time.perf_counter() - start)
     for quantizer in ("rtn", "gptq") if args.fixed else ():
         start = time.perf_counter()
         candidate = compress(prepared, replace(base, ratio=0.0, quantizer=quantizer), model=copy.deepcopy(model)).model
         folder = work / f"ours-int4-b32-{quantizer}"
-        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
+        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4, max_context=context)
         add(f"ours int4 b32 {quantizer}", folder, path, time.perf_counter() - start)
         del candidate
 
@@ -113,7 +124,7 @@ def main(argv=None) -> int:
                                if k[0] == "price formats" and k[1][2] == ((rank,) if rank else ()))
         candidate, units = plan.model, plan.formats
         folder = work / (f"ours-auto-{budget:g}" + (f"-lqer{rank}" if rank else ""))
-        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4)
+        path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4, max_context=context)
         counts: dict[str, int] = {}
         for unit in units:
             key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
@@ -154,6 +165,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def write_with_onnxruntime_quantizer(model, folder: Path, algo: str, block_size: int, context: int) -> Path:
+    """Our dense fused graph with every projection quantized by ONNX Runtime's MatMulNBitsQuantizer (`algo`:
+    k_quant or hqq, 4 bits, `block_size`), as a user of ONNX Runtime's tools would; lm_head by our int4
+    round-to-nearest at the same block (symmetric: the builder's default grid) and the tied embedding gathered
+    from its blocks, as every int4 row here stores them, so that the rows differ in the projections' algorithm."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as ort_quantizer
+
+    from exporter.compress.grid import QuantFormat
+    from exporter.graph.matmul_nbits import quantize_matmuls
+    from exporter.graph.writer import _quiet_quantizer, _save, _save_configs, _share_tied_embedding, build_decoder
+
+    configs = {"k_quant": lambda: ort_quantizer.KQuantWeightOnlyQuantConfig(),
+               "hqq": lambda: ort_quantizer.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)}
+    if (folder / "model.onnx").is_file():
+        return folder / "model.onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = build_decoder(model, share_tied=False, max_context=context)
+    head = [n.name for n in proto.graph.node if n.name.startswith("/lm_head/") and n.op_type == "MatMul"]
+    with _quiet_quantizer():
+        quantizer = ort_quantizer.MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=False,
+                                                       accuracy_level=4, nodes_to_exclude=head,
+                                                       algo_config=configs[algo]())
+        quantizer.process()
+    proto = quantizer.model.model
+    quantize_matmuls(proto, QuantFormat(4, block_size, True), None, accuracy_level=4)  # lm_head
+    _share_tied_embedding(proto)
+    path = folder / "model.onnx"
+    _save(proto, path)
+    onnx.checker.check_model(str(path))
+    _save_configs(model, folder)
+    return path
+
+
 def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -164,6 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(7, 4.5))
     kinds = (("builder", "s", lambda r: r.startswith("builder")),
+             ("ONNX Runtime quantizer", "^", lambda r: r.startswith("onnxruntime quantizer")),
              ("ours int4", "o", lambda r: r.startswith("ours int4")),
              ("ours auto", "*", lambda r: r.startswith("ours auto") and "+lqer" not in r),
              ("ours auto + LQER", "P", lambda r: r.startswith("ours auto") and "+lqer" in r))

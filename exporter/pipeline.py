@@ -541,14 +541,15 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     budget_bytes = int(plan.budget.bytes if options.budget_mb is None else options.budget_mb * MB)
     groups = format_units(plan.model)
     menu = runtime_menu(options)
-    smallest, largest = (b + constant_bytes(plan.model, options.activations)
+    context = plan.profile.budget.max_context  # the rotary tables' rows (the writer's max_context)
+    smallest, largest = (b + constant_bytes(plan.model, options.activations, context)
                          for b in byte_range(plan.model, groups, menu, options.block_size))
     if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
                                    (options.error_correction,) if options.error_correction else (), menu)
-    fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations)
+    fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations, context)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
                                           granularity=FORMAT_BYTES_STEP)
@@ -817,8 +818,11 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
     release = options.release
     fractions = _exported_levels(plan, graph, options, fractions, explicit=levels is not None)
     leveled = len(fractions) > 1
+    # the longest sequence the artifact serves: the profile's context (the rotary tables end there)
+    context = min(profile.budget.max_context, int(getattr(model.config, "max_position_embeddings", 1 << 30)))
     with staging_dir(target, options.force) as staging:
         prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
+        prompt = prompt[: max(1, context - options.parity_steps)]  # prompt and steps within the context
         with clock.stage("export"):
             say(f"writing the ONNX decoder with KV cache ({graph} graph, fp32"
                 + (f", levels {', '.join(level_name(f) for f in fractions)})" if leveled else ")"))
@@ -826,13 +830,14 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 onnx_path = export_onnx(model, staging)
                 check_release(_graph_proto(onnx_path), release, "optimum-onnx's graph")
             elif leveled and options.weights == "fp32":
-                entries = write_levels(model, staging, fractions, progress=options.progress, onnxruntime=release)
+                entries = write_levels(model, staging, fractions, progress=options.progress, onnxruntime=release,
+                                       max_context=context)
                 onnx_path = staging / entries[0]["file"]
             else:  # one level, or the fp32 twin of the quantized levels
-                onnx_path = write_decoder(model, staging, onnxruntime=release)
+                onnx_path = write_decoder(model, staging, onnxruntime=release, max_context=context)
             save_tokenizer(tokenizer, staging)
             if graph == "fused":  # the builder's I/O contract: onnxruntime-genai can load it
-                write_genai_config(staging, model, tokenizer, onnx_path.name, profile.budget.max_context)
+                write_genai_config(staging, model, tokenizer, onnx_path.name, context)
         with clock.stage("tokenizer"):  # every installed runtime reads the artifact's tokenizer as the source's
             tokenizer_check = check_artifact_tokenizer(tokenizer, staging)
         with clock.stage("parity"):
@@ -846,11 +851,11 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                     entries = write_levels(model, staging, fractions, weights=options.weights,
                                            block_size=options.block_size, accuracy_level=accuracy_level,
                                            progress=options.progress, activations=options.activations,
-                                           onnxruntime=release)
+                                           onnxruntime=release, max_context=context)
                 else:
                     write_decoder(model, staging, weights=options.weights, block_size=options.block_size,
                                   accuracy_level=accuracy_level, activations=options.activations,
-                                  onnxruntime=release)
+                                  onnxruntime=release, max_context=context)
             with clock.stage("parity"):
                 parity["quantized"] = check_parity(model, onnx_path, prompt, options.parity_steps,
                                                    atol=float("inf"), min_agreement=QUANTIZED_MIN_AGREEMENT).to_dict()

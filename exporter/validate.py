@@ -133,7 +133,7 @@ def _probe(model_path: str, prompt_tokens: int, new_tokens: int) -> dict:
     decoder = OrtDecoder(model_path)
     load_s = time.perf_counter() - start
     config = json.loads((Path(model_path).parent / "config.json").read_text())
-    prompt_tokens = min(prompt_tokens, config.get("max_position_embeddings", 1 << 30) - new_tokens)
+    prompt_tokens = min(prompt_tokens, (decoder.max_context or 1 << 30) - new_tokens)  # the rotary tables' end
     prompt = np.random.default_rng(0).integers(0, config["vocab_size"], (1, prompt_tokens))
 
     def prefill():

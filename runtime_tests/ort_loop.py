@@ -52,6 +52,11 @@ class Decoder:
         self._binding, self._bound, self._capacity = None, None, 0
         config_file = self.path.parent / "config.json"
         self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        # the longest sequence the graph serves: its rotary tables end there (the exporter records it; other
+        # graphs: the model's max_position_embeddings)
+        limit = self.session.get_modelmeta().custom_metadata_map.get("max_context")
+        limit = limit or self.config.get("max_position_embeddings")
+        self.max_context = int(limit) if limit else None
 
     def empty_cache(self) -> dict:
         cache = {}
@@ -157,7 +162,7 @@ def probe(model_path, providers, prompt_tokens: int, new_tokens: int, threads=No
     start = time.perf_counter()
     decoder = Decoder(model_path, providers, threads, provider_options)
     load_s = time.perf_counter() - start
-    limit = decoder.config.get("max_position_embeddings")
+    limit = decoder.max_context
     if limit and prompt_tokens + new_tokens > limit:  # rotary tables end there
         prompt_tokens = limit - new_tokens
     prompt = np.random.default_rng(seed).integers(0, decoder.vocab_size(), prompt_tokens)

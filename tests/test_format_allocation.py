@@ -7,6 +7,7 @@ import json
 import random
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import genai_greedy
@@ -14,6 +15,7 @@ from conftest import genai_greedy
 from exporter.cli import main
 from exporter.compress.allocate import multiple_choice_knapsack
 from exporter.compress.format_allocation import MENU, apply_choices, format_units, price_units
+from exporter.device.profiles import PROFILES_DIR
 
 
 def test_knapsack_is_optimal_on_small_menus():
@@ -114,11 +116,18 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
     assert _export(llama_dir, calib_file, out, "--budget-mb", "1000") == 0
     formats = json.loads((out / "manifest.json").read_text())["method"]["formats"]
     budget_mb = (formats["smallest_bytes"] + formats["largest_bytes"]) / 2 / 1e6
+    # a device that runs 64 of the model's 256 positions: the rotary tables end there, and the budget counts
+    # them as written (the host profile otherwise)
+    profile = tmp_path / "short-context.toml"
+    profile.write_text((PROFILES_DIR / "host.toml").read_text().replace("max_context = 2048", "max_context = 64"))
     out = tmp_path / "auto"
-    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}", "--device", str(profile)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     formats = manifest["method"]["formats"]
     assert formats["chosen_bytes"] <= formats["budget_bytes"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {list(i.dims)[0] for i in graph.graph.initializer if i.name.endswith("_cache")} == {64}
+    assert json.loads((out / "genai_config.json").read_text())["model"]["context_length"] == 64
     chosen = {u["format"] for u in formats["units"]}
     assert len(chosen) > 1, chosen
     counts = manifest["onnx"]["quantization"]["matmul_nbits"]

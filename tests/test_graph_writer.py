@@ -12,7 +12,16 @@ from exporter.architectures import architecture_of
 from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
 from exporter.compress.lowrank import LowRankLinear
 from exporter.graph.optimum_export import torch_greedy
-from exporter.graph.writer import LowRankPair, ProjectionWeights, build_decoder, supports, write_decoder
+from exporter.graph.writer import (
+    GRAPH_BYTES_BASE,
+    GRAPH_BYTES_PER_LAYER,
+    LowRankPair,
+    ProjectionWeights,
+    build_decoder,
+    constant_bytes,
+    supports,
+    write_decoder,
+)
 from exporter.runtime.generation import OrtDecoder, decode, sample_token
 
 FAMILIES = ["llama", "qwen3", "qwen2", "mistral", "gemma3_text", "smollm3", "phi3"]
@@ -365,6 +374,38 @@ def test_config_variants(variant, tmp_path):
     ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
     logits = _run(write_decoder(model, tmp_path), prompt, ref_tokens)
     assert np.abs(logits - ref_logits).max() <= 1e-4 * max(1.0, np.abs(ref_logits).max())
+
+
+@pytest.mark.parametrize("variant", ["gemma3-tied", "phi3-longrope"])
+def test_rotary_tables_end_at_the_served_context(variant, tmp_path):
+    """max_context (a profile's context) sizes every rotary table, as constant_bytes counts them; the logits
+    within it are the full tables' (Gemma 3: a global and a local pair; LongRoPE: the long pair only where the
+    context passes its switch at 16); ONNX Runtime refuses a sequence past it instead of reading past the end."""
+    import onnx
+
+    family, overrides = VARIANTS[variant]
+    model = _random_model(family, **overrides)
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, STEPS)
+    for context, pairs in [(24, 2), (16, 2 if family == "gemma3_text" else 1)]:
+        path = write_decoder(model, tmp_path / str(context), max_context=context)
+        graph = onnx.load(str(path))
+        tables = {i.name: list(i.dims) for i in graph.graph.initializer if "_cache" in i.name}
+        assert len(tables) == 2 * pairs and all(dims[0] == context for dims in tables.values())
+        assert {p.key: p.value for p in graph.metadata_props}["max_context"] == str(context)
+        assert ("If" in Counter(n.op_type for n in graph.graph.node)) == (variant == "phi3-longrope" and pairs == 2)
+        table_bytes = sum(np.prod(dims) * 4 for dims in tables.values())
+        allowance = GRAPH_BYTES_BASE + GRAPH_BYTES_PER_LAYER * model.config.num_hidden_layers
+        assert constant_bytes(model, "fp32", context) == table_bytes + allowance
+        decoder = OrtDecoder(path, threads=1)
+        assert decoder.max_context == context
+        fits = prompt[: context - STEPS]
+        tokens, _ = torch_greedy(model, fits, STEPS)
+        _, logits, _ = decoder.greedy(fits, STEPS, forced_tokens=tokens)
+        _, full_logits = torch_greedy(model, fits, STEPS)
+        assert np.abs(logits - full_logits).max() <= 1e-4 * max(1.0, np.abs(full_logits).max())
+    with pytest.raises(RuntimeError, match="cos_cache"):
+        OrtDecoder(path, threads=1).greedy(prompt, STEPS, forced_tokens=ref_tokens)  # 20 positions > 16
 
 
 def test_unsupported_models_are_refused(tmp_path):

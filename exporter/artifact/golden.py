@@ -112,8 +112,7 @@ def write_golden(directory: Path, onnx_path: Path, tokenizer, onnx_info: dict) -
     weights = onnx_info.get("weights", "fp32")
     threads = os.cpu_count()
     decoder = OrtDecoder(onnx_path, threads=threads)
-    config = json.loads((Path(onnx_path).parent / "config.json").read_text())
-    limit = config.get("max_position_embeddings", 1 << 20) - NEW_TOKENS  # rotary tables end there
+    limit = (decoder.max_context or 1 << 20) - NEW_TOKENS  # rotary tables end there
     golden = {
         "format_version": 1,
         "model_file": Path(onnx_path).name,

@@ -639,20 +639,24 @@ def _sliding_window(model, layer) -> int | None:
     return window
 
 
-def _max_positions(config) -> int:
-    return int(getattr(config, "max_position_embeddings", 4096))
+def _max_positions(config, max_context: int | None = None) -> int:
+    """Rows of the rotary tables: the model's positions, or the context the artifact serves where that is shorter
+    (a device profile's max_context: Gemma 3 270M's four fp32 tables for 32,768 positions are 67 MB)."""
+    positions = int(getattr(config, "max_position_embeddings", 4096))
+    return min(positions, int(max_context)) if max_context else positions
 
 
 GRAPH_BYTES_PER_LAYER = 8_000  # model.onnx's own protobuf (nodes, names, shapes): SmolLM2-135M int4, ~5.6 KB/layer
 GRAPH_BYTES_BASE = 32_000
 
 
-def constant_bytes(model, activations: str = "fp32") -> int:
-    """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches, and an allowance
-    for the graph's own protobuf, so that a byte budget holds for everything named model.onnx*."""
-    rope = 2 * _max_positions(model.config) * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
-    switched = getattr(_rotary(model), "rope_type", "default") in SWITCHED_ROPE_TYPES
-    if _local_rotary(model) is not None or switched:  # a second pair of tables
+def constant_bytes(model, activations: str = "fp32", max_context: int | None = None) -> int:
+    """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches (for `max_context`
+    positions, as build_decoder writes them), and an allowance for the graph's own protobuf, so that a byte
+    budget holds for everything named model.onnx*."""
+    positions = _max_positions(model.config, max_context)
+    rope = 2 * positions * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
+    if _local_rotary(model) is not None or _long_rope_switch(model, positions) is not None:  # a second pair
         rope *= 2
     return rope + GRAPH_BYTES_BASE + GRAPH_BYTES_PER_LAYER * model.config.num_hidden_layers
 
@@ -672,15 +676,24 @@ def _rope_tables(model, max_positions: int, rotary=None) -> tuple[np.ndarray, np
 # --------------------------------------------------------------------------- the decoder
 
 
-def _long_rope(model) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """LongRoPE's switch position (original_max_position_embeddings) and its long-factor cos/sin tables, or None."""
-    rotary = _rotary(model)
-    if getattr(rotary, "rope_type", "default") not in SWITCHED_ROPE_TYPES:
+def _long_rope_switch(model, positions: int) -> int | None:
+    """LongRoPE's switch position (original_max_position_embeddings), or None: not LongRoPE, or a context of
+    `positions` that never passes it (then the short tables are all the graph needs)."""
+    if getattr(_rotary(model), "rope_type", "default") not in SWITCHED_ROPE_TYPES:
         return None
     config = model.config
     switch = int(getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+    return switch if positions > switch else None
+
+
+def _long_rope(model, positions: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """LongRoPE's switch position and its long-factor cos/sin tables for `positions` rows, or None (see
+    _long_rope_switch)."""
+    if (switch := _long_rope_switch(model, positions)) is None:
+        return None
+    rotary, config = _rotary(model), model.config
     long_inv_freq, _ = rotary.rope_init_fn(config, None, seq_len=switch + 1)
-    positions = torch.arange(_max_positions(config), dtype=torch.float32)
+    positions = torch.arange(positions, dtype=torch.float32)
     freqs = positions[:, None] * long_inv_freq.float()[None, :]
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     return switch, (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
@@ -733,7 +746,7 @@ def _head_norm(g: _Graph, x: str, module, prefix: str, head_dim: int, offset: fl
 def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | None] | None = None,
                   share_tied: bool = True, levels: Sequence[dict[str, int]] | None = None, level: int = 0,
                   transposed: bool = True, corrective_form: str = DEFAULT_CORRECTIVE_FORM, dtype=np.float32,
-                  onnxruntime: tuple[int, int] | None = None):
+                  onnxruntime: tuple[int, int] | None = None, max_context: int | None = None):
     """The decoder as an onnx.ModelProto (weights inline; save with external data).
 
     dtype: the float type of weights, activations, KV cache and logits (np.float32 or np.float16; see
@@ -743,6 +756,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     (`transposed`: float first stages as FusedMatMul(transB=1); False: MatMul, for the int4 quantizer).
     corrective_form: CALR branches "folded" into the primary factors or written as a "separate" branch.
     onnxruntime: the oldest ONNX Runtime release (major, minor) that must load the graph; None: the newest.
+    max_context: the longest sequence (prompt + generated) the graph serves: its rotary tables' rows (None: the
+    model's max_position_embeddings); recorded as the graph's `max_context` metadata.
     """
     from onnx import TensorProto, helper
 
@@ -755,7 +770,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = _head_dim(config)
     vocab = config.vocab_size
-    max_positions = _max_positions(config)
+    max_positions = _max_positions(config, max_context)
     g = _Graph(dtype, limits(onnxruntime)[0])
     float_type = helper.np_dtype_to_tensor_dtype(g.dtype)
 
@@ -785,7 +800,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     total_len = g.op("Cast", [total], "/model/attn_mask_reformat/total_seq_len", to=TensorProto.INT32)
     cos, sin = _rope_tables(model, max_positions)
     cos_cache, sin_cache = g.constant("cos_cache", cos), g.constant("sin_cache", sin)
-    if (long_rope := _long_rope(model)) is not None:
+    if (long_rope := _long_rope(model, max_positions)) is not None:
         cos_cache, sin_cache = _switched_caches(g, total_len, (cos_cache, sin_cache), long_rope[1:], long_rope[0])
     local_caches = None  # the sliding-window layers' own tables (Gemma 3's local rope base)
     if (local := _local_rotary(model)) is not None:
@@ -918,7 +933,8 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     proto.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     # GroupQueryAttention appends to a past buffer bound as its own present: a runtime may share them
     # (exporter.runtime.generation.OrtDecoder's kv_buffer, onnxruntime-genai's past_present_share_buffer).
-    helper.set_model_props(proto, {"past_present_share_buffer": "1"})
+    # max_context: the rotary tables end there (runtimes read it to stop before running past them).
+    helper.set_model_props(proto, {"past_present_share_buffer": "1", "max_context": str(max_positions)})
     return proto
 
 
@@ -1199,7 +1215,7 @@ def _save_configs(model, out_dir: Path) -> None:
 def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: int = 32,
                   accuracy_level: int | None = None, filename: str = "model.onnx", _fuse: bool = True,
                   corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None,
-                  onnxruntime: tuple[int, int] | None = None) -> Path:
+                  onnxruntime: tuple[int, int] | None = None, max_context: int | None = None) -> Path:
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
     weights: "fp32"; "fp16" (weights, activations, KV cache and logits in float16: the module docstring's
@@ -1209,6 +1225,7 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     activations: "fp32" or "fp16" (int4 only: the CUDA int4 graph); None: fp16 for fp16 weights, else fp32.
     onnxruntime: the oldest ONNX Runtime release (major, minor) that must run the graph (None: the newest);
     an ExporterError names what it lacks.
+    max_context: the longest sequence the graph serves (build_decoder); None: the model's max_position_embeddings.
     """
     import onnx
 
@@ -1218,7 +1235,7 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         proto = build_decoder(model, fuse=_fuse, share_tied=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                              dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime)
+                              dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime, max_context=max_context)
     proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, onnxruntime=onnxruntime)
     meta = {"weights": weights, "activations": activations, "fused": str(_fuse),
             "corrective_form": corrective_form}
@@ -1355,7 +1372,7 @@ def _point_into(proto, data: Path, index: dict) -> None:
 def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVELS, *, weights: str = "fp32",
                  block_size: int = 32, accuracy_level: int | None = None, progress: bool = True,
                  corrective_form: str = DEFAULT_CORRECTIVE_FORM, activations: str | None = None,
-                 onnxruntime: tuple[int, int] | None = None) -> list[dict]:
+                 onnxruntime: tuple[int, int] | None = None, max_context: int | None = None) -> list[dict]:
     """Write one decoder per rank level, all reading one data file, and config.json; returns the manifest's
     `levels` list.
 
@@ -1395,7 +1412,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
         with torch.no_grad():
             proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
                                   transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
-                                  dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime)
+                                  dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime, max_context=max_context)
         proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, registry, onnxruntime)
         meta = {"weights": weights, "activations": activations, "level": name, "fraction": str(fraction),
                 "corrective_form": corrective_form}

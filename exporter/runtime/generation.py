@@ -111,6 +111,12 @@ class OrtDecoder:
             raise ValueError(f"kv_buffer must be 'shared', 'growing' or 'auto', not {kv_buffer!r}")
         self.kv_buffer = kv_buffer
         self._binding, self._bound = None, None  # the shared path's I/O binding and the buffers it holds
+        # the longest sequence the graph serves (its rotary tables end there); graphs that do not say: the
+        # model's max_position_embeddings, or None
+        limit = self.session.get_modelmeta().custom_metadata_map.get("max_context")
+        if not limit and (config := Path(self.model_path).parent / "config.json").is_file():
+            limit = json.loads(config.read_text()).get("max_position_embeddings")
+        self.max_context = int(limit) if limit else None
 
     def _declares_shared_buffer(self) -> bool:
         meta = self.session.get_modelmeta().custom_metadata_map
