@@ -60,7 +60,8 @@ from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projecti
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
-from exporter.graph.onnxruntime_releases import EIGHT_BIT_MATMUL_RELEASE, check_release, oldest_release, parse_release
+from exporter.graph.onnxruntime_releases import (EIGHT_BIT_MATMUL_RELEASE, TWO_BIT_MATMUL_RELEASE, check_release,
+                                                 oldest_release, parse_release)
 from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import constant_bytes, unsupported_reason, write_decoder
@@ -76,7 +77,7 @@ PARITY_PROMPT = (
     "each projection becomes the product of two thin matrices, and the result is checked"
 )
 ALLOCATIONS = ("fisher", "uniform")
-FORMAT_BYTES_STEP = 4096  # the format knapsack's byte granularity
+FORMAT_BYTES_STEP = 4096  # the format knapsack's byte granularity (at most; an eighth of the smallest option)
 GRAPHS = ("auto", "fused", "optimum")
 # A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
 # and the quantized graph's greedy agreement is recorded; this loose floor only catches a broken one.
@@ -532,7 +533,8 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
-    from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units
+    from exporter.compress.format_allocation import (LOW_BIT_MENU, apply_choices, byte_range, fixed_bytes,
+                                                     format_units, smallest_option_bytes)
 
     clock = prepared.clock
     if ids is None:
@@ -542,9 +544,20 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     groups = format_units(plan.model)
     menu = runtime_menu(options)
     context = plan.profile.budget.max_context  # the rotary tables' rows (the writer's max_context)
-    smallest, largest = (b + constant_bytes(plan.model, options.activations, context)
-                         for b in byte_range(plan.model, groups, menu, options.block_size))
-    if budget_bytes < smallest + FORMAT_BYTES_STEP * len(groups):  # before minutes of pricing
+
+    def reach(menu) -> tuple[int, int, int]:
+        """The smallest and largest bytes `menu` allows, and the knapsack's step: an eighth of the smallest
+        option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny models: finer)."""
+        step = min(FORMAT_BYTES_STEP, max(256, smallest_option_bytes(plan.model, groups, menu) // 8))
+        return (*(b + constant_bytes(plan.model, options.activations, context)
+                  for b in byte_range(plan.model, groups, menu, options.block_size)), step)
+
+    smallest, largest, step = reach(menu)
+    if budget_bytes < smallest + step * len(groups) and (options.release is None or
+                                                         options.release >= TWO_BIT_MATMUL_RELEASE):
+        menu = menu + LOW_BIT_MENU  # below what 4 bits reach: 2-bit grids too
+        smallest, _, step = reach(menu)
+    if budget_bytes < smallest + step * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
@@ -552,7 +565,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations, context)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
-                                          granularity=FORMAT_BYTES_STEP)
+                                          granularity=step)
     if choice is None:  # the step rounding's slack: only just above the smallest
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")

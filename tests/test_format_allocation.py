@@ -111,11 +111,11 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from exporter.runtime.generation import OrtDecoder
 
-    # between all-smallest and all-largest, so the knapsack has to mix formats
+    # between all-smallest and the best of all (every unit at int8-b32), so the knapsack has to mix formats
     out = tmp_path / "probe"
     assert _export(llama_dir, calib_file, out, "--budget-mb", "1000") == 0
     formats = json.loads((out / "manifest.json").read_text())["method"]["formats"]
-    budget_mb = (formats["smallest_bytes"] + formats["largest_bytes"]) / 2 / 1e6
+    budget_mb = (formats["smallest_bytes"] + formats["chosen_bytes"]) / 2 / 1e6  # half way to the best of all
     # a device that runs 64 of the model's 256 positions: the rotary tables end there, and the budget counts
     # them as written (the host profile otherwise)
     profile = tmp_path / "short-context.toml"
@@ -141,6 +141,36 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
     expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, 8)
     generated = genai_greedy(og, out, prompt, 8)
     assert len(generated) >= 1 and generated == expected[: len(generated)]
+
+
+def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_file, capsys):
+    """Below what the 4- and 8-bit menu reaches, 2-bit grids join it (never lm_head's, which the tied embedding
+    gathers from); ONNX Runtime runs the graph as PyTorch does; a release that runs 2 bits slowly is refused."""
+    from exporter.runtime.generation import OrtDecoder
+
+    out = tmp_path / "probe"
+    assert _export(llama_dir, calib_file, out, "--budget-mb", "1000") == 0
+    four_bit_smallest = json.loads((out / "manifest.json").read_text())["method"]["formats"]["smallest_bytes"]
+    budget_mb = (four_bit_smallest - 8_000) / 1e6  # the 2-bit menu reaches about 16 KB lower here
+    out = tmp_path / "two-bit"
+    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    formats = manifest["method"]["formats"]
+    assert formats["chosen_bytes"] <= formats["budget_bytes"] and formats["smallest_bytes"] < four_bit_smallest
+    chosen = {u["unit"]: u["format"] for u in formats["units"]}
+    assert any(f.startswith("int2-") for f in chosen.values())
+    assert not chosen["lm_head"].startswith("int2-")
+    assert manifest["onnx"]["oldest_onnxruntime"] == "1.28"
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert 2 in bits
+    assert manifest["parity"]["quantized"]["passed"]  # ONNX Runtime against PyTorch on the same 2-bit weights
+    tokens, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy([5, 17, 42, 9], 4)
+    assert len(tokens) == 4
+    code = _export(llama_dir, calib_file, tmp_path / "old", "--budget-mb", f"{budget_mb:.4f}",
+                   "--onnxruntime-version", "1.24")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "cannot hold this model: its formats need" in err[-1]
 
 
 def test_auto_with_an_infeasible_budget_says_what_fits(tmp_path, llama_dir, calib_file, capsys):

@@ -16,7 +16,7 @@ from exporter.graph.matmul_nbits import (
     unpack_codes,
 )
 
-FORMATS = [QuantFormat(bits, block, symmetric) for bits in (4, 8) for block in (32, 64, 128)
+FORMATS = [QuantFormat(bits, block, symmetric) for bits in (2, 4, 8) for block in (32, 64, 128)
            for symmetric in (True, False)] + [QuantFormat(4, 32, False, True), QuantFormat(4, 64, False, True)]
 
 
@@ -38,7 +38,7 @@ def _matmul_nbits(arrays: dict, fmt: QuantFormat, k: int, n: int, x: np.ndarray,
     return session.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_roundtrip(bits):
     codes = np.random.default_rng(0).integers(0, 1 << bits, (3, 5, 32), dtype=np.uint8)
     packed = pack_codes(codes, bits)
@@ -95,8 +95,8 @@ def _correlated(rows: int, width: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, width, generator=g) @ mix
 
 
-@pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(4, 64, False), QuantFormat(8, 128, True)],
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(4, 64, False), QuantFormat(8, 128, True),
+                                 QuantFormat(2, 32, False)], ids=lambda f: f.name)
 def test_gptq_beats_round_to_nearest_on_held_out_inputs(fmt):
     weight = torch.randn(48, 192, generator=torch.Generator().manual_seed(2))
     calibration, held_out = _correlated(3000, 192, 3), _correlated(1000, 192, 4)

@@ -72,7 +72,7 @@ def test_auto_prices_are_priced_once_and_give_the_same_artifact(tmp_path, llama_
     priced = _counted(monkeypatch, exporter.compress.format_allocation, "price_units")
     assert _run("allocate", llama_dir, calib_file, "--weights", "auto", "--budget-mb", "1000", "--json") == 0
     formats = json.loads(capsys.readouterr().out)["formats"]
-    budget = f"{(formats['smallest_bytes'] + formats['largest_bytes']) / 2 / 1e6:.4f}"  # the knapsack must mix
+    budget = f"{(formats['smallest_bytes'] + formats['chosen_bytes']) / 2 / 1e6:.4f}"  # the knapsack must mix
     assert len(priced) == 1
 
     assert _run("export", llama_dir, calib_file, "--weights", "auto", "--budget-mb", budget,

@@ -5,7 +5,8 @@ fused first stage; a folded corrective branch shares its projection's second sta
 has one format, so the linears that feed one node are one unit (`format_units`).
 
 Menu. Every unit can take each format of `MENU` (int4 at blocks 256 to 16, int8 at 128 and 32), each with exact
-bytes (QuantFormat.matrix_bytes) and an estimated loss increase.
+bytes (QuantFormat.matrix_bytes) and an estimated loss increase; below what that menu reaches, also the 2-bit
+formats of `LOW_BIT_MENU` (not lm_head).
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -45,6 +46,15 @@ CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benc
 MENU = tuple(QuantFormat.parse(name) for name in
              ("int4-b256-asym", "int4-b128-asym", "int4-b64", "int4-b64-asym", "int4-b32-asym", "int4-b16-asym",
               "int8-b128", "int8-b32"))
+# 2-bit grids, offered where a budget is below what MENU reaches (exporter.pipeline.choose_formats): ONNX Runtime
+# runs 2-bit MatMulNBits about 2x slower per node than 4-bit, and lm_head never takes them (the tied embedding
+# gathers from lm_head's blocks; GatherBlockQuantized reads 4 and 8 bits).
+LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2-b32-asym"))
+
+
+def unit_menu(menu, members: list[str], head_name: str) -> list[QuantFormat]:
+    """The formats a unit may take: all of `menu`, but no 2-bit format for lm_head."""
+    return [f for f in menu if f.bits != 2 or head_name not in members]
 
 
 @dataclass
@@ -239,7 +249,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
-        for fmt in menu:
+        for fmt in unit_menu(menu, members, head_name):
             for method in methods:
                 grids = _grids(statistics, members, fmt, method)
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
@@ -291,9 +301,19 @@ def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: 
     """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included: known
     before any pricing."""
     linears = grid_linears(model)
-    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members) for f in menu] for members in groups]
+    head_name = module_name(model, model.get_output_embeddings())
+    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members)
+                 for f in unit_menu(menu, members, head_name)] for members in groups]
     fixed = fixed_bytes(model, embedding_block_size)
     return fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit)
+
+
+def smallest_option_bytes(model, groups: list[list[str]], menu=MENU) -> int:
+    """The bytes of the smallest option of any unit (it sets the knapsack's granularity)."""
+    linears = grid_linears(model)
+    head_name = module_name(model, model.get_output_embeddings())
+    return min(sum(f.matrix_bytes(*linears[n].weight.shape) for n in members)
+               for members in groups for f in unit_menu(menu, members, head_name))
 
 
 def fixed_bytes(model, embedding_block_size: int = 32) -> int:

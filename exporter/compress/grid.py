@@ -28,7 +28,7 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """One way of storing a weight matrix: `bits` (4 or 8), `block_size` along the input, symmetric or not; an
+    """One way of storing a weight matrix: `bits` (2, 4 or 8), `block_size` along the input, symmetric or not; an
     asymmetric grid's zero point an integer code or a float (`float_zero`: min-max grids)."""
 
     bits: int = 4
@@ -39,8 +39,8 @@ class QuantFormat:
     def __post_init__(self):
         if self.float_zero and self.symmetric:
             raise ValueError("float zero points are for asymmetric grids")
-        if self.bits not in (4, 8):
-            raise ValueError(f"{self.bits}-bit weights: MatMulNBits is written at 4 or 8 bits")
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"{self.bits}-bit weights: MatMulNBits is written at 2, 4 or 8 bits")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size {self.block_size}: MatMulNBits needs a power of two >= 16")
 

@@ -33,6 +33,9 @@ NEWEST_KNOWN = max(OPSETS)
 # pattern ONNX Runtime's optimizer fuses back into its own SimplifiedLayerNormalization.
 RMS_NORMALIZATION_OPSET = 23
 EIGHT_BIT_MATMUL_RELEASE = (1, 22)  # MatMulNBits bits=8 on the CPU ("Only 4b quantization" before)
+# MatMulNBits bits=2 on the CPU: 1.24 to 1.27 run it 80-95x slower than 4 bits (a 576 x 1536 node: 1.9-2.3 ms
+# against 23 us); from 1.28, about 2x (44-68 us; measured here, benchmarks/RESULTS.md)
+TWO_BIT_MATMUL_RELEASE = (1, 28)
 PACKED_GATHER_RELEASE = (1, 23)  # GatherBlockQuantized with its `bits` attribute and packed uint8 data
 # GroupQueryAttention's local_window_size: 1.18 to 1.23 load it but compute other logits than PyTorch once a
 # prompt is longer than the window (Gemma 3, Phi-3 and Mistral-style tiny models, 20-token prompts: max |logit
@@ -96,7 +99,9 @@ def requirements(proto) -> list[Requirement]:
     for node in proto.graph.node:
         if node.domain != MS_DOMAIN:
             continue
-        if node.op_type == "MatMulNBits" and _attribute(node, "bits", 4) != 4:
+        if node.op_type == "MatMulNBits" and _attribute(node, "bits", 4) == 2:
+            needs.append(Requirement(TWO_BIT_MATMUL_RELEASE, "2-bit MatMulNBits at speed"))
+        elif node.op_type == "MatMulNBits" and _attribute(node, "bits", 4) != 4:
             needs.append(Requirement(EIGHT_BIT_MATMUL_RELEASE, f"{_attribute(node, 'bits')}-bit MatMulNBits"))
         elif node.op_type == "GatherBlockQuantized" and _attribute(node, "bits") is not None:
             needs.append(Requirement(PACKED_GATHER_RELEASE, "GatherBlockQuantized with packed uint8 data"))
