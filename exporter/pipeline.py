@@ -60,8 +60,13 @@ from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projecti
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
-from exporter.graph.onnxruntime_releases import (EIGHT_BIT_MATMUL_RELEASE, TWO_BIT_MATMUL_RELEASE, check_release,
-                                                 oldest_release, parse_release)
+from exporter.graph.onnxruntime_releases import (
+    EIGHT_BIT_MATMUL_RELEASE,
+    TWO_BIT_MATMUL_RELEASE,
+    check_release,
+    oldest_release,
+    parse_release,
+)
 from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import constant_bytes, unsupported_reason, write_decoder
@@ -533,8 +538,14 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
-    from exporter.compress.format_allocation import (LOW_BIT_MENU, apply_choices, byte_range, fixed_bytes,
-                                                     format_units, smallest_option_bytes)
+    from exporter.compress.format_allocation import (
+        LOW_BIT_MENU,
+        apply_choices,
+        byte_range,
+        fixed_bytes,
+        format_units,
+        smallest_option_bytes,
+    )
 
     clock = prepared.clock
     if ids is None:
