@@ -82,6 +82,9 @@ PARITY_PROMPT = (
     "each projection becomes the product of two thin matrices, and the result is checked"
 )
 ALLOCATIONS = ("fisher", "uniform")
+# --weights auto warns above this estimated loss increase (nats/token, 1.22x perplexity): SmolLM2-135M measured 1.45x
+# at 72 MB (estimate 0.31), 2.8x at 65 MB (0.62), garbage at 52 MB (1.68), all mostly 2-bit
+WEAK_FORMATS_LOSS = 0.2
 FORMAT_BYTES_STEP = 4096  # the format knapsack's byte granularity (at most; an eighth of the smallest option)
 GRAPHS = ("auto", "fused", "optimum")
 # A quantized graph is checked twice: its fp32 twin must match PyTorch tightly (the graph is right),
@@ -591,6 +594,11 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                            "predicted_loss_increase": sum(u.loss[u.choice] for u in units)}
     say(f"formats: {plan.formats_budget['chosen_bytes'] / MB:.1f} MB of {budget_bytes / MB:.1f} MB, "
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
+    predicted = plan.formats_budget["predicted_loss_increase"]
+    if predicted > WEAK_FORMATS_LOSS:  # the estimate understates 2-bit losses (docs/quantization.md)
+        say(f"warning: the formats that fit {budget_bytes / MB:.1f} MB are estimated to raise perplexity "
+            f"{math.exp(predicted):.2f}x over the dense model, and 2-bit grids more than estimated: check the "
+            "artifact (exporter evaluate) or give it more bytes")
 
 
 def runtime_menu(options: ExportOptions) -> tuple:
