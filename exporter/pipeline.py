@@ -69,7 +69,7 @@ from exporter.graph.onnxruntime_releases import (
 )
 from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.graph.optimum_export import check_parity, export_onnx
-from exporter.graph.writer import constant_bytes, unsupported_reason, write_decoder
+from exporter.graph.writer import constant_bytes, served_positions, unsupported_reason, write_decoder
 from exporter.precisions import ACTIVATIONS, check_activations
 from exporter.precisions import WEIGHT_FORMATS as WEIGHTS
 from exporter.settings import PARITY_ATOL
@@ -547,7 +547,6 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         byte_range,
         fixed_bytes,
         format_units,
-        smallest_option_bytes,
     )
 
     clock = prepared.clock
@@ -562,9 +561,9 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     def reach(menu) -> tuple[int, int, int]:
         """The smallest and largest bytes `menu` allows, and the knapsack's step: an eighth of the smallest
         option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny models: finer)."""
-        step = min(FORMAT_BYTES_STEP, max(256, smallest_option_bytes(plan.model, groups, menu) // 8))
-        return (*(b + constant_bytes(plan.model, options.activations, context)
-                  for b in byte_range(plan.model, groups, menu, options.block_size)), step)
+        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size)
+        tables = constant_bytes(plan.model, options.activations, context)
+        return smallest + tables, largest + tables, min(FORMAT_BYTES_STEP, max(256, option // 8))
 
     smallest, largest, step = reach(menu)
     if budget_bytes < smallest + step * len(groups) and (options.release is None or
@@ -851,7 +850,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
     fractions = _exported_levels(plan, graph, options, fractions, explicit=levels is not None)
     leveled = len(fractions) > 1
     # the longest sequence the artifact serves: the profile's context (the rotary tables end there)
-    context = min(profile.budget.max_context, int(getattr(model.config, "max_position_embeddings", 1 << 30)))
+    context = served_positions(model.config, profile.budget.max_context)
     with staging_dir(target, options.force) as staging:
         prompt = tokenizer(PARITY_PROMPT, add_special_tokens=False)["input_ids"]
         prompt = prompt[: max(1, context - options.parity_steps)]  # prompt and steps within the context

@@ -297,23 +297,16 @@ def fill_chosen_grids(units: list[Unit], statistics) -> None:
             unit.grids[unit.choice] = option_grids(computed, unit, unit.choice)
 
 
-def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32) -> tuple[int, int]:
-    """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included: known
-    before any pricing."""
+def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32) -> tuple[int, int, int]:
+    """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included, and the
+    bytes of the smallest option of any unit (it sets the knapsack's granularity): known before any pricing."""
     linears = grid_linears(model)
     head_name = module_name(model, model.get_output_embeddings())
     per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members)
                  for f in unit_menu(menu, members, head_name)] for members in groups]
     fixed = fixed_bytes(model, embedding_block_size)
-    return fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit)
-
-
-def smallest_option_bytes(model, groups: list[list[str]], menu=MENU) -> int:
-    """The bytes of the smallest option of any unit (it sets the knapsack's granularity)."""
-    linears = grid_linears(model)
-    head_name = module_name(model, model.get_output_embeddings())
-    return min(sum(f.matrix_bytes(*linears[n].weight.shape) for n in members)
-               for members in groups for f in unit_menu(menu, members, head_name))
+    return (fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit),
+            min(min(b) for b in per_unit))
 
 
 def fixed_bytes(model, embedding_block_size: int = 32) -> int:

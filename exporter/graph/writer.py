@@ -639,7 +639,7 @@ def _sliding_window(model, layer) -> int | None:
     return window
 
 
-def _max_positions(config, max_context: int | None = None) -> int:
+def served_positions(config, max_context: int | None = None) -> int:
     """Rows of the rotary tables: the model's positions, or the context the artifact serves where that is shorter
     (a device profile's max_context: Gemma 3 270M's four fp32 tables for 32,768 positions are 67 MB)."""
     positions = int(getattr(config, "max_position_embeddings", 4096))
@@ -654,7 +654,7 @@ def constant_bytes(model, activations: str = "fp32", max_context: int | None = N
     """Bytes the graph files hold besides the model's parameters: the rotary cos/sin caches (for `max_context`
     positions, as build_decoder writes them), and an allowance for the graph's own protobuf, so that a byte
     budget holds for everything named model.onnx*."""
-    positions = _max_positions(model.config, max_context)
+    positions = served_positions(model.config, max_context)
     rope = 2 * positions * (_head_dim(model.config) // 2) * (4 if activations == "fp32" else 2)
     if _local_rotary(model) is not None or _long_rope_switch(model, positions) is not None:  # a second pair
         rope *= 2
@@ -770,7 +770,7 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = _head_dim(config)
     vocab = config.vocab_size
-    max_positions = _max_positions(config, max_context)
+    max_positions = served_positions(config, max_context)
     g = _Graph(dtype, limits(onnxruntime)[0])
     float_type = helper.np_dtype_to_tensor_dtype(g.dtype)
 
