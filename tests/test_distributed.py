@@ -93,6 +93,69 @@ def test_two_processes_compute_the_statistics_of_one(llama_dir, tiny_models, cal
                                    atol=1e-6 * float(s.channels.max()))
 
 
+TRAINING = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from exporter.compress import corrective, distributed
+from exporter.compress.corrective import attach_correctives, dense_teacher, train_end_to_end
+from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+from exporter.compress.grid import QuantFormat
+from exporter.compress.quantize import grid_linears, grid_of, quantize_model
+from exporter.compress.scale_tuning import tune_scales
+from exporter.settings import CorrectiveOptions
+
+model_dir, ids_path, out = sys.argv[1:4]
+torch.set_num_threads(1)
+distributed.start(torch.device("cpu"))
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+ids = torch.load(ids_path)
+teacher = dense_teacher(model)
+decompositions = decompose_model(model, "whitened", ids, progress=False)
+apply_ranks(model, decompositions, uniform_ranks(decoder_projections(model), 0.3))
+attach_correctives(model, decompositions, 4)
+shares, kl = [], corrective.kl_divergence
+def recording(student, teacher, batch):
+    if student.training:
+        shares.append(batch.shape[0])
+    return kl(student, teacher, batch)
+corrective.kl_divergence = recording
+train_end_to_end(model, teacher, ids, CorrectiveOptions(kl_steps=6, kl_batch_size=2, holdout=2), progress=False)
+branches = {n: p.detach().clone() for n, p in model.named_parameters() if "corrective" in n}
+quantize_model(model, lambda name: QuantFormat(4, 16, False), None, method="rtn", head_method="rtn", progress=False)
+tune_scales(model, teacher, ids, 4, batch_size=2, holdout=2, progress=False)
+scales = {n: torch.from_numpy(grid_of(m).scales) for n, m in grid_linears(model).items()}
+if distributed.rank() == 0:
+    torch.save({"branches": branches, "scales": scales, "shares": shares}, out)
+distributed.stop()
+"""
+
+
+def test_two_processes_train_as_one_under_distributed_data_parallel(llama_dir, calib_ids, tmp_path):
+    """The end-to-end KL steps (corrective branches, then scale tuning) under DistributedDataParallel: each rank
+    trains on its half of every batch, and the trained weights are those of one process on the whole batches."""
+    ids = calib_ids[:8, :SEQ_LEN]
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "dp_training.py"
+    script.write_text(textwrap.dedent(TRAINING))
+    run = torchrun([str(script), str(llama_dir), str(tmp_path / "ids.pt"), str(tmp_path / "two.pt")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt")
+    assert two["shares"] == [1] * 6  # one sequence of each batch of 2 per rank: the gradients were averaged
+    run = subprocess.run([sys.executable, str(script), str(llama_dir), str(tmp_path / "ids.pt"), str(tmp_path / "one.pt")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt")
+    assert one["shares"] == [2] * 6
+    assert set(two["branches"]) == set(one["branches"]) and two["branches"]
+    for name, weight in one["branches"].items():
+        assert not torch.equal(weight, torch.zeros_like(weight)) or "up" not in name
+        torch.testing.assert_close(two["branches"][name], weight, rtol=1e-3, atol=1e-5 * float(weight.abs().max()))
+    for name, scales in one["scales"].items():
+        torch.testing.assert_close(two["scales"][name], scales, rtol=1e-3, atol=1e-7)
+
+
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 

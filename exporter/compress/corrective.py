@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from exporter.compress import compute
+from exporter.compress import compute, distributed
 from exporter.compress.factorize import Projection, install_unit, unit_name
 from exporter.compress.grams import capture_layer_inputs, run_layer
 from exporter.compress.lowrank import CorrectedLinear, Decomposition, LowRankLinear, join_rows
@@ -359,10 +359,11 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     optimizer, params = _optimizer(student, options, options.kl_lr)
     generator = torch.Generator().manual_seed(1)
     student.train()
+    trained = distributed.data_parallel(student)  # torchrun: each rank its share of a batch
     bar = tqdm(range(options.kl_steps), desc="end-to-end KL", unit="step", disable=not progress)
     for _ in bar:
         batch = train[torch.randint(len(train), (options.kl_batch_size,), generator=generator)]
-        loss = kl_divergence(student, teacher, batch)
+        loss = kl_divergence(trained, teacher, distributed.batch_share(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

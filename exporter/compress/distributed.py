@@ -7,7 +7,9 @@ output sensitivities) is computed by each rank on its shard of the windows, rank
 and summed over the ranks (all_reduce), so every rank holds the statistics one process computes, up to the order
 of float additions. Per-weight work (each projection's whitened SVD, its GPTQ grid) is split over the ranks, every
 N-th projection of a layer to each, and the results exchanged (all_gather). Choices made from the statistics
-(ranks, formats) are then the same on every rank. Rank 0 writes the artifact; the others stop after the
+(ranks, formats) are then the same on every rank. The end-to-end KL training (corrective branches, scale tuning)
+runs under DistributedDataParallel: every rank draws the same batch and trains on its share of it
+(`batch_share`), the gradients averaged over the ranks in the backward pass. Rank 0 writes the artifact; the others stop after the
 compression. Backends: gloo on CPUs, NCCL with `--compute cuda`
 (each rank on cuda:LOCAL_RANK). Collectives time out (EXPORTER_COLLECTIVE_TIMEOUT seconds, default 1800), and a
 rank whose peer stopped fails its next collective: every rank ends with a one-line error, none hangs.
@@ -127,6 +129,26 @@ def split_work(keys: list) -> tuple[list, callable]:
     return mine, merge
 
 
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` wrapped in DistributedDataParallel where several processes train it (each rank runs its
+    `batch_share` of every batch; the backward pass averages the gradients of its trainable parameters over the
+    ranks, so every rank takes the same optimizer step), the module itself for one process. The ranks hold the same
+    weights already (same model, same choices): no initial broadcast, and no buffers sent per step."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, init_sync=False, broadcast_buffers=False)
+
+
+def batch_share(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's sequences of a training batch every rank drew alike (the same seeded generator): r, r + N, ...;
+    the whole batch where it has fewer sequences than ranks (every rank then computes the same gradient). With
+    equal shares, the averaged gradient of the per-rank means is the whole batch's mean gradient."""
+    size = world_size()
+    return batch[rank() :: size] if size > 1 and batch.shape[0] >= size else batch
+
+
 def all_agree(flag: bool) -> bool:
     """True where every rank's flag is true (a decision every rank must take the same way)."""
     if not active():
@@ -152,4 +174,5 @@ def describe() -> dict | None:
     return {"world_size": world_size(), "backend": torch.distributed.get_backend(),
             "sharding": "calibration windows interleaved over ranks: rank r reads windows r, r+N, ...; sums "
                         "over windows (Grams, Fisher scores, output sensitivities) all-reduced; each projection's "
-                        "SVD and GPTQ grid computed by one rank"}
+                        "SVD and GPTQ grid computed by one rank; end-to-end KL steps (corrective branches, scale "
+                        "tuning) under DistributedDataParallel, each rank its share of every batch"}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from exporter.compress import distributed
 from exporter.compress.corrective import kl_divergence
 from exporter.compress.grid import GridWeights
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
@@ -108,10 +109,11 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
         # Cosine decay to 0: large first steps, then settling (the held-out KL rose when a constant rate ran on).
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
         generator = torch.Generator().manual_seed(seed)
+        trained = distributed.data_parallel(model)  # torchrun: each rank its share of a batch
         bar = tqdm(range(steps), desc="tuning scales", unit="step", disable=not progress)
         for _ in bar:
             batch = train[torch.randint(len(train), (batch_size,), generator=generator)]
-            loss = kl_divergence(model, teacher, batch)
+            loss = kl_divergence(trained, teacher, distributed.batch_share(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
