@@ -326,17 +326,20 @@ class Prepared:
         return self._importance[key]
 
     def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = (),
-                      menu: tuple | None = None) -> list:
-        """`--weights auto`: every MatMulNBits unit's menu (default: format_allocation.MENU) with bytes, grids
-        and estimated loss (exporter.compress.format_allocation.price_units); a fresh copy of each unit per
-        call, for its choice. Prices read from the statistics store come without grids: `chosen_grids`."""
+                      menu: tuple | None = None, low_rank: tuple = ()) -> list:
+        """`--weights auto`: every MatMulNBits unit's menu (default: format_allocation.MENU; with `low_rank`, the
+        low-rank options on those factor formats) with bytes, grids and estimated loss (exporter.compress.
+        format_allocation.price_units); a fresh copy of each unit per call, for its choice. Prices read from the
+        statistics store come without grids: `chosen_grids`."""
         from exporter.compress.format_allocation import MENU, Unit, price_units, pricing_statistics
 
         menu = tuple(menu or MENU)
-        key = (tuple(map(tuple, groups)), samples, corrections, tuple(f.name for f in menu))
+        key = (tuple(map(tuple, groups)), samples, corrections, tuple(f.name for f in menu),
+               tuple(f.name for f in low_rank))
         if key not in self._prices:
             ids = self.calibration()[0]
-            stored_key = [list(map(list, groups)), samples, list(corrections), [f.name for f in menu]]
+            stored_key = [list(map(list, groups)), samples, list(corrections), [f.name for f in menu],
+                          [f.name for f in low_rank]]
             found = self._stored("format prices", stored_key)
             if found is not None:  # prices and sensitivities; the grids are computed for the chosen options
                 tensors, info = found
@@ -350,7 +353,8 @@ class Prepared:
                     statistics = pricing_statistics(self._dense(), ids, ids[:samples], progress=self.options.progress)
                     self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
                                                     progress=self.options.progress, groups=groups,
-                                                    corrections=corrections, statistics=statistics)
+                                                    corrections=corrections, statistics=statistics,
+                                                    low_rank=low_rank)
                 self.seconds[("price formats", key)] = time.perf_counter() - start
                 self._sensitivities[samples] = statistics.sensitivity
                 tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
@@ -543,6 +547,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     from exporter.compress.allocate import multiple_choice_knapsack
     from exporter.compress.format_allocation import (
         LOW_BIT_MENU,
+        LOW_RANK_FORMATS,
         apply_choices,
         byte_range,
         fixed_bytes,
@@ -558,23 +563,26 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     menu = runtime_menu(options)
     context = plan.profile.budget.max_context  # the rotary tables' rows (the writer's max_context)
 
-    def reach(menu) -> tuple[int, int, int]:
-        """The smallest and largest bytes `menu` allows, and the knapsack's step: an eighth of the smallest
-        option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny models: finer)."""
-        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size)
+    low_rank = ()
+
+    def reach(menu, low_rank=()) -> tuple[int, int, int]:
+        """The smallest and largest bytes `menu` (and `low_rank` options) allows, and the knapsack's step: an
+        eighth of the smallest option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny models: finer)."""
+        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size, low_rank)
         tables = constant_bytes(plan.model, options.activations, context)
         return smallest + tables, largest + tables, min(FORMAT_BYTES_STEP, max(256, option // 8))
 
     smallest, largest, step = reach(menu)
-    if budget_bytes < smallest + step * len(groups) and (options.release is None or
-                                                         options.release >= TWO_BIT_MATMUL_RELEASE):
-        menu = menu + LOW_BIT_MENU  # below what 4 bits reach: 2-bit grids too
-        smallest, _, step = reach(menu)
+    if budget_bytes < smallest + step * len(groups):  # below what 4 bits reach: low-rank options (and 2-bit grids)
+        low_rank = LOW_RANK_FORMATS
+        if options.release is None or options.release >= TWO_BIT_MATMUL_RELEASE:
+            menu = menu + LOW_BIT_MENU
+        smallest, _, step = reach(menu, low_rank)
     if budget_bytes < smallest + step * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
-                                   (options.error_correction,) if options.error_correction else (), menu)
+                                   (options.error_correction,) if options.error_correction else (), menu, low_rank)
     fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations, context)
     with clock.stage("allocate"):
         choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
@@ -587,6 +595,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     prepared.chosen_grids(units, options.fisher_samples)
     apply_choices(plan.model, units)
     plan.formats = units
+    plan.ranks = effective_ranks(plan.model, plan.projections)
     plan.formats_budget = {"budget_bytes": budget_bytes, "fixed_bytes": fixed,
                            "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
                            "smallest_bytes": smallest, "largest_bytes": largest,
@@ -613,8 +622,8 @@ def runtime_menu(options: ExportOptions) -> tuple:
 def _format_counts(units) -> dict[str, int]:
     counts: dict[str, int] = {}
     for unit in units:
-        rank = unit.correction(unit.choice)
-        name = unit.options[unit.choice].name + (f"+lqer{rank}" if rank else "")
+        rank, factorized = unit.correction(unit.choice), unit.rank(unit.choice)
+        name = unit.options[unit.choice].name + (f"+lqer{rank}" if rank else "") + (" low-rank" if factorized else "")
         counts[name] = counts.get(name, 0) + 1
     return counts
 
@@ -1086,6 +1095,10 @@ def _exported_levels(plan: Plan, graph: str, options: ExportOptions, fractions: 
     if all(rank is None for rank in plan.ranks.values()):
         if explicit:
             say("--levels: the model is exported dense, nothing to slice: writing one level")
+        return (1.0,)
+    if options.auto_formats:  # a level reads a prefix of the factors' blocks; their formats differ per unit
+        if explicit:
+            say("--levels: --weights auto graphs have no rank levels: writing one level")
         return (1.0,)
     return fractions
 

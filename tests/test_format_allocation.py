@@ -14,8 +14,14 @@ from conftest import genai_greedy
 
 from exporter import pipeline
 from exporter.cli import main
+from exporter.compress import format_allocation
 from exporter.compress.allocate import multiple_choice_knapsack
-from exporter.compress.format_allocation import MENU, apply_choices, format_units, price_units
+from exporter.compress.format_allocation import (
+    MENU,
+    apply_choices,
+    format_units,
+    price_units,
+)
 from exporter.device.profiles import PROFILES_DIR
 
 
@@ -42,7 +48,12 @@ def test_units_are_the_graphs_matmuls(tiny_models, calib_ids):
     """Dense: q/k/v one unit (one first stage), o, gate/up, down, lm_head. Factorized with correctives: the
     downs and branch downs that read one input are one unit, a branch's up folds into its projection's up."""
     from exporter.compress.corrective import attach_correctives
-    from exporter.compress.factorize import apply_ranks, decoder_projections, decompose_model, uniform_ranks
+    from exporter.compress.factorize import (
+        apply_ranks,
+        decoder_projections,
+        decompose_model,
+        uniform_ranks,
+    )
 
     model = tiny_models.load("llama")
     layers = model.config.num_hidden_layers
@@ -102,6 +113,41 @@ def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer,
     assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 1-3: 0.86-0.96
 
 
+def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenizer, calib_text):
+    """The same check with low-rank options in the menu: whole-model choices mixing factorized units (every rank,
+    both factor formats) and grids, ranked by the summed estimate as by the measured held-out loss increase."""
+    import copy
+
+    from exporter.compress.format_allocation import LOW_RANK_FORMATS
+    from exporter.source.calibration import windows_from_texts
+
+    dense_model = tiny_models.load("llama")
+    windows = windows_from_texts([calib_text], tokenizer, 112, 64, seed=1)
+    train, held_out = windows[:48], windows[48:]
+    units = price_units(dense_model, train, train[:6], progress=False, low_rank=LOW_RANK_FORMATS)
+
+    def loss(model):
+        with torch.no_grad():
+            return float(model(held_out, labels=held_out, use_cache=False).loss)
+
+    base = loss(dense_model)
+    int8 = MENU.index(next(f for f in MENU if f.name == "int8-b32"))
+    low_rank = [[k for k in range(len(u.options)) if u.rank(k)] for u in units]
+    rng = random.Random(2)
+    configurations = [[options[min(k, len(options) - 1)] if options else int8 for options in low_rank]
+                      for k in range(max(map(len, low_rank)))]
+    configurations += [[rng.choice(options + [int8]) if options else int8 for options in low_rank] for _ in range(6)]
+    predicted, measured = [], []
+    for choice in configurations:
+        model = copy.deepcopy(dense_model)
+        for unit, option in zip(units, choice):
+            unit.choice = option
+        apply_choices(model, units)
+        predicted.append(sum(u.loss[u.choice] for u in units))
+        measured.append(loss(model) - base)
+    assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 2-4: 0.96, 0.99, 0.98
+
+
 def _export(llama_dir, calib_file, out, *extra):
     return main(["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
                  "--calib-seq-len", "32", "--out", str(out), "--device", "host", "--no-progress",
@@ -154,6 +200,7 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
     four_bit_smallest = json.loads((out / "manifest.json").read_text())["method"]["formats"]["smallest_bytes"]
     budget_mb = (four_bit_smallest - 8_000) / 1e6  # the 2-bit menu reaches about 16 KB lower here
     out = tmp_path / "two-bit"
+    monkeypatch.setattr(format_allocation, "LOW_RANK_FORMATS", ())  # the 2-bit grids alone (low rank: below)
     monkeypatch.setattr(pipeline, "WEAK_FORMATS_LOSS", 0.0)  # a tiny model's estimates are tiny: warn at any
     capsys.readouterr()
     assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
@@ -175,6 +222,83 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
                    "--onnxruntime-version", "1.24")
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and "cannot hold this model: its formats need" in err[-1]
+
+
+def test_low_rank_options_price_truncation_and_grids_together(tiny_models, calib_ids):
+    """A unit's low-rank options: estimated loss falls as the rank grows, bytes are the factors' grids, and the
+    installed factors (one shared down, the members' ups, each on its grid) compute what the grids hold."""
+    from exporter.compress.format_allocation import (
+        LOW_RANK_FORMATS,
+        low_rank_bytes,
+        low_rank_ranks,
+        pricing_statistics,
+    )
+    from exporter.compress.lowrank import LowRankLinear
+
+    model = tiny_models.load("llama")
+    statistics = pricing_statistics(model, calib_ids[:4], calib_ids[:2], progress=False)
+    groups = format_units(model)
+    qkv = next(g for g in groups if "model.layers.0.self_attn.q_proj" in g)
+    units = price_units(model, calib_ids[:4], calib_ids[:2], progress=False, groups=[qkv, ["lm_head"]],
+                        statistics=statistics, low_rank=LOW_RANK_FORMATS)
+    unit, head = units
+    assert not any(head.ranks)  # lm_head: never factorized
+    ranks = low_rank_ranks(64 + 32 + 32, 64)
+    assert len(ranks) >= 2
+    shapes = [(64, 64), (32, 64), (32, 64)]
+    for fmt in LOW_RANK_FORMATS:
+        options = [k for k, f in enumerate(unit.options) if f == fmt and unit.rank(k)]
+        assert [unit.rank(k) for k in options] == ranks
+        assert [unit.bytes[k] for k in options] == [low_rank_bytes(fmt, r, shapes) for r in ranks]
+        losses = [unit.loss[k] for k in options]
+        assert all(a > b for a, b in zip(losses, losses[1:])), losses  # more rank, less loss
+        dense_loss = unit.loss[unit.options.index(fmt)]
+        assert losses[0] > dense_loss  # truncation costs more than the grid alone
+    option = next(k for k in range(len(unit.options)) if unit.rank(k))
+    unit.choice = option
+    x = torch.randn(3, 64)
+    grids = unit.grids[option]
+    expected = x @ torch.cat([torch.from_numpy(grids[f"{n}.up"].dequantize()) @
+                              torch.from_numpy(grids[f"{qkv[0]}.down"].dequantize()) for n in qkv]).T
+    apply_choices(model, [unit])
+    modules = [model.get_submodule(n) for n in qkv]
+    assert all(isinstance(m, LowRankLinear) and m.rank == unit.rank(option) for m in modules)
+    assert all(m.down is modules[0].down for m in modules)
+    with torch.no_grad():
+        assert torch.allclose(torch.cat([m(x) for m in modules], dim=-1), expected, atol=1e-5)
+    assert format_allocation.option_grids(statistics, unit, option).keys() == grids.keys()
+
+
+def test_a_budget_below_four_bits_buys_low_rank_units(tmp_path, llama_dir, calib_file, capsys, monkeypatch):
+    """Far below what 4 bits reach, units are factorized (two MatMulNBits each: the shared down factor, the
+    ups); the budget holds, ONNX Runtime computes what PyTorch does, onnxruntime-genai generates."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from exporter.runtime.generation import OrtDecoder
+
+    out = tmp_path / "probe"
+    assert _export(llama_dir, calib_file, out, "--budget-mb", "1000") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    four_bit_smallest = manifest["method"]["formats"]["smallest_bytes"]
+    units = len(manifest["method"]["formats"]["units"])
+    out = tmp_path / "low-rank"
+    monkeypatch.setattr(format_allocation, "LOW_BIT_MENU", ())  # the low-rank options alone (2-bit grids: above)
+    budget_mb = (four_bit_smallest - 10_000) / 1e6
+    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    formats = manifest["method"]["formats"]
+    assert formats["chosen_bytes"] <= formats["budget_bytes"]
+    factorized = [u for u in formats["units"] if u["rank"]]
+    assert factorized and all(u["unit"] != "lm_head" for u in factorized)
+    assert any(entry["rank"] for entry in manifest["ranks"].values())  # the report's ranks table shows them
+    counts = manifest["onnx"]["quantization"]["matmul_nbits"]
+    assert sum(v for k, v in counts.items() if not k.startswith("gather")) == units + len(factorized)
+    on_disk = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    assert on_disk <= formats["budget_bytes"]
+    assert manifest["parity"]["quantized"]["passed"]
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, 8)
+    generated = genai_greedy(og, out, prompt, 8)
+    assert len(generated) >= 1 and generated == expected[: len(generated)]
 
 
 def test_auto_with_an_infeasible_budget_says_what_fits(tmp_path, llama_dir, calib_file, capsys):

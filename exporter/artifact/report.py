@@ -151,15 +151,16 @@ def _format_lines(method: Method) -> list[str]:
     f = method.formats
     counts: dict[str, int] = {}
     for unit in f["units"]:
-        counts[unit["format"]] = counts.get(unit["format"], 0) + 1
+        name = unit["format"] + (" low-rank" if unit.get("rank") else "")
+        counts[name] = counts.get(name, 0) + 1
     lines = ["## Weight formats (--weights auto)", "",
              f"{f['chosen_bytes'] / MB:.1f} MB of weights for a budget of {f['budget_bytes'] / MB:.1f} MB (the menu "
              f"spans {f['smallest_bytes'] / MB:.1f} to {f['largest_bytes'] / MB:.1f} MB); predicted loss increase "
              f"{f['predicted_loss_increase']:.4f} nats/token. "
              + ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())) + ".", "",
              "![weight bits per layer](formats.png)", "", "| unit | format | MB | predicted dL |", "|---|---|---|---|"]
-    lines += [f"| {u['unit']} | {u['format']} ({u['method']}) | {u['bytes'] / MB:.2f} | {u['predicted_loss_increase']:.2e} |"
-              for u in f["units"]]
+    lines += [f"| {u['unit']} | {u['format']} ({u['method']}){f', rank {r}' if (r := u.get('rank')) else ''} | "
+              f"{u['bytes'] / MB:.2f} | {u['predicted_loss_increase']:.2e} |" for u in f["units"]]
     return lines + [""]
 
 

@@ -6,7 +6,10 @@ has one format, so the linears that feed one node are one unit (`format_units`).
 
 Menu. Every unit can take each format of `MENU` (int4 at blocks 256 to 16, int8 at 128 and 32), each with exact
 bytes (QuantFormat.matrix_bytes) and an estimated loss increase; below what that menu reaches, also the 2-bit
-formats of `LOW_BIT_MENU` (not lm_head).
+formats of `LOW_BIT_MENU` (not lm_head) and low-rank options: a unit's linears factorized jointly at rank r
+(the whitened SVD of their stacked weights under the input Gram they share, one down factor and an up factor per
+linear), both factors on a grid of `LOW_RANK_FORMATS`, the up factor refitted by least squares to the quantized
+down factor before its own GPTQ.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -17,7 +20,8 @@ input Gram G = sum_t w_t x_t x_t^T over the T_G calibration tokens (the same Gra
     dL ~= 1/2 * sum_i a_i (E G E^T)_ii / T_G
 
 E is the actual GPTQ error of that format, so the estimate sees the grid, the block size and GPTQ's
-compensation. Cross-terms between units are ignored (their errors are independent), so the estimates add.
+compensation; for a low-rank option E = W - Q(up) Q(down), truncation and both grids together. Cross-terms
+between units are ignored (their errors are independent), so the estimates add.
 
 Choice. A multiple-choice knapsack (exporter.compress.allocate.multiple_choice_knapsack): the least total
 estimated loss whose bytes fit the budget.
@@ -30,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
-from exporter.compress.factorize import unit_name
+from exporter.compress.factorize import install_unit, unit_name
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
 from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
-from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
+from exporter.compress.lowrank import CorrectedLinear, LowRankLinear, break_even_rank, decompose
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
 
@@ -50,11 +54,33 @@ MENU = tuple(QuantFormat.parse(name) for name in
 # runs 2-bit MatMulNBits about 2x slower per node than 4-bit, and lm_head never takes them (the tied embedding
 # gathers from lm_head's blocks; GatherBlockQuantized reads 4 and 8 bits).
 LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2-b32-asym"))
+# Low-rank options, offered with LOW_BIT_MENU: the factors' grids, and the ranks as fractions of the unit's
+# break-even rank (whole 32-column blocks where the unit is large enough). A factorized unit is two MatMulNBits.
+LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b32-asym"))
+LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 
 
 def unit_menu(menu, members: list[str], head_name: str) -> list[QuantFormat]:
     """The formats a unit may take: all of `menu`, but no 2-bit format for lm_head."""
     return [f for f in menu if f.bits != 2 or head_name not in members]
+
+
+def low_rank_ranks(out_features: int, in_features: int) -> list[int]:
+    """The ranks a unit of this shape may be factorized to (LOW_RANK_FRACTIONS of its break-even rank)."""
+    even = break_even_rank(out_features, in_features)
+    multiple = 32 if even >= 128 else 8
+    return sorted({int(f * even) // multiple * multiple for f in LOW_RANK_FRACTIONS} - {0})
+
+
+def factorizable(members: list[str], head_name: str) -> bool:
+    """Whether a unit may take low-rank options: not lm_head (the tied embedding gathers its rows), and
+    siblings of one module (the joint factorization's naming, exporter.compress.factorize.unit_name)."""
+    return head_name not in members and len({m.rpartition(".")[0] for m in members}) == 1
+
+
+def low_rank_bytes(fmt: QuantFormat, rank: int, shapes: list[tuple[int, int]]) -> int:
+    """Bytes of a unit whose linears (out, in) share a down factor of `rank` and each keep an up factor."""
+    return fmt.matrix_bytes(rank, shapes[0][1]) + sum(fmt.matrix_bytes(out, rank) for out, _ in shapes)
 
 
 @dataclass
@@ -71,29 +97,34 @@ class Unit:
     weights: int = 0  # parameters of its linears
     choice: int = -1
     corrections: list[int] = field(default_factory=list)  # per option: rank of its error correction (0: none)
+    ranks: list[int] = field(default_factory=list)  # per option: rank of its joint factorization (0: dense)
 
     def correction(self, option: int) -> int:
         return self.corrections[option] if self.corrections else 0
+
+    def rank(self, option: int) -> int:
+        return self.ranks[option] if self.ranks else 0
 
     def record(self) -> dict:
         """Everything but the grids, for the statistics store (`from_record` reads it back)."""
         return {"name": self.name, "members": self.members, "options": [f.name for f in self.options],
                 "methods": self.methods, "bytes": self.bytes, "loss": self.loss, "weights": self.weights,
-                "corrections": self.corrections}
+                "corrections": self.corrections, "ranks": self.ranks}
 
     @classmethod
     def from_record(cls, record: dict) -> Unit:
         """A priced unit without grids (`fill_chosen_grids` computes the chosen option's)."""
         return cls(record["name"], record["members"], [QuantFormat.parse(f) for f in record["options"]],
                    record["methods"], record["bytes"], record["loss"], [None] * len(record["options"]),
-                   weights=record["weights"], corrections=record["corrections"])
+                   weights=record["weights"], corrections=record["corrections"], ranks=record.get("ranks", []))
 
     def to_dict(self) -> dict:
         return {"unit": self.name, "weights": self.weights, "format": self.options[self.choice].name,
                 "method": self.methods[self.choice], "correction_rank": self.correction(self.choice),
+                "rank": self.rank(self.choice) or None,
                 "bytes": self.bytes[self.choice], "predicted_loss_increase": self.loss[self.choice],
-                "menu": [{"format": f.name, "method": m, "correction_rank": self.correction(k), "bytes": b,
-                          "predicted_loss_increase": loss}
+                "menu": [{"format": f.name, "method": m, "correction_rank": self.correction(k),
+                          "rank": self.rank(k) or None, "bytes": b, "predicted_loss_increase": loss}
                          for k, (f, m, b, loss) in enumerate(zip(self.options, self.methods, self.bytes, self.loss))]}
 
 
@@ -180,6 +211,36 @@ def corrected_options(members: list[str], linears: dict, grams: dict, fisher: di
     return found
 
 
+def low_rank_options(members: list[str], linears: dict, grams: dict, fisher: dict, formats, ranks: list[int],
+                     tokens: int) -> list[tuple[QuantFormat, int, int, float, dict]]:
+    """(format, rank, bytes, estimated loss, grids) of each low-rank option of a unit: its linears' stacked
+    weight factorized by the whitened SVD under the Gram they share (exporter.compress.lowrank.decompose), the
+    down factor on its grid by GPTQ on that Gram, the up factor refitted by least squares to the quantized down
+    factor (its input is that factor's output) and put on its grid by GPTQ on the down factor's output Gram.
+    Grids: `{first member}.down`, `{member}.up`."""
+    weight = torch.cat([linears[n].weight.detach() for n in members]).double()
+    gram = grams[members[0]].double()
+    rows = [linears[n].out_features for n in members]
+    decomposition = decompose(weight, gram, max_rank=max(ranks))
+    found = []
+    for fmt in formats:
+        for rank in ranks:
+            down_grid = gptq(decomposition.down[:rank], gram, fmt, CLIP)
+            down = torch.from_numpy(down_grid.dequantize()).double()
+            up_gram = down @ gram @ down.T
+            shift = 1e-8 * up_gram.diagonal().mean().clamp_min(1e-30) * torch.eye(rank, dtype=torch.float64)
+            up = torch.linalg.solve(up_gram + shift, down @ gram @ weight.T).T  # min ||(W - up down) X||
+            chosen, loss = {f"{members[0]}.down": down_grid}, 0.0
+            for n, part, original in zip(members, up.split(rows), weight.split(rows)):
+                up_grid = gptq(part, up_gram, fmt, CLIP)
+                residual = original - torch.from_numpy(up_grid.dequantize()).double() @ down
+                loss += error_loss(residual, grams[n], fisher[n], tokens)
+                chosen[f"{n}.up"] = up_grid
+            size = low_rank_bytes(fmt, rank, [(linears[n].out_features, linears[n].in_features) for n in members])
+            found.append((fmt, rank, size, loss, chosen))
+    return found
+
+
 def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.Tensor, fisher: torch.Tensor) -> float:
     """The estimate for a tied embedding's rows: its Gram is diagonal, each token's share of the calibration."""
     return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
@@ -233,10 +294,11 @@ def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, 
 
 def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
                 groups: list[list[str]] | None = None, corrections: tuple[int, ...] = (),
-                statistics: PricingStatistics | None = None) -> list[Unit]:
+                statistics: PricingStatistics | None = None, low_rank: tuple[QuantFormat, ...] = ()) -> list[Unit]:
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
-    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may), and with
-    `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank."""
+    round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may); with
+    `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank; with
+    `low_rank` (factor formats), each factorizable unit also at each of its `low_rank_ranks`."""
     from tqdm.auto import tqdm
 
     statistics = statistics or pricing_statistics(model, input_ids, fisher_ids, progress=progress)
@@ -262,6 +324,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.bytes.append(size)
                 unit.loss.append(loss)
                 unit.corrections.append(0)
+                unit.ranks.append(0)
                 if corrections and fmt.bits == 4 and head_name not in members:
                     for rank, added, corrected, extra in corrected_options(members, linears, grams, fisher, grids,
                                                                            fmt, corrections, tokens):
@@ -271,6 +334,19 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                         unit.bytes.append(size + added)
                         unit.loss.append(corrected)
                         unit.corrections.append(rank)
+                        unit.ranks.append(0)
+        if low_rank and factorizable(members, head_name):
+            out_features = sum(linears[n].out_features for n in members)
+            for fmt, rank, size, loss, grids in low_rank_options(
+                    members, linears, grams, fisher, low_rank,
+                    low_rank_ranks(out_features, linears[members[0]].in_features), tokens):
+                unit.options.append(fmt)
+                unit.methods.append("gptq")
+                unit.grids.append(grids)
+                unit.bytes.append(size)
+                unit.loss.append(loss)
+                unit.corrections.append(0)
+                unit.ranks.append(rank)
         units.append(unit)
     return units
 
@@ -279,6 +355,10 @@ def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict
     """The grids of one option of a unit, exactly as `price_units` computes them (GPTQ and the correction's SVD
     are deterministic): for units whose prices were read from the statistics store, which keeps no grids."""
     members, fmt, rank = unit.members, unit.options[option], unit.correction(option)
+    if unit.rank(option):
+        (*_, grids), = low_rank_options(members, statistics.linears, statistics.grams, statistics.fisher, (fmt,),
+                                        [unit.rank(option)], statistics.tokens)
+        return grids
     grids = _grids(statistics, members, fmt, unit.methods[option])
     if rank:
         (_rank, _added, _loss, extra), = corrected_options(members, statistics.linears, statistics.grams,
@@ -297,13 +377,21 @@ def fill_chosen_grids(units: list[Unit], statistics) -> None:
             unit.grids[unit.choice] = option_grids(computed, unit, unit.choice)
 
 
-def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32) -> tuple[int, int, int]:
-    """(smallest, largest) weight bytes the menu allows for the units `groups`, fixed bytes included, and the
-    bytes of the smallest option of any unit (it sets the knapsack's granularity): known before any pricing."""
+def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32,
+               low_rank: tuple[QuantFormat, ...] = ()) -> tuple[int, int, int]:
+    """(smallest, largest) weight bytes the menu (with `low_rank`: and the low-rank options) allows for the units
+    `groups`, fixed bytes included, and the bytes of the smallest option of any unit (it sets the knapsack's
+    granularity): known before any pricing."""
     linears = grid_linears(model)
     head_name = module_name(model, model.get_output_embeddings())
-    per_unit = [[sum(f.matrix_bytes(*linears[n].weight.shape) for n in members)
-                 for f in unit_menu(menu, members, head_name)] for members in groups]
+    per_unit = []
+    for members in groups:
+        shapes = [tuple(linears[n].weight.shape) for n in members]
+        sizes = [sum(f.matrix_bytes(*shape) for shape in shapes) for f in unit_menu(menu, members, head_name)]
+        if low_rank and factorizable(members, head_name):
+            ranks = low_rank_ranks(sum(out for out, _ in shapes), shapes[0][1])
+            sizes += [low_rank_bytes(f, rank, shapes) for f in low_rank for rank in ranks]
+        per_unit.append(sizes)
     fixed = fixed_bytes(model, embedding_block_size)
     return (fixed + sum(min(b) for b in per_unit), fixed + sum(max(b) for b in per_unit),
             min(min(b) for b in per_unit))
@@ -325,15 +413,36 @@ def fixed_bytes(model, embedding_block_size: int = 32) -> int:
 
 
 def apply_choices(model, units: list[Unit]) -> None:
-    """Each unit's chosen grids into the model; a chosen error correction as a CorrectedLinear per member."""
+    """Each unit's chosen grids into the model; a chosen error correction as a CorrectedLinear per member, a
+    chosen factorization as LowRankLinears sharing one down factor (exporter.compress.factorize.install_unit)."""
     linears = grid_linears(model)
     for unit in units:
         grids = unit.grids[unit.choice]
+        if unit.rank(unit.choice):
+            install_low_rank(model, linears, unit.members, grids)
+            continue
         for name in unit.members:
             set_grid(linears[name], grids[name])
         if unit.correction(unit.choice):
             install_correction(model, linears, unit.members, grids[f"{unit.members[0]}.corrective_down"],
                                {n: grids[f"{n}.corrective_up"] for n in unit.members})
+
+
+def install_low_rank(model, linears: dict, members: list[str], grids: dict) -> None:
+    """The members' LowRankLinears (one down factor, their biases on the up factors) holding `grids`."""
+    def weight(grid: GridWeights) -> torch.Tensor:
+        return torch.from_numpy(grid.dequantize())
+
+    first = linears[members[0]]
+    down_grid, up_grids = grids[f"{members[0]}.down"], [grids[f"{n}.up"] for n in members]
+    biases = [linears[n].bias for n in members]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(linears[n].out_features) for n, b in zip(members, biases)])
+    module = LowRankLinear.from_factors(torch.cat([weight(g) for g in up_grids]), weight(down_grid), bias)
+    parts = install_unit(model, unit_name(members), module.to(first.weight.dtype))
+    set_grid(parts[0].down, down_grid)
+    for part, grid in zip(parts, up_grids):
+        set_grid(part.up, grid)
 
 
 def layer_of(name: str, model) -> int | None:
