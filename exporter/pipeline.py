@@ -254,6 +254,7 @@ class Prepared:
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
     _sensitivities: dict = field(default_factory=dict)  # {Fisher samples: output sensitivities} pricing read
+    _pricing_statistics: dict = field(default_factory=dict)  # {Fisher samples: PricingStatistics}, data-parallel
     _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
     _store: statistics_store.StatisticsStore | None = None
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
@@ -357,6 +358,8 @@ class Prepared:
                                                     low_rank=low_rank)
                 self.seconds[("price formats", key)] = time.perf_counter() - start
                 self._sensitivities[samples] = statistics.sensitivity
+                if distributed.active():  # the other ranks' units come without grids: `chosen_grids` needs these
+                    self._pricing_statistics[samples] = statistics
                 tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
                            for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
                 self._keep("format prices", stored_key, tensors,
@@ -369,6 +372,8 @@ class Prepared:
         `format_prices`), from which any option's grids are computed (format_allocation.option_grids)."""
         from exporter.compress.format_allocation import pricing_statistics
 
+        if samples in self._pricing_statistics:  # kept by a data-parallel pricing, used once (a model's Grams)
+            return self._pricing_statistics.pop(samples)
         with self.clock.stage("price formats"):
             return pricing_statistics(self._dense(), self.calibration()[0], sensitivity=self._sensitivities[samples],
                                       progress=self.options.progress)

@@ -185,6 +185,36 @@ def test_torchrun_export_writes_the_artifact_of_one_process(llama_dir, calib_fil
         assert same.mean() > (0.97 if grid else 1.0 - 1e-9), name
 
 
+def test_torchrun_auto_export_chooses_as_one_process(llama_dir, calib_file, tmp_path, capsys):
+    """`--weights auto` over two processes: each prices half the units, the prices are exchanged, both choose the
+    formats one process chooses; scale tuning runs under DistributedDataParallel; the weights are one process's."""
+    from exporter import cli
+
+    args = ["export", "--device", "raspberry-pi-5", "--model", str(llama_dir), "--calib", str(calib_file), "--weights", "auto",
+            "--calib-samples", "8", "--calib-seq-len", "64", "--fisher-samples", "4", "--compute", "cpu",
+            "--no-progress"]
+    assert cli.main(["allocate", *args[1:], "--budget-mb", "1000", "--json"]) == 0
+    args += ["--tune-scales", "4"]
+    formats = json.loads(capsys.readouterr().out)["formats"]
+    budget = f"{(formats['smallest_bytes'] + formats['chosen_bytes']) / 2 / 1e6:.4f}"  # the knapsack has to mix
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*args, "--budget-mb", budget, "--out", str(one), "--force"]) == 0
+    run = torchrun(["-m", "exporter", *args, "--budget-mb", budget, "--out", str(two), "--force", "--fresh-statistics"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = (json.loads((d / "manifest.json").read_text()) for d in (one, two))
+    assert second["method"]["world_size"] == 2
+    chosen = [(u["unit"], u["format"]) for u in first["method"]["formats"]["units"]]
+    assert len({f for _, f in chosen}) > 1
+    assert [(u["unit"], u["format"]) for u in second["method"]["formats"]["units"]] == chosen
+    for a, b in zip(first["method"]["formats"]["units"], second["method"]["formats"]["units"]):
+        assert b["predicted_loss_increase"] == pytest.approx(a["predicted_loss_increase"], rel=1e-3, abs=1e-9)
+    a, b = _initializers(one / first["onnx"]["file"]), _initializers(two / second["onnx"]["file"])
+    assert set(a) == set(b)
+    for name in a:  # as above: a few grid entries may cross a rounding boundary, tuned scales to float tolerance
+        same = a[name] == b[name] if a[name].dtype == np.uint8 else np.isclose(b[name], a[name], rtol=1e-3, atol=1e-6)
+        assert same.mean() > 0.97, name
+
+
 FAILING_RANK = """
 import os, sys
 import exporter.pipeline as pipeline

@@ -23,6 +23,9 @@ E is the actual GPTQ error of that format, so the estimate sees the grid, the bl
 compensation; for a low-rank option E = W - Q(up) Q(down), truncation and both grids together. Cross-terms
 between units are ignored (their errors are independent), so the estimates add.
 
+Data-parallel (torchrun): each process prices every N-th unit, the prices are exchanged, and every process
+computes the grids of the options chosen.
+
 Choice. A multiple-choice knapsack (exporter.compress.allocate.multiple_choice_knapsack): the least total
 estimated loss whose bytes fit the budget.
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from exporter.compress import distributed
 from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
 from exporter.compress.factorize import install_unit, unit_name
 from exporter.compress.gptq import gptq
@@ -306,8 +310,10 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     head_name, tied = statistics.head_name, statistics.tied
     head = linears[head_name]
     groups = groups or format_units(model)
-    units = []
-    for members in tqdm(groups, desc="pricing formats", unit="unit", disable=not progress):
+    mine, merge = distributed.split_work(list(range(len(groups))))  # data-parallel: every N-th unit per rank
+    priced: dict[int, Unit] = {}
+    for index in tqdm(mine, desc="pricing formats", unit="unit", disable=not progress):
+        members = groups[index]
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
@@ -347,8 +353,12 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.loss.append(loss)
                 unit.corrections.append(0)
                 unit.ranks.append(rank)
-        units.append(unit)
-    return units
+        priced[index] = unit
+    if len(mine) == len(groups):
+        return [priced[index] for index in range(len(groups))]
+    # the other ranks' units as records, without grids: each rank computes the chosen ones (fill_chosen_grids)
+    records = merge({index: unit.record() for index, unit in priced.items()})
+    return [priced[index] if index in priced else Unit.from_record(records[index]) for index in range(len(groups))]
 
 
 def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict[str, GridWeights]:
