@@ -310,6 +310,25 @@ def test_kv_cache_modes_decode_the_same(leveled, prompt, monkeypatch):
         assert np.array_equal(cache.arrays()[name], plain_cache.tensors[name])
 
 
+def test_a_shared_kv_buffer_holds_the_declared_sliding_window(leveled, prompt, tmp_path):
+    """A graph whose genai_config declares a sliding window (the onnxruntime-genai builder's Gemma 3: its
+    GroupQueryAttention refuses a shared buffer shorter than the window) gets buffers at least that long."""
+    import json
+    import shutil
+
+    _, _, out = leveled
+    folder = tmp_path / "windowed"
+    shutil.copytree(out, folder)
+    genai = folder / "genai_config.json"
+    config = json.loads(genai.read_text()) if genai.is_file() else {"model": {"decoder": {}}}
+    config["model"]["decoder"]["sliding_window"] = {"window_size": 600, "layers": [0]}
+    genai.write_text(json.dumps(config))
+    plain, windowed = OrtDecoder(out / "model.onnx", threads=1), OrtDecoder(folder / "model.onnx", threads=1)
+    assert plain.min_capacity == 0 and windowed.min_capacity == 600
+    _, cache = windowed.step(np.array([prompt]), windowed.empty_cache(1))
+    assert cache.capacity >= 600 and plain.step(np.array([prompt]), plain.empty_cache(1))[1].capacity < 600
+
+
 def test_a_shared_kv_buffer_cannot_branch(leveled, prompt):
     """A shared buffer is written in place: stepping twice from one cache would read the first step's keys."""
     _, _, out = leveled

@@ -117,6 +117,16 @@ class OrtDecoder:
         if not limit and (config := Path(self.model_path).parent / "config.json").is_file():
             limit = json.loads(config.read_text()).get("max_position_embeddings")
         self.max_context = int(limit) if limit else None
+        self.min_capacity = self._sliding_window()
+
+    def _sliding_window(self) -> int:
+        """The sliding window a shared KV buffer must at least hold: GroupQueryAttention with a local window refuses
+        a smaller one (the onnxruntime-genai builder's Gemma 3 graphs, genai_config `sliding_window.window_size`)."""
+        genai = Path(self.model_path).parent / "genai_config.json"
+        if not genai.is_file():
+            return 0
+        decoder = json.loads(genai.read_text()).get("model", {}).get("decoder", {})
+        return int((decoder.get("sliding_window") or {}).get("window_size") or 0)
 
     def _declares_shared_buffer(self) -> bool:
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -206,7 +216,7 @@ class OrtDecoder:
         cache.check_fresh()
         if cache.capacity is not None and needed <= cache.capacity:
             return cache
-        capacity = max(SHARED_CAPACITY, cache.capacity or 0)
+        capacity = max(SHARED_CAPACITY, self.min_capacity, cache.capacity or 0)
         while capacity < needed:
             capacity *= 2
         device = self.kv_device or "cpu"
