@@ -244,7 +244,7 @@ def test_low_rank_options_price_truncation_and_grids_together(tiny_models, calib
     unit, head = units
     assert not any(head.ranks)  # lm_head: never factorized
     ranks = low_rank_ranks(64 + 32 + 32, 64)
-    assert len(ranks) >= 2
+    assert len(ranks) >= 2 and low_rank_ranks(4, 4) == []  # break-even 1: no rank below it
     shapes = [(64, 64), (32, 64), (32, 64)]
     for fmt in LOW_RANK_FORMATS:
         options = [k for k, f in enumerate(unit.options) if f == fmt and unit.rank(k)]

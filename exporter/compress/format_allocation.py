@@ -341,11 +341,11 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                         unit.loss.append(corrected)
                         unit.corrections.append(rank)
                         unit.ranks.append(0)
-        if low_rank and factorizable(members, head_name):
-            out_features = sum(linears[n].out_features for n in members)
-            for fmt, rank, size, loss, grids in low_rank_options(
-                    members, linears, grams, fisher, low_rank,
-                    low_rank_ranks(out_features, linears[members[0]].in_features), tokens):
+        ranks = low_rank_ranks(sum(linears[n].out_features for n in members), linears[members[0]].in_features) \
+            if low_rank and factorizable(members, head_name) else []
+        if ranks:  # a unit too small for any rank below its break-even has none
+            for fmt, rank, size, loss, grids in low_rank_options(members, linears, grams, fisher, low_rank, ranks,
+                                                                 tokens):
                 unit.options.append(fmt)
                 unit.methods.append("gptq")
                 unit.grids.append(grids)
