@@ -568,15 +568,15 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     menu = runtime_menu(options)
     context = plan.profile.budget.max_context  # the rotary tables' rows (the writer's max_context)
 
-    low_rank = ()
-
-    def reach(menu, low_rank=()) -> tuple[int, int, int]:
-        """The smallest and largest bytes `menu` (and `low_rank` options) allows, and the knapsack's step: an
-        eighth of the smallest option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny models: finer)."""
-        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size, low_rank)
+    def reach(menu, factor_formats=()) -> tuple[int, int, int]:
+        """The smallest and largest bytes `menu` (and low-rank options on `factor_formats`) allows, and the
+        knapsack's step: an eighth of the smallest option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny
+        models: finer)."""
+        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size, factor_formats)
         tables = constant_bytes(plan.model, options.activations, context)
         return smallest + tables, largest + tables, min(FORMAT_BYTES_STEP, max(256, option // 8))
 
+    low_rank = ()
     smallest, largest, step = reach(menu)
     if budget_bytes < smallest + step * len(groups):  # below what 4 bits reach: low-rank options (and 2-bit grids)
         low_rank = LOW_RANK_FORMATS

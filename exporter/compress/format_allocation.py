@@ -38,7 +38,7 @@ import torch
 
 from exporter.compress import distributed
 from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
-from exporter.compress.factorize import install_unit, unit_name
+from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
@@ -429,7 +429,7 @@ def apply_choices(model, units: list[Unit]) -> None:
     for unit in units:
         grids = unit.grids[unit.choice]
         if unit.rank(unit.choice):
-            install_low_rank(model, linears, unit.members, grids)
+            install_low_rank(model, unit.members, grids)
             continue
         for name in unit.members:
             set_grid(linears[name], grids[name])
@@ -438,18 +438,17 @@ def apply_choices(model, units: list[Unit]) -> None:
                                {n: grids[f"{n}.corrective_up"] for n in unit.members})
 
 
-def install_low_rank(model, linears: dict, members: list[str], grids: dict) -> None:
+def install_low_rank(model, members: list[str], grids: dict) -> None:
     """The members' LowRankLinears (one down factor, their biases on the up factors) holding `grids`."""
     def weight(grid: GridWeights) -> torch.Tensor:
         return torch.from_numpy(grid.dequantize())
 
-    first = linears[members[0]]
+    name = unit_name(members)
+    dense, bias = unit_weight(model, name)  # the members' biases stacked (absent ones as zeros)
     down_grid, up_grids = grids[f"{members[0]}.down"], [grids[f"{n}.up"] for n in members]
-    biases = [linears[n].bias for n in members]
-    bias = None if all(b is None for b in biases) else torch.cat(
-        [b.detach() if b is not None else torch.zeros(linears[n].out_features) for n, b in zip(members, biases)])
-    module = LowRankLinear.from_factors(torch.cat([weight(g) for g in up_grids]), weight(down_grid), bias)
-    parts = install_unit(model, unit_name(members), module.to(first.weight.dtype))
+    module = LowRankLinear.from_factors(torch.cat([weight(g) for g in up_grids]), weight(down_grid),
+                                        None if bias is None else bias.detach())
+    parts = install_unit(model, name, module.to(dense.dtype))
     set_grid(parts[0].down, down_grid)
     for part, grid in zip(parts, up_grids):
         set_grid(part.up, grid)
