@@ -1,13 +1,12 @@
 """Scale tuning (exporter.compress.scale_tuning) at a fixed int4 format: perplexity before and after.
 
-    python benchmarks/scale_tuning_probe.py [--format int4-b32] [--calib-chat 0.5] [--runs 20:1e-3:2:norms10,...]
+    python benchmarks/scale_tuning_probe.py [--format int4-b32] [--calib-chat 0.5] [--runs 20:1e-3:2,...]
         [--windows 16]
 
 SmolLM2-135M-Instruct, every grid linear (decoder projections and lm_head) on one format by GPTQ (lm_head by
-round to nearest, as `--weights int4` does), then each run (STEPS:LR:BATCH[:norms[X]]) tunes a copy's scales
-(and its norms' weights with `norms`, at X times the rate) against the dense model on the calibration windows
-(32 x 512 tokens of WikiText-2 valid, the --calib-chat share of them chat turns); perplexity in PyTorch (it holds
-exactly what the graph packs) on the first WikiText-2 test windows.
+round to nearest, as `--weights int4` does), then each run (STEPS:LR:BATCH) tunes a copy's scales against the
+dense model on the calibration windows (32 x 512 tokens of WikiText-2 valid, the --calib-chat share of them
+chat turns); perplexity in PyTorch (it holds exactly what the graph packs) on the first WikiText-2 test windows.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="int4-b32")
     parser.add_argument("--calib-chat", type=float, default=0.5)
-    parser.add_argument("--runs", default="20:1e-3:2,20:1e-3:2:norms", help="STEPS:LR:BATCH[:norms[X]],...")
+    parser.add_argument("--runs", default="20:1e-3:2", help="STEPS:LR:BATCH,...")
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args(argv)
     fmt = QuantFormat.parse(args.format)
@@ -47,12 +46,10 @@ def main(argv=None) -> int:
     quantize_model(model, lambda _name: fmt, ids, progress=False)
     print(f"{fmt.name} GPTQ: {perplexity(model, windows, progress=False):.3f}", flush=True)
     for run in args.runs.split(","):
-        steps, lr, batch, *what = run.split(":")
+        steps, lr, batch = run.split(":")
         tuned = copy.deepcopy(model)
-        norm_lr = float(what[0][len("norms"):] or 1) if what else 1.0  # norms10: the norms at 10x the rate
-        report = tune_scales(tuned, teacher, ids, int(steps), lr=float(lr), batch_size=int(batch), progress=False,
-                             norms=bool(what), norm_lr_scale=norm_lr)
-        print(f"{fmt.name} GPTQ + {steps} steps at {lr}, batch {batch}{f' with norms at {norm_lr}x' * bool(what)}: "
+        report = tune_scales(tuned, teacher, ids, int(steps), lr=float(lr), batch_size=int(batch), progress=False)
+        print(f"{fmt.name} GPTQ + {steps} steps at {lr}, batch {batch}: "
               f"{perplexity(tuned, windows, progress=False):.3f} {report.to_dict()}", flush=True)
     return 0
 

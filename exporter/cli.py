@@ -103,9 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int4 dense weights: add a whitened low-rank correction of each projection group's "
                         "quantization error (LQER; RANK a multiple of 16; default: 0, none)")
     export.add_argument("--tune-scales", type=_nonnegative_int, metavar="STEPS",
-                        help="int4 and auto weights: train every block's scale and every norm's weights end to end "
-                        "against the dense model (KL on the calibration windows; codes fixed, no bytes added) for "
-                        "STEPS steps "
+                        help="int4 and auto weights: train every block's scale end to end against the dense model "
+                        "(KL on the calibration windows; codes fixed, no bytes added) for STEPS steps "
                         f"(default: {TUNE_SCALES_STEPS} with --weights auto, else 0; 0: off)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from exporter import __version__
-from exporter.architectures import architecture_of
 from exporter.artifact.golden import write_golden
 from exporter.artifact.manifest import (
     FORMAT_VERSION,
@@ -136,8 +135,8 @@ class ExportOptions:
     # int4 dense weights: a whitened correction of each input group's quantization error, of this rank, beside
     # its GPTQ grid (exporter.compress.error_correction; 0: none). One level: no rank levels.
     error_correction: int = 0
-    # int4 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's scales
-    # and the norms' weights, codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
+    # int4 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's scales,
+    # codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
     tune_scales: int = 0
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
@@ -534,18 +533,16 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
 
 
 def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwatch) -> dict:
-    """--tune-scales: the grids' scales and the norms' weights trained end to end against `teacher` (exporter.compress.scale_tuning);
+    """--tune-scales: the grids' scales trained end to end against `teacher` (exporter.compress.scale_tuning);
     returns the manifest's summary."""
     from exporter.compress.scale_tuning import tune_scales
 
     device = compute.current()  # the two models whole on the compute device, the tuned weights written back
     with clock.stage("tune scales"), compute.onloaded(model, device, write_back=True), \
             compute.onloaded(teacher, device):
-        spec = architecture_of(model)
         report = tune_scales(model, teacher, ids.to(device), options.tune_scales, seed=options.seed,
-                             progress=options.progress, norm_offset=spec.norm_offset if spec else 0.0)
-    say(f"scale tuning: {report.steps} steps on {report.scales:,} scales and {report.norms:,} norm weights, "
-        f"held-out KL {report.kl_before:.4f} -> "
+                             progress=options.progress)
+    say(f"scale tuning: {report.steps} steps on {report.scales:,} scales, held-out KL {report.kl_before:.4f} -> "
         f"{report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
     return report.to_dict()
 

@@ -10,8 +10,8 @@ DEFAULT_SEQ_LEN = 512  # tokens per calibration sequence
 # with a calibration file, the share of sequences that are chat turns (`--calib-chat`; measured in
 # benchmarks/RESULTS.md, "Chat-format calibration")
 CALIB_CHAT = 0.5
-# `--weights auto`: end-to-end KL steps that train the grids' scales and norms (`--tune-scales`; the CLI's default
-# with auto, 0 with int4 and for library callers). Measured in benchmarks/RESULTS.md, "Scale tuning" and "Statistics kept on
+# `--weights auto`: end-to-end KL steps that train the grids' scales (`--tune-scales`; the CLI's default with auto,
+# 0 with int4 and for library callers). Measured in benchmarks/RESULTS.md, "Scale tuning" and "Statistics kept on
 # disk": -0.6 to -1.3 perplexity at 78-105.5 MB for 2-3 minutes on SmolLM2-135M.
 TUNE_SCALES_STEPS = 20
 # ONNX Runtime against PyTorch, fp32: the export's parity check and golden.json's fp32 tolerance on devices

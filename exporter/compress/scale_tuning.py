@@ -1,5 +1,5 @@
-"""End-to-end tuning of the grids' scales and the norms' weights: the quantized model's next-token distributions
-pulled toward the dense model's, at no byte cost.
+"""End-to-end tuning of the grids' scales: the quantized model's next-token distributions pulled toward the
+dense model's, at no byte cost.
 
 A grid weight reads back as (q - z) * s (exporter.compress.grid). GPTQ chooses the codes q one linear at a time
 against that linear's own output error; the scales s are stored as float32 whatever their value, so they can
@@ -10,11 +10,6 @@ ONNX Runtime still compute the same thing. (EfficientQAT's end-to-end stage trai
 
 Each scale is trained as s0 * (1 + d), d starting at 0 (one learning rate fits every block's magnitude). The
 held-out windows measure the KL before and after; where it did not fall, the scales go back to GPTQ's.
-
-The norms' weights (every RMSNorm / LayerNorm scale in the model, each a float vector the graph stores as it is)
-train with them, the same way, g0 * (1 + d) on the scale the norm multiplies by: one scale per channel of a
-norm's output reaches every projection reading it, so a few thousand values correct what the grids do to a
-layer's input ("norm tweaking", arXiv 2309.02784).
 """
 
 from __future__ import annotations
@@ -39,14 +34,13 @@ from exporter.errors import ExporterError
 class ScaleTuningReport:
     steps: int
     scales: int  # trained scale values
-    norms: int  # trained norm weights
     kl_before: float
     kl_after: float
     kept: bool  # False: the held-out KL did not fall, GPTQ's scales were put back
     seconds: float
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "scales": self.scales, "norms": self.norms, "kl_before": round(self.kl_before, 5),
+        return {"steps": self.steps, "scales": self.scales, "kl_before": round(self.kl_before, 5),
                 "kl_after": round(self.kl_after, 5), "kept": self.kept, "seconds": round(self.seconds, 1)}
 
 
@@ -75,26 +69,6 @@ class TunedScales(nn.Module):
         return GridWeights(self.grid.fmt, self.grid.codes, scales, self.grid.zeros, self.in_features)
 
 
-class TunedNorm(nn.Module):
-    """A parametrization of a norm's weight w: the scale it multiplies by, offset + w, trained as (offset + w) *
-    (1 + d) (Gemma's norms multiply by 1 + w: offset 1)."""
-
-    def __init__(self, weight: torch.Tensor, offset: float):
-        super().__init__()
-        self.offset = offset
-        self.delta = nn.Parameter(torch.zeros_like(weight))
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return (self.offset + original) * (1 + self.delta) - self.offset
-
-
-def norm_modules(model) -> list[nn.Module]:
-    """Every norm with a scale vector (one 1-D `weight`, no other parameter of its own): what the graph writes
-    as RMSNormalization / SkipSimplifiedLayerNorm scales, for any family."""
-    return [m for m in model.modules() if "norm" in type(m).__name__.lower()
-            and [n for n, _ in m.named_parameters(recurse=False)] == ["weight"] and m.weight.ndim == 1]
-
-
 def grid_modules(model) -> list[nn.Module]:
     """Every module holding a grid: the graph's MatMulNBits linears and an untied input embedding on its grid."""
     modules = [m for m in grid_linears(model).values() if grid_of(m) is not None]
@@ -105,11 +79,9 @@ def grid_modules(model) -> list[nn.Module]:
 
 
 def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 2,
-                holdout: int = 4, seed: int = 0, progress: bool = True, norms: bool = True,
-                norm_offset: float = 0.0, norm_lr_scale: float = 1.0) -> ScaleTuningReport:
+                holdout: int = 4, seed: int = 0, progress: bool = True) -> ScaleTuningReport:
     """Train the scales of every grid in `model` (in place) for `steps` steps of KL(teacher || model) on
-    `input_ids` (the last `holdout` windows measure), and the norms' weights with them (`norms`; `norm_offset`:
-    the family's, exporter.architectures); the codes and zero points stay."""
+    `input_ids` (the last `holdout` windows measure); the codes and zero points stay."""
     from tqdm.auto import tqdm
 
     if input_ids.shape[0] < 2:
@@ -129,17 +101,11 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
         parametrize.register_parametrization(module, "weight", tunings[id(module)], unsafe=True)
     if shared:
         parametrize.register_parametrization(embedding, "weight", tunings[id(head)], unsafe=True)
-    norm_tunings = {id(m): TunedNorm(m.weight, norm_offset) for m in (norm_modules(model) if norms else [])}
-    tuned_norms = [m for m in model.modules() if id(m) in norm_tunings]
-    for module in tuned_norms:
-        parametrize.register_parametrization(module, "weight", norm_tunings[id(module)])
     deltas = [t.delta for t in tunings.values()]
-    norm_deltas = [t.delta for t in norm_tunings.values()]
-    kept = False
     try:
         with torch.no_grad():
             kl_before = float(kl_divergence(model, teacher, held))
-        optimizer = torch.optim.Adam([{"params": deltas}, {"params": norm_deltas, "lr": lr * norm_lr_scale}], lr=lr)
+        optimizer = torch.optim.Adam(deltas, lr=lr)
         # Cosine decay to 0: large first steps, then settling (the held-out KL rose when a constant rate ran on).
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
         generator = torch.Generator().manual_seed(seed)
@@ -155,17 +121,14 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
             bar.set_postfix(kl=f"{loss.item():.4f}")
         with torch.no_grad():
             kl_after = float(kl_divergence(model, teacher, held))
-        kept = kl_after < kl_before
     finally:
         grids = {key: t.tuned_grid() for key, t in tunings.items()}
-        for module in tuned_norms:  # the tuned weights written into the norms, or their own put back
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=kept)
         if shared:
             parametrize.remove_parametrizations(embedding, "weight", leave_parametrized=False)
         for module in modules:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    kept = kl_after < kl_before
     for module in modules:
         set_grid(module, grids[id(module)] if kept else grid_of(module))
-    return ScaleTuningReport(steps, sum(int(d.numel()) for d in deltas), sum(int(d.numel()) for d in norm_deltas),
-                             kl_before, kl_after, kept,
+    return ScaleTuningReport(steps, sum(int(d.numel()) for d in deltas), kl_before, kl_after, kept,
                              time.perf_counter() - start)
