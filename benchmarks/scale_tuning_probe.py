@@ -1,7 +1,7 @@
 """Scale tuning (exporter.compress.scale_tuning) at one int4 format or an auto budget: perplexity before and after.
 
     python benchmarks/scale_tuning_probe.py [--format int4-b32 | --budget-mb 86.5] [--calib-chat 0.5]
-        [--runs 20:1e-3:2[:uniform],...] [--windows 16]
+        [--runs 20:1e-3:2,...] [--windows 16]
 
 SmolLM2-135M-Instruct, every grid linear (decoder projections and lm_head) on one format by GPTQ (lm_head by
 round to nearest, as `--weights int4` does) or on the formats `--weights auto` chooses at `--budget-mb`, then each
@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 from exporter.compress.corrective import dense_teacher  # noqa: E402
 from exporter.compress.grid import QuantFormat  # noqa: E402
 from exporter.compress.quantize import quantize_model  # noqa: E402
-from exporter.compress import scale_tuning  # noqa: E402
-from exporter.compress.scale_tuning import rate_factor, tune_scales  # noqa: E402
+from exporter.compress.scale_tuning import tune_scales  # noqa: E402
 from exporter.pipeline import ExportOptions, compress, prepare  # noqa: E402
 from exporter.runtime.evaluate import perplexity, text_windows  # noqa: E402
 
@@ -38,8 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-chat", type=float, default=0.5)
     parser.add_argument("--budget-mb", type=float,
                         help="the formats `--weights auto` chooses at this budget instead of --format")
-    parser.add_argument("--runs", default="20:1e-3:2", help="STEPS:LR:BATCH[:uniform],... (uniform: every grid at "
-                        "LR, not at the 4-bit rate times 16 / levels)")
+    parser.add_argument("--runs", default="20:1e-3:2", help="STEPS:LR:BATCH,...")
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args(argv)
     fmt = QuantFormat.parse(args.format)
@@ -58,14 +56,10 @@ def main(argv=None) -> int:
         quantize_model(model, lambda _name: fmt, ids, progress=False)
     print(f"{label} GPTQ: {perplexity(model, windows, progress=False):.3f}", flush=True)
     for run in args.runs.split(","):
-        steps, lr, batch, *extra = run.split(":")
-        uniform = "uniform" in extra
+        steps, lr, batch = run.split(":")
         tuned = copy.deepcopy(model)
-        scale_tuning.rate_factor = (lambda _levels: 1.0) if uniform else rate_factor
-        scale_tuning.HEAD_RATE = next((float(e[4:]) for e in extra if e.startswith("head")), 1.0)
         report = tune_scales(tuned, teacher, ids, int(steps), lr=float(lr), batch_size=int(batch), progress=False)
-        print(f"{label} GPTQ + {steps} steps at {lr}{' uniform' * uniform}, head x{scale_tuning.HEAD_RATE}, "
-              f"batch {batch}: "
+        print(f"{label} GPTQ + {steps} steps at {lr}, batch {batch}: "
               f"{perplexity(tuned, windows, progress=False):.3f} {report.to_dict()}", flush=True)
     return 0
 

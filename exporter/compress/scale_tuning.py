@@ -8,11 +8,8 @@ the calibration windows (chat turns included, `--calib-chat`), with every code a
 weights stay exactly on their grids, so the graph packs the same codes with the tuned scales and PyTorch and
 ONNX Runtime still compute the same thing. (EfficientQAT's end-to-end stage trains the same parameters.)
 
-Each scale is trained as s0 * (1 + d), d starting at 0 (one learning rate fits every block's magnitude). A
-relative change d moves a weight by (q - z) s0 d: up to levels/2 of its grid's steps, so a rate that helps a
-4-bit grid throws an 8-bit one off its codes' precision. Each grid's rate is therefore the 4-bit rate times
-16 / levels (8-bit: 1/16 of it; 2-bit: 4x). The held-out windows measure the KL before and after; where it did
-not fall, the scales go back to GPTQ's.
+Each scale is trained as s0 * (1 + d), d starting at 0 (one learning rate fits every block's magnitude). The
+held-out windows measure the KL before and after; where it did not fall, the scales go back to GPTQ's.
 """
 
 from __future__ import annotations
@@ -31,18 +28,6 @@ from exporter.compress.corrective import kl_divergence
 from exporter.compress.grid import GridWeights
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
 from exporter.errors import ExporterError
-
-
-# The rate of 4-bit grids' scales (measured: benchmarks/RESULTS.md, "Scale tuning" and "A rate per grid")
-LR_4BIT = 3e-3
-
-
-HEAD_RATE = 1.0
-
-
-def rate_factor(levels: int) -> float:
-    """A grid's rate relative to a 4-bit grid's: a relative scale change moves its weights by up to levels/2 steps."""
-    return 16 / levels
 
 
 @dataclass
@@ -93,11 +78,10 @@ def grid_modules(model) -> list[nn.Module]:
     return list({id(m): m for m in modules}.values())
 
 
-def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float = LR_4BIT, batch_size: int = 2,
+def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 2,
                 holdout: int = 4, seed: int = 0, progress: bool = True) -> ScaleTuningReport:
     """Train the scales of every grid in `model` (in place) for `steps` steps of KL(teacher || model) on
-    `input_ids` (the last `holdout` windows measure); the codes and zero points stay. `lr`: the rate of 4-bit
-    grids' scales, other grids' at lr * 16 / levels."""
+    `input_ids` (the last `holdout` windows measure); the codes and zero points stay."""
     from tqdm.auto import tqdm
 
     if input_ids.shape[0] < 2:
@@ -117,18 +101,13 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
         parametrize.register_parametrization(module, "weight", tunings[id(module)], unsafe=True)
     if shared:
         parametrize.register_parametrization(embedding, "weight", tunings[id(head)], unsafe=True)
-    rates: dict[float, list] = {}
-    for key, t in tunings.items():
-        rate = lr * rate_factor(t.grid.fmt.levels) * (HEAD_RATE if head is not None and key == id(head) else 1.0)
-        rates.setdefault(rate, []).append(t.delta)
-    deltas = [d for group in rates.values() for d in group]
+    deltas = [t.delta for t in tunings.values()]
     try:
         with torch.no_grad():
             kl_before = float(kl_divergence(model, teacher, held))
-        optimizer = torch.optim.Adam([{"params": group, "lr": rate} for rate, group in rates.items()])
+        optimizer = torch.optim.Adam(deltas, lr=lr)
         # Cosine decay to 0: large first steps, then settling (the held-out KL rose when a constant rate ran on).
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                     lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
         generator = torch.Generator().manual_seed(seed)
         trained = distributed.data_parallel(model)  # torchrun: each rank its share of a batch
         bar = tqdm(range(steps), desc="tuning scales", unit="step", disable=not progress)
