@@ -96,6 +96,8 @@ class OrtDecoder:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.model_path = str(model_path)
+        genai = Path(self.model_path).parent / "genai_config.json"  # beside a builder's graph (and ours)
+        self._genai = json.loads(genai.read_text()) if genai.is_file() else None
         self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -122,19 +124,17 @@ class OrtDecoder:
     def _sliding_window(self) -> int:
         """The sliding window a shared KV buffer must at least hold: GroupQueryAttention with a local window refuses
         a smaller one (the onnxruntime-genai builder's Gemma 3 graphs, genai_config `sliding_window.window_size`)."""
-        genai = Path(self.model_path).parent / "genai_config.json"
-        if not genai.is_file():
+        if self._genai is None:
             return 0
-        decoder = json.loads(genai.read_text()).get("model", {}).get("decoder", {})
+        decoder = self._genai.get("model", {}).get("decoder", {})
         return int((decoder.get("sliding_window") or {}).get("window_size") or 0)
 
     def _declares_shared_buffer(self) -> bool:
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("past_present_share_buffer") == "1":
             return True
-        genai = Path(self.model_path).parent / "genai_config.json"
-        if genai.is_file():
-            config = json.loads(genai.read_text())
+        if self._genai is not None:
+            config = self._genai
             return (config.get("search", {}).get("past_present_share_buffer") is True
                     and config.get("model", {}).get("decoder", {}).get("filename") == Path(self.model_path).name)
         return False
@@ -151,12 +151,10 @@ class OrtDecoder:
 
     def _kv_dims(self) -> tuple[int, int]:
         """KV heads and head size when the graph leaves them symbolic (the genai builder does)."""
-        folder = Path(self.model_path).parent
-        genai = folder / "genai_config.json"
-        if genai.is_file():
-            decoder = json.loads(genai.read_text())["model"]["decoder"]
+        if self._genai is not None:
+            decoder = self._genai["model"]["decoder"]
             return decoder["num_key_value_heads"], decoder["head_size"]
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((Path(self.model_path).parent / "config.json").read_text())
         heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         return heads, config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
