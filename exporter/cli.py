@@ -11,6 +11,7 @@ from pathlib import Path
 
 from exporter import __version__
 from exporter.artifact.manifest import Manifest
+from exporter.console import tell
 from exporter.errors import ExporterError
 from exporter.settings import CALIB_CHAT, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, TUNE_SCALES_STEPS, CorrectiveOptions
 
@@ -520,10 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExporterError as exc:
         if args.debug:
             raise
-        print(f"exporter: error: {exc}", file=sys.stderr)
+        tell(f"exporter: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("exporter: interrupted; nothing was written", file=sys.stderr)
+        tell("exporter: interrupted; nothing was written")
         return 130
     except RuntimeError as exc:  # a collective of a data-parallel run that failed: a peer stopped, or timed out
         from exporter.compress import distributed
@@ -531,9 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not distributed.launched():
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"exporter: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: a "
-              f"collective failed (another process stopped or timed out; its own error says why): {first}",
-              file=sys.stderr)
+        tell(f"exporter: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: a "
+             f"collective failed (another process stopped or timed out; its own error says why): {first}")
         return 1
 
 
