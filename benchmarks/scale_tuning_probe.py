@@ -1,7 +1,7 @@
 """Scale tuning (exporter.compress.scale_tuning) at one int4 format or an auto budget: perplexity before and after.
 
-    python benchmarks/scale_tuning_probe.py [--format int4-b32 [--left-to-right] | --budget-mb 86.5]
-        [--calib-chat 0.5] [--runs 20:auto:2,20:1e-3:2,...] [--windows 16]
+    python benchmarks/scale_tuning_probe.py [--format int4-b32 | --budget-mb 86.5] [--calib-chat 0.5]
+        [--runs 20:1e-3:2,...] [--windows 16]
 
 SmolLM2-135M-Instruct, every grid linear (decoder projections and lm_head) on one format by GPTQ (lm_head by
 round to nearest, as `--weights int4` does) or on the formats `--weights auto` chooses at `--budget-mb`, then each
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,9 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.compress import quantize  # noqa: E402
 from exporter.compress.corrective import dense_teacher  # noqa: E402
-from exporter.compress.gptq import gptq  # noqa: E402
 from exporter.compress.grid import QuantFormat  # noqa: E402
 from exporter.compress.quantize import quantize_model  # noqa: E402
 from exporter.compress.scale_tuning import tune_scales  # noqa: E402
@@ -40,10 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-chat", type=float, default=0.5)
     parser.add_argument("--budget-mb", type=float,
                         help="the formats `--weights auto` chooses at this budget instead of --format")
-    parser.add_argument("--runs", default="20:auto:2",
-                        help="STEPS:LR:BATCH,... (LR auto: the rate from the held-out KL; '' for none)")
-    parser.add_argument("--left-to-right", action="store_true",
-                        help="--format: GPTQ in its original column order instead of act order")
+    parser.add_argument("--runs", default="20:1e-3:2", help="STEPS:LR:BATCH,...")
     parser.add_argument("--windows", type=int, default=16)
     args = parser.parse_args(argv)
     fmt = QuantFormat.parse(args.format)
@@ -58,15 +52,13 @@ def main(argv=None) -> int:
         label = f"auto {args.budget_mb:g} MB"
         compress(prepared, replace(options, weights="int4", auto_formats=True, budget_mb=args.budget_mb))
     else:
-        label = fmt.name + (" left to right" if args.left_to_right else "")
-        if args.left_to_right:
-            quantize.gptq = functools.partial(gptq, act_order=False)
+        label = fmt.name
         quantize_model(model, lambda _name: fmt, ids, progress=False)
     print(f"{label} GPTQ: {perplexity(model, windows, progress=False):.3f}", flush=True)
-    for run in filter(None, args.runs.split(",")):
+    for run in args.runs.split(","):
         steps, lr, batch = run.split(":")
         tuned = copy.deepcopy(model)
-        report = tune_scales(tuned, teacher, ids, int(steps), lr=None if lr == "auto" else float(lr), batch_size=int(batch), progress=False)
+        report = tune_scales(tuned, teacher, ids, int(steps), lr=float(lr), batch_size=int(batch), progress=False)
         print(f"{label} GPTQ + {steps} steps at {lr}, batch {batch}: "
               f"{perplexity(tuned, windows, progress=False):.3f} {report.to_dict()}", flush=True)
     return 0
