@@ -104,3 +104,24 @@ def test_fisher_importance_is_computed_once_per_model_and_calibration(tmp_path, 
     assert _run("allocate", llama_dir, other, *args) == 0
     assert len(fisher) == 3
     capsys.readouterr()
+
+
+def test_the_code_key_leaves_out_only_stages_no_statistic_reads():
+    """corrective.py and scale_tuning.py run after the stored statistics: editing them must not re-price the
+    menu, and nothing that computes a statistic may import them (or its changes would go unseen)."""
+    import re
+    from pathlib import Path
+
+    from exporter.compress import statistics_store
+
+    root = Path(statistics_store.__file__).resolve().parents[1]
+    for name in statistics_store.AFTER_STATISTICS:
+        assert (root / "compress" / name).is_file(), name
+        module = name.removesuffix(".py")
+        for folder in statistics_store.CODE:
+            for path in (root / folder).glob("*.py"):
+                if path.name in statistics_store.AFTER_STATISTICS:
+                    continue
+                imports = rf"^\s*(from exporter\.compress\.{module} import|import exporter\.compress\.{module}\b" \
+                          rf"|from exporter\.compress import .*\b{module}\b)"
+                assert not re.search(imports, path.read_text(), re.MULTILINE), (path, module)
