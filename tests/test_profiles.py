@@ -194,6 +194,16 @@ def test_streamed_chains_do_not_share_weights():
     assert last_level_cache_bytes() >= 1 << 20
 
 
+def test_streamed_chains_are_bounded_whatever_cache_the_machine_reports(monkeypatch):
+    """A VM that reports a huge last-level cache (480 MB here) does not get a chain of gigabytes to write and load."""
+    from exporter.device import host_probes
+
+    monkeypatch.setattr(host_probes, "last_level_cache_bytes", lambda: 480 << 20)
+    assert host_probes.stream_bytes() == host_probes.STREAM_MAX_BYTES
+    monkeypatch.setattr(host_probes, "last_level_cache_bytes", lambda: 16 << 20)
+    assert host_probes.stream_bytes() == host_probes.STREAM_CACHE_MULTIPLE * (16 << 20)
+
+
 def test_profile_round_trips_through_its_manifest_form():
     """What the manifest records (`to_dict`) is read back by validate and the report as the same profile."""
     for profile in list_profiles():

@@ -19,7 +19,8 @@ from exporter.errors import ProfileError
 
 @functools.lru_cache(maxsize=None)  # measure once per process: figures do not change mid-run
 def measure_host() -> Hardware:
-    """Measure this machine's RAM, memory bandwidth, fp32 matmul throughput and decode costs (about 5 s)."""
+    """Measure this machine's RAM, memory bandwidth, fp32 matmul throughput and decode costs (about 15 s on this
+    project's 2-core machines)."""
     import numpy as np  # here, so that loading device profiles does not import numpy
 
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -192,6 +193,17 @@ def last_level_cache_bytes() -> int:
 # 0.80 and 0.88 at 16x, before the load factor). 8x: the smallest that reads from memory.
 DECODE_SHAPES = (576, 1536)
 STREAM_CACHE_MULTIPLE = 8
+# ... and at most this much: this project's 2-core VMs later read a 480 MB L3 from sysfs, and the 3.8 GB chain took
+# 145 s a measurement (a third of the test suite) for what 512 MB gives within 10% (gemv bandwidth, idle, 2026-12-05:
+# 25.1 GB/s at 3.8 GB, 23.5 at 1 GB, 22.9-24.3 at 512 MB, 26.3-26.8 at 256 MB; about 7 s at 512 MB).
+STREAM_MAX_BYTES = 512 << 20
+
+
+def stream_bytes() -> int:
+    """The weight bytes a streamed chain holds: STREAM_CACHE_MULTIPLE x the last-level cache, at most
+    STREAM_MAX_BYTES and a sixteenth of the RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(STREAM_CACHE_MULTIPLE * last_level_cache_bytes(), STREAM_MAX_BYTES, ram // 16)
 
 
 def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: float, int4_node_bytes: int,
@@ -211,7 +223,7 @@ def solve_decode_costs(fp32_node_s: float, fp32_node_bytes: int, int4_node_s: fl
 
 
 def _measure_decode_costs() -> dict[str, float]:
-    """What one decode step costs in ONNX Runtime here (about 3 s; empty where onnxruntime or onnx
+    """What one decode step costs in ONNX Runtime here (about 10 s; empty where onnxruntime or onnx
     is missing, and the cost model then uses its estimates):
 
     * gemv_bandwidth_gbs: bytes/s of a chain of fp32 MatMul alternating DECODE_SHAPES (3.5 MB each),
@@ -271,11 +283,9 @@ def _measure_decode_costs() -> dict[str, float]:
 
     def streamed(folder: str, chain) -> tuple[float, int]:
         """Seconds per node and weight bytes per node of `chain` (fp32_chain or int4_chain with distinct
-        weights), as long as needed to hold STREAM_CACHE_MULTIPLE x the last-level cache (RAM allowing)."""
+        weights), as long as needed to hold `stream_bytes()`."""
         node_bytes = sum(a.nbytes for a in chain(2, DECODE_SHAPES)[1].values()) // 2
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        total = min(STREAM_CACHE_MULTIPLE * last_level_cache_bytes(), ram // 16)
-        length = max(4, math.ceil(total / node_bytes))
+        length = max(4, math.ceil(stream_bytes() / node_bytes))
         nodes, large = chain(length, DECODE_SHAPES)
         session = probe_session(folder, nodes, DECODE_SHAPES[0], DECODE_SHAPES[0], (), large)
         del large
@@ -303,7 +313,7 @@ def _measure_decode_costs() -> dict[str, float]:
         # The streamed int4 chain with a rank-64 factor pair after every MLP-sized pair: per factor node,
         # the time it adds to that chain's (int4_s per node) beyond its bytes at the int4 stream rate (at
         # least the in-cache node cost).
-        pairs = max(2, math.ceil(STREAM_CACHE_MULTIPLE * last_level_cache_bytes() / (2 * int4_bytes)))
+        pairs = max(2, math.ceil(stream_bytes() / (2 * int4_bytes)))
         nodes, weights = int4_sequence([(hidden, inner), (inner, hidden), factor, factor[::-1]] * pairs, distinct=True)
         mixed_s = best(probe_session(folder, nodes, hidden, hidden, (), weights), hidden, 40) / pairs
         del weights
