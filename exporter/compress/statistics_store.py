@@ -29,7 +29,8 @@ from exporter.source.model import cache_dir
 
 FORMAT = 1  # the files' layout; raise it when that changes
 CODE = ("compress", "source")  # the packages whose code computes the statistics: their source is in the key ...
-AFTER_STATISTICS = ("corrective.py", "scale_tuning.py")  # ... less the stages that run after them and feed none
+# ... less the stages that run after them and feed none
+AFTER_STATISTICS = ("corrective.py", "scale_tuning.py", "sequential_grids.py")
 
 
 def default_root() -> Path:
