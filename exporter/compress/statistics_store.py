@@ -29,8 +29,7 @@ from exporter.source.model import cache_dir
 
 FORMAT = 1  # the files' layout; raise it when that changes
 CODE = ("compress", "source")  # the packages whose code computes the statistics: their source is in the key ...
-# ... less the stages that run after them and feed none
-AFTER_STATISTICS = ("corrective.py", "scale_tuning.py", "sequential_grids.py")
+AFTER_STATISTICS = ("corrective.py", "scale_tuning.py")  # ... less the stages that run after them and feed none
 
 
 def default_root() -> Path:
