@@ -80,9 +80,27 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def _held_out_kl(dense_model, held_out):
+    """KL(dense || model) of the next-token distributions on `held_out`, per token: what the estimate approximates.
+
+    Not the NLL increase: the tiny models are trained for a few dozen steps, far from a minimum, so a small weight
+    error also moves their held-out NLL to first order, either way (with GPTQ in act order, grids 10% wider measured
+    a sixth of the NLL increase of the left-to-right ones). The estimate is the second-order term alone (the loss
+    gradient's Fisher), which on a trained model like SmolLM2 is the NLL increase (benchmarks/estimator_check.py
+    checks that one) and on any model the KL to the dense distributions."""
+    with torch.no_grad():
+        dense = torch.log_softmax(dense_model(held_out, use_cache=False).logits.float(), dim=-1)
+
+    def kl(model) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(held_out, use_cache=False).logits.float(), dim=-1)
+        return float((dense.exp() * (dense - logp)).sum(dim=-1).mean())
+    return kl
+
+
 def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer, calib_text):
-    """Whole-model format choices ranked by the summed estimate as by the measured loss increase on
-    held-out windows (the issue's check of the estimator, Spearman >= 0.8)."""
+    """Whole-model format choices ranked by the summed estimate as by the measured divergence from the dense model
+    on held-out windows (the issue's check of the estimator, Spearman >= 0.8)."""
     from exporter.source.calibration import windows_from_texts
 
     model = tiny_models.load("llama")
@@ -90,12 +108,7 @@ def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer,
     train, held_out = windows[:48], windows[48:]  # 64 held-out windows: the measured increases are small
     units = price_units(model, train, train[:6], progress=False)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    def loss():
-        with torch.no_grad():
-            return float(model(held_out, labels=held_out, use_cache=False).loss)
-
-    base = loss()
+    measure = _held_out_kl(model, held_out)
     rng = random.Random(1)
     configurations = [[k] * len(units) for k in range(len(MENU))]
     configurations += [[rng.randrange(len(MENU)) for _ in units] for _ in range(5)]
@@ -106,16 +119,16 @@ def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer,
             unit.choice = option
         apply_choices(model, units)
         predicted.append(sum(u.loss[u.choice] for u in units))
-        measured.append(loss() - base)
+        measured.append(measure(model))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(dense[n])
-    assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 1-3: 0.86-0.96
+    assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 1-3: 0.997-1.0 (NLL: 0.87-0.98)
 
 
 def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenizer, calib_text):
     """The same check with low-rank options in the menu: whole-model choices mixing factorized units (every rank,
-    both factor formats) and grids, ranked by the summed estimate as by the measured held-out loss increase."""
+    both factor formats) and grids, ranked by the summed estimate as by the measured held-out divergence."""
     import copy
 
     from exporter.compress.format_allocation import LOW_RANK_FORMATS
@@ -125,12 +138,7 @@ def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenize
     windows = windows_from_texts([calib_text], tokenizer, 112, 64, seed=1)
     train, held_out = windows[:48], windows[48:]
     units = price_units(dense_model, train, train[:6], progress=False, low_rank=LOW_RANK_FORMATS)
-
-    def loss(model):
-        with torch.no_grad():
-            return float(model(held_out, labels=held_out, use_cache=False).loss)
-
-    base = loss(dense_model)
+    measure = _held_out_kl(dense_model, held_out)
     int8 = MENU.index(next(f for f in MENU if f.name == "int8-b32"))
     low_rank = [[k for k in range(len(u.options)) if u.rank(k)] for u in units]
     rng = random.Random(2)
@@ -144,8 +152,8 @@ def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenize
             unit.choice = option
         apply_choices(model, units)
         predicted.append(sum(u.loss[u.choice] for u in units))
-        measured.append(loss(model) - base)
-    assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 2-4: 0.96, 0.99, 0.98
+        measured.append(measure(model))
+    assert _spearman(predicted, measured) >= 0.8, (predicted, measured)  # seeds 2-4: 0.97, 0.99, 0.98 (NLL: 0.96-0.99)
 
 
 def _export(llama_dir, calib_file, out, *extra):
