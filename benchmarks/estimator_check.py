@@ -118,6 +118,8 @@ def main(argv=None) -> int:
               f"(perplexity {math.exp(base + delta):.3f})", flush=True)
 
     for name, sample in (("singles", singles), ("configurations", configurations)):
+        if not sample:  # --singles 0 or --random 0 with no budgets
+            continue
         estimate, delta = zip(*sample)
         ratio = np.median(np.asarray(delta) / np.maximum(np.asarray(estimate), 1e-30))
         print(f"{name}: Spearman {spearman(estimate, delta):.3f} over {len(sample)}; "
