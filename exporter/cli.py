@@ -526,11 +526,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         tell("exporter: interrupted; nothing was written")
         return 130
-    except RuntimeError as exc:  # a collective of a data-parallel run that failed: a peer stopped, or timed out
+    except Exception as exc:
         from exporter.compress import distributed
 
         if args.debug or not distributed.launched():
             raise
+        stopped = distributed.stopped_in(exc)  # torchrun's SIGTERM, wrapped by what it interrupted (a lazy import)
+        if stopped is not None:
+            tell(f"exporter: error: {stopped}")
+            return stopped.exit_code
+        if not isinstance(exc, RuntimeError):
+            raise
+        # a collective of a data-parallel run that failed: a peer stopped, or timed out
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         tell(f"exporter: error: rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: a "
              f"collective failed (another process stopped or timed out; its own error says why): {first}")

@@ -245,6 +245,29 @@ def test_a_failing_rank_ends_the_job_with_one_line_errors(llama_dir, calib_file,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_stop_that_arrives_inside_a_wrapping_import_is_still_one_line(monkeypatch, capsys):
+    """torchrun's SIGTERM can arrive while rank 0 still imports transformers, whose lazy import re-raises it as a
+    ModuleNotFoundError (seen in CI): the rank still ends with its one line, not a traceback."""
+    from exporter import cli
+    from exporter.compress import distributed
+
+    def interrupted_import(_args):
+        try:
+            raise distributed.Stopped("rank 0 of 2: stopped by torchrun because another process failed")
+        except distributed.Stopped as exc:
+            raise ModuleNotFoundError("Could not import module 'AutoModelForCausalLM'") from exc
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(cli, "_profiles", interrupted_import)
+    assert cli.main(["profiles"]) == 1
+    assert capsys.readouterr().err.strip() == "exporter: error: rank 0 of 2: stopped by torchrun because another " \
+        "process failed"
+    monkeypatch.setattr(cli, "_profiles", lambda _args: (_ for _ in ()).throw(ModuleNotFoundError("numpy")))
+    with pytest.raises(ModuleNotFoundError):  # a real missing module keeps its traceback
+        cli.main(["profiles"])
+
+
 @pytest.mark.parametrize("count", [1])
 def test_fewer_windows_than_processes_is_a_one_line_error(count, monkeypatch):
     from exporter.compress import distributed

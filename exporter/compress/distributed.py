@@ -47,6 +47,18 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stopped)
 
 
+def stopped_in(exc: BaseException) -> Stopped | None:
+    """The Stopped that torchrun's SIGTERM raised, if `exc` was raised while handling it: the signal can arrive
+    inside code that wraps whatever it raises (transformers' lazy imports re-raise it as ModuleNotFoundError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Stopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def launched() -> bool:
     """Started by torchrun (or a launcher like it) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
