@@ -542,8 +542,8 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
             compute.onloaded(teacher, device):
         report = tune_scales(model, teacher, ids.to(device), options.tune_scales, seed=options.seed,
                              progress=options.progress)
-    say(f"scale tuning: {report.steps} steps on {report.scales:,} scales, held-out KL {report.kl_before:.4f} -> "
-        f"{report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
+    say(f"scale tuning: {report.steps} steps at {report.lr:.2g} on {report.scales:,} scales, held-out KL "
+        f"{report.kl_before:.4f} -> {report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
     return report.to_dict()
 
 

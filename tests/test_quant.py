@@ -108,9 +108,31 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(fmt):
         return ((weight - q) @ held_out.T).pow(2).sum().item()
 
     assert error(ours) < 0.8 * error(rtn)
-    # with H = I nothing is spread: GPTQ is round-to-nearest
-    identity = gptq(weight, torch.eye(192, dtype=torch.float64), fmt, damping=0.0)
-    assert torch.equal(torch.from_numpy(identity.dequantize()), rtn)
+    assert error(torch.from_numpy(gptq(weight, gram, fmt, act_order=False).dequantize())) < 0.8 * error(rtn)
+    # with H = I nothing is spread: GPTQ is round-to-nearest, in either order
+    for act_order in (True, False):
+        identity = gptq(weight, torch.eye(192, dtype=torch.float64), fmt, damping=0.0, act_order=act_order)
+        assert torch.equal(torch.from_numpy(identity.dequantize()), rtn)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(4, 128, False)], ids=lambda f: f.name)
+def test_act_order_beats_left_to_right_where_input_channels_differ_in_scale(fmt):
+    """Decoder inputs have a few channels far larger than the rest; rounding those columns first, while every
+    other column can still absorb their error, lowers the output error on held-out inputs. 200 columns: the
+    last block is partly padding, whose codes dequantize to 0."""
+    weight = torch.randn(64, 200, generator=torch.Generator().manual_seed(2)) * 0.05
+    scale = torch.exp(torch.randn(200, generator=torch.Generator().manual_seed(7)))
+    calibration, held_out = _correlated(3000, 200, 3) * scale, _correlated(1000, 200, 4) * scale
+    gram = (calibration.T @ calibration).double()
+
+    def error(act_order):
+        grid = gptq(weight, gram, fmt, act_order=act_order)
+        assert grid.codes.shape[1] == 200 + (-200) % fmt.block_size
+        padding = (grid.codes[:, 200:].astype(np.float32) - grid.zeros[:, -1:].astype(np.float32)) * grid.scales[:, -1:]
+        assert np.all(padding == 0)
+        return ((weight - torch.from_numpy(grid.dequantize())) @ held_out.T).pow(2).sum().item()
+
+    assert error(True) < 0.8 * error(False)
 
 
 def test_registry_finds_blocks_of_concatenated_and_sliced_weights():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from exporter.compress.corrective import dense_teacher, kl_divergence
@@ -100,3 +101,13 @@ def test_export_with_tuned_scales(llama_dir, calib_file, tmp_path):
     tuning = manifest["method"]["scale_tuning"]
     assert tuning["steps"] == 6 and tuning["scales"] > 0 and "tune scales" in manifest["timings_s"]
     assert manifest["parity"]["quantized"]["greedy_agreement"] >= 0.5
+
+
+def test_the_default_rate_follows_the_held_out_kl(tiny_models, calib_ids):
+    """Grids far from the dense model take larger steps: the rate is RATE_PER_KL times the KL before, bounded."""
+    from exporter.compress.scale_tuning import RATE_PER_KL, RATE_RANGE
+
+    model, teacher = _quantized(tiny_models)
+    report = tune_scales(model, teacher, calib_ids, steps=2, holdout=2, progress=False)
+    assert report.lr == min(max(RATE_PER_KL * report.kl_before, RATE_RANGE[0]), RATE_RANGE[1])
+    assert report.to_dict()["lr"] == pytest.approx(report.lr, rel=1e-2)

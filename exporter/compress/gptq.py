@@ -1,11 +1,13 @@
 """GPTQ (Frantar et al., 2022) on the exporter's own input Gram matrices.
 
-Columns of W (out x in) are rounded one at a time, left to right; the error each rounding makes is
-spread over the columns not yet rounded with the inverse Hessian of the layer's output error, H = X^T X
-(the Gram the calibration pass accumulates), so the output W X moves as little as the grid allows.
-Grids (exporter.compress.grid) are fitted per block when the block's first column is reached, on the
-block's values as updated by then, with the same clipping search as round-to-nearest. With H = I the
-updates vanish and GPTQ is round-to-nearest. The column loop runs on the compute device
+Columns of W (out x in) are rounded one at a time; the error each rounding makes is spread over the columns
+not yet rounded with the inverse Hessian of the layer's output error, H = X^T X (the Gram the calibration pass
+accumulates), so the output W X moves as little as the grid allows. By default the columns go in decreasing
+order of H_ii (the inputs that carry the most energy first, "act order"), on block grids (exporter.compress.grid)
+fitted up front on the unchanged weights ("static groups"), so MatMulNBits' contiguous blocks are kept.
+`act_order=False` is the original order: left to right, each block's grid fitted when its first column is
+reached, on its values as updated by then. Both fit with the same clipping search as round-to-nearest; with
+H = I the updates vanish and GPTQ is round-to-nearest. The column loop runs on the compute device
 (exporter.compress.compute); each block's grid is fitted on the host (exporter.compress.grid), once per block.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from exporter.compress import compute
-from exporter.compress.grid import GridWeights, QuantFormat, block_codes, fit_blocks
+from exporter.compress.grid import GridWeights, QuantFormat, block_codes, blocked, fit_blocks
 
 DAMPING = 0.01  # of the mean diagonal, added to H: keeps the Cholesky factorization defined
 LAZY_COLUMNS = 128  # columns updated in-block before one batched update of the rest (a multiple of block sizes)
@@ -33,8 +35,12 @@ def _inverse_hessian_factor(gram: torch.Tensor, damping: float) -> tuple[torch.T
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool = False,
-         damping: float = DAMPING) -> GridWeights:
-    """The grid of `weight` (out x in) minimizing ||(W - Q) X|| greedily, with X^T X = `gram` (in x in)."""
+         damping: float = DAMPING, act_order: bool = True) -> GridWeights:
+    """The grid of `weight` (out x in) minimizing ||(W - Q) X|| greedily, with X^T X = `gram` (in x in).
+    `act_order`: columns in decreasing order of H_ii on grids fitted up front (measured better on SmolLM2:
+    benchmarks/RESULTS.md); False: left to right, each block's grid fitted when the block is reached."""
+    if act_order:
+        return _gptq_act_order(weight, gram, fmt, clip, damping)
     out_features, in_features = weight.shape
     block = fmt.block_size
     padded = in_features + (-in_features) % block
@@ -80,4 +86,49 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
             first = max(in_features, j * block)
             codes[:, first : (j + 1) * block] = block_codes(np.zeros((out_features, 1), np.float32),
                                                             scales[:, j], zeros[:, j], fmt)
+    return GridWeights(fmt, codes, scales, zeros, in_features)
+
+
+@torch.no_grad()
+def _gptq_act_order(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool,
+                    damping: float) -> GridWeights:
+    """GPTQ with columns rounded in decreasing order of H_ii ("act order") on grids fitted up front on the
+    unchanged weights ("static groups"), so the blocks stay contiguous as MatMulNBits reads them."""
+    out_features, in_features = weight.shape
+    block = fmt.block_size
+    device = compute.current()
+    w0 = weight.detach().float().cpu().clone()
+    dead = torch.diagonal(gram) == 0
+    w0[:, dead.cpu()] = 0
+    _, scales, zeros = fit_blocks(blocked(w0.numpy(), block, edge=fmt.float_zero), fmt, clip)
+    column_block = torch.arange(in_features) // block
+    s_col = torch.from_numpy(scales).to(device)[:, column_block]
+    z_col = torch.from_numpy(zeros.astype(np.float32)).to(device)[:, column_block]
+    perm = torch.argsort(torch.diagonal(gram).double().cpu(), descending=True, stable=True)
+    g = gram.double().cpu()[perm][:, perm]
+    hinv, _ = _inverse_hessian_factor(g.to(device), damping)
+    hinv = hinv.float()
+    w = w0.to(device)[:, perm]
+    s_p, z_p = s_col[:, perm], z_col[:, perm]
+    safe_p = torch.where(s_p == 0, 1.0, s_p)
+    q_all = torch.zeros_like(w)
+    for start in range(0, in_features, LAZY_COLUMNS):
+        stop = min(start + LAZY_COLUMNS, in_features)
+        chunk = w[:, start:stop].clone()
+        errors = torch.zeros_like(chunk)
+        for i in range(stop - start):
+            column = start + i
+            x = chunk[:, i]
+            q = torch.clamp(torch.round(x / safe_p[:, column] + z_p[:, column]), 0, fmt.levels - 1)
+            q_all[:, column] = q
+            error = (x - (q - z_p[:, column]) * s_p[:, column]) / hinv[column, column]
+            chunk[:, i:] -= error[:, None] * hinv[column, column:stop][None, :]
+            errors[:, i] = error
+        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    padded = in_features + (-in_features) % block
+    codes = np.zeros((out_features, padded), dtype=np.uint8)
+    codes[:, perm.numpy()] = q_all.cpu().numpy().astype(np.uint8)
+    if padded > in_features:  # padding columns hold 0: their code is the block's zero point
+        j = padded // block - 1
+        codes[:, in_features:] = block_codes(np.zeros((out_features, 1), np.float32), scales[:, j], zeros[:, j], fmt)
     return GridWeights(fmt, codes, scales, zeros, in_features)

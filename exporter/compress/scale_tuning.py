@@ -9,7 +9,10 @@ weights stay exactly on their grids, so the graph packs the same codes with the 
 ONNX Runtime still compute the same thing. (EfficientQAT's end-to-end stage trains the same parameters.)
 
 Each scale is trained as s0 * (1 + d), d starting at 0 (one learning rate fits every block's magnitude). The
-held-out windows measure the KL before and after; where it did not fall, the scales go back to GPTQ's.
+held-out windows measure the KL before and after; where it did not fall, the scales go back to GPTQ's. The
+rate is in proportion to that KL before: grids far from the dense model take large steps, grids close to it
+small ones (measured best: 3e-3 at held-out KL 0.24, 1e-3 at 0.067, 3e-4 at 0.034 where 1e-3 raised it;
+benchmarks/RESULTS.md, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from exporter.compress.grid import GridWeights
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
 from exporter.errors import ExporterError
 
+RATE_PER_KL = 0.015  # the learning rate per nat of held-out KL before tuning (1e-3 at 0.067) ...
+RATE_RANGE = (1e-4, 3e-3)  # ... within these
+
 
 @dataclass
 class ScaleTuningReport:
@@ -38,9 +44,11 @@ class ScaleTuningReport:
     kl_after: float
     kept: bool  # False: the held-out KL did not fall, GPTQ's scales were put back
     seconds: float
+    lr: float
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "scales": self.scales, "kl_before": round(self.kl_before, 5),
+        return {"steps": self.steps, "scales": self.scales, "lr": float(f"{self.lr:.3g}"),
+                "kl_before": round(self.kl_before, 5),
                 "kl_after": round(self.kl_after, 5), "kept": self.kept, "seconds": round(self.seconds, 1)}
 
 
@@ -78,10 +86,11 @@ def grid_modules(model) -> list[nn.Module]:
     return list({id(m): m for m in modules}.values())
 
 
-def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float = 1e-3, batch_size: int = 2,
+def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float | None = None, batch_size: int = 2,
                 holdout: int = 4, seed: int = 0, progress: bool = True) -> ScaleTuningReport:
     """Train the scales of every grid in `model` (in place) for `steps` steps of KL(teacher || model) on
-    `input_ids` (the last `holdout` windows measure); the codes and zero points stay."""
+    `input_ids` (the last `holdout` windows measure); the codes and zero points stay. `lr`: default
+    RATE_PER_KL times the held-out KL before tuning, within RATE_RANGE."""
     from tqdm.auto import tqdm
 
     if input_ids.shape[0] < 2:
@@ -105,6 +114,8 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
     try:
         with torch.no_grad():
             kl_before = float(kl_divergence(model, teacher, held))
+        if lr is None:
+            lr = min(max(RATE_PER_KL * kl_before, RATE_RANGE[0]), RATE_RANGE[1])
         optimizer = torch.optim.Adam(deltas, lr=lr)
         # Cosine decay to 0: large first steps, then settling (the held-out KL rose when a constant rate ran on).
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -131,4 +142,4 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float =
     for module in modules:
         set_grid(module, grids[id(module)] if kept else grid_of(module))
     return ScaleTuningReport(steps, sum(int(d.numel()) for d in deltas), kl_before, kl_after, kept,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, lr)
