@@ -263,7 +263,10 @@ def test_a_stop_that_arrives_inside_a_wrapping_import_is_still_one_line(monkeypa
     assert cli.main(["profiles"]) == 1
     assert capsys.readouterr().err.strip() == "exporter: error: rank 0 of 2: stopped by torchrun because another " \
         "process failed"
-    monkeypatch.setattr(cli, "_profiles", lambda _args: (_ for _ in ()).throw(ModuleNotFoundError("numpy")))
+    def missing_module(_args):
+        raise ModuleNotFoundError("numpy")
+
+    monkeypatch.setattr(cli, "_profiles", missing_module)
     with pytest.raises(ModuleNotFoundError):  # a real missing module keeps its traceback
         cli.main(["profiles"])
 
