@@ -3,10 +3,10 @@
     python benchmarks/head_price_probe.py [--windows 8]
 
 SmolLM2-135M-Instruct (exporter.compress.format_allocation's statistics). For each menu option of the unit that
-holds lm_head: the second-order estimate of lm_head's own loss increase against the measured mean KL(dense || lm_head on that grid) of the next-token distributions over the first
-calibration windows' tokens, every other weight dense; and the estimate the pricing used for the tied
-embedding until 2026-12-05 (`embedding_estimate`) against the KL of the model
-whose input embedding alone gathers from that grid (lm_head dense). The whole model's ratio is about 0.8.
+holds lm_head: the second-order estimate of lm_head's own loss increase against the measured mean KL(dense ||
+lm_head on that grid) of the next-token distributions over the first calibration windows' tokens, every other
+weight dense; and the estimate of the tied embedding's term (`format_allocation.embedding_loss`) against the KL of
+the model whose input embedding alone gathers from that grid (lm_head dense). The whole model's ratio is about 0.8.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.compress.corrective import dense_teacher, kl_divergence  # noqa: E402
-from exporter.compress.format_allocation import MENU, estimated_loss, format_units, option_grids  # noqa: E402
+from exporter.compress.format_allocation import (  # noqa: E402
+    MENU,
+    embedding_loss,
+    estimated_loss,
+    format_units,
+    option_grids,
+)
 from exporter.compress.importance import EMBEDDING  # noqa: E402
 from exporter.compress.layerwise import head_inputs  # noqa: E402
 from exporter.compress.quantize import module_name  # noqa: E402
 from exporter.pipeline import ExportOptions, prepare  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-
-
-def embedding_estimate(weight, grid, share: torch.Tensor, fisher: torch.Tensor) -> float:
-    error = weight.detach().double() - torch.from_numpy(grid.dequantize()).double()
-    return 0.5 * float(fisher.double() @ (share @ error**2))
 
 
 def main(argv=None) -> int:
@@ -49,10 +50,6 @@ def main(argv=None) -> int:
     units = prepared.format_prices(format_units(model), options.fisher_samples, (), MENU)
     unit = next(u for u in units if head_name in u.members)
     statistics = prepared.pricing_statistics(options.fisher_samples)
-    # the estimate the pricing used for a tied embedding before 2026-12-05: its Gram diagonal, each token's share of
-    # the calibration weighted by its position as the embedding's output sensitivity says
-    at = statistics.sensitivity[EMBEDDING].positions[: ids.shape[1]].expand(ids.shape).reshape(-1)
-    share = torch.zeros(head.out_features, dtype=torch.float64).index_add_(0, ids.reshape(-1), at) / ids.numel()
     hidden = []
     head_inputs(model, ids[: args.windows], 4, lambda x: hidden.append(x.reshape(-1, head.in_features).float()))
     hidden = torch.cat(hidden)
@@ -81,7 +78,7 @@ def main(argv=None) -> int:
         grid = grids[head_name]
         estimated = estimated_loss(head.weight, grid, statistics.grams[head_name], statistics.fisher[head_name],
                                    statistics.tokens)
-        embedding = embedding_estimate(head.weight, grid, share, statistics.fisher[EMBEDDING])
+        embedding = embedding_loss(head.weight, grid, statistics.share, statistics.fisher[EMBEDDING])
         quantized = torch.from_numpy(grid.dequantize()).float()
         measured = mean_kl(quantized)
         embedding_module.weight.data = quantized

@@ -162,35 +162,6 @@ def _export(llama_dir, calib_file, out, *extra):
                  "--weights", "auto", *extra])
 
 
-def test_lm_head_is_priced_by_the_kl_its_grid_causes(tiny_models, calib_ids):
-    """lm_head's options cost what putting lm_head (and the tied embedding, which gathers from it) on the grid
-    does to the next-token distributions on the first HEAD_KL_WINDOWS calibration windows, measured through the
-    model: the same for a tied and an untied head."""
-    from exporter.compress.corrective import kl_divergence
-    from exporter.compress.format_allocation import HEAD_KL_WINDOWS
-
-    def load(tie: bool):
-        model = tiny_models.load("llama")
-        if tie:
-            model.lm_head.weight = model.get_input_embeddings().weight
-        return model
-
-    for tie in (True, False):
-        model, teacher = load(tie), load(tie)
-        assert (model.lm_head.weight is model.get_input_embeddings().weight) == tie
-        head, = price_units(model, calib_ids[:4], calib_ids[:2], progress=False, groups=[["lm_head"]])
-        original = model.lm_head.weight.data
-        measured = {}
-        for option, grids in enumerate(head.grids):
-            model.lm_head.weight.data = torch.from_numpy(grids["lm_head"].dequantize()).float()
-            kl = float(kl_divergence(model, teacher, calib_ids[:HEAD_KL_WINDOWS]))
-            name = f"{head.options[option].name} {head.methods[option]}"
-            assert head.loss[option] == pytest.approx(kl, rel=1e-3, abs=1e-7), (tie, name)
-            measured[name] = kl
-        model.lm_head.weight.data = original
-        assert measured["int8-b32 gptq"] < measured["int4-b32-asym gptq"] < measured["int4-b256-asym gptq"]
-
-
 def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, llama_dir, calib_file, capsys):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from exporter.runtime.generation import OrtDecoder

@@ -23,12 +23,6 @@ E is the actual GPTQ error of that format, so the estimate sees the grid, the bl
 compensation; for a low-rank option E = W - Q(up) Q(down), truncation and both grids together. Cross-terms
 between units are ignored (their errors are independent), so the estimates add.
 
-The unit holding lm_head is measured instead of estimated: KL(dense || the model with lm_head on the option's
-grid) per token over the first HEAD_KL_WINDOWS calibration windows, every other weight dense; with tied
-embeddings the embedding gathers from the same grid, so its effect is measured too. (On SmolLM2 the estimate of
-the head's own term was within 10%, the diagonal estimate of a tied embedding's 1.7-3.2x too high, which bought
-lm_head 8 bits where finer grids elsewhere measured better: benchmarks/RESULTS.md.)
-
 Data-parallel (torchrun): each process prices every N-th unit, the prices are exchanged, and every process
 computes the grids of the options chosen.
 
@@ -48,13 +42,11 @@ from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
-from exporter.compress.importance import Sensitivity, output_sensitivity, position_weights
-from exporter.compress.layerwise import head_inputs
+from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear, break_even_rank, decompose
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
 
-HEAD_KL_WINDOWS = 4  # calibration windows that measure lm_head's options (SmolLM2: 2048 tokens, ~5 s an option)
 CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
 # Mostly asymmetric grids (uint8 zero points): as fast as symmetric ones in ONNX Runtime's CPU kernel and closer;
 # symmetric b64 and asymmetric b256 are the byte-saving steps (a 576-wide row at b128 pads to 640).
@@ -253,46 +245,20 @@ def low_rank_options(members: list[str], linears: dict, grams: dict, fisher: dic
     return found
 
 
-def head_sample(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """lm_head's inputs over `input_ids` (tokens x d, float32 on the host), one decoder layer at a time on the
-    compute device; the same on every data-parallel rank."""
-    head = model.get_output_embeddings()
-    rows: list[torch.Tensor] = []
-    head_inputs(model, input_ids, 4, lambda x: rows.append(x.reshape(-1, head.in_features).float().cpu()))
-    return torch.cat(rows)
-
-
-def head_kl(model, grid: GridWeights, input_ids: torch.Tensor, dense_hidden: torch.Tensor, chunk: int = 512) -> float:
-    """Per-token KL(dense || quantized) of the next-token distributions over `input_ids` when lm_head (and a
-    tied embedding, which gathers from it) sits on `grid`; `dense_hidden`: lm_head's inputs in the dense model."""
-    head = model.get_output_embeddings()
-    dense = head.weight.detach().float().clone()
-    quantized = torch.from_numpy(grid.dequantize()).float()
-    hidden = dense_hidden
-    if head.weight is model.get_input_embeddings().weight:
-        original = head.weight.data
-        head.weight.data = quantized.to(original.dtype)
-        try:
-            hidden = head_sample(model, input_ids)
-        finally:
-            head.weight.data = original
-    total = 0.0
-    with torch.no_grad():
-        for x, y in zip(dense_hidden.split(chunk), hidden.split(chunk)):
-            p = torch.log_softmax(x @ dense.T, dim=-1)
-            q = torch.log_softmax(y @ quantized.T, dim=-1)
-            total += float((p.exp() * (p - q)).sum())
-    return total / max(1, dense_hidden.shape[0])
+def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.Tensor, fisher: torch.Tensor) -> float:
+    """The estimate for a tied embedding's rows: its Gram is diagonal, each token's share of the calibration."""
+    return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
 
 
 @dataclass
 class PricingStatistics:
-    """What prices every menu option of every unit and computes its grids: the output sensitivities and the
-    position-weighted input Grams (lm_head's plain)."""
+    """What prices every menu option of every unit and computes its grids: the output sensitivities, the
+    position-weighted input Grams (lm_head's plain), each token's share of the calibration."""
 
     linears: dict
     sensitivity: dict[str, Sensitivity]
     grams: dict[str, torch.Tensor]
+    share: torch.Tensor
     head_name: str
     tied: bool
     tokens: int
@@ -318,7 +284,10 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
     head_name = module_name(model, head)
     grams[head_name] = head_gram(model, input_ids)
     tied = head.weight is model.get_input_embeddings().weight
-    return PricingStatistics(linears, sensitivity, grams, head_name, tied, tokens)
+    # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
+    at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].expand(input_ids.shape).reshape(-1)
+    share = torch.zeros(head.out_features, dtype=torch.float64).index_add_(0, input_ids.reshape(-1), at) / tokens
+    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens)
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:
@@ -339,11 +308,10 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     statistics = statistics or pricing_statistics(model, input_ids, fisher_ids, progress=progress)
     linears, grams, fisher, tokens = statistics.linears, statistics.grams, statistics.fisher, statistics.tokens
     head_name, tied = statistics.head_name, statistics.tied
+    head = linears[head_name]
     groups = groups or format_units(model)
     mine, merge = distributed.split_work(list(range(len(groups))))  # data-parallel: every N-th unit per rank
     priced: dict[int, Unit] = {}
-    head_ids = input_ids[:HEAD_KL_WINDOWS]
-    dense_hidden = head_sample(model, head_ids) if any(head_name in groups[index] for index in mine) else None
     for index in tqdm(mine, desc="pricing formats", unit="unit", disable=not progress):
         members = groups[index]
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
@@ -352,13 +320,9 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         for fmt in unit_menu(menu, members, head_name):
             for method in methods:
                 grids = _grids(statistics, members, fmt, method)
-                if head_name in members:  # measured: the head (and a tied embedding) on this grid
-                    loss = head_kl(model, grids[head_name], head_ids, dense_hidden) + sum(
-                        estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens)
-                        for n in members if n != head_name)
-                else:
-                    loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens)
-                               for n in members)
+                loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
+                if tied and head_name in members:
+                    loss += embedding_loss(head.weight, grids[head_name], statistics.share, fisher[EMBEDDING])
                 size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
                 unit.options.append(fmt)
                 unit.methods.append(method)
