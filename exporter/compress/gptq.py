@@ -46,47 +46,64 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     padded = in_features + (-in_features) % block
     device = compute.current()
     hinv, dead = _inverse_hessian_factor(gram.to(device), damping)
-    hinv = hinv.float()
     w = torch.zeros(out_features, padded, device=device)
     w[:, :in_features] = weight.detach().to(device).float()
     w[:, :in_features][:, dead] = 0
     codes = torch.zeros((out_features, padded), dtype=torch.uint8, device=device)
     scales = np.zeros((out_features, padded // block), dtype=np.float32)
     zeros = np.zeros((out_features, padded // block), dtype=fmt.zero_dtype)
-    lazy = max(block, LAZY_COLUMNS // block * block)
+    grid: tuple[torch.Tensor, ...] = ()
+
+    def grid_of_column(column: int, chunk: torch.Tensor, i: int, stop: int) -> tuple[torch.Tensor, ...]:
+        nonlocal grid
+        if column % block == 0:  # fit this block's grid on its current values (padding included)
+            j = column // block
+            values = w[:, column : column + block].clone()
+            width = min(block, stop - column)
+            values[:, :width] = chunk[:, i : i + width]
+            if fmt.float_zero and column + block > in_features:  # padding outside a min-max grid's range
+                values[:, in_features - column :] = values[:, in_features - column - 1 : in_features - column]
+            _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip)
+            scales[:, j], zeros[:, j] = s[:, 0], z[:, 0]
+            s_t = torch.from_numpy(scales[:, j]).to(device)
+            grid = (s_t, torch.from_numpy(zeros[:, j]).float().to(device), torch.where(s_t == 0, 1.0, s_t))
+        return grid
+
+    _round_columns(w, hinv.float(), in_features, max(block, LAZY_COLUMNS // block * block), fmt, codes,
+                   grid_of_column)
+    codes = codes.cpu().numpy()
+    _pad_codes(codes, scales, zeros, in_features, fmt)
+    return GridWeights(fmt, codes, scales, zeros, in_features)
+
+
+def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: int, fmt: QuantFormat,
+                   codes: torch.Tensor, grid_of_column) -> None:
+    """GPTQ's column loop over w[:, :in_features] (in place), in lazy batches of `lazy` columns: each column is
+    rounded on the grid `grid_of_column(column, chunk, i, stop)` gives (scale, zero point, scale safe to divide
+    by, per row; chunk = the batch's current values, i the column's index in it) and its error spread over the
+    columns not yet rounded through `hinv`; the codes go to `codes[:, column]`."""
     for start in range(0, in_features, lazy):
         stop = min(start + lazy, in_features)
         chunk = w[:, start:stop].clone()
         errors = torch.zeros_like(chunk)
         for i in range(stop - start):
             column = start + i
-            if column % block == 0:  # fit this block's grid on its current values (padding included)
-                j = column // block
-                values = w[:, column : column + block].clone()
-                width = min(block, stop - column)
-                values[:, :width] = chunk[:, i : i + width]
-                if fmt.float_zero and column + block > in_features:  # padding outside a min-max grid's range
-                    values[:, in_features - column :] = values[:, in_features - column - 1 : in_features - column]
-                _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip)
-                scales[:, j], zeros[:, j] = s[:, 0], z[:, 0]
-                s_t = torch.from_numpy(scales[:, j]).to(device)
-                z_t = torch.from_numpy(zeros[:, j]).float().to(device)
-                safe = torch.where(s_t == 0, 1.0, s_t)
+            s, z, safe = grid_of_column(column, chunk, i, stop)
             x = chunk[:, i]
-            q = torch.clamp(torch.round(x / safe + z_t), 0, fmt.levels - 1)  # grid.block_codes, in torch
-            codes[:, column] = q.to(torch.uint8)
-            dequantized = (q - z_t) * s_t
-            error = (x - dequantized) / hinv[column, column]
-            chunk[:, i:] -= error[:, None] * hinv[column, column : stop][None, :]
+            q = torch.clamp(torch.round(x / safe + z), 0, fmt.levels - 1)  # grid.block_codes, in torch
+            codes[:, column] = q.to(codes.dtype)
+            error = (x - (q - z) * s) / hinv[column, column]
+            chunk[:, i:] -= error[:, None] * hinv[column, column:stop][None, :]
             errors[:, i] = error
         w[:, stop:in_features] -= errors @ hinv[start:stop, stop:in_features]
-    codes = codes.cpu().numpy()
-    if padded > in_features:  # padding columns hold 0: their code is the block's zero point
-        for j in range(in_features // block, padded // block):
-            first = max(in_features, j * block)
-            codes[:, first : (j + 1) * block] = block_codes(np.zeros((out_features, 1), np.float32),
-                                                            scales[:, j], zeros[:, j], fmt)
-    return GridWeights(fmt, codes, scales, zeros, in_features)
+
+
+def _pad_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, in_features: int, fmt: QuantFormat) -> None:
+    """Padding columns beyond `in_features` hold 0: their code is the last block's zero point (in place)."""
+    if codes.shape[1] > in_features:
+        j = codes.shape[1] // fmt.block_size - 1
+        codes[:, in_features:] = block_codes(np.zeros((codes.shape[0], 1), np.float32), scales[:, j], zeros[:, j],
+                                             fmt)
 
 
 @torch.no_grad()
@@ -107,28 +124,13 @@ def _gptq_act_order(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, 
     perm = torch.argsort(torch.diagonal(gram).double().cpu(), descending=True, stable=True)
     g = gram.double().cpu()[perm][:, perm]
     hinv, _ = _inverse_hessian_factor(g.to(device), damping)
-    hinv = hinv.float()
     w = w0.to(device)[:, perm]
     s_p, z_p = s_col[:, perm], z_col[:, perm]
     safe_p = torch.where(s_p == 0, 1.0, s_p)
-    q_all = torch.zeros_like(w)
-    for start in range(0, in_features, LAZY_COLUMNS):
-        stop = min(start + LAZY_COLUMNS, in_features)
-        chunk = w[:, start:stop].clone()
-        errors = torch.zeros_like(chunk)
-        for i in range(stop - start):
-            column = start + i
-            x = chunk[:, i]
-            q = torch.clamp(torch.round(x / safe_p[:, column] + z_p[:, column]), 0, fmt.levels - 1)
-            q_all[:, column] = q
-            error = (x - (q - z_p[:, column]) * s_p[:, column]) / hinv[column, column]
-            chunk[:, i:] -= error[:, None] * hinv[column, column:stop][None, :]
-            errors[:, i] = error
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    padded = in_features + (-in_features) % block
-    codes = np.zeros((out_features, padded), dtype=np.uint8)
-    codes[:, perm.numpy()] = q_all.cpu().numpy().astype(np.uint8)
-    if padded > in_features:  # padding columns hold 0: their code is the block's zero point
-        j = padded // block - 1
-        codes[:, in_features:] = block_codes(np.zeros((out_features, 1), np.float32), scales[:, j], zeros[:, j], fmt)
+    permuted = torch.zeros(w.shape, dtype=torch.uint8, device=device)
+    _round_columns(w, hinv.float(), in_features, LAZY_COLUMNS, fmt, permuted,
+                   lambda column, *_: (s_p[:, column], z_p[:, column], safe_p[:, column]))
+    codes = np.zeros((out_features, in_features + (-in_features) % block), dtype=np.uint8)
+    codes[:, perm.numpy()] = permuted.cpu().numpy()
+    _pad_codes(codes, scales, zeros, in_features, fmt)
     return GridWeights(fmt, codes, scales, zeros, in_features)
