@@ -254,6 +254,13 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--kl-steps", type=_nonnegative_int, default=CorrectiveOptions.kl_steps,
                          help=f"end-to-end KL distillation steps after the block-wise stage "
                          f"(default: {CorrectiveOptions.kl_steps})")
+    command.add_argument("--warm-kl-steps", type=_nonnegative_int, default=CorrectiveOptions.warm_kl_steps,
+                         help="--device a,b: a later profile whose ranks differ starts its branches from the "
+                         "previous profile's, without the block-wise stage, and trains this many KL steps, kept "
+                         f"where they lower the held-out KL (default: {CorrectiveOptions.warm_kl_steps})")
+    command.add_argument("--own-branches", action="store_true",
+                         help="--device a,b: every profile trains its branches from the start, so each artifact "
+                         "is the one its single-profile export writes (slower)")
     command.add_argument("--tune-factors", action="store_true",
                          help="also train the SVD factors (default: frozen; only the branches train)")
     command.add_argument("--seed", type=int, default=0, help="seed for sampling and calibration windows (default: 0)")
@@ -288,7 +295,8 @@ def _options(args):
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(
             rank=args.corrective_rank[0], rank_by_kind=args.corrective_rank[1], epochs=args.corrective_epochs,
-            kl_steps=args.kl_steps, tune_factors=args.tune_factors),
+            kl_steps=args.kl_steps, warm_kl_steps=args.warm_kl_steps, tune_factors=args.tune_factors),
+        warm_branches=not args.own_branches,
     )
 
 

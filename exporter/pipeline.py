@@ -35,6 +35,7 @@ from exporter.compress.corrective import (
     CorrectiveOptions,
     attach_correctives,
     branch_ranks,
+    branch_weights,
     dense_teacher,
     settle_ranks,
     train_correctives,
@@ -156,6 +157,9 @@ class ExportOptions:
     reuse_statistics: bool = True
     # Where the torch stages compute (exporter.compress.compute): auto (CUDA where present), cpu, cuda or cuda:N.
     compute: str = "auto"
+    # `--device a,b`: a later profile whose ranks differ from the previous one's starts its corrective branches
+    # from that one's (CorrectiveOptions.warm_kl_steps); False: each trains its own, as a single-profile export.
+    warm_branches: bool = True
 
     @property
     def release(self) -> tuple[int, int] | None:
@@ -256,6 +260,10 @@ class Prepared:
     _sensitivities: dict = field(default_factory=dict)  # {Fisher samples: output sensitivities} pricing read
     _pricing_statistics: dict = field(default_factory=dict)  # {Fisher samples: PricingStatistics}, data-parallel
     _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
+    # Later compressions at other ranks start their branches from the last fully trained ones (`--device a,b`;
+    # off for library callers such as the benchmark, whose rows must not depend on their order).
+    warm_branches: bool = False
+    _branches: dict = field(default_factory=dict)  # {(method, joint, corrective options): branch_weights}
     _store: statistics_store.StatisticsStore | None = None
     _consumed: bool = False  # `model` was compressed in place: no statistic may be read from it any more
 
@@ -519,11 +527,18 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                 state, plan.corrective_report = prepared._trained[key]
                 model.load_state_dict(state)
             else:
+                # Other ranks (or another grid): with warm_branches, start from the previous compression's
+                # branches, which already hold most of what these learn, and train a few KL steps.
+                family = (options.method, options.joint, repr(options.correctives))  # not the rounding
+                warm = prepared._branches.get(family) if prepared.warm_branches else None
                 with clock.stage("correctives"):
-                    plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress)
+                    plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress,
+                                                               warm=warm)
                 if key is not None and not in_place:  # the last one only: a model's worth of memory
                     prepared._trained = {key: ({k: v.clone() for k, v in model.state_dict().items()},
                                                plan.corrective_report)}
+                if prepared.warm_branches and not plan.corrective_report.warm_start:
+                    prepared._branches = {family: branch_weights(model)}  # the branches alone: small
     if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
         with clock.stage("quantize"):
             quantize_grids(model, options, ids)
@@ -814,6 +829,7 @@ def _run_exports(options: ExportOptions, names: list[str], levels, schedule) -> 
         check_target(run.out, options.force)
     clocks = [Stopwatch() for _ in runs]  # each artifact's times; the model's load and a statistic land in the
     prepared = prepare(runs[0][1], clocks[0], None, runs[0][0], source)  # first artifact that needs them
+    prepared.warm_branches = options.warm_branches
     results = []
     for number, ((profile, run), clock) in enumerate(zip(runs, clocks), 1):
         say(f"[{number}/{len(runs)}] {profile.name}: {run.out}")
@@ -1021,7 +1037,9 @@ def _corrective_summary(options: ExportOptions, plan: Plan) -> dict | None:
     if c is None:
         return None
     report = plan.corrective_report.to_dict() if plan.corrective_report else {}
-    return {"rank": c.rank, "epochs": c.epochs, "lr": c.lr, "kl_steps": c.kl_steps, "kl_lr": c.kl_lr,
+    warm = report.get("warm_start", False)  # from the previous profile's branches: KL steps alone
+    return {"rank": c.rank, "epochs": 0 if warm else c.epochs, "lr": c.lr,
+            "kl_steps": c.warm_kl_steps if warm else c.kl_steps, "kl_lr": c.kl_lr,
             "tune_factors": c.tune_factors, "form": "folded",
             "quantization_aware": options.weights == "int4" and options.quantization_aware, **report}
 

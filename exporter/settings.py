@@ -31,6 +31,10 @@ class CorrectiveOptions:
     holdout: int = 4  # calibration sequences kept out of training to measure the error
     kl_steps: int = 40  # end-to-end KL distillation steps after the block-wise stage (measured: benchmarks/RESULTS.md, CALR probe)
     kl_lr: float = 1e-3
+    # A later profile of `--device a,b` at other ranks starts its branches from the previous profile's and trains
+    # only this many KL steps, kept where they lower the held-out KL (no block-wise stage; measured on SmolLM2:
+    # 10 steps at kl_lr raised the KL, benchmarks/RESULTS.md, warm-started branches).
+    warm_kl_steps: int = 0
     kl_batch_size: int = 2
     tune_factors: bool = False  # also train the primary factors (lower learning rate)
     factor_lr_scale: float = 0.1

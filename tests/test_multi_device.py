@@ -32,7 +32,7 @@ def test_one_statistics_pass_for_every_profile(tmp_path, capsys, monkeypatch, ll
 
     monkeypatch.setattr(exporter.pipeline, "decompose_model", counted("decompose", decompose))
     monkeypatch.setattr(exporter.pipeline, "component_fisher", counted("fisher", fisher))
-    assert main(_args(llama_dir, calib_file, tmp_path / "both", ",".join(DEVICES))) == 0
+    assert main(_args(llama_dir, calib_file, tmp_path / "both", ",".join(DEVICES), "--own-branches")) == 0
     assert calls == {"decompose": 1, "fisher": 1}
     out = capsys.readouterr().out
     assert "2 artifacts from one statistics pass:" in out
@@ -42,7 +42,7 @@ def test_one_statistics_pass_for_every_profile(tmp_path, capsys, monkeypatch, ll
     # the statistics' time is the first artifact's; the second pays only its own compression and writing
     assert "factorize" in manifests[0]["timings_s"] and "factorize" not in manifests[1]["timings_s"]
 
-    # the second artifact is the one a single-profile export writes, byte for byte
+    # with --own-branches, the second artifact is the one a single-profile export writes, byte for byte
     assert main(_args(llama_dir, calib_file, tmp_path / "alone", DEVICES[1])) == 0
     shared, alone = tmp_path / "both" / DEVICES[1], tmp_path / "alone"
     assert (shared / "model.onnx.data").read_bytes() == (alone / "model.onnx.data").read_bytes()
@@ -90,3 +90,72 @@ def test_branches_trained_once_for_profiles_with_the_same_ranks(tmp_path, monkey
     assert main(["export", *args, "--out", str(tmp_path / "alone")]) == 0
     assert (tmp_path / "alone" / "model.onnx.data").read_bytes() == \
         (tmp_path / "both" / "jetson-orin-nano-8gb" / "model.onnx.data").read_bytes()
+
+
+def test_a_later_profile_at_other_ranks_starts_from_the_previous_branches(tmp_path, monkeypatch, llama_dir,
+                                                                          calib_file):
+    """The Pi rounds ranks to multiples of 8, the Snapdragon to 16: other ranks, so the second profile's branches
+    start from the first's and train only --warm-kl-steps KL steps, without the block-wise stage."""
+    import exporter.compress.corrective as corrective
+
+    blockwise, loaded = [], []
+    train, load = corrective.train_blockwise, corrective.load_branches
+    monkeypatch.setattr(corrective, "train_blockwise", lambda *a, **k: blockwise.append(1) or train(*a, **k))
+    monkeypatch.setattr(corrective, "load_branches", lambda model, weights: loaded.append(load(model, weights))
+                        or loaded[-1])
+    assert main(_args(llama_dir, calib_file, tmp_path / "both", ",".join(DEVICES), "--warm-kl-steps", "3")) == 0
+    manifests = [json.loads((tmp_path / "both" / name / "manifest.json").read_text()) for name in DEVICES]
+    assert manifests[0]["ranks"] != manifests[1]["ranks"]
+    first, second = (m["method"]["correctives"] for m in manifests)
+    assert "warm_start" not in first and first["kl_steps"] == 40
+    assert second["kl_steps"] == 3 and second["block_error_before"] == []
+    assert blockwise == [1] and len(loaded) == 1
+    assert (second["warm_start"]["branches"], second["warm_start"]["of"]) == loaded[0]
+    assert 2 * loaded[0][0] >= loaded[0][1] > 0
+    # the KL steps ran, and were kept only where they lowered the held-out KL
+    assert second["kl_before"] is not None
+    undone = second["warm_start"]["steps_undone"]
+    assert second["kl_after"] == second["kl_before"] if undone else second["kl_after"] < second["kl_before"]
+
+
+def test_warm_branches_without_kl_steps_are_kept_as_they_start(tmp_path, monkeypatch, llama_dir, calib_file):
+    """The default (--warm-kl-steps 0): no training step at all for the later profile; the held-out KL recorded."""
+    import exporter.compress.corrective as corrective
+
+    steps = []
+    end_to_end = corrective.train_end_to_end
+    monkeypatch.setattr(corrective, "train_end_to_end", lambda *a, **k: steps.append(a[3].kl_steps) or end_to_end(*a, **k))
+    assert main(_args(llama_dir, calib_file, tmp_path / "both", ",".join(DEVICES))) == 0
+    second = json.loads((tmp_path / "both" / DEVICES[1] / "manifest.json").read_text())["method"]["correctives"]
+    assert steps == [40] and second["kl_steps"] == 0 and second["warm_start"]["steps_undone"] is False
+    assert second["kl_before"] == second["kl_after"] > 0
+
+
+def test_load_branches_starts_each_branch_from_the_previous_map_at_its_rank():
+    import torch
+
+    from exporter.compress.corrective import branch_weights, load_branches
+    from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
+
+    def model(*shapes):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(CorrectedLinear(LowRankLinear(i, o, 6), rank) for i, o, rank in shapes))
+
+    def branch_map(module):
+        return module.corrective_up.weight.double() @ module.corrective_down.weight.double()
+
+    source = model((12, 8, 4), (12, 8, 4), (12, 8, 4), (12, 8, 4))
+    with torch.no_grad():
+        for module in source:
+            module.corrective_up.weight.normal_()
+    target = model((12, 8, 4), (12, 8, 2), (12, 8, 6), (10, 8, 4))
+    start = [module.corrective_down.weight.clone() for module in target]
+    assert load_branches(target, branch_weights(source)) == (3, 4)
+    assert torch.equal(target[0].corrective_up.weight, source[0].corrective_up.weight)  # same rank: as it was
+    # a smaller rank: the previous map's best approximation at that rank
+    u, sigma, vh = torch.linalg.svd(branch_map(source[1]))
+    assert torch.allclose(branch_map(target[1]), (u[:, :2] * sigma[:2]) @ vh[:2], atol=1e-5)
+    # a larger rank: the whole previous map, the extra directions at their start and adding nothing yet
+    assert torch.allclose(branch_map(target[2]), branch_map(source[2]), atol=1e-5)
+    assert torch.equal(target[2].corrective_down.weight[4:], start[2][4:]) and not target[2].corrective_up.weight[:, 4:].any()
+    assert torch.equal(target[3].corrective_down.weight, start[3])  # other widths: untouched

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -44,12 +44,18 @@ class CorrectiveReport:
     kl_before: float | None = None
     kl_after: float | None = None
     seconds: float = 0.0
+    warm_start: tuple[int, int] | None = None  # (branches started from another profile's, branches): KL steps only
+    warm_steps_undone: bool = False  # those KL steps raised the held-out KL: the branches as they started
 
     def to_dict(self) -> dict:
-        return {"block_error_before": [round(e, 5) for e in self.block_error_before],
-                "block_error_after": [round(e, 5) for e in self.block_error_after],
-                "blocks_reset": self.blocks_reset,
-                "kl_before": self.kl_before, "kl_after": self.kl_after, "seconds": round(self.seconds, 1)}
+        found = {"block_error_before": [round(e, 5) for e in self.block_error_before],
+                 "block_error_after": [round(e, 5) for e in self.block_error_after],
+                 "blocks_reset": self.blocks_reset,
+                 "kl_before": self.kl_before, "kl_after": self.kl_after, "seconds": round(self.seconds, 1)}
+        if self.warm_start:
+            found["warm_start"] = {"branches": self.warm_start[0], "of": self.warm_start[1],
+                                   "steps_undone": self.warm_steps_undone}
+        return found
 
 
 def branch_ranks(projections: list[Projection], ranks: dict[str, int | None], options: CorrectiveOptions,
@@ -377,15 +383,88 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     return report
 
 
+def branch_weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every corrective branch's (down, up) factors by module name: what a later profile of the run starts from."""
+    return {name: (m.corrective_down.weight.detach().clone(), m.corrective_up.weight.detach().clone())
+            for name, m in model.named_modules() if isinstance(m, CorrectedLinear)}
+
+
+def _best_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading `rank` (at most) singular directions of the map up @ down, balanced as factors."""
+    q_up, r_up = torch.linalg.qr(up.double())
+    q_down, r_down = torch.linalg.qr(down.double().T)
+    u, sigma, vh = torch.linalg.svd(r_up @ r_down.T)
+    k = min(rank, sigma.numel())
+    root = sigma[:k].sqrt()
+    return (root[:, None] * (q_down @ vh[:k].T).T).to(down.dtype), ((q_up @ u[:, :k]) * root).to(up.dtype)
+
+
+def load_branches(model, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    """Start each branch of `model` from the branch of its module in `weights` (branch_weights of the same
+    architecture) where both have the same input and output widths; a branch of another rank starts from that
+    map's best approximation at its rank (a larger one keeps its start in the directions left over). Returns
+    (branches loaded, branches in `model`)."""
+    loaded = total = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, CorrectedLinear):
+                continue
+            total += 1
+            down, up = weights.get(name, (None, None))
+            if down is None or down.shape[1] != module.in_features or up.shape[0] != module.out_features:
+                continue
+            if down.shape[0] != module.corrective_rank:
+                down, up = _best_rank(down, up, module.corrective_rank)
+            k = down.shape[0]
+            module.corrective_down.weight[:k] = down
+            module.corrective_up.weight.zero_()
+            module.corrective_up.weight[:, :k] = up
+            loaded += 1
+    return loaded, total
+
+
 def train_correctives(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
-                      progress: bool = True) -> CorrectiveReport:
+                      progress: bool = True, warm: dict | None = None) -> CorrectiveReport:
     """Both stages on the compute device (exporter.compress.compute), the two models whole there; the trained
-    values are written back to the student's host tensors."""
+    values are written back to the student's host tensors.
+
+    `warm` (branch_weights of another compression of the same model, e.g. the previous profile of `--device
+    a,b` at other ranks): where at least half the branches have a branch of their shape there, they start from
+    it and all train `options.warm_kl_steps` end-to-end steps, without the block-wise stage; else both stages.
+    """
     device = compute.current()
     with compute.onloaded(student, device, write_back=True), compute.onloaded(teacher, device):
         input_ids = input_ids.to(device)
+        if warm is not None:
+            state = branch_weights(student)
+            loaded, total = load_branches(student, warm)
+            if 2 * loaded >= total:  # the rest (other units factorized) learn from their start in the KL steps
+                return _train_warm(student, teacher, input_ids, options, progress, (loaded, total))
+            load_branches(student, state)  # too few: train from the start as without `warm`
         report = train_blockwise(student, teacher, input_ids, options, progress)
         return train_end_to_end(student, teacher, input_ids, options, progress, report)
+
+
+def _train_warm(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions, progress: bool,
+                warm_start: tuple[int, int]) -> CorrectiveReport:
+    """`options.warm_kl_steps` KL steps from branches already trained for other ranks; kept only where they
+    lower the held-out KL (Adam's first steps, at the rate that trains branches from the start, can undo a
+    trained state: measured on SmolLM2, benchmarks/RESULTS.md)."""
+    report = CorrectiveReport(warm_start=warm_start)
+    start = time.perf_counter()
+    if options.warm_kl_steps <= 0:
+        with torch.no_grad():
+            report.kl_before = report.kl_after = float(kl_divergence(student, teacher,
+                                                                     input_ids[-_holdout(input_ids, options):]))
+        report.seconds = time.perf_counter() - start
+        return report
+    started = branch_weights(student)
+    train_end_to_end(student, teacher, input_ids, replace(options, kl_steps=options.warm_kl_steps), progress, report)
+    if report.kl_after > report.kl_before:
+        load_branches(student, started)
+        report.kl_after = report.kl_before
+        report.warm_steps_undone = True
+    return report
 
 
 def dense_teacher(model):
