@@ -18,6 +18,7 @@ from exporter.compress.gptq import gptq
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import QuantFormat
 from exporter.compress.importance import EMBEDDING, component_fisher, output_sensitivity
+from exporter.compress.layerwise import drawn_labels
 from exporter.errors import ExporterError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -75,9 +76,14 @@ def reference_sensitivity(model, input_ids, names) -> dict[str, torch.Tensor]:
         for sequence in input_ids:
             batch = sequence.unsqueeze(0)
             loss = model(batch, labels=batch, use_cache=False).loss
-            keys = list(energy)
+            keys = [n for n in energy if n != EMBEDDING]
             for name, grad in zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])):
                 energy[name] += (grad.double() ** 2).sum(dim=(0, 1))
+            # the embedding's: the loss on next tokens drawn from the model
+            logits = model(batch, use_cache=False).logits
+            loss = model(batch, labels=drawn_labels(logits, batch), use_cache=False).loss
+            (grad,) = torch.autograd.grad(loss, [outputs[EMBEDDING]])
+            energy[EMBEDDING] += (grad.double() ** 2).sum(dim=(0, 1))
     finally:
         for handle in handles:
             handle.remove()
@@ -179,3 +185,14 @@ def test_onloading_moves_tied_weights_once_and_restores_them(tiny_models):
         assert embedding.weight.device.type == "cuda" and head.weight.device.type == "cuda"
         assert all(p.device.type == "cpu" for p in model.model.layers.parameters())
     assert all(p.data is before[n] for n, p in model.named_parameters())  # the host tensors themselves
+
+
+def test_drawn_labels_follow_the_model_and_the_sequence_alone():
+    ids = torch.tensor([[5, 3, 7, 1, 2]])
+    logits = torch.full((1, 5, 8), -30.0)
+    logits[0, torch.arange(5), torch.tensor([4, 6, 0, 2, 3])] = 30.0  # each position sure of one next token
+    labels = drawn_labels(logits, ids)
+    assert labels.tolist() == [[5, 4, 6, 0, 2]]  # the first id kept (the model shifts), the last logits unused
+    spread = torch.zeros(1, 5, 8)
+    assert torch.equal(drawn_labels(spread, ids), drawn_labels(spread, ids))  # seeded by the ids
+    assert not torch.equal(drawn_labels(spread, ids), drawn_labels(spread, torch.tensor([[5, 3, 7, 1, 4]])))

@@ -84,7 +84,8 @@ EMBEDDING = "<embedding>"  # output_sensitivity's key for the input embedding's 
 
 @dataclass
 class Sensitivity:
-    """How much a linear's output matters to the loss, from the empirical Fisher of dL/dy, factored into
+    """How much a linear's output matters to the loss, from the empirical Fisher of dL/dy (the embedding's: the
+    Fisher of next tokens drawn from the model, output_sensitivity), factored into
     `channels` (a_i: the mean over sequences of sum_t T (dL/dy_ti)^2) and `positions` (the same energy per
     position over the channels, mean 1). On SmolLM2-135M a v_proj's first position weighs 270-500 times the
     mean: every later token attends to it, so its value and key errors reach every output."""
@@ -96,8 +97,8 @@ class Sensitivity:
 def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progress: bool = True
                        ) -> dict[str, Sensitivity]:
     """{linear name: Sensitivity} for the named linears (qualified names), and under EMBEDDING for the input
-    embedding's output (a tied lm_head's rows are also the embedding's). One backward pass per sequence, on the
-    compute device one layer at a time (exporter.compress.layerwise)."""
+    embedding's output (a tied lm_head's rows are also the embedding's; from next tokens drawn from the model).
+    Two backward passes per sequence, on the compute device one layer at a time (exporter.compress.layerwise)."""
     from tqdm.auto import tqdm
 
     device = compute.current()
@@ -121,7 +122,7 @@ def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progres
                 output.register_hook(accumulator(name))
         return forward
 
-    bar = tqdm(total=len(decoder_layers(model)), desc="output sensitivity", unit="layer", disable=not progress)
+    bar = tqdm(total=2 * len(decoder_layers(model)), desc="output sensitivity", unit="layer", disable=not progress)
 
     @contextmanager
     def onloaded(_index, layer):
@@ -131,11 +132,17 @@ def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progres
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     try:
-        for grad in backward_layerwise(model, distributed.shard(input_ids), onloaded):
-            accumulator(EMBEDDING)(grad)
+        backward_layerwise(model, distributed.shard(input_ids), onloaded)
     finally:
         for handle in handles:
             handle.remove()
+    # The embedding's from a second pass on next tokens drawn from the model: the empirical Fisher (the text's own
+    # next tokens) put its term of lm_head's price at 1.9-3.3x the KL it causes on SmolLM2, the drawn one at
+    # 1.1-1.8x (benchmarks/embedding_price_probe.py); the projections' and the head's stay empirical (within 11%).
+    try:
+        for grad in backward_layerwise(model, distributed.shard(input_ids), onloaded, drawn=True):
+            accumulator(EMBEDDING)(grad)
+    finally:
         bar.close()
     distributed.sum_over_ranks([*channels.values(), *positions.values()])
     count = len(input_ids)

@@ -34,11 +34,28 @@ def _layers_return(model, hidden: torch.Tensor, as_tuple: bool):
     return layer_forwards(model, lambda _index: passthrough)
 
 
-def _head_gradient(model, input_ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool) -> torch.Tensor:
-    """dL/d(last layer's output) of the model's own loss on `input_ids`."""
+def drawn_labels(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels (as `labels=` takes them, shifted by the model) whose next tokens are drawn from the model's own
+    distributions `logits` (1 x tokens x vocabulary), seeded by the sequence's ids: the same draw on every process
+    and device."""
+    ids = input_ids[0].cpu()
+    seed = int((ids.long() * torch.arange(1, ids.numel() + 1)).sum()) % (2**31)
+    probabilities = torch.softmax(logits[0, :-1].detach().double().cpu(), dim=-1)
+    drawn = torch.multinomial(probabilities, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+    return torch.cat([ids[:1], drawn]).unsqueeze(0).to(input_ids.device)
+
+
+def _head_gradient(model, input_ids: torch.Tensor, hidden: torch.Tensor, as_tuple: bool,
+                   drawn: bool = False) -> torch.Tensor:
+    """dL/d(last layer's output) of the model's own loss on `input_ids`; with `drawn`, of the loss on next tokens
+    drawn from the model (drawn_labels): squared, the Fisher whose quadratic form the KL is to second order."""
     leaf = hidden.detach().requires_grad_(True)
     with _layers_return(model, leaf, as_tuple):
-        model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+        labels = input_ids
+        if drawn:
+            with torch.no_grad():
+                labels = drawn_labels(model(input_ids, use_cache=False).logits, input_ids)
+        model(input_ids, labels=labels, use_cache=False).loss.backward()
     return leaf.grad
 
 
@@ -77,12 +94,14 @@ def head_inputs(model, input_ids: torch.Tensor, batch_size: int, hook: Callable[
 
 
 def backward_layerwise(model, input_ids: torch.Tensor, open_layer: OpenLayer,
-                       after_sequence: Callable[[int, int], None] | None = None) -> list[torch.Tensor]:
+                       after_sequence: Callable[[int, int], None] | None = None,
+                       drawn: bool = False) -> list[torch.Tensor]:
     """Back-propagate each sequence's LM loss (`input_ids`: sequences x tokens, one backward each) through the
     decoder on the compute device, one layer there at a time. For layer i (last first), the module that
     `open_layer(i, layer)` yields is run with autograd on each sequence's kept input; `after_sequence(i, s)` is
     called after sequence s's backward through it (read and clear gradients there). The model's parameters do not
-    require gradients for the pass. Returns dL/d(first layer's input) of each sequence (the embedding's output)."""
+    require gradients for the pass. Returns dL/d(first layer's input) of each sequence (the embedding's output).
+    `drawn`: the loss on next tokens drawn from the model instead of the sequence's own (drawn_labels)."""
     device = compute.current()
     layers = decoder_layers(model)
     parameters = list(model.parameters())
@@ -94,7 +113,7 @@ def backward_layerwise(model, input_ids: torch.Tensor, open_layer: OpenLayer,
             states = capture_layer_inputs(model, input_ids, 1, device)
             kwargs = [layer_kwargs for _, layer_kwargs in states]
             inputs, as_tuple = _forward_layers(model, states, device, keep=True)
-            grads = [_head_gradient(model, input_ids[s : s + 1].to(device), inputs[-1][s], as_tuple)
+            grads = [_head_gradient(model, input_ids[s : s + 1].to(device), inputs[-1][s], as_tuple, drawn)
                      for s in range(len(input_ids))]
         for index in reversed(range(len(layers))):
             inputs.pop()  # the outputs of this layer: no longer needed
