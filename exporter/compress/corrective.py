@@ -347,6 +347,12 @@ def kl_divergence(student, teacher, batch: torch.Tensor) -> torch.Tensor:
         / batch.shape[1]
 
 
+def held_out_kl(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions) -> float:
+    """KL(teacher || student) per token on the sequences kept out of training."""
+    with torch.no_grad():
+        return float(kl_divergence(student, teacher, input_ids[-_holdout(input_ids, options):]))
+
+
 def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
                      progress: bool = True, report: CorrectiveReport | None = None) -> CorrectiveReport:
     """KL(teacher || student) on calibration text, per token, over `options.kl_steps` steps."""
@@ -359,9 +365,8 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     for p in student.parameters():
         p.requires_grad_(False)
     holdout = _holdout(input_ids, options)
-    held, train = input_ids[-holdout:], input_ids[:-holdout]
-    with torch.no_grad():
-        report.kl_before = float(kl_divergence(student, teacher, held))
+    train = input_ids[:-holdout]
+    report.kl_before = held_out_kl(student, teacher, input_ids, options)
     optimizer, params = _optimizer(student, options, options.kl_lr)
     generator = torch.Generator().manual_seed(1)
     student.train()
@@ -377,8 +382,7 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
     student.eval()
     for p in params:
         p.requires_grad_(False)
-    with torch.no_grad():
-        report.kl_after = float(kl_divergence(student, teacher, held))
+    report.kl_after = held_out_kl(student, teacher, input_ids, options)
     report.seconds += time.perf_counter() - start
     return report
 
@@ -399,28 +403,37 @@ def _best_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.T
     return (root[:, None] * (q_down @ vh[:k].T).T).to(down.dtype), ((q_up @ u[:, :k]) * root).to(up.dtype)
 
 
+def _matching_branches(model, weights: dict) -> tuple[list, int]:
+    """([(branch, previous down, previous up)] for `model`'s branches whose module in `weights` has the same input
+    and output widths, the number of branches in `model`)."""
+    branches = [(name, m) for name, m in model.named_modules() if isinstance(m, CorrectedLinear)]
+    found = []
+    for name, module in branches:
+        down, up = weights.get(name, (None, None))
+        if down is not None and down.shape[1] == module.in_features and up.shape[0] == module.out_features:
+            found.append((module, down, up))
+    return found, len(branches)
+
+
+def _start_from(module: CorrectedLinear, down: torch.Tensor, up: torch.Tensor) -> None:
+    if down.shape[0] != module.corrective_rank:
+        down, up = _best_rank(down, up, module.corrective_rank)
+    k = down.shape[0]
+    with torch.no_grad():
+        module.corrective_down.weight[:k] = down
+        module.corrective_up.weight.zero_()
+        module.corrective_up.weight[:, :k] = up
+
+
 def load_branches(model, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
     """Start each branch of `model` from the branch of its module in `weights` (branch_weights of the same
     architecture) where both have the same input and output widths; a branch of another rank starts from that
     map's best approximation at its rank (a larger one keeps its start in the directions left over). Returns
     (branches loaded, branches in `model`)."""
-    loaded = total = 0
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, CorrectedLinear):
-                continue
-            total += 1
-            down, up = weights.get(name, (None, None))
-            if down is None or down.shape[1] != module.in_features or up.shape[0] != module.out_features:
-                continue
-            if down.shape[0] != module.corrective_rank:
-                down, up = _best_rank(down, up, module.corrective_rank)
-            k = down.shape[0]
-            module.corrective_down.weight[:k] = down
-            module.corrective_up.weight.zero_()
-            module.corrective_up.weight[:, :k] = up
-            loaded += 1
-    return loaded, total
+    found, total = _matching_branches(model, weights)
+    for branch in found:
+        _start_from(*branch)
+    return len(found), total
 
 
 def train_correctives(student, teacher, input_ids: torch.Tensor, options: CorrectiveOptions,
@@ -435,12 +448,10 @@ def train_correctives(student, teacher, input_ids: torch.Tensor, options: Correc
     device = compute.current()
     with compute.onloaded(student, device, write_back=True), compute.onloaded(teacher, device):
         input_ids = input_ids.to(device)
-        if warm is not None:
-            state = branch_weights(student)
+        found, total = _matching_branches(student, warm) if warm is not None else ([], 0)
+        if found and 2 * len(found) >= total:  # the rest (other units factorized) keep their start
             loaded, total = load_branches(student, warm)
-            if 2 * loaded >= total:  # the rest (other units factorized) learn from their start in the KL steps
-                return _train_warm(student, teacher, input_ids, options, progress, (loaded, total))
-            load_branches(student, state)  # too few: train from the start as without `warm`
+            return _train_warm(student, teacher, input_ids, options, progress, (loaded, total))
         report = train_blockwise(student, teacher, input_ids, options, progress)
         return train_end_to_end(student, teacher, input_ids, options, progress, report)
 
@@ -453,9 +464,7 @@ def _train_warm(student, teacher, input_ids: torch.Tensor, options: CorrectiveOp
     report = CorrectiveReport(warm_start=warm_start)
     start = time.perf_counter()
     if options.warm_kl_steps <= 0:
-        with torch.no_grad():
-            report.kl_before = report.kl_after = float(kl_divergence(student, teacher,
-                                                                     input_ids[-_holdout(input_ids, options):]))
+        report.kl_before = report.kl_after = held_out_kl(student, teacher, input_ids, options)
         report.seconds = time.perf_counter() - start
         return report
     started = branch_weights(student)

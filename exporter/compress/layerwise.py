@@ -51,11 +51,12 @@ def _head_gradient(model, input_ids: torch.Tensor, hidden: torch.Tensor, as_tupl
     drawn from the model (drawn_labels): squared, the Fisher whose quadratic form the KL is to second order."""
     leaf = hidden.detach().requires_grad_(True)
     with _layers_return(model, leaf, as_tuple):
-        labels = input_ids
-        if drawn:
-            with torch.no_grad():
-                labels = drawn_labels(model(input_ids, use_cache=False).logits, input_ids)
-        model(input_ids, labels=labels, use_cache=False).loss.backward()
+        if drawn:  # one head pass: the draw reads the logits the loss differentiates (the model's own loss form)
+            logits = model(input_ids, use_cache=False).logits.float()
+            drawn_ids = drawn_labels(logits, input_ids)[0, 1:]
+            torch.nn.functional.cross_entropy(logits[0, :-1], drawn_ids).backward()
+        else:
+            model(input_ids, labels=input_ids, use_cache=False).loss.backward()
     return leaf.grad
 
 
