@@ -105,7 +105,7 @@ ROWS = {
     "writer-flrc-40-int4": spec("whitened", "fisher", 0.4, "writer", "int4"),
     "writer-flrc-55-int4": spec("whitened", "fisher", 0.55, "writer", "int4"),
     "writer-flrc-70-int4": spec("whitened", "fisher", 0.7, "writer", "int4"),
-    # int8 (quantize_dynamic: per-channel int8 weights, activations quantized at run time)
+    # int8 (8-bit MatMulNBits since 2026-12-05; Run 6 measured quantize_dynamic: per-tensor activations)
     "writer-dense-int8": spec("dense", "-", 0.0, "writer", "int8"),
     "writer-flrc-20-int8": spec("whitened", "fisher", 0.2, "writer", "int8"),
     "writer-flrc-40-int8": spec("whitened", "fisher", 0.4, "writer", "int8"),

@@ -94,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                         help="fused ONNX Runtime decoder (exporter's writer; default where supported) or "
                         "optimum-onnx's export")
-    export.add_argument("--block-size", type=_positive_int, default=32, help="int4 block size (default: 32)")
+    export.add_argument("--block-size", type=_positive_int, default=32, help="int4/int8 block size (default: 32)")
     export.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq",
-                        help="int4 grids: GPTQ on each projection's calibration Gram (default) or round-to-nearest "
-                        "(data-free)")
+                        help="int4/int8 grids: GPTQ on each projection's calibration Gram (default) or "
+                        "round-to-nearest (data-free)")
     export.add_argument("--asymmetric", action="store_true",
-                        help="int4 grids with a zero point per block (uint8; default: symmetric)")
+                        help="int4/int8 grids with a zero point per block (uint8; default: symmetric)")
     export.add_argument("--error-correction", type=int, default=0, metavar="RANK",
                         help="int4 dense weights: add a whitened low-rank correction of each projection group's "
                         "quantization error (LQER; RANK a multiple of 16; default: 0, none)")
@@ -231,7 +231,8 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--weights", choices=["fp32", "fp16", "int8", "int4", "auto"],
                          help="weight precision of the ONNX graph; the budget counts bytes at it (default: the "
                          "device profile's weight_precision: fp32 on host, fp16 on the Jetsons). fp16 also keeps "
-                         "activations, KV cache and logits in fp16, for the CUDA provider. auto: MatMulNBits weights, each at the "
+                         "activations, KV cache and logits in fp16, for the CUDA provider. int4/int8: MatMulNBits "
+                         "weights (4/8-bit blocks of --block-size; int8 needs ONNX Runtime 1.22). auto: each at the "
                          "format (int4/int8, block size) a knapsack over GPTQ's estimated loss chooses to fit "
                          "--budget-mb (or the profile's budget)")
     command.add_argument("--onnxruntime-version", metavar="X.Y",

@@ -71,7 +71,7 @@ from exporter.graph.onnxruntime_releases import (
 from exporter.graph.onnxruntime_releases import name as release_name
 from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import constant_bytes, served_positions, unsupported_reason, write_decoder
-from exporter.precisions import ACTIVATIONS, check_activations
+from exporter.precisions import ACTIVATIONS, GRID_BITS, check_activations
 from exporter.precisions import WEIGHT_FORMATS as WEIGHTS
 from exporter.settings import PARITY_ATOL
 from exporter.source.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
@@ -129,24 +129,24 @@ class ExportOptions:
     # None: the profile's runtime.onnxruntime_version, else the newest (resolve_precision).
     onnxruntime_version: str | None = None
     block_size: int = 32
-    # int4 grids (exporter.compress.grid): GPTQ on each linear's input Gram where calibration is read, else
-    # round-to-nearest; asymmetric grids store a zero point per block (uint8, packed).
+    # int4 and int8 grids (exporter.compress.grid, grid_format): GPTQ on each linear's input Gram where
+    # calibration is read, else round-to-nearest; asymmetric grids store a zero point per block (uint8, packed).
     quantizer: str = "gptq"
     asymmetric: bool = False
     # int4 dense weights: a whitened correction of each input group's quantization error, of this rank, beside
     # its GPTQ grid (exporter.compress.error_correction; 0: none). One level: no rank levels.
     error_correction: int = 0
-    # int4 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's scales,
-    # codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
+    # int4, int8 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's
+    # scales, codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
     tune_scales: int = 0
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
     auto_formats: bool = False
-    accuracy_level: int = 4  # int4: int8 activations in MatMulNBits, as the genai builder does on CPU
+    accuracy_level: int = 4  # int4/int8: int8 activations in MatMulNBits, as the genai builder does on CPU
     # CALR branches (None: the plain SVD path). None here, for library callers; the CLI turns them on
     # (`--no-correctives` turns them off), as they won on SmolLM2-135M at 20% (docs/method.md).
     correctives: CorrectiveOptions | None = None
-    quantization_aware: bool = True  # int4: train the correctives against the int4 primary path
+    quantization_aware: bool = True  # int4/int8: train the correctives against the quantized primary path
     parity_steps: int = 16
     parity_atol: float = PARITY_ATOL
     progress: bool = True
@@ -448,7 +448,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
     budget = weight_budget(profile, model.config, options.weights, options.activations)
     multiple, base_multiple, correctives = rank_multiples(
         options.allocation, profile.runtime.rank_multiple, options.correctives,
-        options.block_size if options.weights == "int4" else None)
+        options.block_size if options.weights in GRID_BITS else None)
 
     if options.auto_formats:
         if options.ratio is not None:
@@ -470,7 +470,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                 "exporting it dense (pass --ratio to compress anyway)")
     plan = Plan(model, tokenizer, prepared.source, profile, projections, total_dense, budget, budget_source,
                 target_params, {p.name: None for p in projections})
-    quantized = options.weights == "int4" and train
+    quantized = options.weights in GRID_BITS and train
     gptq = (quantized and options.quantizer == "gptq") or options.auto_formats  # auto prices GPTQ grids
     tuned = quantized and options.tune_scales > 0
     compressed = target_params is not None
@@ -515,7 +515,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         plan.corrective_ranks = corrective_ranks(model, projections)
         del decompositions
         if train:
-            if quantized and options.quantization_aware:  # train against the primary path as int4 computes it
+            if quantized and options.quantization_aware:  # train against the primary path as the grids compute it
                 with clock.stage("quantize"):
                     quantize_grids(model, options, ids, only=primary_linears(model, projections))
             # Branches trained against the float primary path depend only on the ranks and the training
@@ -649,9 +649,9 @@ def _format_counts(units) -> dict[str, int]:
 
 
 def check_options(options: ExportOptions) -> None:
-    """The checks of resolved options that need no model: int4 format, error correction, runtime target."""
-    if options.weights == "int4":
-        int4_format(options)
+    """The checks of resolved options that need no model: grid format, error correction, runtime target."""
+    if options.weights in GRID_BITS:
+        grid_format(options)
     check_error_correction(options)
     check_runtime(options)
 
@@ -676,6 +676,10 @@ def check_runtime(options: ExportOptions) -> None:
     release = options.release
     if release is None:
         return
+    if options.weights == "int8" and release < EIGHT_BIT_MATMUL_RELEASE:
+        raise ExporterError(f"--weights int8 writes 8-bit MatMulNBits, which ONNX Runtime {release_name(release)} "
+                            f"does not run (it needs {release_name(EIGHT_BIT_MATMUL_RELEASE)}); pass --weights int4 or "
+                            "fp16, or target a newer release")
     if options.error_correction and CORRECTION_FORMAT.bits != 4 and release < EIGHT_BIT_MATMUL_RELEASE:
         raise ExporterError(f"--error-correction stores its factors as {CORRECTION_FORMAT.bits}-bit MatMulNBits, "
                             f"which ONNX Runtime {release_name(release)} does not run (it needs "
@@ -703,7 +707,7 @@ def correct_errors(model, options: ExportOptions, ids) -> dict:
     group (exporter.compress.error_correction); returns the manifest's summary."""
     from exporter.compress.error_correction import quantize_with_correction
 
-    fmt = int4_format(options)
+    fmt = grid_format(options)
     report = quantize_with_correction(model, ids, lambda _name: fmt, lambda _name: options.error_correction,
                                       CORRECTION_FORMAT, fisher_samples=options.fisher_samples,
                                       progress=options.progress)
@@ -716,24 +720,27 @@ def correct_errors(model, options: ExportOptions, ids) -> dict:
     return summary
 
 
-def int4_format(options: ExportOptions) -> QuantFormat:
+def grid_format(options: ExportOptions) -> QuantFormat:
+    """The grid every MatMulNBits weight of an int4 or int8 export takes (--weights auto: the int4 one, the
+    format of what the menu does not reach)."""
     try:
-        return QuantFormat(4, options.block_size, not options.asymmetric)
+        return QuantFormat(GRID_BITS.get(options.weights, 4), options.block_size, not options.asymmetric)
     except ValueError as exc:
         raise ExporterError(f"--block-size: {exc}") from None
 
 
 def quantize_grids(model, options: ExportOptions, ids, only: list | None = None) -> None:
-    """Put the graph's MatMulNBits weights (all, or the linears `only`) on int4 grids (exporter.compress.quantize)."""
+    """Put the graph's MatMulNBits weights (all, or the linears `only`) on grid_format's grids
+    (exporter.compress.quantize)."""
     if options.quantizer not in QUANTIZERS:
         raise ExporterError(f"unknown --quantizer {options.quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
-    fmt = int4_format(options)
+    fmt = grid_format(options)
     chosen = None if only is None else {id(m) for m in only}
     linears = grid_linears(model)
     quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
                    ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
                    progress=options.progress)
-    quantize_embedding(model, options.block_size)  # --weights auto counts it in format_allocation.fixed_bytes
+    quantize_embedding(model, options.block_size, fmt.bits)  # --weights auto counts it in fixed_bytes
 
 
 def rank_multiples(allocation: str, profile_multiple: int, correctives: CorrectiveOptions | None,
@@ -907,7 +914,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
             with clock.stage("quantize"):
                 say((f"writing {options.weights} weights" if options.weights == "fp16"
                      else f"quantizing weights to {options.weights}") + f" ({options.activations} activations)")
-                accuracy_level = options.accuracy_level if options.weights == "int4" else None
+                accuracy_level = options.accuracy_level if options.weights in GRID_BITS else None
                 if leveled:
                     entries = write_levels(model, staging, fractions, weights=options.weights,
                                            block_size=options.block_size, accuracy_level=accuracy_level,
@@ -936,7 +943,7 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                 say(f"converting {onnx_path.name} to the ORT format (ONNX Runtime Mobile)")
                 ort_format = write_ort_format(staging, onnx_path, prompt, [e["file"] for e in level_entries[1:]])
         compressed = plan.target_params is not None
-        int4 = options.weights == "int4"
+        grids = options.weights in GRID_BITS
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             exporter_version=__version__,
@@ -972,9 +979,9 @@ def run_export(options: ExportOptions, levels: tuple[float, ...] | None = None, 
                    for p in plan.projections},
             onnx=OnnxGraph(file=onnx_path.name, task="text-generation-with-past", graph=graph,
                            weights=options.weights, activations=options.activations,
-                           block_size=options.block_size if int4 else None,
-                           accuracy_level=options.accuracy_level if int4 else None,
-                           quantization=_quantization_summary(options, staging / onnx_path.name) if int4 else None,
+                           block_size=options.block_size if grids else None,
+                           accuracy_level=options.accuracy_level if grids else None,
+                           quantization=_quantization_summary(options, staging / onnx_path.name) if grids else None,
                            **_runtime_summary(staging, [e["file"] for e in level_entries], release)),
             levels=[Level.from_dict(entry) for entry in level_entries],
             schedule=[ScheduleEntry(level=level, start=start) for level, start in chosen],
@@ -1028,7 +1035,7 @@ def branch_linears(model, projections) -> list:
 def _quantization_summary(options: ExportOptions, onnx_path: Path) -> dict:
     from exporter.graph.matmul_nbits import graph_formats
 
-    return {"quantizer": options.quantizer, "grid": int4_format(options).name,
+    return {"quantizer": options.quantizer, "grid": grid_format(options).name,
             "formats": "auto" if options.auto_formats else "fixed", "matmul_nbits": graph_formats(onnx_path)}
 
 
@@ -1041,7 +1048,7 @@ def _corrective_summary(options: ExportOptions, plan: Plan) -> dict | None:
     return {"rank": c.rank, "epochs": 0 if warm else c.epochs, "lr": c.lr,
             "kl_steps": c.warm_kl_steps if warm else c.kl_steps, "kl_lr": c.kl_lr,
             "tune_factors": c.tune_factors, "form": "folded",
-            "quantization_aware": options.weights == "int4" and options.quantization_aware, **report}
+            "quantization_aware": options.weights in GRID_BITS and options.quantization_aware, **report}
 
 
 def choose_graph(model, options: ExportOptions) -> str:
@@ -1089,9 +1096,9 @@ def _requested_levels(options: ExportOptions, levels: tuple[float, ...] | None,
         reason = "the optimum graph has no rank levels (the fused graph has)"
     elif options.weights not in LEVEL_WEIGHTS:
         reason = f"{options.weights} graphs have no rank levels (only {', '.join(LEVEL_WEIGHTS)} have)"
-    elif options.weights == "int4" and options.asymmetric:
+    elif options.weights in GRID_BITS and options.asymmetric:
         # a level reads a prefix of the full level's blocks; packed 4-bit zero points split bytes between blocks
-        reason = "asymmetric int4 graphs have no rank levels"
+        reason = f"asymmetric {options.weights} graphs have no rank levels"
     elif options.error_correction:
         reason = "int4 graphs with --error-correction have no rank levels"
     if len(fractions) > 1 and reason:

@@ -97,10 +97,8 @@ def _inline_bytes(path):
     return sum(len(t.raw_data) for t in graph.initializer)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int4"])
+@pytest.mark.parametrize("weights", ["fp32", "int4", "int8"])
 def test_levels_share_one_data_file(tiny_models, calib_ids, tmp_path, weights):
-    if weights == "int4":
-        pytest.importorskip("onnx_ir")  # onnxruntime's MatMulNBitsQuantizer imports it
     model = _factorized(tiny_models, calib_ids)
     entries = write_levels(model, tmp_path, FRACTIONS, weights=weights, block_size=16, progress=False)
     data = tmp_path / "model.onnx.data"
@@ -119,7 +117,7 @@ def test_levels_share_one_data_file(tiny_models, calib_ids, tmp_path, weights):
             assert info.location == "model.onnx.data" and info.offset == full[name].offset
             assert info.length <= full[name].length and info.offset + info.length <= data.stat().st_size
             shorter += info.length < full[name].length
-    bytes_read = [e["weight_bytes"] for e in entries]  # int4 at block 16: r85 rounds up to r100's ranks here
+    bytes_read = [e["weight_bytes"] for e in entries]  # int4/int8 at block 16: r85 rounds up to r100's ranks
     assert bytes_read == sorted(bytes_read, reverse=True) and bytes_read[-1] < bytes_read[0]
     assert shorter > 0  # rank-outer factors are read as prefixes
 
@@ -146,11 +144,11 @@ def test_kv_cache_carries_across_levels(tiny_models, calib_ids, tmp_path):
     assert (ref - same_level).abs().max().item() > 1e-2  # the step did run at the smaller level
 
 
-def test_int4_levels_run(tiny_models, calib_ids, tmp_path):
-    pytest.importorskip("onnx_ir")
+@pytest.mark.parametrize("weights, tolerance", [("int4", 0.25), ("int8", 0.02)])
+def test_grid_levels_run(tiny_models, calib_ids, tmp_path, weights, tolerance):
     model = _factorized(tiny_models, calib_ids)
     fractions = (1.0, 0.6)
-    entries = write_levels(model, tmp_path, fractions, weights="int4", block_size=16, progress=False)
+    entries = write_levels(model, tmp_path, fractions, weights=weights, block_size=16, progress=False)
     assert all(e["rank_multiple"] == 16 for e in entries)
     full_ranks = level_ranks(model, (1.0,))[0]
     small = level_ranks(model, fractions, multiple=16)[1]
@@ -161,13 +159,13 @@ def test_int4_levels_run(tiny_models, calib_ids, tmp_path):
         reference = sliced_copy(model, level)
         ref_tokens, ref_logits = torch_greedy(reference, PROMPT, STEPS)
         logits = _logits(tmp_path / entry["file"], ref_tokens)
-        # The level is the int4 model at its ranks: the same logits as the single-level int4 writer on the
+        # The level is the quantized model at its ranks: the same logits as the single-level writer on the
         # sliced copy (same blocks, same scales; only the first stage's row order differs).
-        direct = write_decoder(reference, tmp_path / f"direct-{entry['name']}", weights="int4", block_size=16)
+        direct = write_decoder(reference, tmp_path / f"direct-{entry['name']}", weights=weights, block_size=16)
         assert np.abs(logits - _logits(direct, ref_tokens)).max() <= 1e-4 * np.abs(ref_logits).max()
-        # Against PyTorch, the single-level int4 test's tolerance: 4-bit blocks on 64-wide tiny layers move
-        # logits spanning about +-7 by about 0.1 on average.
-        assert np.abs(logits - ref_logits).mean() <= 0.25, entry["name"]
+        # Against PyTorch, the single-level tests' tolerances: 4-bit blocks on 64-wide tiny layers move
+        # logits spanning about +-7 by about 0.1 on average, 8-bit ones by about 1/16 of that.
+        assert np.abs(logits - ref_logits).mean() <= tolerance, entry["name"]
 
 
 @pytest.mark.parametrize("fractions", [(0.85, 0.7), (1.0, 0.7, 0.85), (1.0, 0.0), (1.0, 1.2), (1.0, 0.851, 0.849)])
@@ -176,9 +174,9 @@ def test_bad_fractions_are_refused(tiny_models, tmp_path, fractions):
         write_levels(tiny_models.load("llama"), tmp_path, fractions, progress=False)
 
 
-def test_int8_levels_are_refused(tiny_models, tmp_path):
-    with pytest.raises(ExporterError, match="fp32, fp16, int4, not 'int8'"):
-        write_levels(tiny_models.load("llama"), tmp_path, weights="int8", progress=False)
+def test_unknown_level_weights_are_refused(tiny_models, tmp_path):
+    with pytest.raises(ExporterError, match="fp32, fp16, int4, int8, not 'int2'"):
+        write_levels(tiny_models.load("llama"), tmp_path, weights="int2", progress=False)
     assert level_ranks(tiny_models.load("llama"), (1.0, 0.5)) == [{}, {}]  # a dense model has nothing to slice
 
 

@@ -143,7 +143,10 @@ def test_bad_targets_fail_in_one_line(tmp_path, capsys, llama_dir, calib_file):
                            (["--onnxruntime-version", "one"], "expected MAJOR.MINOR"),
                            (["--weights", "int4", "--error-correction", "16", "--onnxruntime-version", "1.20"],
                             "--error-correction stores its factors as 8-bit MatMulNBits"),
-                           (["--ort", "--onnxruntime-version", "1.20"], "convert model.onnx with ONNX Runtime 1.20")):
+                           (["--weights", "int8", "--onnxruntime-version", "1.21"],
+                            "which ONNX Runtime 1.21 does not run (it needs 1.22)"),
+                           (["--ort", "--weights", "int4", "--onnxruntime-version", "1.20"],
+                            "convert model.onnx with ONNX Runtime 1.20")):
         assert _export(llama_dir, calib_file, tmp_path / "x", *extra) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("exporter:")]
         assert len(err) == 1 and message in err[0], err

@@ -202,26 +202,21 @@ def test_mean_over_tokens():
     assert mean_over_tokens(schedule, params, 4) == pytest.approx((2 * 100 + 2 * 85) / 4)
 
 
-def test_one_level_and_int8_export(tmp_path, llama_dir, calib_file):
+def test_one_level_export(tmp_path, llama_dir, calib_file):
     code, stdout, _ = run_cli(export_args(llama_dir, calib_file, tmp_path / "one", "--levels", "1.0"))
     assert code == 0
     manifest = manifest_of(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "one").glob("model*")) == ["model.onnx", "model.onnx.data"]
     assert manifest["levels"] == [{"name": "r100", "fraction": 1.0, "file": "model.onnx"}]
     assert manifest["schedule"] == [{"level": "r100", "start": 0}] and "schedule r100:0" in stdout
-    code, _, stderr = run_cli(export_args(llama_dir, calib_file, tmp_path / "int8", "--weights", "int8"))
-    assert code == 0, stderr
-    # (the formats that have levels are graph_writer.LEVEL_WEIGHTS)
-    assert "int8 graphs have no rank levels (only " in stderr and "): writing one level" in stderr
-    assert [e["name"] for e in manifest_of(tmp_path / "int8")["levels"]] == ["r100"]
 
 
-def test_int4_levels_with_a_given_schedule(tmp_path, llama_dir, calib_file):
-    pytest.importorskip("onnx_ir", reason="ONNX Runtime's int4 quantizer needs onnx-ir")
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_grid_levels_with_a_given_schedule(tmp_path, llama_dir, calib_file, weights):
     import onnx
 
-    out = tmp_path / "int4"
-    code, _, stderr = run_cli(export_args(llama_dir, calib_file, out, "--weights", "int4", "--levels", "1.0,0.5",
+    out = tmp_path / weights
+    code, _, stderr = run_cli(export_args(llama_dir, calib_file, out, "--weights", weights, "--levels", "1.0,0.5",
                                           "--schedule", "r100:0,r50:2"))
     assert code == 0, stderr
     manifest = manifest_of(out)
@@ -231,8 +226,10 @@ def test_int4_levels_with_a_given_schedule(tmp_path, llama_dir, calib_file):
     assert sorted(p.name for p in out.glob("*.data")) == ["model.onnx.data"]
     for entry in manifest["levels"]:
         assert entry["rank_multiple"] == 32 and entry["parity"]["passed"]
-        ops = {n.op_type for n in onnx.load(str(out / entry["file"]), load_external_data=False).graph.node}
-        assert "MatMulNBits" in ops
+        nodes = onnx.load(str(out / entry["file"]), load_external_data=False).graph.node
+        bits = {onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"}
+        assert bits == {int(weights[3:])} and "MatMul" not in {n.op_type for n in nodes}
     steps = list(Runtime(out, threads=1).generate([5, 17, 42, 9], 4, stop=False))
     assert [s.level for s in steps] == ["r100", "r100", "r50", "r50"]
 
@@ -247,7 +244,7 @@ def test_int4_levels_with_a_given_schedule(tmp_path, llama_dir, calib_file):
     (["--schedule", "r100:0,r85:8,r70:8"], "starts must strictly increase, got r70:8 after r85:8"),
     (["--schedule", "r85:2"], "the first entry must start at 0"),
     (["--levels", "1.0", "--schedule", "r85"], "unknown level 'r85'; known levels: r100"),
-    (["--weights", "int8", "--levels", "1.0,0.5"], "--levels: int8 graphs have no rank levels"),
+    (["--weights", "int8", "--asymmetric", "--levels", "1.0,0.5"], "--levels: asymmetric int8 graphs have no rank"),
     (["--graph", "optimum", "--levels", "1.0,0.5"], "--levels: the optimum graph has no rank levels"),
 ])
 def test_bad_levels_and_schedules_are_one_line_errors(tmp_path, capsys, llama_dir, calib_file, extra, fragment):

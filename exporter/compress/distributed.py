@@ -90,8 +90,18 @@ def start(device: torch.device) -> None:
 
 
 def stop() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    """Leave the group with the other ranks: a barrier (rank 0 reaches it once the artifact is written), then the
+    group destroyed. A rank that destroyed its group while rank 0 still wrote sometimes aborted at exit
+    ("terminate called without an active exception", gloo; once in the suite's torchrun test, 2026-12-05)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if active():
+        try:
+            torch.distributed.barrier()
+        except Exception as exc:  # noqa: BLE001  (gloo raises RuntimeError and DistBackendError alike)
+            raise ExporterError(f"rank {rank()} of {world_size()}: another process ended before finishing "
+                                f"(its error says why; here: {type(exc).__name__})") from None
+    torch.distributed.destroy_process_group()
 
 
 def local_cuda_index() -> int | None:

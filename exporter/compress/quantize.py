@@ -44,15 +44,17 @@ def quantize_rtn(modules: list[nn.Linear], fmt: QuantFormat, clip: bool = False)
         set_grid(module, round_to_nearest(module.weight.detach().float().numpy(), fmt, clip))
 
 
-def embedding_format(block_size: int) -> QuantFormat:
-    """The grid of an untied embedding in an int4 graph: 4-bit symmetric blocks of `block_size` along hidden."""
-    return QuantFormat(4, block_size, True)
+def embedding_format(block_size: int, bits: int = 4) -> QuantFormat:
+    """The grid of an untied embedding in an int4 (int8) graph: 4-bit (8-bit) symmetric blocks of `block_size`
+    along hidden."""
+    return QuantFormat(bits, block_size, True)
 
 
-def quantize_embedding(model, block_size: int) -> None:
-    """An untied input embedding on its round-to-nearest grid (embedding_format), once: the int4 graph stores it
-    as 4-bit blocks (exporter.graph.writer), so PyTorch holds the same values. A tied one follows lm_head's grid."""
-    fmt = embedding_format(block_size)
+def quantize_embedding(model, block_size: int, bits: int = 4) -> None:
+    """An untied input embedding on its round-to-nearest grid (embedding_format), once: the int4 (int8) graph
+    stores it as blocks of `bits` (exporter.graph.writer), so PyTorch holds the same values. A tied one follows
+    lm_head's grid."""
+    fmt = embedding_format(block_size, bits)
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if (head is not None and head.weight is embedding.weight) or grid_of(embedding) is not None \

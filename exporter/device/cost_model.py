@@ -36,8 +36,8 @@ RUNTIME_OVERHEAD_MB = 100.0
 BANDWIDTH_EFFICIENCY = 0.7
 # Fraction of peak matrix throughput a prefill reaches in ONNX Runtime: an estimate.
 COMPUTE_EFFICIENCY = 0.5
-# int4: 4-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4.0 / 32}
+# int4 and int8: 4-bit and 8-bit weights plus one fp32 scale per block of 32 (MatMulNBits, symmetric).
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 32, "int4": 0.5 + 4.0 / 32}
 # The KV cache's element size by the graph's activation type (exporter.precisions.ACTIVATIONS says which
 # activations each weight precision is written with).
 KV_BYTES_PER_ELEM = {"fp32": 4.0, "fp16": 2.0}
@@ -86,7 +86,8 @@ FACTOR_NODE_US_ESTIMATE = {"CPUExecutionProvider": 16.0, "CUDAExecutionProvider"
 DEQUANT_NS_ESTIMATE = {"CPUExecutionProvider": {"int4": 0.04, "int8": 0.025},
                        "CUDAExecutionProvider": {"int4": 0.0, "int8": 0.0}}
 ESTIMATE_DEFAULT_PROVIDER = "CPUExecutionProvider"  # other providers (CoreML, QNN, XNNPACK): as for CPU
-# Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, and ORT's fused forms).
+# Nodes whose input 1 is an int8 weight matrix (quantize_dynamic's graphs, as the exporter wrote int8 until
+# 2026-12-05, and ORT's fused forms).
 INT8_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 

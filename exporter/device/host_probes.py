@@ -103,27 +103,29 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False) -> tuple[list, dict]:
-    """Nodes and weights of `length` MatMulNBits (4 bits, accuracy level 4, as exported) alternating
+def int4_chain(length: int, sizes: tuple[int, int], block: int = 32, distinct: bool = False,
+               bits: int = 4) -> tuple[list, dict]:
+    """Nodes and weights of `length` MatMulNBits (4 bits or `bits`, accuracy level 4, as exported) alternating
     sizes[0] -> sizes[1] -> sizes[0], from x to y (int4_sequence).
 
     ONNX Runtime shares identical pre-packed weights within a session, so without `distinct` every
     node reads the same weights (in cache whatever `length` is); `distinct` makes each node's differ,
     so the chain reads all of them from memory as a decode step does."""
-    return int4_sequence(_alternating(length, sizes), block, distinct)
+    return int4_sequence(_alternating(length, sizes), block, distinct, bits)
 
 
-def int4_sequence(shapes: list[tuple[int, int]], block: int = 32, distinct: bool = False) -> tuple[list, dict]:
+def int4_sequence(shapes: list[tuple[int, int]], block: int = 32, distinct: bool = False,
+                  bits: int = 4) -> tuple[list, dict]:
     """Nodes and weights of one MatMulNBits per (in, out) of `shapes`, chained from x to y (see int4_chain)."""
     import numpy as np
     from onnx import helper
 
     nodes, large = [], {}
     for i, (x, y, rows, cols) in enumerate(_sequence(shapes)):
-        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block // 2))
+        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block * bits // 8))
         large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
         nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
-                                      K=rows, N=cols, bits=4, block_size=block, accuracy_level=4))
+                                      K=rows, N=cols, bits=bits, block_size=block, accuracy_level=4))
     return nodes, _distinct(large) if distinct else large
 
 
@@ -238,8 +240,7 @@ def _measure_decode_costs() -> dict[str, float]:
     * node_us: a MatMulNBits node takes node_us + weights x c when its weights are in cache, solved from
       chains of rank-64 factors (576 -> 64 -> 576, the commonest node of a factorized graph) and of
       MLP-sized nodes (576 -> 1536 -> 576), both sharing one node's weights (see int4_chain);
-    * int8_ns_per_param: in-cache compute of quantize_dynamic's int8 pattern (DynamicQuantizeLinear,
-      MatMulInteger, Cast, 2 Mul: five nodes), 1536 x 1536, less its five nodes, added to its bytes;
+    * int8_ns_per_param: as int4_ns_per_param, for the same chain in 8-bit MatMulNBits (the int8 graphs');
     * factor_node_us: what one rank-64 factor node (576 -> 64 -> 576 in MatMulNBits) adds beyond its
       bytes at the int4 stream rate between the MLP-sized reads of the streamed chain, as in a decode
       step: a short stream that starts cold, besides the node's fixed cost. The price of the
@@ -255,8 +256,8 @@ def _measure_decode_costs() -> dict[str, float]:
     from exporter.device.cost_model import stream_gbs
 
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
-        from onnx import TensorProto, helper
     except ImportError:
         return {}
 
@@ -291,14 +292,6 @@ def _measure_decode_costs() -> dict[str, float]:
         del large
         return best(session, DECODE_SHAPES[0], 40) / length, node_bytes
 
-    def int8_pattern(prefix: str, x: str, y: str) -> list:
-        """quantize_dynamic's int8 MatMul: five nodes."""
-        return [helper.make_node("DynamicQuantizeLinear", [x], [f"{prefix}q", f"{prefix}s", f"{prefix}z"]),
-                helper.make_node("MatMulInteger", [f"{prefix}q", "w", f"{prefix}z", "wz"], [f"{prefix}i"]),
-                helper.make_node("Cast", [f"{prefix}i"], [f"{prefix}f"], to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{prefix}s", "ws"], [f"{prefix}c"]),
-                helper.make_node("Mul", [f"{prefix}f", f"{prefix}c"], [y])]
-
     factor, (hidden, inner) = (576, 64), DECODE_SHAPES
     with tempfile.TemporaryDirectory(prefix="exporter-probe-") as folder:
         # Per node t = node + params x c: rank-64 factors (36,864 weights) and MLP-sized nodes (884,736), in cache.
@@ -321,13 +314,7 @@ def _measure_decode_costs() -> dict[str, float]:
         added_s = (mixed_s - 2 * int4_s) / 2 - factor_bytes / (stream_gbs(costs, "int4") * 1e9)
         costs["factor_node_us"] = round(max(node_s, added_s) * 1e6, 4)
 
-        # int8: five chained patterns vs one, 1536 x 1536 (in cache): per pattern, less its five nodes.
-        weight8 = np.resize(np.arange(-128, 128, dtype=np.int8), (inner, inner))
-        consts = [("wz", np.zeros(inner, np.int8)), ("ws", np.full(inner, 0.01, np.float32))]
-        times = []
-        for count in (5, 1):
-            names = ["x", *(f"h{i}" for i in range(count - 1)), "y"]
-            nodes = [node for i in range(count) for node in int8_pattern(f"p{i}", names[i], names[i + 1])]
-            times.append(best(probe_session(folder, nodes, inner, inner, consts, {"w": weight8}), inner, 20))
-        int8_s = max(0.0, (times[0] - times[1]) / 4 - 5 * node_s)
-    return {**costs, "node_us": round(node_s * 1e6, 4), "int8_ns_per_param": round(int8_s / weight8.size * 1e9, 5)}
+        # int8: the int4 solve, on the same chain at 8 bits.
+        int8_s, int8_bytes = streamed(folder, lambda length, sizes: int4_chain(length, sizes, distinct=True, bits=8))
+        int8 = solve_decode_costs(fp32_s, fp32_bytes, int8_s, int8_bytes, large, node_s)["int4_ns_per_param"]
+    return {**costs, "node_us": round(node_s * 1e6, 4), "int8_ns_per_param": int8}

@@ -83,14 +83,12 @@ other than Llama/Mistral/Qwen2/Qwen3.
 int4 weights with fp16 activations (`activations="fp16"`, the builder's CUDA int4 graph): the fp16 graph,
 then MatMulNBits with fp16 scales (ONNX Runtime's quantizer keeps B's type for them), so
 GroupQueryAttention stays on the CUDA provider as in the fp16 graph; the tied embedding gathers from
-lm_head's blocks as in fp32 int4. int8 (quantize_dynamic) reads fp32 MatMuls only: its graphs keep fp32
-activations, as fp32 weights do.
+lm_head's blocks as in fp32 int4. int8 graphs are int4's at 8 bits (MatMulNBits bits=8, the tied embedding
+gathered from lm_head's 8-bit blocks), with fp32 activations only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,10 +110,10 @@ from exporter.graph.onnxruntime_releases import (
     limits,
 )
 from exporter.graph.onnxruntime_releases import name as release_name
-from exporter.precisions import check_activations
+from exporter.precisions import GRID_BITS, check_activations
 
 # Float weight formats are built at their own type (weights, activations, KV cache, logits); int4 and int8
-# graphs are built in fp32 and then quantized by ONNX Runtime's quantizers, which read fp32 MatMuls.
+# graphs are built at their activations' type, then their MatMuls packed as MatMulNBits (_quantize_grids).
 FLOAT_TYPES = {"fp32": np.float32, "fp16": np.float16}
 OPSET = 23  # RMSNormalization; lower for an older ONNX Runtime (exporter.graph.onnxruntime_releases)
 MS_DOMAIN = "com.microsoft"
@@ -941,44 +939,14 @@ def build_decoder(model, *, fuse: bool = True, active_ranks: dict[str, int | Non
 # --------------------------------------------------------------------------- quantization and files
 
 
-@contextlib.contextmanager
-def _quiet_quantizer():
-    """ONNX Runtime's quantizers call logging.basicConfig(level=INFO) at import and log per tensor
-    (INFO on their own loggers, warnings on the root logger): silence them while they run and leave
-    the caller's logging configuration as it was."""
-    root, ours = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
-    handlers, level, our_level = list(root.handlers), root.level, ours.level
-    guard = logging.NullHandler()  # stops logging.warning() from calling basicConfig itself
-    root.addHandler(guard)
-    root.setLevel(logging.ERROR)
-    ours.setLevel(logging.ERROR)
-    try:
-        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (runs its basicConfig now)
-    except ImportError:
-        pass  # reported by the caller
-    for handler in root.handlers[:]:
-        if handler not in handlers and handler is not guard:
-            root.removeHandler(handler)
-    for name in ("onnxruntime.quantization.matmul_nbits_quantizer",):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-        ours.setLevel(our_level)
-
-
-def _quantize_int4(proto, model, block_size: int, accuracy_level: int | None, registry=None):
+def _quantize_grids(proto, model, bits: int, block_size: int, accuracy_level: int | None, registry=None):
     """MatMulNBits for every MatMul by a constant: the grids the PyTorch model holds (exporter.compress.quantize)
-    where it holds them, ONNX Runtime's symmetric round-to-nearest at `block_size` elsewhere."""
+    where it holds them, symmetric round-to-nearest at `bits` and `block_size` elsewhere."""
     from exporter.compress.grid import QuantFormat
     from exporter.graph.matmul_nbits import GridRegistry, quantize_matmuls
 
     registry = registry if registry is not None else GridRegistry.from_model(model)
-    return quantize_matmuls(proto, QuantFormat(4, block_size, True), registry, accuracy_level)
+    return quantize_matmuls(proto, QuantFormat(bits, block_size, True), registry, accuracy_level)
 
 
 def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
@@ -1022,9 +990,9 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
 
 
 def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None:
-    """An untied embedding on a 4-bit grid in PyTorch (exporter.compress.quantize.quantize_embedding: the int4
-    pipeline puts it there, as the int4 byte budget counts every parameter at 4 bits) is stored as that grid's
-    blocks and gathered as the tied one is; one without a grid stays a float table."""
+    """An untied embedding on a grid in PyTorch (exporter.compress.quantize.quantize_embedding: the int4 and int8
+    pipelines put it at their bits, as their byte budgets count every parameter at those bits) is stored as that
+    grid's blocks and gathered as the tied one is; one without a grid stays a float table."""
     from onnx import helper, numpy_helper
 
     from exporter.compress.quantize import grid_of
@@ -1129,22 +1097,6 @@ def _gather_blocks(graph, ids: str, zero_points: str | None, bits: int, block_si
     return nodes
 
 
-def _quantize_int8(proto, work_dir: Path):
-    """Per-channel int8 weights for MatMuls with a constant B (activations quantized dynamically)."""
-    import onnx
-
-    with _quiet_quantizer():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        src, dst = work_dir / "fp32.onnx", work_dir / "int8.onnx"
-        _save(proto, src)
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=True,
-                         # onnx shape inference stops at the contrib ops: their outputs are float32
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-        return onnx.load(str(dst))
-
-
 SIZE_THRESHOLD = 1024  # initializers of at least this many bytes go to the external data file
 
 
@@ -1175,25 +1127,20 @@ def _save(proto, path: Path, small_weights: bool = False) -> None:
 def _registry(model, weights: str):
     from exporter.graph.matmul_nbits import GridRegistry
 
-    return GridRegistry.from_model(model) if weights == "int4" else None
+    return GridRegistry.from_model(model) if weights in GRID_BITS else None
 
 
-def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, out_dir: Path,
-               registry=None, onnxruntime: tuple[int, int] | None = None):
+def _quantized(proto, model, weights: str, block_size: int, accuracy_level: int | None, registry=None,
+               onnxruntime: tuple[int, int] | None = None):
     """The proto at `weights` precision (float formats are built at theirs and pass through), checked to run on
     ONNX Runtime `onnxruntime` (None: the newest)."""
-    import tempfile
-
-    if weights == "int4":
-        _quantize_int4(proto, model, block_size, accuracy_level, registry)
+    if weights in GRID_BITS:
+        _quantize_grids(proto, model, GRID_BITS[weights], block_size, accuracy_level, registry)
         packed = onnxruntime is None or onnxruntime >= PACKED_GATHER_RELEASE
         if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
             _share_tied_embedding(proto, packed_gather=packed)
         else:
             _quantize_untied_embedding(proto, model, packed_gather=packed)
-    elif weights == "int8":
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".int8-") as tmp:
-            proto = _quantize_int8(proto, Path(tmp))  # loaded with its external data
     check_release(proto, onnxruntime, f"the {weights} graph")
     return proto
 
@@ -1219,8 +1166,8 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     """Write the fused decoder to out_dir/filename (+ filename.data) and config.json; returns the path.
 
     weights: "fp32"; "fp16" (weights, activations, KV cache and logits in float16: the module docstring's
-    "fp16 graphs"); "int4" (MatMulNBits, symmetric, `block_size`, `accuracy_level`, via ONNX Runtime's
-    MatMulNBitsQuantizer, lm_head included); "int8" (quantize_dynamic, per-channel QInt8 weights).
+    "fp16 graphs"); "int4" and "int8" (MatMulNBits, lm_head included: the grids the model holds, symmetric
+    round-to-nearest at `block_size` elsewhere; `accuracy_level`).
     corrective_form: how CALR branches are written, "folded" (default) or "separate" (module docstring).
     activations: "fp32" or "fp16" (int4 only: the CUDA int4 graph); None: fp16 for fp16 weights, else fp32.
     onnxruntime: the oldest ONNX Runtime release (major, minor) that must run the graph (None: the newest);
@@ -1236,10 +1183,10 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
     with torch.no_grad():
         proto = build_decoder(model, fuse=_fuse, share_tied=weights in FLOAT_TYPES, corrective_form=corrective_form,
                               dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime, max_context=max_context)
-    proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, onnxruntime=onnxruntime)
+    proto = _quantized(proto, model, weights, block_size, accuracy_level, onnxruntime=onnxruntime)
     meta = {"weights": weights, "activations": activations, "fused": str(_fuse),
             "corrective_form": corrective_form}
-    if weights == "int4":
+    if weights in GRID_BITS:
         meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
     _set_props(proto, meta)
     path = out_dir / filename
@@ -1252,7 +1199,7 @@ def write_decoder(model, out_dir: Path, *, weights: str = "fp32", block_size: in
 # --------------------------------------------------------------------------- rank-sliced levels
 
 
-LEVEL_WEIGHTS = ("fp32", "fp16", "int4")
+LEVEL_WEIGHTS = ("fp32", "fp16", "int4", "int8")
 
 
 def _pair_ranks(model) -> dict[str, list[int]]:
@@ -1400,7 +1347,7 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
     _check_form(corrective_form)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    multiple = block_size if weights == "int4" else 1
+    multiple = block_size if weights in GRID_BITS else 1
     ranks = level_ranks(model, fractions, multiple, corrective_form)
     extra = {name: sum(r[1:]) for name, r in _pair_ranks(model).items() if r}
     sizes = {name: model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in extra}
@@ -1413,10 +1360,10 @@ def write_levels(model, out_dir: Path, fractions: Sequence[float] = DEFAULT_LEVE
             proto = build_decoder(model, share_tied=weights in FLOAT_TYPES, levels=ranks, level=j,
                                   transposed=weights in FLOAT_TYPES, corrective_form=corrective_form,
                                   dtype=FLOAT_TYPES[activations], onnxruntime=onnxruntime, max_context=max_context)
-        proto = _quantized(proto, model, weights, block_size, accuracy_level, out_dir, registry, onnxruntime)
+        proto = _quantized(proto, model, weights, block_size, accuracy_level, registry, onnxruntime)
         meta = {"weights": weights, "activations": activations, "level": name, "fraction": str(fraction),
                 "corrective_form": corrective_form}
-        if weights == "int4":
+        if weights in GRID_BITS:
             meta.update(block_size=str(block_size), accuracy_level=str(accuracy_level))
         _set_props(proto, meta)
         weight_bytes = sum(len(t.raw_data) or numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
