@@ -55,7 +55,7 @@ from exporter.compress.grid import QuantFormat
 from exporter.compress.importance import Sensitivity, component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
-from exporter.compress.quantize import grid_linears, quantize_embedding, quantize_model
+from exporter.compress.quantize import grid_linears, model_grids, quantize_embedding, quantize_model, restore_grids
 from exporter.console import say
 from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
 from exporter.device.profiles import load_profile
@@ -259,7 +259,7 @@ class Prepared:
     _prices: dict = field(default_factory=dict)
     _sensitivities: dict = field(default_factory=dict)  # {Fisher samples: output sensitivities} pricing read
     _pricing_statistics: dict = field(default_factory=dict)  # {Fisher samples: PricingStatistics}, data-parallel
-    _trained: dict = field(default_factory=dict)  # {(ranks, corrective options): (trained state, report)}
+    _trained: dict = field(default_factory=dict)  # {compression_key: ((state, grids), corrective report)}
     # Later compressions at other ranks start their branches from the last fully trained ones (`--device a,b`;
     # off for library callers such as the benchmark, whose rows must not depend on their order).
     warm_branches: bool = False
@@ -484,10 +484,14 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
             choose_formats(plan, options, prepared, ids)
         if quantized:
-            with clock.stage("quantize"):
-                if options.error_correction and not options.auto_formats:
-                    plan.error_correction = correct_errors(model, options, ids)
-                quantize_grids(model, options, ids)
+            def quantize():
+                with clock.stage("quantize"):
+                    if options.error_correction and not options.auto_formats:
+                        plan.error_correction = correct_errors(model, options, ids)
+                    quantize_grids(model, options, ids)
+
+            key = compression_key(options, plan, None, quantized)
+            compress_once(prepared, key, model, plan, in_place, quantize)
         if tuned:
             plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
         prepared._consumed |= in_place and (quantized or options.auto_formats)
@@ -514,37 +518,61 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         attach_correctives(model, decompositions, branch_ranks(projections, plan.ranks, correctives, target_params))
         plan.corrective_ranks = corrective_ranks(model, projections)
         del decompositions
-        if train:
+
+    def train_and_quantize():
+        if correctives is not None and train:
             if quantized and options.quantization_aware:  # train against the primary path as the grids compute it
                 with clock.stage("quantize"):
                     quantize_grids(model, options, ids, only=primary_linears(model, projections))
-            # Branches trained against the float primary path depend only on the ranks and the training
-            # options: another profile of a multi-device export with the same ranks takes them from here.
-            key = None if quantized and options.quantization_aware else (
-                options.method, options.joint, repr(correctives), tuple(plan.ranks.items()),
-                tuple(plan.corrective_ranks.items()))
-            if key is not None and key in prepared._trained:
-                state, plan.corrective_report = prepared._trained[key]
-                model.load_state_dict(state)
-            else:
-                # Other ranks (or another grid): with warm_branches, start from the previous compression's
-                # branches, which already hold most of what these learn, and train a few KL steps.
-                family = (options.method, options.joint, repr(options.correctives))  # not the rounding
-                warm = prepared._branches.get(family) if prepared.warm_branches else None
-                with clock.stage("correctives"):
-                    plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress,
-                                                               warm=warm)
-                if key is not None and not in_place:  # the last one only: a model's worth of memory
-                    prepared._trained = {key: ({k: v.clone() for k, v in model.state_dict().items()},
-                                               plan.corrective_report)}
-                if prepared.warm_branches and not plan.corrective_report.warm_start:
-                    prepared._branches = {family: branch_weights(model)}  # the branches alone: small
-    if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
-        with clock.stage("quantize"):
-            quantize_grids(model, options, ids)
+            # Other ranks (or another grid): with warm_branches, start from the previous compression's
+            # branches, which already hold most of what these learn, and train a few KL steps.
+            family = (options.method, options.joint, repr(options.correctives))  # not the rounding
+            warm = prepared._branches.get(family) if prepared.warm_branches else None
+            with clock.stage("correctives"):
+                plan.corrective_report = train_correctives(model, teacher, ids, correctives, options.progress,
+                                                           warm=warm)
+            if prepared.warm_branches and not plan.corrective_report.warm_start:
+                prepared._branches = {family: branch_weights(model)}  # the branches alone: small
+        if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
+            with clock.stage("quantize"):
+                quantize_grids(model, options, ids)
+
+    if train:
+        compress_once(prepared, compression_key(options, plan, correctives, quantized), model, plan, in_place,
+                      train_and_quantize)
     if tuned:
         plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
     return plan
+
+
+def compression_key(options: ExportOptions, plan: Plan, correctives: CorrectiveOptions | None,
+                    quantized: bool) -> tuple | None:
+    """What a compression's weights depend on besides the prepared statistics: the ranks, the branch ranks and
+    their training options, and (quantized) the grids' options. None where they also depend on the budget
+    itself (`--weights auto`) or where the state does not hold them (`--error-correction`'s added terms)."""
+    if options.auto_formats or options.error_correction:
+        return None
+    grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware) \
+        if quantized else None
+    return (options.method, options.joint, repr(correctives), tuple((plan.ranks or {}).items()),
+            tuple((plan.corrective_ranks or {}).items()), grids)
+
+
+def compress_once(prepared: Prepared, key: tuple | None, model, plan: Plan, in_place: bool, work) -> None:
+    """`work()` (it trains the branches and puts the weights on their grids), or its result from the previous
+    compression of a multi-device export with the same `key` (compression_key): training and GPTQ are
+    deterministic, so they would compute the same weights again (SmolLM2 int8 at 20%: 247 s of GPTQ)."""
+    if key is not None and key in prepared._trained:
+        (state, grids), plan.corrective_report = prepared._trained[key]
+        model.load_state_dict(state)
+        restore_grids(model, grids)
+        say("weights" + (", branches" if plan.corrective_report else "") + (" and grids" if grids else "")
+            + " as the previous profile's (the same ranks and options)")
+        return
+    work()
+    if key is not None and not in_place:  # the last one only: a model's worth of memory
+        prepared._trained = {key: (({k: v.clone() for k, v in model.state_dict().items()}, model_grids(model)),
+                                   plan.corrective_report)}
 
 
 def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwatch) -> dict:

@@ -93,6 +93,31 @@ def test_branches_trained_once_for_profiles_with_the_same_ranks(tmp_path, monkey
         (tmp_path / "both" / "jetson-orin-nano-8gb" / "model.onnx.data").read_bytes()
 
 
+def test_a_later_profile_with_the_same_compression_takes_its_weights_and_grids(tmp_path, monkeypatch, llama_dir,
+                                                                              calib_file):
+    """int8 profiles at the same ranks: the branches are trained and GPTQ runs (the primary path's grids, then
+    the rest) for the first alone, as both would compute the same; the second artifact equals its own export."""
+    import exporter.pipeline
+
+    calls = []
+    for name in ("train_correctives", "quantize_grids"):
+        original = getattr(exporter.pipeline, name)
+        monkeypatch.setattr(exporter.pipeline, name,
+                            lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    args = ["--device", "iphone-15-pro,jetson-orin", "--weights", "int8", "--model", str(llama_dir), "--ratio", "0.3",
+            "--calib", str(calib_file), "--calib-samples", "8", "--calib-seq-len", "32", "--no-progress"]
+    assert main(["export", *args, "--out", str(tmp_path / "both")]) == 0
+    assert calls == ["quantize_grids", "train_correctives", "quantize_grids"]
+    manifests = [json.loads((tmp_path / "both" / name / "manifest.json").read_text())
+                 for name in ("iphone-15-pro", "jetson-orin-nano-8gb")]
+    assert manifests[0]["ranks"] == manifests[1]["ranks"] and manifests[1]["precision"] == "int8"
+    assert manifests[0]["method"]["correctives"] == manifests[1]["method"]["correctives"]
+    args[1] = "jetson-orin"
+    assert main(["export", *args, "--out", str(tmp_path / "alone")]) == 0
+    assert (tmp_path / "alone" / "model.onnx.data").read_bytes() == \
+        (tmp_path / "both" / "jetson-orin-nano-8gb" / "model.onnx.data").read_bytes()
+
+
 def test_a_later_profile_at_other_ranks_starts_from_the_previous_branches(tmp_path, monkeypatch, llama_dir,
                                                                           calib_file):
     """The Pi rounds ranks to multiples of 8, the Snapdragon to 16: other ranks, so the second profile's branches

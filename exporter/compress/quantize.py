@@ -11,6 +11,7 @@ grid (quantization-aware corrective training) keeps it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,19 @@ def set_grid(module: nn.Linear, grid: GridWeights) -> None:
 
 def grid_of(module: nn.Module) -> GridWeights | None:
     return getattr(module, GRID_ATTRIBUTE, None)
+
+
+def model_grids(model) -> dict[str, GridWeights]:
+    """{module name: a copy of its grid} of every module on a grid (the linears, an untied embedding)."""
+    return {name: copy.deepcopy(grid) for name, module in model.named_modules()
+            if (grid := grid_of(module)) is not None}
+
+
+def restore_grids(model, grids: dict[str, GridWeights]) -> None:
+    """Put `model_grids`' copies back on a model of the same structure whose weights already hold them (its
+    state_dict loaded): the grids alone, as copies (scale tuning trains a grid in place)."""
+    for name, grid in grids.items():
+        setattr(model.get_submodule(name), GRID_ATTRIBUTE, copy.deepcopy(grid))
 
 
 def quantize_rtn(modules: list[nn.Linear], fmt: QuantFormat, clip: bool = False) -> None:
