@@ -10,6 +10,7 @@ from exporter.compress.gptq import gptq
 from exporter.compress.grid import QuantFormat, round_to_nearest
 from exporter.graph.matmul_nbits import (
     GridRegistry,
+    block_hashes,
     dequantize_inputs,
     matmul_nbits_inputs,
     pack_codes,
@@ -151,6 +152,17 @@ def test_registry_finds_blocks_of_concatenated_and_sliced_weights():
     arrays, found = matmul_nbits_inputs(unknown, fmt, registry)
     assert found == 0
     assert np.array_equal(dequantize_inputs(arrays, fmt, 96), round_to_nearest(unknown, fmt).dequantize())
+
+
+def test_block_hashes_are_the_same_in_any_chunking_and_ignore_the_sign_of_zero():
+    blocks = np.random.default_rng(6).standard_normal((7, 5, 32)).astype(np.float32)
+    whole = block_hashes(blocks)
+    assert whole.shape == (7, 5) and len(np.unique(whole)) == 35
+    assert np.array_equal(block_hashes(blocks, rows=3), whole)
+    negative = blocks.copy()
+    negative[..., 0] = -0.0
+    blocks[..., 0] = 0.0
+    assert np.array_equal(block_hashes(negative), block_hashes(blocks, rows=4))
 
 
 @pytest.mark.parametrize("asymmetric", [False, True])

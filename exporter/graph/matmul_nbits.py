@@ -50,16 +50,21 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.stack(parts, axis=-1).reshape(packed.shape[:-1] + (-1,))[..., :count]
 
 
-def block_hashes(blocks: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each float32 block (..., block_size) from its values' bits (equal values, equal hash)."""
+def block_hashes(blocks: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """A 64-bit hash of each float32 block (..., block_size) from its values' bits (equal values, equal hash).
+    In chunks of `rows` blocks: whole-array uint64 temporaries made it 70x slower (7.7 s for 32M weights)."""
     size = blocks.shape[-1]
     multipliers = np.random.default_rng(_HASH_SEED + size).integers(1, 2**63, size, dtype=np.uint64) | np.uint64(1)
-    # + 0 turns -0.0 into 0.0: a negative scale dequantizes zero codes to -0.0, padding is +0.0
-    bits = (np.asarray(blocks, dtype=np.float32) + np.float32(0)).view(np.uint32).astype(np.uint64)
+    flat = np.asarray(blocks, dtype=np.float32).reshape(-1, size)
+    hashes = np.empty(len(flat), np.uint64)
     with np.errstate(over="ignore"):
-        mixed = bits * multipliers
-        mixed ^= mixed >> np.uint64(29)
-        return mixed.sum(axis=-1, dtype=np.uint64)
+        for start in range(0, len(flat), rows):
+            # + 0 turns -0.0 into 0.0: a negative scale dequantizes zero codes to -0.0, padding is +0.0
+            mixed = (flat[start:start + rows] + np.float32(0)).view(np.uint32).astype(np.uint64)
+            mixed *= multipliers
+            mixed ^= mixed >> np.uint64(29)
+            mixed.sum(axis=-1, dtype=np.uint64, out=hashes[start:start + rows])
+    return hashes.reshape(blocks.shape[:-1])
 
 
 class GridRegistry:
@@ -99,7 +104,9 @@ class GridRegistry:
             return np.zeros(count, bool), scales, zeros
         hashes, table_scales, table_zeros = table
         wanted = block_hashes(blocks)
-        where = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+        order = np.argsort(wanted)  # sorted queries: numpy's search starts each from the last (6x faster here)
+        where = np.empty(count, np.int64)
+        where[order] = np.minimum(np.searchsorted(hashes, wanted[order]), len(hashes) - 1)
         hit = hashes[where] == wanted
         scales[hit], zeros[hit] = table_scales[where[hit]], table_zeros[where[hit]]
         codes = block_codes(blocks, scales, zeros, fmt)
