@@ -70,33 +70,15 @@ def test_profiles_exist(device):
     assert not load_profile(device).measured  # these tests must not pay the host measurement
 
 
-def test_branches_trained_once_for_profiles_with_the_same_ranks(tmp_path, monkeypatch, llama_dir, calib_file):
-    """Float-trained corrective branches depend on the ranks only: two fp16 profiles with the same rank multiple
-    at the same --ratio train once; each artifact equals its single-profile export. (An int4 or int8 profile
-    trains its branches against its own quantized path.)"""
-    import exporter.pipeline
-
-    calls = []
-    train = exporter.pipeline.train_correctives
-    monkeypatch.setattr(exporter.pipeline, "train_correctives", lambda *a, **k: calls.append(1) or train(*a, **k))
-    args = ["--device", "iphone-15-pro,jetson-orin", "--model", str(llama_dir), "--ratio", "0.3", "--calib",
-            str(calib_file), "--calib-samples", "8", "--calib-seq-len", "32", "--no-progress"]
-    assert main(["export", *args, "--out", str(tmp_path / "both")]) == 0
-    assert len(calls) == 1
-    manifests = [json.loads((tmp_path / "both" / name / "manifest.json").read_text())
-                 for name in ("iphone-15-pro", "jetson-orin-nano-8gb")]
-    assert [m["precision"] for m in manifests] == ["fp16", "fp16"]
-    assert manifests[0]["method"]["correctives"] == manifests[1]["method"]["correctives"]
-    args[1] = "jetson-orin"
-    assert main(["export", *args, "--out", str(tmp_path / "alone")]) == 0
-    assert (tmp_path / "alone" / "model.onnx.data").read_bytes() == \
-        (tmp_path / "both" / "jetson-orin-nano-8gb" / "model.onnx.data").read_bytes()
-
-
-def test_a_later_profile_with_the_same_compression_takes_its_weights_and_grids(tmp_path, monkeypatch, llama_dir,
-                                                                              calib_file):
-    """int8 profiles at the same ranks: the branches are trained and GPTQ runs (the primary path's grids, then
-    the rest) for the first alone, as both would compute the same; the second artifact equals its own export."""
+@pytest.mark.parametrize("weights, work", [
+    ("fp16", ["train_correctives"]),
+    ("int8", ["quantize_grids", "train_correctives", "quantize_grids"]),  # the primary path's grids, then the rest
+])
+def test_a_later_profile_with_the_same_compression_takes_its_weights(tmp_path, monkeypatch, llama_dir, calib_file,
+                                                                    weights, work):
+    """Two profiles with the same rank multiple at the same --ratio: the branches are trained (and, int8, the
+    grids fitted) for the first alone, as the second would compute the same; each artifact equals its
+    single-profile export."""
     import exporter.pipeline
 
     calls = []
@@ -104,13 +86,14 @@ def test_a_later_profile_with_the_same_compression_takes_its_weights_and_grids(t
         original = getattr(exporter.pipeline, name)
         monkeypatch.setattr(exporter.pipeline, name,
                             lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
-    args = ["--device", "iphone-15-pro,jetson-orin", "--weights", "int8", "--model", str(llama_dir), "--ratio", "0.3",
+    args = ["--device", "iphone-15-pro,jetson-orin", "--weights", weights, "--model", str(llama_dir), "--ratio", "0.3",
             "--calib", str(calib_file), "--calib-samples", "8", "--calib-seq-len", "32", "--no-progress"]
     assert main(["export", *args, "--out", str(tmp_path / "both")]) == 0
-    assert calls == ["quantize_grids", "train_correctives", "quantize_grids"]
+    assert calls == work
     manifests = [json.loads((tmp_path / "both" / name / "manifest.json").read_text())
                  for name in ("iphone-15-pro", "jetson-orin-nano-8gb")]
-    assert manifests[0]["ranks"] == manifests[1]["ranks"] and manifests[1]["precision"] == "int8"
+    assert manifests[0]["ranks"] == manifests[1]["ranks"]
+    assert [m["precision"] for m in manifests] == [weights, weights]
     assert manifests[0]["method"]["correctives"] == manifests[1]["method"]["correctives"]
     args[1] = "jetson-orin"
     assert main(["export", *args, "--out", str(tmp_path / "alone")]) == 0
