@@ -212,7 +212,8 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          "down factor and one rank per group; fewer graph nodes, so faster decoding (default: off)")
     command.add_argument("--latency-aware", nargs="?", type=_positive_float, const=0.0, metavar="US",
                          help="price the graph node each factorization adds when allocating ranks: the same "
-                         "parameters removed by fewer, deeper factorizations; faster decoding, some quality. The "
+                         "parameters removed by fewer, deeper factorizations; faster decoding, some quality (with "
+                         "--weights auto: the nodes an offset grid's block sums and a low-rank unit add). The "
                          "price is the node's cost in the device's decode cost model (on host: measured, so it "
                          "varies a little between runs), or US microseconds where given (default: off)")
     command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "

@@ -590,6 +590,9 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
     return report.to_dict()
 
 
+OFFSET_NODES = 3  # an offset grid's block sums: Reshape, ReduceSum, Concat (a shared input's once; priced per unit)
+
+
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
@@ -632,9 +635,12 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     units = prepared.format_prices(groups, options.fisher_samples,
                                    (options.error_correction,) if options.error_correction else (), menu, low_rank)
     fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations, context)
+    # --latency-aware: each option also pays, in the bytes that stream in the same time, for the graph nodes it adds
+    node_bytes = node_price(plan.profile, "int4", options.factor_node_us) * BYTES_PER_PARAM["int4"] \
+        if options.latency_aware else 0.0
+    sizes = [[b + round(node_bytes * option_nodes(u, k)) for k, b in enumerate(u.bytes)] for u in units]
     with clock.stage("allocate"):
-        choice = multiple_choice_knapsack([u.bytes for u in units], [u.loss for u in units], budget_bytes - fixed,
-                                          granularity=step)
+        choice = multiple_choice_knapsack(sizes, [u.loss for u in units], budget_bytes - fixed, granularity=step)
     if choice is None:  # the step rounding's slack: only just above the smallest
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
@@ -648,6 +654,9 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                            "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
                            "smallest_bytes": smallest, "largest_bytes": largest,
                            "predicted_loss_increase": sum(u.loss[u.choice] for u in units)}
+    if node_bytes:
+        plan.formats_budget["node_bytes"] = round(node_bytes)
+        plan.formats_budget["nodes_priced_bytes"] = sum(s[u.choice] - u.bytes[u.choice] for s, u in zip(sizes, units))
     say(f"formats: {plan.formats_budget['chosen_bytes'] / MB:.1f} MB of {budget_bytes / MB:.1f} MB, "
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
     predicted = plan.formats_budget["predicted_loss_increase"]
@@ -655,6 +664,12 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         say(f"warning: the formats that fit {budget_bytes / MB:.1f} MB are estimated to raise perplexity "
             f"{math.exp(predicted):.2f}x over the dense model, and 2-bit grids more than estimated: check the "
             "artifact (exporter evaluate) or give it more bytes")
+
+
+def option_nodes(unit, option: int) -> int:
+    """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block sums (Reshape, ReduceSum,
+    Concat), a factorization's second MatMulNBits."""
+    return OFFSET_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0
 
 
 def runtime_menu(options: ExportOptions) -> tuple:

@@ -22,6 +22,7 @@ from exporter.compress.format_allocation import (
     format_units,
     price_units,
 )
+from exporter.compress.grid import QuantFormat
 from exporter.device.profiles import PROFILES_DIR
 
 
@@ -98,6 +99,16 @@ def _held_out_kl(dense_model, held_out):
     return kl
 
 
+def _option(unit, fmt) -> int:
+    """The unit's first option at `fmt` (dense), or its int4-b32-asym one where the unit has no `fmt` (offset grids
+    need whole blocks of input)."""
+    for wanted in (fmt, QuantFormat.parse("int4-b32-asym")):
+        for k, option in enumerate(unit.options):
+            if option == wanted and not unit.rank(k) and not unit.correction(k):
+                return k
+    raise AssertionError(f"{unit.name} has no {fmt.name}")
+
+
 def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer, calib_text):
     """Whole-model format choices ranked by the summed estimate as by the measured divergence from the dense model
     on held-out windows (the issue's check of the estimator, Spearman >= 0.8)."""
@@ -110,8 +121,8 @@ def test_estimated_loss_ranks_configurations_as_measured(tiny_models, tokenizer,
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     measure = _held_out_kl(model, held_out)
     rng = random.Random(1)
-    configurations = [[k] * len(units) for k in range(len(MENU))]
-    configurations += [[rng.randrange(len(MENU)) for _ in units] for _ in range(5)]
+    configurations = [[_option(u, fmt) for u in units] for fmt in MENU]
+    configurations += [[rng.randrange(len(u.options)) for u in units] for _ in range(5)]
     configurations += [[rng.choice((0, 1)) for _ in units] for _ in range(3)]
     predicted, measured = [], []
     for choice in configurations:
@@ -139,12 +150,13 @@ def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenize
     train, held_out = windows[:48], windows[48:]
     units = price_units(dense_model, train, train[:6], progress=False, low_rank=LOW_RANK_FORMATS)
     measure = _held_out_kl(dense_model, held_out)
-    int8 = MENU.index(next(f for f in MENU if f.name == "int8-b32"))
+    int8 = [_option(u, QuantFormat.parse("int8-b32")) for u in units]
     low_rank = [[k for k in range(len(u.options)) if u.rank(k)] for u in units]
     rng = random.Random(2)
-    configurations = [[options[min(k, len(options) - 1)] if options else int8 for options in low_rank]
+    configurations = [[options[min(k, len(options) - 1)] if options else i8 for options, i8 in zip(low_rank, int8)]
                       for k in range(max(map(len, low_rank)))]
-    configurations += [[rng.choice(options + [int8]) if options else int8 for options in low_rank] for _ in range(6)]
+    configurations += [[rng.choice(options + [i8]) if options else i8 for options, i8 in zip(low_rank, int8)]
+                       for _ in range(6)]
     predicted, measured = [], []
     for choice in configurations:
         model = copy.deepcopy(dense_model)
@@ -323,6 +335,53 @@ def test_a_block_size_that_is_not_a_power_of_two_is_one_line(tmp_path, llama_dir
                  "--device", "host", "--no-progress", "--weights", "int4", "--block-size", "48"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and err[-1] == "exporter: error: --block-size: block size 48: MatMulNBits needs a power of two >= 16"
+
+
+def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, tokenizer, calib_file):
+    """A model whose projections sit on 4-bit min-max grids of 32 (as SmolLM2's Q4_1 GGUF does): the knapsack
+    prices its offset grids near zero and buys them, the graph reads block sums, follows PyTorch (the export's
+    parity check) and onnxruntime-genai runs it; priced latency-aware, the block sums' nodes buy fewer."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from exporter.compress.grid import round_to_nearest
+    from exporter.compress.quantize import grid_linears
+    from exporter.runtime.generation import OrtDecoder
+
+    model = tiny_models.load("llama")
+    with torch.no_grad():
+        for name, linear in grid_linears(model).items():
+            if name != "lm_head":
+                fmt = QuantFormat.parse("int4-b32-minmax")
+                linear.weight.copy_(torch.from_numpy(round_to_nearest(linear.weight.numpy(), fmt).dequantize()))
+    source = tmp_path / "q4_1-like"
+    model.save_pretrained(source, safe_serialization=True)
+    tokenizer.save_pretrained(source)
+    probe = tmp_path / "probe"
+    assert _export(source, calib_file, probe, "--budget-mb", "1000") == 0
+    formats = json.loads((probe / "manifest.json").read_text())["method"]["formats"]
+    smallest = [min(m["bytes"] for m in u["menu"]) for u in formats["units"]]
+    offset = [next((m["bytes"] for m in u["menu"] if m["format"] == "int4-b32-offset"), low)
+              for u, low in zip(formats["units"], smallest)]
+    budget_mb = (formats["smallest_bytes"] + sum(offset) - sum(smallest)) / 1e6 + 0.001  # every offset, just
+    out = tmp_path / "auto"
+    assert _export(source, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    units = manifest["method"]["formats"]["units"]
+    offsets = [u for u in units if u["format"] == "int4-b32-offset"]
+    assert len(offsets) >= len(units) // 2, [u["format"] for u in units]
+    assert all(u["predicted_loss_increase"] < 0.1 * min(m["predicted_loss_increase"] for m in u["menu"]
+                                                        if m["format"] == "int4-b32-asym") for u in offsets)
+    assert manifest["onnx"]["quantization"]["matmul_nbits"].get("int4-b32-offset") == len(offsets)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "ReduceSum" and "/BlockSums/" in n.name for n in graph.node) >= len(offsets)
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, 8)
+    generated = genai_greedy(og, out, prompt, 8)
+    assert len(generated) >= 1 and generated == expected[: len(generated)]
+    aware = tmp_path / "aware"
+    assert _export(source, calib_file, aware, "--budget-mb", f"{budget_mb:.4f}", "--latency-aware", "500") == 0
+    priced = json.loads((aware / "manifest.json").read_text())["method"]["formats"]
+    assert sum(u["format"] == "int4-b32-offset" for u in priced["units"]) < len(offsets)
+    assert priced["node_bytes"] > 0 and priced["chosen_bytes"] <= priced["budget_bytes"]
 
 
 def test_allocate_shows_the_formats_without_exporting(tmp_path, llama_dir, calib_file, capsys):

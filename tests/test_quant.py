@@ -13,6 +13,7 @@ from exporter.graph.matmul_nbits import (
     block_hashes,
     dequantize_inputs,
     matmul_nbits_inputs,
+    offset_inputs,
     pack_codes,
     unpack_codes,
 )
@@ -136,6 +137,31 @@ def test_act_order_beats_left_to_right_where_input_channels_differ_in_scale(fmt)
     assert error(True) < 0.8 * error(False)
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_offset_grid_holds_a_min_max_source_and_packs_as_block_sum_columns(block):
+    """A weight on min-max grids (llama.cpp's Q4_1 at block 32) is on its offset grid again to the offsets' own
+    rounding, far closer than the integer-zero-point grid; packed with its offsets as K columns, MatMulNBits on
+    [x, block sums of x] multiplies by exactly the grid's weights; its bytes are the format's."""
+    fmt, k, n = QuantFormat(4, block, False, offset=True), 1536, 24
+    rng = np.random.default_rng(7)
+    source = round_to_nearest(rng.standard_normal((n, k)).astype(np.float32), fmt.minmax).dequantize()
+    grid = round_to_nearest(source, fmt)
+    assert grid.fmt == fmt and grid.offsets.fmt == fmt.integer and grid.offsets.codes.shape[1] >= k // block
+    offset_error = np.abs(grid.dequantize() - source).max()
+    integer_error = np.abs(round_to_nearest(source, fmt.integer).dequantize() - source).max()
+    assert offset_error < integer_error / 8
+    torch_grid = gptq(torch.from_numpy(source), torch.eye(k, dtype=torch.float64), fmt)  # H = I: RTN
+    assert np.array_equal(torch_grid.dequantize(), grid.dequantize())
+    arrays = offset_inputs(grid.dequantize(), fmt, GridRegistry([grid]))
+    assert arrays is not None
+    assert sum(a.nbytes for a in arrays.values()) == fmt.matrix_bytes(n, k)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    sums = x.reshape(3, -1, block).sum(axis=-1)
+    y = _matmul_nbits(arrays, fmt.integer, k + k // block, n, np.concatenate([x, sums], axis=1))
+    np.testing.assert_allclose(y, x @ grid.dequantize().T, rtol=1e-5, atol=1e-4)
+    assert offset_inputs(source + 1e-3, fmt, GridRegistry([grid])) is None  # blocks not registered: no offsets
+
+
 def test_registry_finds_blocks_of_concatenated_and_sliced_weights():
     """A fused first stage concatenates linears along out; a rank level takes whole blocks of K."""
     fmt = QuantFormat(4, 32, True)
@@ -165,10 +191,11 @@ def test_block_hashes_are_the_same_in_any_chunking_and_ignore_the_sign_of_zero()
     assert np.array_equal(block_hashes(negative), block_hashes(blocks, rows=4))
 
 
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, tokenizer, tmp_path, asymmetric):
+@pytest.mark.parametrize("grids", ["symmetric", "asymmetric", "offset"])
+def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, tokenizer, tmp_path, grids):
     """GPTQ in PyTorch, packed by the writer: with fp32 activations the int4 graph's logits follow PyTorch's
-    (the same dequantized weights) as tightly as the fp32 graph's do, lm_head and tied embedding included."""
+    (the same dequantized weights) as tightly as the fp32 graph's do, lm_head and tied embedding included;
+    offset grids (the decoder's; lm_head asymmetric) through their block-sum columns."""
     from collections import Counter
 
     import onnx
@@ -179,9 +206,10 @@ def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, 
     from exporter.runtime.generation import OrtDecoder
 
     model = tiny_models.load("llama")
-    fmt = QuantFormat(4, 32, not asymmetric)
+    asymmetric = grids != "symmetric"
+    fmt = QuantFormat(4, 32, not asymmetric, offset=grids == "offset")
     before = {name: m.weight.detach().clone() for name, m in grid_linears(model).items()}
-    quantize_model(model, lambda name: fmt, calib_ids[:8], progress=False)
+    quantize_model(model, lambda name: fmt.integer if name == "lm_head" else fmt, calib_ids[:8], progress=False)
     assert all(grid_of(m) is not None and not torch.equal(m.weight, before[name])
                for name, m in grid_linears(model).items())
     prompt = tokenizer("The engineer explains the last question", add_special_tokens=False)["input_ids"]
@@ -193,6 +221,9 @@ def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, 
     assert ops["GatherBlockQuantized"] == int(bool(model.config.tie_word_embeddings))
     zero_points = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3]
     assert bool(zero_points) == asymmetric
+    # every decoder MatMulNBits reads block sums (lm_head alone not): once per input its nodes share
+    block_sums = [n for n in graph.node if n.op_type == "ReduceSum" and "/BlockSums/" in n.name]
+    assert len(block_sums) == (4 * model.config.num_hidden_layers if grids == "offset" else 0)
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 8, forced_tokens=ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)
 

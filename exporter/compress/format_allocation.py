@@ -50,10 +50,12 @@ from exporter.source.model import layers_prefix
 CLIP = False  # the grids' clipping search: measured worse on SmolLM2-135M (benchmarks/RESULTS.md)
 # Mostly asymmetric grids (uint8 zero points): as fast as symmetric ones in ONNX Runtime's CPU kernel and closer;
 # symmetric b64 and asymmetric b256 are the byte-saving steps (a 576-wide row at b128 pads to 640).
-# Min-max grids (float zero points, exact for a Q4_1 source) are left out: that kernel runs them ~20x slower.
+# Min-max grids (float zero points, exact for a Q4_1 source) are offered as offset grids (int4-b32-offset: integer
+# zero points, the remainders as offsets multiplying the input's block sums), as fast as integer ones but for the
+# block sums' nodes: that kernel runs float zero points ~20x slower.
 MENU = tuple(QuantFormat.parse(name) for name in
-             ("int4-b256-asym", "int4-b128-asym", "int4-b64", "int4-b64-asym", "int4-b32-asym", "int4-b16-asym",
-              "int8-b128", "int8-b32"))
+             ("int4-b256-asym", "int4-b128-asym", "int4-b64", "int4-b64-asym", "int4-b32-asym", "int4-b32-offset",
+              "int4-b16-asym", "int8-b128", "int8-b32"))
 # 2-bit grids, offered where a budget is below what MENU reaches (exporter.pipeline.choose_formats): ONNX Runtime
 # runs 2-bit MatMulNBits about 2x slower per node than 4-bit, and lm_head never takes them (the tied embedding
 # gathers from lm_head's blocks; GatherBlockQuantized reads 4 and 8 bits).
@@ -64,9 +66,12 @@ LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-
 LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 
 
-def unit_menu(menu, members: list[str], head_name: str) -> list[QuantFormat]:
-    """The formats a unit may take: all of `menu`, but no 2-bit format for lm_head."""
-    return [f for f in menu if f.bits != 2 or head_name not in members]
+def unit_menu(menu, members: list[str], head_name: str, in_features: int) -> list[QuantFormat]:
+    """The formats a unit may take: all of `menu`, but no 2-bit or offset format for lm_head (the tied embedding
+    gathers its blocks), and offsets only where the input is whole blocks (its block sums are a reshape)."""
+    head = head_name in members
+    return [f for f in menu if not (head and (f.bits == 2 or f.offset))
+            and not (f.offset and in_features % f.block_size)]
 
 
 def low_rank_ranks(out_features: int, in_features: int) -> list[int]:
@@ -317,7 +322,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
-        for fmt in unit_menu(menu, members, head_name):
+        for fmt in unit_menu(menu, members, head_name, linears[members[0]].in_features):
             for method in methods:
                 grids = _grids(statistics, members, fmt, method)
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
@@ -331,7 +336,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.loss.append(loss)
                 unit.corrections.append(0)
                 unit.ranks.append(0)
-                if corrections and fmt.bits == 4 and head_name not in members:
+                if corrections and fmt.bits == 4 and not fmt.offset and head_name not in members:
                     for rank, added, corrected, extra in corrected_options(members, linears, grams, fisher, grids,
                                                                            fmt, corrections, tokens):
                         unit.options.append(fmt)
@@ -397,7 +402,8 @@ def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: 
     per_unit = []
     for members in groups:
         shapes = [tuple(linears[n].weight.shape) for n in members]
-        sizes = [sum(f.matrix_bytes(*shape) for shape in shapes) for f in unit_menu(menu, members, head_name)]
+        sizes = [sum(f.matrix_bytes(*shape) for shape in shapes)
+                 for f in unit_menu(menu, members, head_name, shapes[0][1])]
         if low_rank and factorizable(members, head_name):
             ranks = low_rank_ranks(sum(out for out, _ in shapes), shapes[0][1])
             sizes += [low_rank_bytes(f, rank, shapes) for f in low_rank for rank in ranks]

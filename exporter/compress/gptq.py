@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from exporter.compress import compute
-from exporter.compress.grid import GridWeights, QuantFormat, block_codes, blocked, fit_blocks
+from exporter.compress.grid import GridWeights, QuantFormat, block_codes, blocked, fit_blocks, with_offsets
 
 DAMPING = 0.01  # of the mean diagonal, added to H: keeps the Cholesky factorization defined
 LAZY_COLUMNS = 128  # columns updated in-block before one batched update of the rest (a multiple of block sizes)
@@ -38,7 +38,10 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
          damping: float = DAMPING, act_order: bool = True) -> GridWeights:
     """The grid of `weight` (out x in) minimizing ||(W - Q) X|| greedily, with X^T X = `gram` (in x in).
     `act_order`: columns in decreasing order of H_ii on grids fitted up front (measured better on SmolLM2:
-    benchmarks/RESULTS.md); False: left to right, each block's grid fitted when the block is reached."""
+    benchmarks/RESULTS.md); False: left to right, each block's grid fitted when the block is reached. An offset
+    grid: the min-max grid's GPTQ, its zero points then split into integer codes and offsets (`with_offsets`)."""
+    if fmt.offset:
+        return with_offsets(gptq(weight, gram, fmt.minmax, clip, damping, act_order), fmt)
     if act_order:
         return _gptq_act_order(weight, gram, fmt, clip, damping)
     out_features, in_features = weight.shape

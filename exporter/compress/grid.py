@@ -10,7 +10,11 @@ Grids: symmetric (z = 2^(bits-1), the block's largest-magnitude value v mapped t
 ONNX Runtime's own RTN rule), asymmetric (min/max with 0 kept on the grid, z an integer code: MatMulNBits'
 packed uint8 zero points) or min-max (z a float: the grid spans exactly the block's min to max, 0 need not be on
 it; MatMulNBits takes such zero points in the scales' type). A min-max grid of 16 levels is llama.cpp's Q4_1
-(scale and minimum per block of 32): weights dequantized from such a source sit on it again. Grids may shrink
+(scale and minimum per block of 32): weights dequantized from such a source sit on it again. ONNX Runtime's
+CPU kernel runs float zero points ~20x slower, so a min-max grid is written as an offset grid (`-offset`): the
+integer zero point round(z) and, per block, the remainder (round(z) - z) * s as an offset c added to every
+value of the block, the offsets themselves on the asymmetric grid of the same bits and block size (they are
+more K columns of the same MatMulNBits, multiplying the input's block sums: exporter.graph.matmul_nbits). Grids may shrink
 the range (`clip`, off by default: it raised SmolLM2-135M's perplexity, docs/quantization.md): the block keeps
 the shrink factor of a small search that minimizes its squared error.
 """
@@ -29,16 +33,20 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 @dataclass(frozen=True)
 class QuantFormat:
     """One way of storing a weight matrix: `bits` (2, 4 or 8), `block_size` along the input, symmetric or not; an
-    asymmetric grid's zero point an integer code or a float (`float_zero`: min-max grids)."""
+    asymmetric grid's zero point an integer code or a float (`float_zero`: min-max grids), or an integer code plus
+    a quantized offset per block (`offset`: a min-max grid as ONNX Runtime runs it fast)."""
 
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True
     float_zero: bool = False
+    offset: bool = False
 
     def __post_init__(self):
-        if self.float_zero and self.symmetric:
-            raise ValueError("float zero points are for asymmetric grids")
+        if (self.float_zero or self.offset) and self.symmetric:
+            raise ValueError("float zero points and offsets are for asymmetric grids")
+        if self.float_zero and self.offset:
+            raise ValueError("an offset grid stores integer zero points")
         if self.bits not in (2, 4, 8):
             raise ValueError(f"{self.bits}-bit weights: MatMulNBits is written at 2, 4 or 8 bits")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -46,16 +54,28 @@ class QuantFormat:
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}-b{self.block_size}" + ("" if self.symmetric else
-                                                        "-minmax" if self.float_zero else "-asym")
+        return f"int{self.bits}-b{self.block_size}" + ("" if self.symmetric else "-minmax" if self.float_zero
+                                                        else "-offset" if self.offset else "-asym")
 
     @classmethod
     def parse(cls, text: str) -> QuantFormat:
-        """`int4-b32`, `int8-b128-asym`, `int4-b32-minmax` (the inverse of `name`)."""
-        match = re.fullmatch(r"int(\d+)-b(\d+)(-asym|-minmax)?", text)
+        """`int4-b32`, `int8-b128-asym`, `int4-b32-minmax`, `int4-b32-offset` (the inverse of `name`)."""
+        match = re.fullmatch(r"int(\d+)-b(\d+)(-asym|-minmax|-offset)?", text)
         if not match:
-            raise ValueError(f"quantization format {text!r}: expected int<bits>-b<block>[-asym|-minmax], e.g. int4-b32")
-        return cls(int(match[1]), int(match[2]), match[3] is None, match[3] == "-minmax")
+            raise ValueError(f"quantization format {text!r}: expected int<bits>-b<block>[-asym|-minmax|-offset], "
+                             "e.g. int4-b32")
+        return cls(int(match[1]), int(match[2]), match[3] is None, match[3] == "-minmax", match[3] == "-offset")
+
+    @property
+    def integer(self) -> QuantFormat:
+        """The asymmetric grid with integer zero points of the same bits and block size (an offset grid's codes
+        and its offsets sit on it)."""
+        return QuantFormat(self.bits, self.block_size, self.symmetric)
+
+    @property
+    def minmax(self) -> QuantFormat:
+        """The min-max grid an offset grid writes."""
+        return QuantFormat(self.bits, self.block_size, False, True)
 
     @property
     def zero_dtype(self):
@@ -70,6 +90,8 @@ class QuantFormat:
 
     def matrix_bytes(self, out_features: int, in_features: int, scale_bytes: int = 4) -> int:
         """Bytes of the MatMulNBits initializers for an out x in weight: packed codes, scales, packed zero points."""
+        if self.offset:  # the offsets are more K columns of the same matrix
+            return self.integer.matrix_bytes(out_features, in_features + self.blocks(in_features), scale_bytes)
         blocks = self.blocks(in_features)
         codes = out_features * blocks * self.block_size * self.bits // 8
         zeros = (0 if self.symmetric else out_features * blocks * scale_bytes if self.float_zero
@@ -80,16 +102,32 @@ class QuantFormat:
 @dataclass
 class GridWeights:
     """A quantized out x in weight: codes (out x blocks*block_size, uint8, padding included), scales and zero
-    points (out x blocks; zero points uint8, float32 for min-max grids)."""
+    points (out x blocks; zero points uint8, float32 for min-max grids); an offset grid's `offsets`, one per
+    block (out x blocks), on their own grid (`fmt.integer`)."""
 
     fmt: QuantFormat
     codes: np.ndarray
     scales: np.ndarray
     zeros: np.ndarray
     in_features: int
+    offsets: GridWeights | None = None
 
     def dequantize(self) -> np.ndarray:
-        return dequantize(self.codes, self.scales, self.zeros, self.fmt.block_size)[:, : self.in_features]
+        values = dequantize(self.codes, self.scales, self.zeros, self.fmt.block_size)
+        if self.offsets is not None:
+            values = values + np.repeat(self.offsets.dequantize(), self.fmt.block_size, axis=1)
+        return values[:, : self.in_features]
+
+
+def with_offsets(grid: GridWeights, fmt: QuantFormat) -> GridWeights:
+    """The offset grid (`fmt`) of a min-max grid: its codes and scales, the zero points rounded to integer codes,
+    and each block's remainder (round(z) - z) * s as an offset, the offsets rounded to nearest on `fmt.integer`."""
+    if grid.fmt != fmt.minmax:
+        raise ValueError(f"an offset grid {fmt.name} is made from a {fmt.minmax.name} grid, not {grid.fmt.name}")
+    zeros = np.clip(np.round(grid.zeros), 0, fmt.levels - 1)
+    remainders = ((zeros - grid.zeros) * grid.scales).astype(np.float32)
+    return GridWeights(fmt, grid.codes, grid.scales, zeros.astype(np.uint8), grid.in_features,
+                       round_to_nearest(remainders, fmt.integer))
 
 
 def blocked(weight: np.ndarray, block_size: int, edge: bool = False) -> np.ndarray:
@@ -165,6 +203,8 @@ def fit_blocks(blocks: np.ndarray, fmt: QuantFormat, clip: bool = False
 
 def round_to_nearest(weight: np.ndarray, fmt: QuantFormat, clip: bool = False) -> GridWeights:
     """The data-free grid of an out x in weight (RTN; `clip=False` is ONNX Runtime's own symmetric RTN)."""
+    if fmt.offset:
+        return with_offsets(round_to_nearest(weight, fmt.minmax, clip), fmt)
     blocks = blocked(np.asarray(weight, dtype=np.float32), fmt.block_size, edge=fmt.float_zero)
     codes, scales, zeros = fit_blocks(blocks, fmt, clip)
     pad = (-weight.shape[1]) % fmt.block_size

@@ -53,7 +53,8 @@ class ScaleTuningReport:
 
 
 class TunedScales(nn.Module):
-    """A parametrization of a grid module's weight: (q - z) * s0 * (1 + d), d trained."""
+    """A parametrization of a grid module's weight: (q - z) * s0 * (1 + d), d trained (an offset grid's offsets
+    added, fixed)."""
 
     def __init__(self, grid: GridWeights, dtype: torch.dtype):
         super().__init__()
@@ -64,17 +65,22 @@ class TunedScales(nn.Module):
         self.register_buffer("base", torch.from_numpy(grid.scales.astype(np.float32)).to(dtype))
         self.delta = nn.Parameter(torch.zeros_like(self.base))
         self.grid, self.in_features = grid, grid.in_features
+        offsets = None if grid.offsets is None else grid.offsets.dequantize()[..., None]
+        self.register_buffer("offsets", None if offsets is None else torch.from_numpy(offsets).to(dtype))
 
     def scales(self) -> torch.Tensor:
         return self.base * (1 + self.delta)
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         weight = self.steps * self.scales()[..., None]
+        if self.offsets is not None:
+            weight = weight + self.offsets
         return weight.reshape(weight.shape[0], -1)[:, : self.in_features]
 
     def tuned_grid(self) -> GridWeights:
         scales = self.scales().detach().float().cpu().numpy().astype(np.float32)
-        return GridWeights(self.grid.fmt, self.grid.codes, scales, self.grid.zeros, self.in_features)
+        return GridWeights(self.grid.fmt, self.grid.codes, scales, self.grid.zeros, self.in_features,
+                           self.grid.offsets)
 
 
 def grid_modules(model) -> list[nn.Module]:

@@ -68,19 +68,26 @@ def block_hashes(blocks: np.ndarray, rows: int = 8192) -> np.ndarray:
 
 
 class GridRegistry:
-    """The grids of a model's quantized linears, indexed by the hash of each dequantized block."""
+    """The grids of a model's quantized linears, indexed by the hash of each dequantized block. An offset grid's
+    blocks also keep their offset: its value, its code and its own block's scale and zero point."""
 
     def __init__(self, grids=()):
         pending: dict[QuantFormat, list] = {}
         for grid in grids:  # padding as the graph's B pads: zeros (a min-max grid may not hold 0)
             values = blocked(grid.dequantize(), grid.fmt.block_size)
-            pending.setdefault(grid.fmt, []).append(
-                (block_hashes(values).ravel(), grid.scales.ravel(), grid.zeros.ravel()))
+            part = [block_hashes(values).ravel(), grid.scales.ravel(), grid.zeros.ravel()]
+            if grid.fmt.offset:
+                offsets, size = grid.offsets, grid.fmt.block_size
+                count = grid.scales.shape[1]
+                part += [offsets.dequantize().ravel(), offsets.codes[:, :count].ravel(),
+                         np.repeat(offsets.scales, size, axis=1)[:, :count].ravel(),
+                         np.repeat(offsets.zeros, size, axis=1)[:, :count].ravel()]
+            pending.setdefault(grid.fmt, []).append(part)
         self.tables = {}
         for fmt, parts in pending.items():
-            hashes, scales, zeros = (np.concatenate(p) for p in zip(*parts))
-            order = np.argsort(hashes, kind="stable")
-            self.tables[fmt] = (hashes[order], scales[order], zeros[order])
+            columns = [np.concatenate(p) for p in zip(*parts)]
+            order = np.argsort(columns[0], kind="stable")
+            self.tables[fmt] = tuple(c[order] for c in columns)
 
     @classmethod
     def from_model(cls, model) -> GridRegistry:
@@ -97,21 +104,33 @@ class GridRegistry:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found, scales, zeros) for blocks (M x block_size) of `fmt`: a grid whose codes reproduce the block
         exactly (found False elsewhere); only the first `width` values count (the rest: padding)."""
+        return self.lookup_offsets(fmt, blocks, width)[:3]
+
+    def lookup_offsets(self, fmt: QuantFormat, blocks: np.ndarray, width: int | None = None) -> tuple:
+        """`lookup`, and for an offset grid each block's offset (value, code, scale and zero point of its grid)."""
         count = blocks.shape[0]
         scales, zeros = np.zeros(count, np.float32), np.zeros(count, fmt.zero_dtype)
+        offsets = [np.zeros(count, np.float32), np.zeros(count, np.uint8), np.zeros(count, np.float32),
+                   np.zeros(count, np.uint8)] if fmt.offset else []
         table = self.tables.get(fmt)
         if table is None or count == 0:
-            return np.zeros(count, bool), scales, zeros
-        hashes, table_scales, table_zeros = table
+            return (np.zeros(count, bool), scales, zeros, *offsets)
+        hashes, table_scales, table_zeros, *table_offsets = table
         wanted = block_hashes(blocks)
         order = np.argsort(wanted)  # sorted queries: numpy's search starts each from the last (6x faster here)
         where = np.empty(count, np.int64)
         where[order] = np.minimum(np.searchsorted(hashes, wanted[order]), len(hashes) - 1)
         hit = hashes[where] == wanted
         scales[hit], zeros[hit] = table_scales[where[hit]], table_zeros[where[hit]]
-        codes = block_codes(blocks, scales, zeros, fmt)
-        exact = (dequantize(codes, scales[:, None], zeros[:, None], fmt.block_size) == blocks)[:, :width].all(axis=-1)
-        return hit & exact, scales, zeros
+        for mine, theirs in zip(offsets, table_offsets):
+            mine[hit] = theirs[where[hit]]
+        shift = offsets[0][:, None] if fmt.offset else np.float32(0)
+        codes = block_codes(blocks - shift, scales, zeros, fmt)
+        values = dequantize(codes, scales[:, None], zeros[:, None], fmt.block_size)
+        if fmt.offset:
+            values = values + shift
+        exact = (values == blocks)[:, :width].all(axis=-1)
+        return (hit & exact, scales, zeros, *offsets)
 
 
 def grid_matrix(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry | None = None
@@ -153,12 +172,40 @@ def matmul_nbits_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegi
                         scale_dtype=np.float32) -> tuple[dict[str, np.ndarray], int]:
     """({"B", "scales", "zero_points" (asymmetric only)}, blocks found in the registry) for an out x in weight."""
     codes, scales, zeros, found = grid_matrix(weight, fmt, registry)
+    return _packed(codes, scales, zeros, fmt, scale_dtype), found
+
+
+def _packed(codes, scales, zeros, fmt: QuantFormat, scale_dtype) -> dict[str, np.ndarray]:
     arrays = {"B": pack_codes(codes, fmt.bits), "scales": scales.astype(scale_dtype)}
     if fmt.float_zero:  # unpacked, in the scales' type
         arrays["zero_points"] = zeros.astype(scale_dtype)
     elif not fmt.symmetric:
         arrays["zero_points"] = pack_codes(zeros, fmt.bits)
-    return arrays, found
+    return arrays
+
+
+def offset_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry, scale_dtype=np.float32
+                  ) -> dict[str, np.ndarray] | None:
+    """The MatMulNBits inputs (at `fmt.integer`) of an out x in weight on offset grids, K = in + blocks: each row's
+    codes, then its blocks' offsets as more columns (multiplying the input's block sums); None unless the
+    registry holds every block."""
+    size = fmt.block_size
+    if weight.shape[1] % size:
+        return None
+    blocks = blocked(np.asarray(weight, np.float32), size)
+    n, count, _ = blocks.shape
+    found, scales, zeros, values, offset_codes, offset_scales, offset_zeros = (
+        a.reshape(n, count) for a in registry.lookup_offsets(fmt, blocks.reshape(-1, size)))
+    if not found.all():
+        return None
+    codes = block_codes(blocks - values[..., None], scales, zeros, fmt)
+    extra = fmt.blocks(count)
+    tail = np.repeat(offset_zeros[:, ::size], size, axis=1)[:, : extra * size]  # padding: the code of 0
+    tail[:, :count] = offset_codes
+    codes = np.concatenate([codes, tail.reshape(n, extra, size)], axis=1)
+    scales = np.concatenate([scales, offset_scales[:, ::size]], axis=1)
+    zeros = np.concatenate([zeros, offset_zeros[:, ::size]], axis=1)
+    return _packed(codes, scales, zeros, fmt.integer, scale_dtype)
 
 
 def dequantize_inputs(arrays: dict[str, np.ndarray], fmt: QuantFormat, in_features: int) -> np.ndarray:
@@ -177,7 +224,9 @@ def dequantize_inputs(arrays: dict[str, np.ndarray], fmt: QuantFormat, in_featur
 def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None = None,
                      accuracy_level: int | None = None) -> dict:
     """Replace every MatMul by a constant 2-D float B with MatMulNBits (in place). Returns a summary:
-    {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}."""
+    {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}.
+    A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
+    once per input), the offsets being B's last columns."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -187,41 +236,72 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     summary = {"formats": {}, "blocks": 0, "registered": 0}
-    nodes = list(graph.node)
-    for position, node in enumerate(nodes):
+    augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block sums
+    written = []
+    for node in list(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in initializers:
+            written.append(node)
             continue
         tensor = initializers[node.input[1]]
         b = numpy_helper.to_array(tensor)
         if b.ndim != 2 or b.dtype not in (np.float32, np.float16):
+            written.append(node)
             continue
         k, n = b.shape
         weight = b.T.astype(np.float32)
         fmt = choose_format(weight, registry, default)
-        arrays, found = matmul_nbits_inputs(weight, fmt, registry, b.dtype)
+        x = node.input[0]
+        arrays = offset_inputs(weight, fmt, registry, b.dtype) if fmt.offset else None
+        if arrays is not None:
+            found, key = weight.size // fmt.block_size, (x, fmt.block_size)
+            if key not in augmented:
+                written.extend(_block_sums(graph, x, fmt.block_size, f"{node.name}/BlockSums"))
+                augmented[key] = written[-1].output[0]
+            x, k = augmented[key], k + fmt.blocks(k)
+        else:
+            fmt = fmt.integer if fmt.offset else fmt  # not every block on its offset grid: RTN at integer zeros
+            arrays, found = matmul_nbits_inputs(weight, fmt, registry, b.dtype)
         stem = node.input[1]
         names = []
         for key in ("B", "scales", "zero_points"):
             if key in arrays:
                 names.append(f"{stem}_Q{fmt.bits}" if key == "B" else f"{stem}_{key}")
                 graph.initializer.append(numpy_helper.from_array(arrays[key], names[-1]))
-        inputs = [node.input[0], names[0], names[1]] + ([names[2]] if len(names) > 2 else [])
+        inputs = [x, names[0], names[1]] + ([names[2]] if len(names) > 2 else [])
         attributes = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.block_size}
         if accuracy_level is not None:
             attributes["accuracy_level"] = accuracy_level
-        replacement = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_Q{fmt.bits}",
-                                       domain=MS_DOMAIN, **attributes)
-        graph.node.remove(node)
-        graph.node.insert(position, replacement)
+        written.append(helper.make_node("MatMulNBits", inputs, list(node.output), domain=MS_DOMAIN, **attributes,
+                                        name=f"{node.name}_Q{fmt.bits}" + (OFFSET_SUFFIX if fmt.offset else "")))
         consumers[stem] -= 1
         if consumers[stem] == 0:
             graph.initializer.remove(tensor)
         summary["formats"][stem] = fmt.name
         summary["blocks"] += arrays["scales"].size
         summary["registered"] += found
+    del graph.node[:]
+    graph.node.extend(written)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return summary
+
+
+OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
+
+
+def _block_sums(graph, x: str, size: int, prefix: str) -> list:
+    """Nodes appending to x (batch x sequence x K) the sums of its blocks of `size` along K: [x, sums]."""
+    from onnx import helper, numpy_helper
+
+    shape = f"{prefix}/shape"
+    if shape not in {t.name for t in graph.initializer}:
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1, size], np.int64), shape))
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/axes"))
+    return [helper.make_node("Reshape", [x, shape], [f"{prefix}/blocks"], name=f"{prefix}/Reshape"),
+            helper.make_node("ReduceSum", [f"{prefix}/blocks", f"{prefix}/axes"], [f"{prefix}/sums"],
+                             name=f"{prefix}/ReduceSum", keepdims=0),
+            helper.make_node("Concat", [x, f"{prefix}/sums"], [f"{prefix}/output"], name=f"{prefix}/Concat",
+                             axis=-1)]
 
 
 def graph_formats(onnx_path) -> dict[str, int]:
@@ -238,7 +318,8 @@ def graph_formats(onnx_path) -> dict[str, int]:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         zero_points = node.input[3] if len(node.input) > 3 else ""
         float_zero = bool(zero_points) and types.get(zero_points) != onnx.TensorProto.UINT8
-        name = QuantFormat(attributes["bits"], attributes["block_size"], not zero_points, float_zero).name
+        offset = node.name.endswith(OFFSET_SUFFIX)
+        name = QuantFormat(attributes["bits"], attributes["block_size"], not zero_points, float_zero, offset).name
         key = name if node.op_type == "MatMulNBits" else f"gather {name}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
