@@ -61,6 +61,7 @@ from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projecti
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
+from exporter.graph.matmul_nbits import BLOCK_SUM_NODES
 from exporter.graph.onnxruntime_releases import (
     EIGHT_BIT_MATMUL_RELEASE,
     TWO_BIT_MATMUL_RELEASE,
@@ -590,9 +591,6 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
     return report.to_dict()
 
 
-OFFSET_NODES = 3  # an offset grid's block sums: Reshape, ReduceSum, Concat (a shared input's once; priced per unit)
-
-
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
@@ -668,8 +666,8 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 
 def option_nodes(unit, option: int) -> int:
     """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block sums (Reshape, ReduceSum,
-    Concat), a factorization's second MatMulNBits."""
-    return OFFSET_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0
+    Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits."""
+    return BLOCK_SUM_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0
 
 
 def runtime_menu(options: ExportOptions) -> tuple:

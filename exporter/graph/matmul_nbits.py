@@ -287,6 +287,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
+BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
 
 
 def _block_sums(graph, x: str, size: int, prefix: str) -> list:
