@@ -1,11 +1,13 @@
 """The size-quality frontier: `--weights auto` at several byte budgets against fixed int4 settings, one run.
 
-    python benchmarks/frontier.py [--budgets 78,86.5,93.5,105.5] [--windows 64]
+    python benchmarks/frontier.py [--budgets 52,65,78,86.5,93.5,105.5] [--latency-aware 86.5,93.5] [--windows 64]
                                   [--builder-python .venv-builder/bin/python]
 
 One loaded model, one calibration, one pricing of every MatMulNBits' menu (exporter.pipeline.prepare), then
 per row a copy compressed by the export's own step (exporter.pipeline.compress: the knapsack's choice under
-the row's budget) and written as the export writes it (exporter.graph.writer.write_decoder). Fixed rows: ours
+the row's budget, with the CLI's defaults: chat-format calibration, scale tuning) and written as the export writes it
+(exporter.graph.writer.write_decoder), so that an auto row is what `exporter export --weights auto --budget-mb B
+--calib valid.txt` writes. Fixed rows: ours
 at int4 block 32 with RTN (ONNX Runtime's own rule: the builder's default grid) and with GPTQ, and the
 onnxruntime-genai builder's int4 at block 32/64/128 where --builder-python is given; with --ort-quantizers,
 ONNX Runtime's own MatMulNBitsQuantizer (k_quant, HQQ) on our dense graph (`write_with_onnxruntime_quantizer`).
@@ -17,8 +19,10 @@ fresh process (paired per round against the first fixed row). Writes results/fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -38,6 +42,7 @@ from exporter.graph.writer import write_decoder  # noqa: E402
 from exporter.pipeline import ExportOptions, compress, prepare  # noqa: E402
 from exporter.runtime.evaluate import ort_perplexity, text_windows  # noqa: E402
 from exporter.runtime.generation import OrtDecoder  # noqa: E402
+from exporter.settings import CALIB_CHAT, TUNE_SCALES_STEPS  # noqa: E402
 from exporter.source.model import hf_directory  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -45,13 +50,18 @@ DATA = ROOT.parent / "shared" / "data"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="65,78,86.5,93.5,105.5", help="weight MB budgets of the auto rows")
+    parser.add_argument("--budgets", default="52,65,78,86.5,93.5,105.5", help="weight MB budgets of the auto rows")
+    parser.add_argument("--latency-aware", default="", metavar="BUDGETS",
+                        help="also auto rows at these budgets with the CLI's --latency-aware (the host's node price)")
     parser.add_argument("--windows", type=int, default=64, help="WikiText-2 test windows of 512 tokens")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--fisher-samples", type=int, default=8)
-    parser.add_argument("--calib-chat", type=float, default=0.0,
-                        help="share of calibration windows that are chat turns (the CLI's --calib-chat; default 0, "
-                        "as the stored frontier rows)")
+    parser.add_argument("--calib-chat", type=float, default=CALIB_CHAT,
+                        help=f"share of calibration windows that are chat turns (the CLI's --calib-chat, default {CALIB_CHAT}"
+                        "; 0: the frontier rows stored before 2026-12-05)")
+    parser.add_argument("--tune-scales", type=int, default=TUNE_SCALES_STEPS, metavar="STEPS",
+                        help=f"scale tuning steps of the auto rows (the CLI's default with --weights auto, "
+                        f"{TUNE_SCALES_STEPS}; 0: off, as the frontier rows stored before 2026-12-05)")
     parser.add_argument("--builder-python", help="python of an environment with onnxruntime-genai (make builder-env)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-rounds", type=int, default=11)
@@ -62,6 +72,8 @@ def main(argv=None) -> int:
                         help="also auto rows whose menu offers a whitened error correction of RANK (LQER)")
     parser.add_argument("--ort-quantizers", default="",
                         help="ONNX Runtime's own quantizer rows on our dense graph, e.g. k_quant-b32,hqq-b32,hqq-b64")
+    parser.add_argument("--references", default="fp32,fp16",
+                        help="dense reference rows: our graph with float weights (fp32, fp16; '' for none)")
     parser.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=True,
                         help="the fixed int4 b32 rows (RTN, GPTQ)")
     args = parser.parse_args(argv)
@@ -99,6 +111,11 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         path = write_with_onnxruntime_quantizer(model, folder, algo, int(block), context)
         add(f"onnxruntime quantizer {algo} b{block}", folder, path, time.perf_counter() - start)
+    for weights in filter(None, args.references.split(",")):
+        start = time.perf_counter()
+        folder = work / f"ours-{weights}"
+        path = write_decoder(model, folder, weights=weights, max_context=context)
+        add(f"ours {weights} (dense)", folder, path, time.perf_counter() - start)
     for quantizer in ("rtn", "gptq") if args.fixed else ():
         start = time.perf_counter()
         candidate = compress(prepared, replace(base, ratio=0.0, quantizer=quantizer), model=copy.deepcopy(model)).model
@@ -107,31 +124,29 @@ def main(argv=None) -> int:
         add(f"ours int4 b32 {quantizer}", folder, path, time.perf_counter() - start)
         del candidate
 
-    pricing_s = {}
     budgets = [float(b) for b in args.budgets.split(",")]
-    for budget, rank in [(b, 0) for b in budgets] + [(b, args.error_correction) for b in budgets
-                                                     if args.error_correction]:
-        label = f"ours auto {budget:g} MB" + (f" +lqer{rank}" if rank else "")
-        priced = rank in pricing_s
+    latency_aware = [float(b) for b in filter(None, args.latency_aware.split(","))]
+    for budget, rank, aware in [(b, 0, False) for b in budgets] + [(b, 0, True) for b in latency_aware] \
+            + [(b, args.error_correction, False) for b in budgets if args.error_correction]:
+        label = f"ours auto {budget:g} MB" + (f" +lqer{rank}" if rank else "") + (" latency-aware" if aware else "")
         start = time.perf_counter()
         try:
-            plan = compress(prepared, replace(base, auto_formats=True, budget_mb=budget, error_correction=rank),
+            plan = compress(prepared, replace(base, auto_formats=True, budget_mb=budget, error_correction=rank,
+                                              tune_scales=args.tune_scales, latency_aware=aware),
                             model=copy.deepcopy(model))
         except BudgetError as exc:
             print(f"[{label}] infeasible: {exc}", file=sys.stderr)
             continue
-        pricing_s[rank] = next(v for k, v in prepared.seconds.items()
-                               if k[0] == "price formats" and k[1][2] == ((rank,) if rank else ()))
         candidate, units = plan.model, plan.formats
-        folder = work / (f"ours-auto-{budget:g}" + (f"-lqer{rank}" if rank else ""))
+        folder = work / (f"ours-auto-{budget:g}" + (f"-lqer{rank}" if rank else "") + ("-la" if aware else ""))
         path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4, max_context=context)
         counts: dict[str, int] = {}
         for unit in units:
             key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
                 + (f"+lqer{unit.correction(unit.choice)}" if unit.correction(unit.choice) else "")
             counts[key] = counts.get(key, 0) + 1
-        own_s = time.perf_counter() - start - (0 if priced else pricing_s[rank])  # its knapsack and writing
-        add(label, folder, path, pricing_s[rank] + own_s,
+        # build_s: this row's compression and writing, with any pricing of the menu it was the first to need
+        add(label, folder, path, time.perf_counter() - start,
             {"budget_mb": budget, "formats": counts,
              "predicted_loss_increase": round(sum(u.loss[u.choice] for u in units), 5)})
         del candidate
@@ -160,7 +175,8 @@ def main(argv=None) -> int:
                      f"{row['decode_vs_first']} | {row['peak_rss_mb']} | {formats} |")
     table = "\n".join(lines)
     publish_results("frontier", {"rows": rows, "args": {k: str(v) for k, v in vars(args).items()},
-                                 "pricing_s": {str(k): round(v, 1) for k, v in pricing_s.items()}}, table)
+                                 "pricing_s": [round(v, 1) for k, v in prepared.seconds.items()
+                                               if k[0] == "price formats"]}, table)
     plot(rows, ROOT / "benchmarks" / "results" / "frontier.png")
     return 0
 
@@ -175,7 +191,7 @@ def write_with_onnxruntime_quantizer(model, folder: Path, algo: str, block_size:
 
     from exporter.compress.grid import QuantFormat
     from exporter.graph.matmul_nbits import quantize_matmuls
-    from exporter.graph.writer import _quiet_quantizer, _save, _save_configs, _share_tied_embedding, build_decoder
+    from exporter.graph.writer import _save, _save_configs, _share_tied_embedding, build_decoder
 
     configs = {"k_quant": lambda: ort_quantizer.KQuantWeightOnlyQuantConfig(),
                "hqq": lambda: ort_quantizer.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)}
@@ -184,7 +200,7 @@ def write_with_onnxruntime_quantizer(model, folder: Path, algo: str, block_size:
     folder.mkdir(parents=True, exist_ok=True)
     proto = build_decoder(model, share_tied=False, max_context=context)
     head = [n.name for n in proto.graph.node if n.name.startswith("/lm_head/") and n.op_type == "MatMul"]
-    with _quiet_quantizer():
+    with _quiet_logging():
         quantizer = ort_quantizer.MatMulNBitsQuantizer(proto, bits=4, block_size=block_size, is_symmetric=False,
                                                        accuracy_level=4, nodes_to_exclude=head,
                                                        algo_config=configs[algo]())
@@ -197,6 +213,20 @@ def write_with_onnxruntime_quantizer(model, folder: Path, algo: str, block_size:
     onnx.checker.check_model(str(path))
     _save_configs(model, folder)
     return path
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """ONNX Runtime's quantizer logs every tensor (INFO on its own logger, warnings on the root one)."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -218,6 +248,13 @@ def plot(rows: list[dict], path: Path) -> None:
         if chosen:
             axes.plot([r["weight_mb"] for r in chosen], [r["perplexity"] for r in chosen], marker, label=kind,
                       markersize=9)
+    for row in (r for r in rows if r["row"].endswith("(dense)")):  # hundreds of MB: a line, not a point
+        axes.axhline(row["perplexity"], linestyle=":", color="gray")
+        axes.annotate(f"{row['row']}, {row['weight_mb']:.0f} MB", (0.01, row["perplexity"]),
+                      xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+    values = [r["perplexity"] for r in rows]
+    if values and max(values) > 3 * min(values):  # a broken low-budget point would flatten the rest
+        axes.set_yscale("log")
     axes.set_xlabel("weight MB on disk")
     axes.set_ylabel("WikiText-2 perplexity (ONNX Runtime)")
     axes.set_title("SmolLM2-135M-Instruct: size vs quality")

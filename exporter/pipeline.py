@@ -659,9 +659,11 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
     predicted = plan.formats_budget["predicted_loss_increase"]
     if predicted > WEAK_FORMATS_LOSS:  # the estimate understates 2-bit losses (docs/quantization.md)
+        two_bit = sum(u.options[u.choice].bits == 2 for u in units)
         say(f"warning: the formats that fit {budget_bytes / MB:.1f} MB are estimated to raise perplexity "
-            f"{math.exp(predicted):.2f}x over the dense model, and 2-bit grids more than estimated: check the "
-            "artifact (exporter evaluate) or give it more bytes")
+            f"{math.exp(predicted):.2f}x over the dense model"
+            + (f", and its {two_bit} 2-bit grids more than estimated" if two_bit else "")
+            + ": check the artifact (exporter evaluate) or give it more bytes")
 
 
 def option_nodes(unit, option: int) -> int:
