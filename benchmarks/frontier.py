@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         counts: dict[str, int] = {}
         for unit in units:
             key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
-                + (f"+lqer{unit.correction(unit.choice)}" if unit.correction(unit.choice) else "")
+                + (f"+lqer{unit.correction(unit.choice)}" if unit.correction(unit.choice) else "") \
+                + (" low-rank" if unit.rank(unit.choice) else "")
             counts[key] = counts.get(key, 0) + 1
         # build_s: this row's compression and writing, with any pricing of the menu it was the first to need
         add(label, folder, path, time.perf_counter() - start,
@@ -248,10 +249,13 @@ def plot(rows: list[dict], path: Path) -> None:
         if chosen:
             axes.plot([r["weight_mb"] for r in chosen], [r["perplexity"] for r in chosen], marker, label=kind,
                       markersize=9)
-    for row in (r for r in rows if r["row"].endswith("(dense)")):  # hundreds of MB: a line, not a point
-        axes.axhline(row["perplexity"], linestyle=":", color="gray")
-        axes.annotate(f"{row['row']}, {row['weight_mb']:.0f} MB", (0.01, row["perplexity"]),
-                      xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+    dense = [r for r in rows if r["row"].endswith("(dense)")]  # hundreds of MB: a line, not a point
+    if dense:
+        axes.axhline(dense[0]["perplexity"], linestyle=":", color="gray")
+        axes.annotate("dense: " + ", ".join(f"{r['row'].split()[1]} {r['weight_mb']:.0f} MB {r['perplexity']:.2f}"
+                                            for r in dense),
+                      (0.01, dense[0]["perplexity"]), xycoords=("axes fraction", "data"), fontsize=7, color="gray",
+                      va="bottom")
     values = [r["perplexity"] for r in rows]
     if values and max(values) > 3 * min(values):  # a broken low-budget point would flatten the rest
         axes.set_yscale("log")
