@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.compress.gptq import gptq
+from exporter.compress.gptq import gptq, gptq_shared
 from exporter.compress.grid import QuantFormat, round_to_nearest
 from exporter.graph.matmul_nbits import (
     GridRegistry,
@@ -115,6 +115,27 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs(fmt):
     for act_order in (True, False):
         identity = gptq(weight, torch.eye(192, dtype=torch.float64), fmt, damping=0.0, act_order=act_order)
         assert torch.equal(torch.from_numpy(identity.dequantize()), rtn)
+
+
+def test_gptq_of_weights_sharing_an_input_is_each_ones_own_gptq():
+    """One column loop over several weights' rows, each on its own format (4- and 8-bit, 2-bit, offset, a block
+    that pads the row; an input no token reached): every grid is bit for bit the one its own call gives, and the
+    grid of a weight's first rows is the first rows of its grid (what pricing a down factor's ranks reads)."""
+    calibration = _correlated(2000, 192, 3)
+    calibration[:, 7] = 0
+    gram = (calibration.T @ calibration).double()
+    formats = [QuantFormat.parse(n) for n in ("int4-b32-asym", "int8-b128", "int2-b64-asym", "int4-b32-offset",
+                                              "int4-b128-asym", "int4-b64")]
+    weights = [torch.randn(rows, 192, generator=torch.Generator().manual_seed(rows)) for rows in (40, 24, 8, 16, 33, 5)]
+
+    def same(a, b):
+        return (np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+                and np.array_equal(a.zeros, b.zeros) and np.array_equal(a.dequantize(), b.dequantize()))
+
+    shared = gptq_shared(weights, gram, formats)
+    assert [g.fmt for g in shared] == formats and shared[3].offsets is not None
+    assert all(same(g, gptq(w, gram, f)) for w, f, g in zip(weights, formats, shared))
+    assert same(shared[0].first_rows(10), gptq(weights[0][:10], gram, formats[0]))
 
 
 @pytest.mark.parametrize("fmt", [QuantFormat(4, 32, True), QuantFormat(4, 128, False)], ids=lambda f: f.name)
@@ -250,3 +271,16 @@ def test_an_int4_export_stores_an_untied_embedding_in_4_bits(llama_dir, calib_fi
     fp32_tables = 2 * config["vocab_size"] * config["hidden_size"] * 4  # embedding and lm_head in fp32
     assert bytes_by_part(out / "model.onnx")["embedding and lm_head"] < 0.2 * fp32_tables
     assert json.loads((out / "manifest.json").read_text())["parity"]["quantized"]["passed"]
+
+
+def test_head_gram_from_the_gram_pass_is_the_head_gram(tiny_models, calib_ids):
+    """lm_head's Gram from the last layer's outputs the Gram pass kept equals the one a pass of its own gives."""
+    from exporter.compress.grams import iter_layer_grams
+    from exporter.compress.quantize import head_gram
+
+    model = tiny_models.load("llama")
+    last: list = []
+    for _ in iter_layer_grams(model, calib_ids[:6], progress=False, last_outputs=last):
+        pass
+    assert len(last) == 2  # batches of 4
+    assert torch.equal(head_gram(model, calib_ids[:6], last_outputs=last), head_gram(model, calib_ids[:6]))

@@ -39,7 +39,7 @@ import torch
 from exporter.compress import distributed
 from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
 from exporter.compress.factorize import install_unit, unit_name, unit_weight
-from exporter.compress.gptq import gptq
+from exporter.compress.gptq import gptq_shared
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
 from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
@@ -64,6 +64,9 @@ LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2
 # break-even rank (whole 32-column blocks where the unit is large enough). A factorized unit is two MatMulNBits.
 LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b32-asym"))
 LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
+# Rows one GPTQ column loop takes at once (exporter.compress.gptq.gptq_shared; memory: rows x in floats, several
+# times): a decoder unit's whole menu goes through one loop, lm_head (49152 rows in SmolLM2) a format at a time.
+SHARED_ROWS = 1 << 16
 
 
 def unit_menu(menu, members: list[str], head_name: str, in_features: int) -> list[QuantFormat]:
@@ -231,17 +234,19 @@ def low_rank_options(members: list[str], linears: dict, grams: dict, fisher: dic
     gram = grams[members[0]].double()
     rows = [linears[n].out_features for n in members]
     decomposition = decompose(weight, gram, max_rank=max(ranks))
+    # GPTQ rounds rows on their own, so the down factor of each rank is the first rows of the largest rank's
+    downs = gptq_shared([decomposition.down] * len(formats), gram, list(formats), CLIP)
     found = []
-    for fmt in formats:
+    for fmt, largest in zip(formats, downs):
         for rank in ranks:
-            down_grid = gptq(decomposition.down[:rank], gram, fmt, CLIP)
+            down_grid = largest.first_rows(rank)
             down = torch.from_numpy(down_grid.dequantize()).double()
             up_gram = down @ gram @ down.T
             shift = 1e-8 * up_gram.diagonal().mean().clamp_min(1e-30) * torch.eye(rank, dtype=torch.float64)
             up = torch.linalg.solve(up_gram + shift, down @ gram @ weight.T).T  # min ||(W - up down) X||
             chosen, loss = {f"{members[0]}.down": down_grid}, 0.0
-            for n, part, original in zip(members, up.split(rows), weight.split(rows)):
-                up_grid = gptq(part, up_gram, fmt, CLIP)
+            up_grids = gptq_shared(list(up.split(rows)), up_gram, [fmt] * len(members), CLIP)
+            for n, up_grid, original in zip(members, up_grids, weight.split(rows)):
                 residual = original - torch.from_numpy(up_grid.dequantize()).double() @ down
                 loss += error_loss(residual, grams[n], fisher[n], tokens)
                 chosen[f"{n}.up"] = up_grid
@@ -282,12 +287,14 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
         sensitivity = output_sensitivity(model, fisher_ids, list(linears), progress)
     tokens = input_ids.numel()
     grams: dict[str, torch.Tensor] = {}
+    last: list = []  # the last layer's outputs: lm_head's Gram without another pass through the layers
     for _index, _layer, layer_grams in iter_layer_grams(model, input_ids, progress=progress,
-                                                        position_weights=position_weights(sensitivity)):
+                                                        position_weights=position_weights(sensitivity),
+                                                        last_outputs=last):
         grams.update(layer_grams)
     head = model.get_output_embeddings()
     head_name = module_name(model, head)
-    grams[head_name] = head_gram(model, input_ids)
+    grams[head_name] = head_gram(model, input_ids, last_outputs=last)
     tied = head.weight is model.get_input_embeddings().weight
     # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
     at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].expand(input_ids.shape).reshape(-1)
@@ -296,9 +303,29 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:
+    if method == "gptq":
+        return gptq_grids(statistics, members, [fmt])[0]
+    return {n: round_to_nearest(statistics.linears[n].weight.detach().float().numpy(), fmt, CLIP) for n in members}
+
+
+def gptq_grids(statistics: PricingStatistics, members: list[str], formats: list[QuantFormat]) -> list[dict]:
+    """Each format's GPTQ grids of a unit's members, members that share a Gram (they read one input) and as many
+    formats as SHARED_ROWS holds in one column loop: the grids one call per linear and format would give."""
     linears, grams = statistics.linears, statistics.grams
-    return {n: gptq(linears[n].weight, grams[n], fmt, CLIP) if method == "gptq"
-            else round_to_nearest(linears[n].weight.detach().float().numpy(), fmt, CLIP) for n in members}
+    found = [{} for _ in formats]
+    by_gram: dict[int, list[str]] = {}
+    for n in members:
+        by_gram.setdefault(id(grams[n]), []).append(n)
+    for names in by_gram.values():
+        weights = [linears[n].weight for n in names]
+        step = max(1, SHARED_ROWS // sum(w.shape[0] for w in weights))
+        for first in range(0, len(formats), step):
+            batch = formats[first : first + step]
+            grids = iter(gptq_shared([w for _ in batch for w in weights], grams[names[0]],
+                                     [f for f in batch for _ in weights], CLIP))
+            for k in range(first, first + len(batch)):
+                found[k].update({n: next(grids) for n in names})
+    return found
 
 
 def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
@@ -322,9 +349,10 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
-        for fmt in unit_menu(menu, members, head_name, linears[members[0]].in_features):
+        formats = unit_menu(menu, members, head_name, linears[members[0]].in_features)
+        for fmt, shared in zip(formats, gptq_grids(statistics, members, formats)):
             for method in methods:
-                grids = _grids(statistics, members, fmt, method)
+                grids = shared if method == "gptq" else _grids(statistics, members, fmt, method)
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
                 if tied and head_name in members:
                     loss += embedding_loss(head.weight, grids[head_name], statistics.share, fisher[EMBEDDING])

@@ -43,7 +43,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     if fmt.offset:
         return with_offsets(gptq(weight, gram, fmt.minmax, clip, damping, act_order), fmt)
     if act_order:
-        return _gptq_act_order(weight, gram, fmt, clip, damping)
+        return gptq_shared([weight], gram, [fmt], clip, damping)[0]
     out_features, in_features = weight.shape
     block = fmt.block_size
     padded = in_features + (-in_features) % block
@@ -72,19 +72,21 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
             grid = (s_t, torch.from_numpy(zeros[:, j]).float().to(device), torch.where(s_t == 0, 1.0, s_t))
         return grid
 
-    _round_columns(w, hinv.float(), in_features, max(block, LAZY_COLUMNS // block * block), fmt, codes,
+    _round_columns(w, hinv.float(), in_features, max(block, LAZY_COLUMNS // block * block), fmt.levels - 1, codes,
                    grid_of_column)
     codes = codes.cpu().numpy()
     _pad_codes(codes, scales, zeros, in_features, fmt)
     return GridWeights(fmt, codes, scales, zeros, in_features)
 
 
-def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: int, fmt: QuantFormat,
+def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: int, top: float | torch.Tensor,
                    codes: torch.Tensor, grid_of_column) -> None:
     """GPTQ's column loop over w[:, :in_features] (in place), in lazy batches of `lazy` columns: each column is
     rounded on the grid `grid_of_column(column, chunk, i, stop)` gives (scale, zero point, scale safe to divide
     by, per row; chunk = the batch's current values, i the column's index in it) and its error spread over the
-    columns not yet rounded through `hinv`; the codes go to `codes[:, column]`."""
+    columns not yet rounded through `hinv`; the codes, at most `top` (one per row, or one for all), go to
+    `codes[:, column]`."""
+    top = torch.as_tensor(top, dtype=w.dtype, device=w.device)
     for start in range(0, in_features, lazy):
         stop = min(start + lazy, in_features)
         chunk = w[:, start:stop].clone()
@@ -93,7 +95,7 @@ def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: 
             column = start + i
             s, z, safe = grid_of_column(column, chunk, i, stop)
             x = chunk[:, i]
-            q = torch.clamp(torch.round(x / safe + z), 0, fmt.levels - 1)  # grid.block_codes, in torch
+            q = torch.minimum(torch.round(x / safe + z).clamp_min(0), top)  # grid.block_codes, in torch
             codes[:, column] = q.to(codes.dtype)
             error = (x - (q - z) * s) / hinv[column, column]
             chunk[:, i:] -= error[:, None] * hinv[column, column:stop][None, :]
@@ -110,30 +112,59 @@ def _pad_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, in_feat
 
 
 @torch.no_grad()
-def _gptq_act_order(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool,
-                    damping: float) -> GridWeights:
-    """GPTQ with columns rounded in decreasing order of H_ii ("act order") on grids fitted up front on the
-    unchanged weights ("static groups"), so the blocks stay contiguous as MatMulNBits reads them."""
-    out_features, in_features = weight.shape
-    block = fmt.block_size
+def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[QuantFormat], clip: bool = False,
+                damping: float = DAMPING) -> list[GridWeights]:
+    """The act-order GPTQ grid (columns in decreasing order of H_ii, on grids fitted up front on the unchanged
+    weights: "static groups", so the blocks stay contiguous as MatMulNBits reads them) of each of `weights`, all
+    reading the input whose Gram is `gram`, each on its own format. GPTQ rounds every row on its own given H, so the
+    weights' rows go through one column loop together: each gets the grid its own call would give, for one
+    factorization of H^-1 and one loop (pricing a unit's whole menu: several times faster than a call per format)."""
+    in_features = gram.shape[0]
     device = compute.current()
-    w0 = weight.detach().float().cpu().clone()
-    dead = torch.diagonal(gram) == 0
-    w0[:, dead.cpu()] = 0
-    _, scales, zeros = fit_blocks(blocked(w0.numpy(), block, edge=fmt.float_zero), fmt, clip)
-    column_block = torch.arange(in_features) // block
-    s_col = torch.from_numpy(scales).to(device)[:, column_block]
-    z_col = torch.from_numpy(zeros.astype(np.float32)).to(device)[:, column_block]
+    dead = torch.diagonal(gram).cpu() == 0
     perm = torch.argsort(torch.diagonal(gram).double().cpu(), descending=True, stable=True)
-    g = gram.double().cpu()[perm][:, perm]
-    hinv, _ = _inverse_hessian_factor(g.to(device), damping)
-    w = w0.to(device)[:, perm]
-    s_p, z_p = s_col[:, perm], z_col[:, perm]
-    safe_p = torch.where(s_p == 0, 1.0, s_p)
+    hinv, _ = _inverse_hessian_factor(gram.double().cpu()[perm][:, perm].to(device), damping)
+    grid_formats = [fmt.minmax if fmt.offset else fmt for fmt in formats]  # an offset grid: its min-max grid's
+    column_block, fitted, rows, tops = [], [], [], []
+    blocks = 0
+    for weight, fmt in zip(weights, grid_formats):
+        w0 = weight.detach().float().cpu().clone()
+        w0[:, dead] = 0
+        _, scales, zeros = fit_blocks(blocked(w0.numpy(), fmt.block_size, edge=fmt.float_zero), fmt, clip)
+        fitted.append((w0, scales, zeros))
+        column_block.append(torch.arange(in_features) // fmt.block_size + blocks)
+        blocks += scales.shape[1]
+        rows.append(weight.shape[0])
+        tops.append(torch.full((weight.shape[0],), float(fmt.levels - 1)))
+    # one table of every weight's block scales and zero points (rows of weight k, its blocks after the previous ones')
+    scales = torch.zeros(sum(rows), sum(s.shape[1] for _, s, _ in fitted))
+    zeros = torch.zeros_like(scales)
+    row, block = 0, 0
+    for (_, s, z), n in zip(fitted, rows):
+        scales[row : row + n, block : block + s.shape[1]] = torch.from_numpy(s)
+        zeros[row : row + n, block : block + s.shape[1]] = torch.from_numpy(z.astype(np.float32))
+        row, block = row + n, block + s.shape[1]
+    # the block of each (weight, permuted column); each row's weight
+    block_of = torch.stack(column_block)[:, perm].to(device)
+    weight_of = torch.cat([torch.full((n,), k) for k, n in enumerate(rows)]).to(device)
+    scales, zeros, top = scales.to(device), zeros.to(device), torch.cat(tops).to(device)
+    row_index = torch.arange(sum(rows), device=device)
+    w = torch.cat([w0 for w0, _, _ in fitted]).to(device)[:, perm]
     permuted = torch.zeros(w.shape, dtype=torch.uint8, device=device)
-    _round_columns(w, hinv.float(), in_features, LAZY_COLUMNS, fmt, permuted,
-                   lambda column, *_: (s_p[:, column], z_p[:, column], safe_p[:, column]))
-    codes = np.zeros((out_features, in_features + (-in_features) % block), dtype=np.uint8)
-    codes[:, perm.numpy()] = permuted.cpu().numpy()
-    _pad_codes(codes, scales, zeros, in_features, fmt)
-    return GridWeights(fmt, codes, scales, zeros, in_features)
+
+    def grid_of_column(column, *_):
+        b = block_of[weight_of, column]
+        s, z = scales[row_index, b], zeros[row_index, b]
+        return s, z, torch.where(s == 0, 1.0, s)
+
+    _round_columns(w, hinv.float(), in_features, LAZY_COLUMNS, top, permuted, grid_of_column)
+    permuted = permuted.cpu().numpy()
+    found, start_row = [], 0
+    for (w0, s, z), n, fmt, wanted in zip(fitted, rows, grid_formats, formats):
+        codes = np.zeros((n, in_features + (-in_features) % fmt.block_size), dtype=np.uint8)
+        codes[:, perm.numpy()] = permuted[start_row : start_row + n]
+        _pad_codes(codes, s, z, in_features, fmt)
+        grid = GridWeights(fmt, codes, s, z, in_features)
+        found.append(with_offsets(grid, wanted) if wanted.offset else grid)
+        start_row += n
+    return found

@@ -89,7 +89,7 @@ def run_layer(layer, hidden: torch.Tensor, kwargs) -> torch.Tensor:
 
 
 def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True,
-                     position_weights: dict[str, torch.Tensor] | None = None
+                     position_weights: dict[str, torch.Tensor] | None = None, last_outputs: list | None = None
                      ) -> Iterator[tuple[int, nn.Module, dict[str, torch.Tensor]]]:
     """Yield (index, layer, {qualified linear name: X^T X}) for every decoder layer, in order.
 
@@ -100,7 +100,9 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
     position's weight, X^T diag(w) X (exporter.compress.importance.output_sensitivity: the first
     tokens' keys and values, which every later token attends to, weigh hundreds of times more).
     Computed on the compute device (exporter.compress.compute), the layer moved there for its pass; the layer
-    is back on the host, and the Grams there, when yielded.
+    is back on the host, and the Grams there, when yielded. `last_outputs`: a list that receives, with the last
+    layer's Grams, each batch's output of that layer and whether the layers return tuples (what the model's head
+    needs to run on, exporter.compress.layerwise.head_inputs, without the layers again).
     """
     weighted = position_weights or {}
     from tqdm.auto import tqdm
@@ -143,7 +145,9 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
                     batch_grams.clear()
                     by_input.clear()
                     with torch.no_grad():
-                        states[b] = (run_layer(layer, hidden, kwargs[index]), kwargs)
+                        out = layer(hidden, **kwargs[index])
+                    as_tuple = isinstance(out, tuple)
+                    states[b] = (out[0] if as_tuple else out, kwargs)
                     added: dict[int, torch.Tensor] = {}
                     for name, gram in batch_grams.items():
                         if id(gram) not in added:
@@ -160,4 +164,6 @@ def iter_layer_grams(model, input_ids: torch.Tensor, batch_size: int = 4, progre
         for gram in totals.values():
             if id(gram) not in on_host:
                 on_host[id(gram)] = gram.cpu()
+        if last_outputs is not None and index == len(layers) - 1:
+            last_outputs.extend((hidden, as_tuple) for hidden, _ in states)
         yield index, layer, {name: on_host[id(gram)] for name, gram in totals.items()}

@@ -118,6 +118,11 @@ class GridWeights:
             values = values + np.repeat(self.offsets.dequantize(), self.fmt.block_size, axis=1)
         return values[:, : self.in_features]
 
+    def first_rows(self, rows: int) -> GridWeights:
+        """The grid of the weight's first `rows` rows (a grid's blocks run along rows)."""
+        return GridWeights(self.fmt, self.codes[:rows], self.scales[:rows], self.zeros[:rows], self.in_features,
+                           None if self.offsets is None else self.offsets.first_rows(rows))
+
 
 def with_offsets(grid: GridWeights, fmt: QuantFormat) -> GridWeights:
     """The offset grid (`fmt`) of a min-max grid: its codes and scales, the zero points rounded to integer codes,

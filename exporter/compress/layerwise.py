@@ -77,17 +77,22 @@ def _forward_layers(model, states: list, device: torch.device, keep: bool) -> tu
     return inputs, as_tuple
 
 
-def head_inputs(model, input_ids: torch.Tensor, batch_size: int, hook: Callable[[torch.Tensor], None]) -> None:
+def head_inputs(model, input_ids: torch.Tensor, batch_size: int, hook: Callable[[torch.Tensor], None],
+                last_outputs: list | None = None) -> None:
     """`hook(x)` on every batch's input to the output head (the final norm's output), computed on the compute
-    device one decoder layer there at a time (no whole-model forward)."""
+    device one decoder layer there at a time (no whole-model forward); from `last_outputs` where given (each
+    batch's output of the last layer and whether layers return tuples, as exporter.compress.grams.
+    iter_layer_grams keeps them), without running the layers."""
     device = compute.current()
     head = model.get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda _module, args: hook(args[0].detach()))
     try:
         with compute.outside_layers(model, device):
-            states = capture_layer_inputs(model, input_ids, batch_size, device)
-            (last,), as_tuple = _forward_layers(model, states, device, keep=False)
-            for begin, hidden in zip(range(0, input_ids.shape[0], batch_size), last):
+            if last_outputs is None:
+                states = capture_layer_inputs(model, input_ids, batch_size, device)
+                (last,), as_tuple = _forward_layers(model, states, device, keep=False)
+                last_outputs = [(hidden, as_tuple) for hidden in last]
+            for begin, (hidden, as_tuple) in zip(range(0, input_ids.shape[0], batch_size), last_outputs, strict=True):
                 with _layers_return(model, hidden, as_tuple), torch.no_grad():
                     model(input_ids[begin : begin + batch_size].to(device), use_cache=False)
     finally:

@@ -93,8 +93,9 @@ def module_name(model, module) -> str:
 
 
 @torch.no_grad()
-def head_gram(model, input_ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """X^T X of lm_head's input (the final norm's output) over `input_ids` (float64), on the compute device."""
+def head_gram(model, input_ids: torch.Tensor, batch_size: int = 4, last_outputs: list | None = None) -> torch.Tensor:
+    """X^T X of lm_head's input (the final norm's output) over `input_ids` (float64), on the compute device;
+    from the last layer's outputs where a Gram pass kept them (`last_outputs`, grams.iter_layer_grams)."""
     head = model.get_output_embeddings()
     total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=compute.current())
 
@@ -102,7 +103,7 @@ def head_gram(model, input_ids: torch.Tensor, batch_size: int = 4) -> torch.Tens
         flat = x.reshape(-1, head.in_features).float()
         total.add_((flat.T @ flat).double())
 
-    head_inputs(model, distributed.shard(input_ids), batch_size, accumulate)
+    head_inputs(model, distributed.shard(input_ids), batch_size, accumulate, last_outputs)
     distributed.sum_over_ranks([total])
     return total.cpu()
 
