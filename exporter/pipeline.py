@@ -389,10 +389,14 @@ class Prepared:
 
     def chosen_grids(self, units: list, samples: int) -> None:
         """Each unit's chosen grids where its prices were read from the store: one pass for the Grams (from the
-        stored sensitivities), then GPTQ of the chosen format only."""
+        stored sensitivities), then GPTQ of the chosen format only (its own stage in the summary's times)."""
         from exporter.compress.format_allocation import fill_chosen_grids
 
-        fill_chosen_grids(units, lambda: self.pricing_statistics(samples))
+        if all(unit.grids[unit.choice] is not None for unit in units):
+            return
+        statistics = self.pricing_statistics(samples)
+        with self.clock.stage("chosen grids"):
+            fill_chosen_grids(units, lambda: statistics)
 
 
 def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path | None = None,
