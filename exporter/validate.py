@@ -110,7 +110,7 @@ def load_gauge():
                     "mean_ms": wall / len(times) * 1e3, "loadavg_1min": os.getloadavg()[0]}
 
         yield measure
-        del session
+        session = None  # released before the folder goes (measure() may still be referenced)
 
 
 def measure(model_path: Path, prompt_tokens: int, new_tokens: int = DECODE_TOKENS) -> dict:
