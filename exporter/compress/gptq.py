@@ -144,18 +144,20 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
         scales[row : row + n, block : block + s.shape[1]] = torch.from_numpy(s)
         zeros[row : row + n, block : block + s.shape[1]] = torch.from_numpy(z.astype(np.float32))
         row, block = row + n, block + s.shape[1]
-    # the block of each (weight, permuted column); each row's weight
-    block_of = torch.stack(column_block)[:, perm].to(device)
-    weight_of = torch.cat([torch.full((n,), k) for k, n in enumerate(rows)]).to(device)
-    scales, zeros, top = scales.to(device), zeros.to(device), torch.cat(tops).to(device)
-    row_index = torch.arange(sum(rows), device=device)
+    # each row's block of each permuted column (rows of weight k read column_block[k]), and the grid there, per
+    # column contiguous: (permuted column, row)
+    weight_of = torch.cat([torch.full((n,), k) for k, n in enumerate(rows)])
+    block_of = torch.stack(column_block)[:, perm][weight_of]
+    s_col = torch.gather(scales, 1, block_of).T.contiguous().to(device)
+    z_col = torch.gather(zeros, 1, block_of).T.contiguous().to(device)
+    safe_col = torch.where(s_col == 0, 1.0, s_col)
+    del block_of
+    top = torch.cat(tops).to(device)
     w = torch.cat([w0 for w0, _, _ in fitted]).to(device)[:, perm]
     permuted = torch.zeros(w.shape, dtype=torch.uint8, device=device)
 
     def grid_of_column(column, *_):
-        b = block_of[weight_of, column]
-        s, z = scales[row_index, b], zeros[row_index, b]
-        return s, z, torch.where(s == 0, 1.0, s)
+        return s_col[column], z_col[column], safe_col[column]
 
     _round_columns(w, hinv.float(), in_features, LAZY_COLUMNS, top, permuted, grid_of_column)
     permuted = permuted.cpu().numpy()
