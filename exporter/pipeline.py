@@ -259,7 +259,10 @@ class Prepared:
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
     _sensitivities: dict = field(default_factory=dict)  # {Fisher samples: output sensitivities} pricing read
-    _pricing_statistics: dict = field(default_factory=dict)  # {Fisher samples: PricingStatistics}, data-parallel
+    # {Fisher samples: PricingStatistics}: kept by a data-parallel pricing, or for the profiles after this one
+    _pricing_statistics: dict = field(default_factory=dict)
+    # `--device a,b`: a later profile follows, so the Grams a store-read pricing needed are kept for it
+    more_profiles: bool = False
     _trained: dict = field(default_factory=dict)  # {compression_key: ((state, grids), corrective report)}
     # Later compressions at other ranks start their branches from the last fully trained ones (`--device a,b`;
     # off for library callers such as the benchmark, whose rows must not depend on their order).
@@ -374,18 +377,23 @@ class Prepared:
                 self._keep("format prices", stored_key, tensors,
                                   {"sensitivity": list(statistics.sensitivity),
                                    "units": [unit.record() for unit in self._prices[key]]})
-        return [replace(unit, grids=list(unit.grids)) for unit in self._prices[key]]
+        # each call its own units (their choice); the grids are shared: an option's grids computed for one profile
+        # (`chosen_grids`) are the ones any later profile choosing it would compute
+        return [replace(unit) for unit in self._prices[key]]
 
     def pricing_statistics(self, samples: int):
         """The Grams and the sensitivities a pricing on `samples` Fisher sequences read (one Gram pass; after
         `format_prices`), from which any option's grids are computed (format_allocation.option_grids)."""
         from exporter.compress.format_allocation import pricing_statistics
 
-        if samples in self._pricing_statistics:  # kept by a data-parallel pricing, used once (a model's Grams)
-            return self._pricing_statistics.pop(samples)
+        if samples in self._pricing_statistics:  # a model's Grams: kept only while a later use is known
+            return self._pricing_statistics[samples] if self.more_profiles else self._pricing_statistics.pop(samples)
         with self.clock.stage("price formats"):
-            return pricing_statistics(self._dense(), self.calibration()[0], sensitivity=self._sensitivities[samples],
-                                      progress=self.options.progress)
+            statistics = pricing_statistics(self._dense(), self.calibration()[0],
+                                            sensitivity=self._sensitivities[samples], progress=self.options.progress)
+        if self.more_profiles:
+            self._pricing_statistics[samples] = statistics
+        return statistics
 
     def chosen_grids(self, units: list, samples: int) -> None:
         """Each unit's chosen grids where its prices were read from the store: one pass for the Grams (from the
@@ -888,6 +896,7 @@ def _run_exports(options: ExportOptions, names: list[str], levels, schedule) -> 
     for number, ((profile, run), clock) in enumerate(zip(runs, clocks), 1):
         say(f"[{number}/{len(runs)}] {profile.name}: {run.out}")
         prepared.clock = clock
+        prepared.more_profiles = number < len(runs)
         results.append(run_export(run, levels, schedule, prepared=prepared, profile=profile))
     return results
 

@@ -168,3 +168,28 @@ def test_load_branches_starts_each_branch_from_the_previous_map_at_its_rank():
     assert torch.allclose(branch_map(target[2]), branch_map(source[2]), atol=1e-5)
     assert torch.equal(target[2].corrective_down.weight[4:], start[2][4:]) and not target[2].corrective_up.weight[:, 4:].any()
     assert torch.equal(target[3].corrective_down.weight, start[3])  # other widths: untouched
+
+
+def test_auto_profiles_after_stored_prices_share_one_gram_pass(tmp_path, monkeypatch, llama_dir, calib_file):
+    """`--weights auto` on two profiles whose prices the statistics store holds: the Grams the chosen grids need
+    are computed once for both, the grids of an option chosen before are taken, and the second artifact is the
+    one its single-profile export writes."""
+    from exporter.compress import format_allocation
+
+    def args(out, device):
+        return ["export", "--device", device, "--model", str(llama_dir), "--weights", "auto", "--budget-mb", "1",
+                "--calib", str(calib_file), "--calib-samples", "4", "--calib-seq-len", "32", "--tune-scales", "2",
+                "--out", str(out), "--no-progress"]
+
+    assert main(args(tmp_path / "alone", DEVICES[1])) == 0  # prices the menu into the store
+    passes, gptq_calls = [], []
+    statistics, grids = format_allocation.pricing_statistics, format_allocation.option_grids
+    monkeypatch.setattr(format_allocation, "pricing_statistics",
+                        lambda *a, **k: passes.append(1) or statistics(*a, **k))
+    monkeypatch.setattr(format_allocation, "option_grids", lambda *a, **k: gptq_calls.append(1) or grids(*a, **k))
+    assert main(args(tmp_path / "both", ",".join(DEVICES))) == 0
+    assert len(passes) == 1  # the first profile's Gram pass, kept for the second
+    units = json.loads((tmp_path / "alone" / "manifest.json").read_text())["method"]["formats"]["units"]
+    assert len(gptq_calls) == len(units)  # the same budget, the same choices: the second computes none
+    shared, alone = tmp_path / "both" / DEVICES[1], tmp_path / "alone"
+    assert (shared / "model.onnx.data").read_bytes() == (alone / "model.onnx.data").read_bytes()
