@@ -404,7 +404,7 @@ class Prepared:
             return
         statistics = self.pricing_statistics(samples)
         with self.clock.stage("chosen grids"):
-            fill_chosen_grids(units, lambda: statistics)
+            fill_chosen_grids(units, statistics)
 
 
 def prepare(options: ExportOptions, clock: Stopwatch | None = None, target: Path | None = None,

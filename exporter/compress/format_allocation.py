@@ -410,14 +410,11 @@ def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict
     return grids
 
 
-def fill_chosen_grids(units: list[Unit], statistics) -> None:
-    """Compute the chosen option's grids of every unit that has none (`statistics`: a callable returning the
-    PricingStatistics, called only if one is missing)."""
-    missing = [unit for unit in units if unit.grids[unit.choice] is None]
-    if missing:
-        computed = statistics()
-        for unit in missing:
-            unit.grids[unit.choice] = option_grids(computed, unit, unit.choice)
+def fill_chosen_grids(units: list[Unit], statistics: PricingStatistics) -> None:
+    """Compute the chosen option's grids of every unit that has none (its prices were read from the store)."""
+    for unit in units:
+        if unit.grids[unit.choice] is None:
+            unit.grids[unit.choice] = option_grids(statistics, unit, unit.choice)
 
 
 def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32,

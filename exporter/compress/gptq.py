@@ -125,33 +125,21 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
     perm = torch.argsort(torch.diagonal(gram).double().cpu(), descending=True, stable=True)
     hinv, _ = _inverse_hessian_factor(gram.double().cpu()[perm][:, perm].to(device), damping)
     grid_formats = [fmt.minmax if fmt.offset else fmt for fmt in formats]  # an offset grid: its min-max grid's
-    column_block, fitted, rows, tops = [], [], [], []
-    blocks = 0
+    fitted, s_cols, z_cols, tops = [], [], [], []
     for weight, fmt in zip(weights, grid_formats):
         w0 = weight.detach().float().cpu().clone()
         w0[:, dead] = 0
         _, scales, zeros = fit_blocks(blocked(w0.numpy(), fmt.block_size, edge=fmt.float_zero), fmt, clip)
         fitted.append((w0, scales, zeros))
-        column_block.append(torch.arange(in_features) // fmt.block_size + blocks)
-        blocks += scales.shape[1]
-        rows.append(weight.shape[0])
+        block_of = (torch.arange(in_features) // fmt.block_size)[perm]  # each permuted column's block
+        s_cols.append(torch.from_numpy(scales)[:, block_of])
+        z_cols.append(torch.from_numpy(zeros.astype(np.float32))[:, block_of])
         tops.append(torch.full((weight.shape[0],), float(fmt.levels - 1)))
-    # one table of every weight's block scales and zero points (rows of weight k, its blocks after the previous ones')
-    scales = torch.zeros(sum(rows), sum(s.shape[1] for _, s, _ in fitted))
-    zeros = torch.zeros_like(scales)
-    row, block = 0, 0
-    for (_, s, z), n in zip(fitted, rows):
-        scales[row : row + n, block : block + s.shape[1]] = torch.from_numpy(s)
-        zeros[row : row + n, block : block + s.shape[1]] = torch.from_numpy(z.astype(np.float32))
-        row, block = row + n, block + s.shape[1]
-    # each row's block of each permuted column (rows of weight k read column_block[k]), and the grid there, per
-    # column contiguous: (permuted column, row)
-    weight_of = torch.cat([torch.full((n,), k) for k, n in enumerate(rows)])
-    block_of = torch.stack(column_block)[:, perm][weight_of]
-    s_col = torch.gather(scales, 1, block_of).T.contiguous().to(device)
-    z_col = torch.gather(zeros, 1, block_of).T.contiguous().to(device)
+    # every row's grid at each permuted column, contiguous per column: (column, row)
+    s_col = torch.cat(s_cols).T.contiguous().to(device)
+    z_col = torch.cat(z_cols).T.contiguous().to(device)
     safe_col = torch.where(s_col == 0, 1.0, s_col)
-    del block_of
+    del s_cols, z_cols
     top = torch.cat(tops).to(device)
     w = torch.cat([w0 for w0, _, _ in fitted]).to(device)[:, perm]
     permuted = torch.zeros(w.shape, dtype=torch.uint8, device=device)
@@ -162,7 +150,8 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
     _round_columns(w, hinv.float(), in_features, LAZY_COLUMNS, top, permuted, grid_of_column)
     permuted = permuted.cpu().numpy()
     found, start_row = [], 0
-    for (w0, s, z), n, fmt, wanted in zip(fitted, rows, grid_formats, formats):
+    for (w0, s, z), fmt, wanted in zip(fitted, grid_formats, formats):
+        n = w0.shape[0]
         codes = np.zeros((n, in_features + (-in_features) % fmt.block_size), dtype=np.uint8)
         codes[:, perm.numpy()] = permuted[start_row : start_row + n]
         _pad_codes(codes, s, z, in_features, fmt)
