@@ -497,16 +497,16 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         if options.auto_formats:  # also without `train`: `exporter allocate` shows the choice
             choose_formats(plan, options, prepared, ids)
         if quantized:
-            def quantize():
+            def quantize_and_tune():
                 with clock.stage("quantize"):
                     if options.error_correction and not options.auto_formats:
                         plan.error_correction = correct_errors(model, options, ids)
                     quantize_grids(model, options, ids)
+                if tuned:
+                    plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
 
             key = compression_key(options, plan, None, quantized)
-            compress_once(prepared, key, model, plan, in_place, quantize)
-        if tuned:
-            plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
+            compress_once(prepared, key, model, plan, in_place, quantize_and_tune)
         prepared._consumed |= in_place and (quantized or options.auto_formats)
         return plan
 
@@ -549,43 +549,47 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
         if quantized:  # everything not on a grid yet (branches after their training), so PyTorch and the graph agree
             with clock.stage("quantize"):
                 quantize_grids(model, options, ids)
+        if tuned:
+            plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
 
     if train:
         compress_once(prepared, compression_key(options, plan, correctives, quantized), model, plan, in_place,
                       train_and_quantize)
-    if tuned:
-        plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
     return plan
 
 
 def compression_key(options: ExportOptions, plan: Plan, correctives: CorrectiveOptions | None,
                     quantized: bool) -> tuple | None:
     """What a compression's weights depend on besides the prepared statistics: the ranks, the branch ranks and
-    their training options, and (quantized) the grids' options. None where they also depend on the budget
-    itself (`--weights auto`) or where the state does not hold them (`--error-correction`'s added terms)."""
-    if options.auto_formats or options.error_correction:
+    their training options, (quantized) the grids' options and scale tuning's steps, and (`--weights auto`) each
+    unit's chosen format. None where the state does not hold them (`--error-correction`'s added terms)."""
+    if options.error_correction:
         return None
-    grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware) \
-        if quantized else None
+    grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware,
+             options.tune_scales) if quantized else None
+    formats = tuple((u.name, u.options[u.choice].name, u.methods[u.choice], u.rank(u.choice), u.correction(u.choice))
+                    for u in plan.formats or ())  # the choice, not its index: menus differ by runtime
     return (options.method, options.joint, repr(correctives), tuple((plan.ranks or {}).items()),
-            tuple((plan.corrective_ranks or {}).items()), grids)
+            tuple((plan.corrective_ranks or {}).items()), grids, formats)
 
 
 def compress_once(prepared: Prepared, key: tuple | None, model, plan: Plan, in_place: bool, work) -> None:
-    """`work()` (it trains the branches and puts the weights on their grids), or its result from the previous
-    compression of a multi-device export with the same `key` (compression_key): training and GPTQ are
-    deterministic, so they would compute the same weights again (SmolLM2 int8 at 20%: 247 s of GPTQ)."""
+    """`work()` (it trains the branches, puts the weights on their grids and tunes their scales), or its result
+    from the previous compression of a multi-device export with the same `key` (compression_key): training,
+    GPTQ and tuning are deterministic, so they would compute the same weights again (SmolLM2 int8 at 20%: 247 s
+    of GPTQ; `--weights auto` at one `--budget-mb`: 20 tuning steps, about 210 s)."""
     if key is not None and key in prepared._trained:
-        (state, grids), plan.corrective_report = prepared._trained[key]
+        (state, grids), plan.corrective_report, plan.scale_tuning = prepared._trained[key]
         model.load_state_dict(state)
         restore_grids(model, grids)
         say("weights" + (", branches" if plan.corrective_report else "") + (" and grids" if grids else "")
-            + " as the previous profile's (the same ranks and options)")
+            + (" (scales tuned)" if plan.scale_tuning else "") + " as the previous profile's (the same "
+            + ("formats" if plan.formats else "ranks") + " and options)")
         return
     work()
     if key is not None and not in_place:  # the last one only: a model's worth of memory
         prepared._trained = {key: (({k: v.clone() for k, v in model.state_dict().items()}, model_grids(model)),
-                                   plan.corrective_report)}
+                                   plan.corrective_report, plan.scale_tuning)}
 
 
 def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwatch) -> dict:

@@ -172,8 +172,9 @@ def test_load_branches_starts_each_branch_from_the_previous_map_at_its_rank():
 
 def test_auto_profiles_after_stored_prices_share_one_gram_pass(tmp_path, monkeypatch, llama_dir, calib_file):
     """`--weights auto` on two profiles whose prices the statistics store holds: the Grams the chosen grids need
-    are computed once for both, the grids of an option chosen before are taken, and the second artifact is the
-    one its single-profile export writes."""
+    are computed once for both, the grids of an option chosen before are taken, the same choices' tuned scales
+    are taken (tuning runs once), and the second artifact is the one its single-profile export writes."""
+    import exporter.pipeline
     from exporter.compress import format_allocation
 
     def args(out, device):
@@ -187,8 +188,13 @@ def test_auto_profiles_after_stored_prices_share_one_gram_pass(tmp_path, monkeyp
     monkeypatch.setattr(format_allocation, "pricing_statistics",
                         lambda *a, **k: passes.append(1) or statistics(*a, **k))
     monkeypatch.setattr(format_allocation, "option_grids", lambda *a, **k: gptq_calls.append(1) or grids(*a, **k))
+    tunings, tune = [], exporter.pipeline.tune_grid_scales
+    monkeypatch.setattr(exporter.pipeline, "tune_grid_scales", lambda *a, **k: tunings.append(1) or tune(*a, **k))
     assert main(args(tmp_path / "both", ",".join(DEVICES))) == 0
     assert len(passes) == 1  # the first profile's Gram pass, kept for the second
+    assert len(tunings) == 1  # the same choices: the second takes the first's tuned scales
+    manifests = [json.loads((tmp_path / "both" / d / "manifest.json").read_text()) for d in DEVICES]
+    assert manifests[0]["method"]["scale_tuning"] == manifests[1]["method"]["scale_tuning"]
     units = json.loads((tmp_path / "alone" / "manifest.json").read_text())["method"]["formats"]["units"]
     assert len(gptq_calls) == len(units)  # the same budget, the same choices: the second computes none
     shared, alone = tmp_path / "both" / DEVICES[1], tmp_path / "alone"
