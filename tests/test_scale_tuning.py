@@ -111,3 +111,35 @@ def test_the_default_rate_follows_the_held_out_kl(tiny_models, calib_ids):
     report = tune_scales(model, teacher, calib_ids, steps=2, holdout=2, progress=False)
     assert report.lr == min(max(RATE_PER_KL * report.kl_before, RATE_RANGE[0]), RATE_RANGE[1])
     assert report.to_dict()["lr"] == pytest.approx(report.lr, rel=1e-2)
+
+
+def _decoder_rows(model) -> list[int]:
+    """Rows (windows) each forward of `model`'s decoder runs, recorded."""
+    rows = []
+    model.model.register_forward_hook(lambda _m, args, kwargs, _out: rows.append(
+        (args[0] if args else kwargs["input_ids"]).shape[0]), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("family, softcap", [("llama", None), ("gemma3_text", 30.0)])
+def test_teacher_targets_run_each_window_once_and_equal_the_teacher(tiny_models, calib_ids, family, softcap):
+    """KL steps draw windows again: TeacherTargets runs the teacher's decoder once per window and applies the head
+    to what it kept, the log-probabilities the whole teacher computes; where the head's output is not the logits
+    (Gemma's softcap), it runs the whole teacher every time."""
+    from exporter.compress.corrective import TeacherTargets
+
+    teacher = dense_teacher(tiny_models.load(family))
+    teacher.config.final_logit_softcapping = softcap
+    targets, rows = TeacherTargets(teacher), _decoder_rows(teacher)
+    batches = [calib_ids[[0, 1]], calib_ids[[1, 2]], calib_ids[[0, 0]], calib_ids[[2, 1, 0]]]
+    for batch in batches:
+        with torch.no_grad():
+            rows_before = len(rows)
+            expected = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+            del rows[rows_before:]  # the reference pass is not the targets' work
+            got = targets.log_probs(batch)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if softcap is None:
+        assert targets.exact and sum(rows) == 3  # windows 0, 1, 2, each once
+    else:
+        assert targets.exact is False

@@ -338,10 +338,49 @@ def _batched_kwargs(kwargs: dict, batch: int) -> dict:
     return out
 
 
+class TeacherTargets:
+    """The teacher's next-token log-probabilities on calibration windows, its decoder run once per window.
+
+    KL training draws a few windows a step from a few dozen (scale tuning: 20 steps of 2 of ~28) and measures the
+    held-out ones before and after, so most windows come back; the teacher's decoder would compute them again
+    each time (a quarter of a step's arithmetic). Kept per window is the output head's input (SmolLM2: 512 x
+    576 floats, not 512 x 49,152 logits), the head applied per use. Where the head's output is not the logits
+    (a softcap, a scaling), the first window shows it and every batch runs the whole teacher instead.
+    """
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.head = teacher.get_output_embeddings()
+        self.hidden: dict[bytes, torch.Tensor] = {}  # window's token bytes -> the head's input
+        self.exact: bool | None = None  # head(hidden) == logits, checked on the first windows
+
+    def log_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.exact is False or self.head is None:
+            return torch.log_softmax(self.teacher(batch, use_cache=False).logits.float(), dim=-1)
+        keys = [row.cpu().numpy().tobytes() for row in batch]
+        rows = [keys.index(key) for key in dict.fromkeys(keys) if key not in self.hidden]  # each new window once
+        if rows:
+            captured = []
+            hook = self.head.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+            try:
+                logits = self.teacher(batch[rows], use_cache=False).logits
+            finally:
+                hook.remove()
+            if self.exact is None:
+                self.exact = len(captured) == 1 and torch.equal(self.head(captured[0]), logits)
+                if not self.exact:
+                    return self.log_probs(batch)
+            for i, hidden in zip(rows, captured[0]):
+                self.hidden[keys[i]] = hidden.clone()
+        return torch.log_softmax(self.head(torch.stack([self.hidden[key] for key in keys])).float(), dim=-1)
+
+
 def kl_divergence(student, teacher, batch: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions on `batch`, per token."""
+    """KL(teacher || student) of the next-token distributions on `batch`, per token (`teacher`: a model, or its
+    TeacherTargets)."""
     with torch.no_grad():
-        target = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+        target = teacher.log_probs(batch) if isinstance(teacher, TeacherTargets) \
+            else torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
     logits = student(batch, use_cache=False).logits.float()
     return nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean") \
         / batch.shape[1]
@@ -366,6 +405,7 @@ def train_end_to_end(student, teacher, input_ids: torch.Tensor, options: Correct
         p.requires_grad_(False)
     holdout = _holdout(input_ids, options)
     train = input_ids[:-holdout]
+    teacher = teacher if isinstance(teacher, TeacherTargets) else TeacherTargets(teacher)
     report.kl_before = held_out_kl(student, teacher, input_ids, options)
     optimizer, params = _optimizer(student, options, options.kl_lr)
     generator = torch.Generator().manual_seed(1)

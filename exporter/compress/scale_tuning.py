@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from exporter.compress import distributed
-from exporter.compress.corrective import kl_divergence
+from exporter.compress.corrective import TeacherTargets, kl_divergence
 from exporter.compress.grid import GridWeights
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
 from exporter.errors import ExporterError
@@ -117,6 +117,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     if shared:
         parametrize.register_parametrization(embedding, "weight", tunings[id(head)], unsafe=True)
     deltas = [t.delta for t in tunings.values()]
+    teacher = TeacherTargets(teacher)
     try:
         with torch.no_grad():
             kl_before = float(kl_divergence(model, teacher, held))
