@@ -61,7 +61,7 @@ from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projecti
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
-from exporter.graph.matmul_nbits import BLOCK_SUM_NODES
+from exporter.graph.matmul_nbits import BLOCK_SUM_NODES, ROW_SPLIT_NODES
 from exporter.graph.onnxruntime_releases import (
     EIGHT_BIT_MATMUL_RELEASE,
     TWO_BIT_MATMUL_RELEASE,
@@ -567,8 +567,8 @@ def compression_key(options: ExportOptions, plan: Plan, correctives: CorrectiveO
         return None
     grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware,
              options.tune_scales) if quantized else None
-    formats = tuple((u.name, u.options[u.choice].name, u.methods[u.choice], u.rank(u.choice), u.correction(u.choice))
-                    for u in plan.formats or ())  # the choice, not its index: menus differ by runtime
+    formats = tuple((u.name, u.options[u.choice].name, u.methods[u.choice], u.rank(u.choice), u.correction(u.choice),
+                     u.split(u.choice)) for u in plan.formats or ())  # the choice, not its index: menus differ by runtime
     return (options.method, options.joint, repr(correctives), tuple((plan.ranks or {}).items()),
             tuple((plan.corrective_ranks or {}).items()), grids, formats)
 
@@ -675,7 +675,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
     predicted = plan.formats_budget["predicted_loss_increase"]
     if predicted > WEAK_FORMATS_LOSS:  # the estimate understates 2-bit losses (docs/quantization.md)
-        two_bit = sum(u.options[u.choice].bits == 2 for u in units)
+        two_bit = sum(u.options[u.choice].bits == 2 or bool(u.split(u.choice)) for u in units)
         say(f"warning: the formats that fit {budget_bytes / MB:.1f} MB are estimated to raise perplexity "
             f"{math.exp(predicted):.2f}x over the dense model"
             + (f", and its {two_bit} 2-bit grids more than estimated" if two_bit else "")
@@ -684,7 +684,10 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 
 def option_nodes(unit, option: int) -> int:
     """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block sums (Reshape, ReduceSum,
-    Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits."""
+    Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits, a row split's second
+    MatMulNBits, Concat and Gather."""
+    if unit.split(option):
+        return ROW_SPLIT_NODES
     return BLOCK_SUM_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0
 
 
@@ -702,7 +705,7 @@ def _format_counts(units) -> dict[str, int]:
     counts: dict[str, int] = {}
     for unit in units:
         rank, factorized = unit.correction(unit.choice), unit.rank(unit.choice)
-        name = unit.options[unit.choice].name + (f"+lqer{rank}" if rank else "") + (" low-rank" if factorized else "")
+        name = unit.format_name(unit.choice) + (f"+lqer{rank}" if rank else "") + (" low-rank" if factorized else "")
         counts[name] = counts.get(name, 0) + 1
     return counts
 

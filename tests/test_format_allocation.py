@@ -398,3 +398,66 @@ def test_allocate_shows_the_formats_without_exporting(tmp_path, llama_dir, calib
     assert shown["formats"]["chosen_bytes"] <= shown["formats"]["budget_bytes"]
     assert {u["format"] for u in shown["formats"]["units"]} == {"int8-b32"}  # a large budget buys the best
     assert not (tmp_path / "x").exists()
+
+
+def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_path):
+    """A row split of a unit: the rows that save the most estimate on a 4-bit grid there, the others on SPLIT_LOW.
+    Its bytes are the two grids' rows and the row order's indices; its estimate is exactly the estimate of the
+    weights it installs (a sum over rows); the store's path recomputes the same grids; ONNX Runtime multiplies by
+    the two grids (one MatMulNBits each, a Concat and a Gather into row order) as PyTorch does."""
+    from exporter.compress.format_allocation import (
+        LOW_BIT_MENU,
+        ROW_INDEX_BYTES,
+        SPLIT_HIGH,
+        SPLIT_LOW,
+        SPLIT_PARTS,
+        estimated_loss,
+        pricing_statistics,
+    )
+    from exporter.compress.grid import RowSplitGrid
+    from exporter.compress.quantize import grid_of
+    from exporter.graph.optimum_export import torch_greedy
+    from exporter.graph.writer import write_decoder
+    from exporter.runtime.generation import OrtDecoder
+
+    model = tiny_models.load("llama")
+    statistics = pricing_statistics(model, calib_ids[:4], calib_ids[:2], progress=False)
+    units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
+                        statistics=statistics)
+    assert not any(next(u for u in units if "lm_head" in u.members).splits)  # lm_head never takes 2 bits
+    qkv = next(u for u in units if "model.layers.0.self_attn.q_proj" in u.members)
+    rows = 64 + 32 + 32
+    for high in SPLIT_HIGH:
+        options = [k for k in range(len(qkv.options)) if qkv.split(k) and qkv.options[k] == high]
+        counts = [qkv.split(k) for k in options]
+        assert counts == sorted({rows * j // SPLIT_PARTS for j in range(1, SPLIT_PARTS)})
+        assert [qkv.bytes[k] for k in options] == [high.matrix_bytes(c, 64) + SPLIT_LOW.matrix_bytes(rows - c, 64)
+                                                   + ROW_INDEX_BYTES * rows for c in counts]
+        low_loss = qkv.loss[qkv.options.index(SPLIT_LOW)]
+        assert qkv.loss[options[0]] < low_loss  # the first rows moved to 4 bits save the most
+        for k in options:
+            grids = qkv.grids[k]
+            direct = sum(estimated_loss(statistics.linears[n].weight, grids[n], statistics.grams[n],
+                                        statistics.fisher[n], statistics.tokens) for n in qkv.members)
+            assert direct == pytest.approx(qkv.loss[k], rel=1e-9)
+            high_rows = sum(len(g.rows) if isinstance(g, RowSplitGrid) else (g.fmt == high) * g.codes.shape[0]
+                            for g in grids.values())
+            assert high_rows == qkv.split(k)
+            alone = format_allocation.option_grids(statistics, qkv, k)
+            assert all(np.array_equal(alone[n].dequantize(), grids[n].dequantize()) for n in grids)
+    for unit in units:  # a middle split wherever there is one, lm_head its first format
+        splits = [k for k in range(len(unit.options)) if unit.split(k)]
+        unit.choice = splits[len(splits) // 2] if splits else 0
+    apply_choices(model, units)
+    split = [m for m in model.modules() if isinstance(grid_of(m), RowSplitGrid)]
+    assert split and all(np.array_equal(m.weight.detach().numpy(), grid_of(m).dequantize()) for m in split)
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, 6)
+    path = write_decoder(model, tmp_path, weights="int4")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert any(n.op_type == "Gather" and n.name.endswith("/RowOrder") for n in graph.node)
+    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert {2, 4} <= bits
+    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
+    assert list(np.argmax(logits, axis=-1)) == ref_tokens

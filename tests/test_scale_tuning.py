@@ -143,3 +143,25 @@ def test_teacher_targets_run_each_window_once_and_equal_the_teacher(tiny_models,
         assert targets.exact and sum(rows) == 3  # windows 0, 1, 2, each once
     else:
         assert targets.exact is False
+
+
+def test_a_row_split_grid_tunes_both_parts(tiny_models, calib_ids):
+    """A linear whose rows sit on two grids (RowSplitGrid) trains each part's scales; its codes stay, its rows
+    stay on the grid each was on, and the model computes what the tuned grids hold."""
+    from exporter.compress.grid import RowSplitGrid, round_to_nearest, split_rows
+    from exporter.compress.quantize import set_grid
+
+    model, teacher = _quantized(tiny_models)
+    module = model.get_submodule("model.layers.0.mlp.down_proj")
+    weight = teacher.get_submodule("model.layers.0.mlp.down_proj").weight.detach().numpy()
+    low = round_to_nearest(weight, QuantFormat(2, 32, False))
+    set_grid(module, split_rows(grid_of(module), low, np.arange(0, weight.shape[0], 3)))
+    before = grid_of(module)
+    report = tune_scales(model, teacher, calib_ids, steps=10, lr=1e-2, holdout=2, progress=False)
+    assert report.kept
+    after = grid_of(module)
+    assert isinstance(after, RowSplitGrid) and np.array_equal(after.rows, before.rows)
+    for old, new in zip(before.parts(), after.parts()):
+        assert np.array_equal(old.codes, new.codes) and np.array_equal(old.zeros, new.zeros)
+        assert (old.scales != new.scales).any()
+    assert torch.equal(module.weight, torch.from_numpy(after.dequantize()))

@@ -9,7 +9,10 @@ bytes (QuantFormat.matrix_bytes) and an estimated loss increase; below what that
 formats of `LOW_BIT_MENU` (not lm_head) and low-rank options: a unit's linears factorized jointly at rank r
 (the whitened SVD of their stacked weights under the input Gram they share, one down factor and an up factor per
 linear), both factors on a grid of `LOW_RANK_FORMATS`, the up factor refitted by least squares to the quantized
-down factor before its own GPTQ.
+down factor before its own GPTQ; and row splits: the unit's output rows on two grids, those that save the most
+estimate per byte on a 4-bit format of `SPLIT_HIGH`, the rest on `SPLIT_LOW` (GPTQ rounds each row on its own and
+the estimate below is a sum over rows, so both are exact from the two formats' grids; one MatMulNBits per grid in
+the graph). They fill the bits per weight between 2.5 and 4.1 that no MatMulNBits format has.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from exporter.compress import distributed
@@ -41,7 +45,7 @@ from exporter.compress.error_correction import CORRECTION_FORMAT, group_correcti
 from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq_shared
 from exporter.compress.grams import iter_layer_grams
-from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest
+from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest, split_rows
 from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear, break_even_rank, decompose
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
@@ -63,6 +67,14 @@ LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2
 # Low-rank options, offered with LOW_BIT_MENU: the factors' grids, and the ranks as fractions of the unit's
 # break-even rank (whole 32-column blocks where the unit is large enough). A factorized unit is two MatMulNBits.
 LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b32-asym"))
+# Row-split options, offered with LOW_BIT_MENU: a unit's output rows that save the most estimated loss per byte on
+# a 4-bit grid of SPLIT_HIGH, the others on SPLIT_LOW, in SPLIT_PARTS steps of its rows (the bits per weight between
+# 2.5 and 4.1 that no single MatMulNBits format has). In the graph: one MatMulNBits per grid, a Concat and a Gather of
+# the rows back into order (its int32 indices counted in the option's bytes).
+SPLIT_LOW = QuantFormat.parse("int2-b64-asym")
+SPLIT_HIGH = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b256-asym"))
+SPLIT_PARTS = 16
+ROW_INDEX_BYTES = 4
 LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 # Rows one GPTQ column loop takes at once (exporter.compress.gptq.gptq_shared; memory: rows x in floats, several
 # times): a decoder unit's whole menu goes through one loop, lm_head (49152 rows in SmolLM2) a format at a time.
@@ -110,6 +122,7 @@ class Unit:
     choice: int = -1
     corrections: list[int] = field(default_factory=list)  # per option: rank of its error correction (0: none)
     ranks: list[int] = field(default_factory=list)  # per option: rank of its joint factorization (0: dense)
+    splits: list[int] = field(default_factory=list)  # per option: rows on its format, the rest on SPLIT_LOW (0: none)
 
     def correction(self, option: int) -> int:
         return self.corrections[option] if self.corrections else 0
@@ -117,27 +130,37 @@ class Unit:
     def rank(self, option: int) -> int:
         return self.ranks[option] if self.ranks else 0
 
+    def split(self, option: int) -> int:
+        return self.splits[option] if self.splits else 0
+
+    def format_name(self, option: int) -> str:
+        """The option's format; a row split's as `high/low`."""
+        name = self.options[option].name
+        return f"{name}/{SPLIT_LOW.name}" if self.split(option) else name
+
     def record(self) -> dict:
         """Everything but the grids, for the statistics store (`from_record` reads it back)."""
         return {"name": self.name, "members": self.members, "options": [f.name for f in self.options],
                 "methods": self.methods, "bytes": self.bytes, "loss": self.loss, "weights": self.weights,
-                "corrections": self.corrections, "ranks": self.ranks}
+                "corrections": self.corrections, "ranks": self.ranks, "splits": self.splits}
 
     @classmethod
     def from_record(cls, record: dict) -> Unit:
         """A priced unit without grids (`fill_chosen_grids` computes the chosen option's)."""
         return cls(record["name"], record["members"], [QuantFormat.parse(f) for f in record["options"]],
                    record["methods"], record["bytes"], record["loss"], [None] * len(record["options"]),
-                   weights=record["weights"], corrections=record["corrections"], ranks=record.get("ranks", []))
+                   weights=record["weights"], corrections=record["corrections"], ranks=record.get("ranks", []),
+                   splits=record.get("splits", []))
 
     def to_dict(self) -> dict:
-        return {"unit": self.name, "weights": self.weights, "format": self.options[self.choice].name,
+        return {"unit": self.name, "weights": self.weights, "format": self.format_name(self.choice),
                 "method": self.methods[self.choice], "correction_rank": self.correction(self.choice),
-                "rank": self.rank(self.choice) or None,
+                "rank": self.rank(self.choice) or None, "high_rows": self.split(self.choice) or None,
                 "bytes": self.bytes[self.choice], "predicted_loss_increase": self.loss[self.choice],
-                "menu": [{"format": f.name, "method": m, "correction_rank": self.correction(k),
-                          "rank": self.rank(k) or None, "bytes": b, "predicted_loss_increase": loss}
-                         for k, (f, m, b, loss) in enumerate(zip(self.options, self.methods, self.bytes, self.loss))]}
+                "menu": [{"format": self.format_name(k), "method": m, "correction_rank": self.correction(k),
+                          "rank": self.rank(k) or None, "high_rows": self.split(k) or None, "bytes": b,
+                          "predicted_loss_increase": loss}
+                         for k, (m, b, loss) in enumerate(zip(self.methods, self.bytes, self.loss))]}
 
 
 def format_units(model) -> list[list[str]]:
@@ -220,6 +243,41 @@ def corrected_options(members: list[str], linears: dict, grams: dict, fisher: di
         added = fmt.matrix_bytes(rank, linears[members[0]].in_features) + sum(
             CORRECTION_FORMAT.matrix_bytes(linears[n].out_features, rank) for n in members)
         found.append((rank, added, loss, chosen))
+    return found
+
+
+def row_losses(statistics: PricingStatistics, members: list[str], grids: dict) -> torch.Tensor:
+    """The estimate of each output row on `grids`, the members' rows stacked (the estimate is a sum over rows)."""
+    parts = []
+    for n in members:
+        error = _error(statistics.linears[n].weight, grids[n])
+        per_output = ((error @ statistics.grams[n].double()) * error).sum(dim=1)
+        parts.append(0.5 * statistics.fisher[n].double() * per_output / statistics.tokens)
+    return torch.cat(parts)
+
+
+def split_options(statistics: PricingStatistics, members: list[str], high: QuantFormat, high_grids: dict,
+                  low_grids: dict, counts: list[int] | None = None) -> list[tuple[int, int, float, dict]]:
+    """(rows on `high`, bytes, estimated loss, grids) of each row split of a unit between `high_grids` and
+    `low_grids` (SPLIT_LOW; grids of the members' whole weights): the rows that save the most estimate on the
+    high grid (bytes per row are equal) go there, `counts` of them (default: each SPLIT_PARTS-th share)."""
+    linears = statistics.linears
+    low_losses = row_losses(statistics, members, low_grids)
+    saved = (low_losses - row_losses(statistics, members, high_grids)).numpy()
+    order = np.argsort(-saved, kind="stable")  # ties in row order: the same rows whenever it is recomputed
+    rows, width = len(order), linears[members[0]].in_features
+    if counts is None:
+        counts = sorted({rows * k // SPLIT_PARTS for k in range(1, SPLIT_PARTS)} - {0, rows})
+    found = []
+    for count in counts:
+        chosen = np.sort(order[:count])
+        grids, start = {}, 0
+        for n in members:
+            end = start + linears[n].out_features
+            grids[n] = split_rows(high_grids[n], low_grids[n], chosen[(chosen >= start) & (chosen < end)] - start)
+            start = end
+        size = high.matrix_bytes(count, width) + SPLIT_LOW.matrix_bytes(rows - count, width) + ROW_INDEX_BYTES * rows
+        found.append((count, size, float(low_losses.sum()) - float(saved[chosen].sum()), grids))
     return found
 
 
@@ -364,6 +422,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.loss.append(loss)
                 unit.corrections.append(0)
                 unit.ranks.append(0)
+                unit.splits.append(0)
                 if corrections and fmt.bits == 4 and not fmt.offset and head_name not in members:
                     for rank, added, corrected, extra in corrected_options(members, linears, grams, fisher, grids,
                                                                            fmt, corrections, tokens):
@@ -374,6 +433,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                         unit.loss.append(corrected)
                         unit.corrections.append(rank)
                         unit.ranks.append(0)
+                        unit.splits.append(0)
         ranks = low_rank_ranks(sum(linears[n].out_features for n in members), linears[members[0]].in_features) \
             if low_rank and factorizable(members, head_name) else []
         if ranks:  # a unit too small for any rank below its break-even has none
@@ -386,6 +446,21 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.loss.append(loss)
                 unit.corrections.append(0)
                 unit.ranks.append(rank)
+                unit.splits.append(0)
+        gptq_of = {f: unit.grids[k] for k, (f, m) in enumerate(zip(unit.options, unit.methods))
+                   if m == "gptq" and not unit.correction(k) and not unit.rank(k)}
+        if SPLIT_LOW in gptq_of:
+            for high in (f for f in SPLIT_HIGH if f in gptq_of):
+                for count, size, loss, grids in split_options(statistics, members, high, gptq_of[high],
+                                                              gptq_of[SPLIT_LOW]):
+                    unit.options.append(high)
+                    unit.methods.append("gptq")
+                    unit.grids.append(grids)
+                    unit.bytes.append(size)
+                    unit.loss.append(loss)
+                    unit.corrections.append(0)
+                    unit.ranks.append(0)
+                    unit.splits.append(count)
         priced[index] = unit
     if len(mine) == len(groups):
         return [priced[index] for index in range(len(groups))]
@@ -398,6 +473,10 @@ def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict
     """The grids of one option of a unit, exactly as `price_units` computes them (GPTQ and the correction's SVD
     are deterministic): for units whose prices were read from the statistics store, which keeps no grids."""
     members, fmt, rank = unit.members, unit.options[option], unit.correction(option)
+    if unit.split(option):
+        (*_, grids), = split_options(statistics, members, fmt, _grids(statistics, members, fmt, "gptq"),
+                                     _grids(statistics, members, SPLIT_LOW, "gptq"), [unit.split(option)])
+        return grids
     if unit.rank(option):
         (*_, grids), = low_rank_options(members, statistics.linears, statistics.grams, statistics.fisher, (fmt,),
                                         [unit.rank(option)], statistics.tokens)

@@ -123,6 +123,61 @@ class GridWeights:
         return GridWeights(self.fmt, self.codes[:rows], self.scales[:rows], self.zeros[:rows], self.in_features,
                            None if self.offsets is None else self.offsets.first_rows(rows))
 
+    def take(self, rows: np.ndarray) -> GridWeights:
+        """The grid of the weight's rows `rows` (indices), in that order."""
+        return GridWeights(self.fmt, self.codes[rows], self.scales[rows], self.zeros[rows], self.in_features,
+                           None if self.offsets is None else self.offsets.take(rows))
+
+
+@dataclass
+class RowSplitGrid:
+    """A weight whose output rows sit on two grids of different formats: the rows `rows` (ascending indices) on
+    `high`, the others on `low`. `high` and `low` are grids of the whole weight (GPTQ rounds each row on its own, so
+    a row's codes do not depend on the other rows'); `parts` cuts them. ONNX Runtime multiplies by such a weight as
+    one MatMulNBits per grid, their outputs put back in row order (exporter.graph.matmul_nbits)."""
+
+    high: GridWeights
+    low: GridWeights
+    rows: np.ndarray
+
+    @property
+    def in_features(self) -> int:
+        return self.high.in_features
+
+    def mask(self) -> np.ndarray:
+        mask = np.zeros(self.high.codes.shape[0], bool)
+        mask[self.rows] = True
+        return mask
+
+    def parts(self) -> tuple[GridWeights, GridWeights]:
+        """(the high rows' grid, the other rows' grid), each in row order."""
+        mask = self.mask()
+        return self.high.take(np.flatnonzero(mask)), self.low.take(np.flatnonzero(~mask))
+
+    def dequantize(self) -> np.ndarray:
+        mask = self.mask()
+        values = self.low.take(np.flatnonzero(~mask)).dequantize()
+        out = np.empty((len(mask), values.shape[1]), np.float32)
+        out[~mask] = values
+        out[mask] = self.high.take(np.flatnonzero(mask)).dequantize()
+        return out
+
+
+def split_rows(high: GridWeights, low: GridWeights, rows: np.ndarray) -> GridWeights | RowSplitGrid:
+    """`rows` of the weight on `high`, the others on `low` (both grids of the whole weight); one grid where either
+    side has no rows."""
+    rows = np.unique(np.asarray(rows, np.int64))
+    if len(rows) == 0:
+        return low
+    if len(rows) == high.codes.shape[0]:
+        return high
+    return RowSplitGrid(high, low, rows)
+
+
+def grid_parts(grid) -> tuple[GridWeights, ...]:
+    """The plain grids a weight's grid is made of (a RowSplitGrid's two parts)."""
+    return grid.parts() if isinstance(grid, RowSplitGrid) else (grid,)
+
 
 def with_offsets(grid: GridWeights, fmt: QuantFormat) -> GridWeights:
     """The offset grid (`fmt`) of a min-max grid: its codes and scales, the zero points rounded to integer codes,

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from exporter.compress import distributed
 from exporter.compress.corrective import TeacherTargets, kl_divergence
-from exporter.compress.grid import GridWeights
+from exporter.compress.grid import GridWeights, RowSplitGrid
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
 from exporter.errors import ExporterError
 
@@ -83,6 +83,37 @@ class TunedScales(nn.Module):
                            self.grid.offsets)
 
 
+class TunedSplitScales(nn.Module):
+    """TunedScales of a RowSplitGrid: each part's scales trained, the rows put back in order."""
+
+    def __init__(self, grid: RowSplitGrid, dtype: torch.dtype):
+        super().__init__()
+        mask = grid.mask()
+        self.grid = grid
+        self.high, self.low = (TunedScales(part, dtype) for part in grid.parts())
+        self.register_buffer("high_rows", torch.from_numpy(np.flatnonzero(mask)))
+        self.register_buffer("low_rows", torch.from_numpy(np.flatnonzero(~mask)))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        high, low = self.high(original), self.low(original)
+        weight = high.new_zeros(len(self.high_rows) + len(self.low_rows), high.shape[1])
+        return weight.index_copy(0, self.high_rows, high).index_copy(0, self.low_rows, low)
+
+    def tuned_grid(self) -> RowSplitGrid:
+        """The tuned parts as whole-weight grids again (the other rows keep their scales; `rows` selects)."""
+        def whole(grid: GridWeights, tuned: GridWeights, rows: torch.Tensor) -> GridWeights:
+            scales = grid.scales.copy()
+            scales[rows.cpu().numpy()] = tuned.scales
+            return GridWeights(grid.fmt, grid.codes, scales, grid.zeros, grid.in_features, grid.offsets)
+
+        return RowSplitGrid(whole(self.grid.high, self.high.tuned_grid(), self.high_rows),
+                            whole(self.grid.low, self.low.tuned_grid(), self.low_rows), self.grid.rows)
+
+
+def tuning_of(grid, dtype: torch.dtype) -> nn.Module:
+    return TunedSplitScales(grid, dtype) if isinstance(grid, RowSplitGrid) else TunedScales(grid, dtype)
+
+
 def grid_modules(model) -> list[nn.Module]:
     """Every module holding a grid: the graph's MatMulNBits linears and an untied input embedding on its grid."""
     modules = [m for m in grid_linears(model).values() if grid_of(m) is not None]
@@ -107,7 +138,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     modules = grid_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    tunings = {id(m): TunedScales(grid_of(m), m.weight.dtype).to(m.weight.device) for m in modules}
+    tunings = {id(m): tuning_of(grid_of(m), m.weight.dtype).to(m.weight.device) for m in modules}
     # A tied embedding shares lm_head's weight: it reads lm_head's tuned values too.
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -116,7 +147,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
         parametrize.register_parametrization(module, "weight", tunings[id(module)], unsafe=True)
     if shared:
         parametrize.register_parametrization(embedding, "weight", tunings[id(head)], unsafe=True)
-    deltas = [t.delta for t in tunings.values()]
+    deltas = [p for t in tunings.values() for p in t.parameters()]
     teacher = TeacherTargets(teacher)
     try:
         with torch.no_grad():

@@ -8,7 +8,8 @@ a hash of their dequantized float32 values; `quantize_matmuls` finds each B bloc
 codes, so the graph holds exactly the codes PyTorch dequantized (checked block by block: a block whose
 stored grid does not reproduce it, or no grid was found for, is rounded to nearest instead, the data-free
 fallback). One MatMul has one format (bits, block size, zero points): the one most of its blocks were
-quantized with.
+quantized with; where its rows sit wholly on grids of several formats (exporter.compress.grid.RowSplitGrid), one
+MatMulNBits per format, their outputs concatenated and gathered back into row order.
 
 Layout (com.microsoft MatMulNBits): B uint8 [N, blocks, block_size * bits / 8], codes packed low bits first;
 scales [N, blocks] in the activations' type; zero points uint8 [N, ceil(blocks * bits / 8)] packed the same
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.compress.grid import QuantFormat, block_codes, blocked, dequantize, fit_blocks
+from exporter.compress.grid import QuantFormat, block_codes, blocked, dequantize, fit_blocks, grid_parts
 
 MS_DOMAIN = "com.microsoft"
 _HASH_SEED = 20261202
@@ -73,7 +74,7 @@ class GridRegistry:
 
     def __init__(self, grids=()):
         pending: dict[QuantFormat, list] = {}
-        for grid in grids:  # padding as the graph's B pads: zeros (a min-max grid may not hold 0)
+        for grid in (part for whole in grids for part in grid_parts(whole)):  # padding as the graph's B pads: zeros
             values = blocked(grid.dequantize(), grid.fmt.block_size)
             part = [block_hashes(values).ravel(), grid.scales.ravel(), grid.zeros.ravel()]
             if grid.fmt.offset:
@@ -168,6 +169,37 @@ def choose_format(weight: np.ndarray, registry: GridRegistry | None, default: Qu
     return best
 
 
+def rows_found(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry) -> np.ndarray:
+    """Which rows of an out x in weight the registry holds wholly on `fmt` (every block reproduced)."""
+    blocks = blocked(np.asarray(weight, np.float32), fmt.block_size)
+    n, count, size = blocks.shape
+    mask = np.ones((n, count), bool)
+    mask[:, :-1] = registry.lookup(fmt, blocks[:, :-1].reshape(-1, size))[0].reshape(n, count - 1)
+    mask[:, -1] = registry.lookup(fmt, blocks[:, -1], weight.shape[1] - (count - 1) * size)[0]
+    return mask.all(axis=1)
+
+
+def row_formats(weight: np.ndarray, chosen: QuantFormat, registry: GridRegistry | None
+                ) -> list[tuple[QuantFormat, np.ndarray]] | None:
+    """A weight whose rows sit on grids of several formats (exporter.compress.grid.RowSplitGrid): [(format, its
+    rows)], the chosen (most frequent) format first; None where `chosen` holds every row, or the registered formats
+    do not cover them all (RTN then rounds the rest, as for any block without a grid)."""
+    if registry is None or chosen.offset:
+        return None
+    left = np.flatnonzero(~rows_found(weight, chosen, registry))
+    if len(left) == 0:
+        return None
+    parts = [(chosen, np.setdiff1d(np.arange(weight.shape[0]), left))]
+    for fmt in registry.formats:
+        if fmt == chosen or fmt.offset or len(left) == 0:
+            continue
+        mine = left[rows_found(weight[left], fmt, registry)]
+        if len(mine):
+            parts.append((fmt, mine))
+            left = np.setdiff1d(left, mine)
+    return parts if len(left) == 0 and len(parts) > 1 else None
+
+
 def matmul_nbits_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry | None = None,
                         scale_dtype=np.float32) -> tuple[dict[str, np.ndarray], int]:
     """({"B", "scales", "zero_points" (asymmetric only)}, blocks found in the registry) for an out x in weight."""
@@ -226,7 +258,8 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     """Replace every MatMul by a constant 2-D float B with MatMulNBits (in place). Returns a summary:
     {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}.
     A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
-    once per input), the offsets being B's last columns."""
+    once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
+    (`row_formats`) becomes one MatMulNBits per format, a Concat and a Gather (axis -1) into row order."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -238,6 +271,20 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     summary = {"formats": {}, "blocks": 0, "registered": 0}
     augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block sums
     written = []
+
+    def emit(x: str, k: int, arrays: dict, fmt: QuantFormat, stem: str, output: str, name: str) -> None:
+        names = []
+        for key in ("B", "scales", "zero_points"):
+            if key in arrays:
+                names.append(f"{stem}_Q{fmt.bits}" if key == "B" else f"{stem}_{key}")
+                graph.initializer.append(numpy_helper.from_array(arrays[key], names[-1]))
+        attributes = {"K": k, "N": arrays["scales"].shape[0], "bits": fmt.bits, "block_size": fmt.block_size}
+        if accuracy_level is not None:
+            attributes["accuracy_level"] = accuracy_level
+        written.append(helper.make_node("MatMulNBits", [x, *names], [output], domain=MS_DOMAIN, **attributes,
+                                        name=name + (OFFSET_SUFFIX if fmt.offset else "")))
+        summary["blocks"] += arrays["scales"].size
+
     for node in list(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in initializers:
             written.append(node)
@@ -247,37 +294,44 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
         if b.ndim != 2 or b.dtype not in (np.float32, np.float16):
             written.append(node)
             continue
-        k, n = b.shape
+        k = b.shape[0]
         weight = b.T.astype(np.float32)
         fmt = choose_format(weight, registry, default)
-        x = node.input[0]
+        x, stem = node.input[0], node.input[1]
+
         arrays = offset_inputs(weight, fmt, registry, b.dtype) if fmt.offset else None
         if arrays is not None:
             found, key = weight.size // fmt.block_size, (x, fmt.block_size)
             if key not in augmented:
                 written.extend(_block_sums(graph, x, fmt.block_size, f"{node.name}/BlockSums"))
                 augmented[key] = written[-1].output[0]
-            x, k = augmented[key], k + fmt.blocks(k)
+            emit(augmented[key], k + fmt.blocks(k), arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
+            summary["formats"][stem] = fmt.name
         else:
             fmt = fmt.integer if fmt.offset else fmt  # not every block on its offset grid: RTN at integer zeros
             arrays, found = matmul_nbits_inputs(weight, fmt, registry, b.dtype)
-        stem = node.input[1]
-        names = []
-        for key in ("B", "scales", "zero_points"):
-            if key in arrays:
-                names.append(f"{stem}_Q{fmt.bits}" if key == "B" else f"{stem}_{key}")
-                graph.initializer.append(numpy_helper.from_array(arrays[key], names[-1]))
-        inputs = [x, names[0], names[1]] + ([names[2]] if len(names) > 2 else [])
-        attributes = {"K": k, "N": n, "bits": fmt.bits, "block_size": fmt.block_size}
-        if accuracy_level is not None:
-            attributes["accuracy_level"] = accuracy_level
-        written.append(helper.make_node("MatMulNBits", inputs, list(node.output), domain=MS_DOMAIN, **attributes,
-                                        name=f"{node.name}_Q{fmt.bits}" + (OFFSET_SUFFIX if fmt.offset else "")))
+            split = row_formats(weight, fmt, registry) if found < arrays["scales"].size else None
+            if split is None:
+                emit(x, k, arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
+                summary["formats"][stem] = fmt.name
+            else:  # rows on grids of several formats: one MatMulNBits each, then Concat and Gather into row order
+                outputs, found = [], 0
+                for part, (part_fmt, rows) in enumerate(split):
+                    arrays, part_found = matmul_nbits_inputs(weight[rows], part_fmt, registry, b.dtype)
+                    outputs.append(f"{node.output[0]}/rows{part}")
+                    emit(x, k, arrays, part_fmt, f"{stem}.rows{part}", outputs[-1],
+                         f"{node.name}/rows{part}_Q{part_fmt.bits}")
+                    found += part_found
+                order = np.argsort(np.concatenate([rows for _, rows in split]), kind="stable").astype(np.int32)
+                graph.initializer.append(numpy_helper.from_array(order, f"{stem}.row_order"))
+                written.append(helper.make_node("Concat", outputs, [f"{node.output[0]}/rows"],
+                                                name=f"{node.name}/RowConcat", axis=-1))
+                written.append(helper.make_node("Gather", [f"{node.output[0]}/rows", f"{stem}.row_order"],
+                                                list(node.output), name=f"{node.name}/RowOrder", axis=-1))
+                summary["formats"][stem] = "/".join(f.name for f, _ in split)
         consumers[stem] -= 1
         if consumers[stem] == 0:
             graph.initializer.remove(tensor)
-        summary["formats"][stem] = fmt.name
-        summary["blocks"] += arrays["scales"].size
         summary["registered"] += found
     del graph.node[:]
     graph.node.extend(written)
@@ -288,6 +342,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
 BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
+ROW_SPLIT_NODES = 3  # what a row split adds: a second MatMulNBits, the Concat and the Gather
 
 
 def _block_sums(graph, x: str, size: int, prefix: str) -> list:
