@@ -159,7 +159,8 @@ def _format_lines(method: Method) -> list[str]:
              f"{f['predicted_loss_increase']:.4f} nats/token. "
              + ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())) + ".", "",
              "![weight bits per layer](formats.png)", "", "| unit | format | MB | predicted dL |", "|---|---|---|---|"]
-    lines += [f"| {u['unit']} | {u['format']} ({u['method']}){f', rank {r}' if (r := u.get('rank')) else ''} | "
+    lines += [f"| {u['unit']} | {u['format']} ({u['method']}){f', rank {r}' if (r := u.get('rank')) else ''}"
+              f"{f', {h} rows on the first' if (h := u.get('high_rows')) else ''} | "
               f"{u['bytes'] / MB:.2f} | {u['predicted_loss_increase']:.2e} |" for u in f["units"]]
     return lines + [""]
 
