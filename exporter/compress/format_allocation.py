@@ -392,7 +392,8 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
     round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may); with
     `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank; with
-    `low_rank` (factor formats), each factorizable unit also at each of its `low_rank_ranks`."""
+    `low_rank` (factor formats), each factorizable unit also at each of its `low_rank_ranks`; where the menu holds
+    SPLIT_LOW and a format of SPLIT_HIGH, the unit's row splits between them (`split_options`)."""
     from tqdm.auto import tqdm
 
     statistics = statistics or pricing_statistics(model, input_ids, fisher_ids, progress=progress)
