@@ -212,7 +212,8 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
 
 def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_file, capsys, monkeypatch):
     """Below what the 4- and 8-bit menu reaches, 2-bit grids join it (never lm_head's, which the tied embedding
-    gathers from); ONNX Runtime runs the graph as PyTorch does; a release that runs 2 bits slowly is refused."""
+    gathers from), alone and in row splits with 4-bit ones; the bytes on disk are the manifest's; ONNX Runtime runs
+    the graph as PyTorch does; a release that runs 2 bits slowly is refused."""
     from exporter.runtime.generation import OrtDecoder
 
     out = tmp_path / "probe"
@@ -230,7 +231,10 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
     assert formats["chosen_bytes"] <= formats["budget_bytes"] and formats["smallest_bytes"] < four_bit_smallest
     chosen = {u["unit"]: u["format"] for u in formats["units"]}
     assert any(f.startswith("int2-") for f in chosen.values())
+    assert any(f.endswith("/int2-b64-asym") for f in chosen.values())  # row splits: a 4-bit grid and a 2-bit one
     assert not chosen["lm_head"].startswith("int2-")
+    on_disk = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    assert abs(on_disk - formats["chosen_bytes"]) <= 0.01 * formats["chosen_bytes"] + 64_000
     assert manifest["onnx"]["oldest_onnxruntime"] == "1.28"
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
