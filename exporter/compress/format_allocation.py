@@ -69,8 +69,8 @@ LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2
 LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b32-asym"))
 # Row-split options, offered with LOW_BIT_MENU: a unit's output rows that save the most estimated loss per byte on
 # a 4-bit grid of SPLIT_HIGH, the others on SPLIT_LOW, in SPLIT_PARTS steps of its rows (the bits per weight between
-# 2.5 and 4.1 that no single MatMulNBits format has). In the graph: one MatMulNBits per grid, a Concat and a Gather of
-# the rows back into order (its int32 indices counted in the option's bytes).
+# 2.5 and 4.1 that no single MatMulNBits format has). In the graph: one MatMulNBits per grid, a Concat and a
+# GatherElements of the rows back into order (its int32 indices counted in the option's bytes).
 SPLIT_LOW = QuantFormat.parse("int2-b64-asym")
 SPLIT_HIGH = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b256-asym"))
 SPLIT_PARTS = 16

@@ -9,7 +9,7 @@ codes, so the graph holds exactly the codes PyTorch dequantized (checked block b
 stored grid does not reproduce it, or no grid was found for, is rounded to nearest instead, the data-free
 fallback). One MatMul has one format (bits, block size, zero points): the one most of its blocks were
 quantized with; where its rows sit wholly on grids of several formats (exporter.compress.grid.RowSplitGrid), one
-MatMulNBits per format, their outputs concatenated and gathered back into row order.
+MatMulNBits per format, their outputs concatenated and put back into row order (GatherElements).
 
 Layout (com.microsoft MatMulNBits): B uint8 [N, blocks, block_size * bits / 8], codes packed low bits first;
 scales [N, blocks] in the activations' type; zero points uint8 [N, ceil(blocks * bits / 8)] packed the same
@@ -259,7 +259,8 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}.
     A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
     once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
-    (`row_formats`) becomes one MatMulNBits per format, a Concat and a Gather (axis -1) into row order."""
+    (`row_formats`) becomes one MatMulNBits per format, a Concat, and a GatherElements (axis -1; its indices
+    expanded to the Concat's shape) into row order."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -314,7 +315,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
             if split is None:
                 emit(x, k, arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
                 summary["formats"][stem] = fmt.name
-            else:  # rows on grids of several formats: one MatMulNBits each, then Concat and Gather into row order
+            else:  # rows on grids of several formats: one MatMulNBits each, then Concat and GatherElements
                 outputs, found = [], 0
                 for part, (part_fmt, rows) in enumerate(split):
                     arrays, part_found = matmul_nbits_inputs(weight[rows], part_fmt, registry, b.dtype)
@@ -322,12 +323,17 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
                     emit(x, k, arrays, part_fmt, f"{stem}.rows{part}", outputs[-1],
                          f"{node.name}/rows{part}_Q{part_fmt.bits}")
                     found += part_found
+                # GatherElements, not Gather: ONNX Runtime's Gather along the last axis took 24 us for 3072 values
+                # (2.3 us here, Shape and Expand of the order included: benchmarks/RESULTS.md, "Row splits")
                 order = np.argsort(np.concatenate([rows for _, rows in split]), kind="stable").astype(np.int32)
-                graph.initializer.append(numpy_helper.from_array(order, f"{stem}.row_order"))
-                written.append(helper.make_node("Concat", outputs, [f"{node.output[0]}/rows"],
-                                                name=f"{node.name}/RowConcat", axis=-1))
-                written.append(helper.make_node("Gather", [f"{node.output[0]}/rows", f"{stem}.row_order"],
-                                                list(node.output), name=f"{node.name}/RowOrder", axis=-1))
+                graph.initializer.append(numpy_helper.from_array(order.reshape(1, 1, -1), f"{stem}.row_order"))
+                rows_out = f"{node.output[0]}/rows"
+                written += [helper.make_node("Concat", outputs, [rows_out], name=f"{node.name}/RowConcat", axis=-1),
+                            helper.make_node("Shape", [rows_out], [f"{rows_out}/shape"], name=f"{node.name}/RowShape"),
+                            helper.make_node("Expand", [f"{stem}.row_order", f"{rows_out}/shape"],
+                                             [f"{rows_out}/order"], name=f"{node.name}/RowOrderExpand"),
+                            helper.make_node("GatherElements", [rows_out, f"{rows_out}/order"], list(node.output),
+                                             name=f"{node.name}/RowOrder", axis=-1)]
                 summary["formats"][stem] = "/".join(f.name for f, _ in split)
         consumers[stem] -= 1
         if consumers[stem] == 0:
@@ -342,7 +348,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
 BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
-ROW_SPLIT_NODES = 3  # what a row split adds: a second MatMulNBits, the Concat and the Gather
+ROW_SPLIT_NODES = 5  # what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements
 
 
 def _block_sums(graph, x: str, size: int, prefix: str) -> list:
