@@ -133,6 +133,14 @@ class Unit:
     def split(self, option: int) -> int:
         return self.splits[option] if self.splits else 0
 
+    def add(self, fmt: QuantFormat, method: str, grids: dict | None, size: int, loss: float, correction: int = 0,
+            rank: int = 0, split: int = 0) -> None:
+        """One more menu option."""
+        for values, value in ((self.options, fmt), (self.methods, method), (self.grids, grids), (self.bytes, size),
+                              (self.loss, loss), (self.corrections, correction), (self.ranks, rank),
+                              (self.splits, split)):
+            values.append(value)
+
     def format_name(self, option: int) -> str:
         """The option's format; a row split's as `high/low`."""
         name = self.options[option].name
@@ -416,52 +424,24 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 if tied and head_name in members:
                     loss += embedding_loss(head.weight, grids[head_name], statistics.share, fisher[EMBEDDING])
                 size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
-                unit.options.append(fmt)
-                unit.methods.append(method)
-                unit.grids.append(grids)
-                unit.bytes.append(size)
-                unit.loss.append(loss)
-                unit.corrections.append(0)
-                unit.ranks.append(0)
-                unit.splits.append(0)
+                unit.add(fmt, method, grids, size, loss)
                 if corrections and fmt.bits == 4 and not fmt.offset and head_name not in members:
                     for rank, added, corrected, extra in corrected_options(members, linears, grams, fisher, grids,
                                                                            fmt, corrections, tokens):
-                        unit.options.append(fmt)
-                        unit.methods.append(method)
-                        unit.grids.append({**grids, **extra})
-                        unit.bytes.append(size + added)
-                        unit.loss.append(corrected)
-                        unit.corrections.append(rank)
-                        unit.ranks.append(0)
-                        unit.splits.append(0)
+                        unit.add(fmt, method, {**grids, **extra}, size + added, corrected, correction=rank)
         ranks = low_rank_ranks(sum(linears[n].out_features for n in members), linears[members[0]].in_features) \
             if low_rank and factorizable(members, head_name) else []
         if ranks:  # a unit too small for any rank below its break-even has none
             for fmt, rank, size, loss, grids in low_rank_options(members, linears, grams, fisher, low_rank, ranks,
                                                                  tokens):
-                unit.options.append(fmt)
-                unit.methods.append("gptq")
-                unit.grids.append(grids)
-                unit.bytes.append(size)
-                unit.loss.append(loss)
-                unit.corrections.append(0)
-                unit.ranks.append(rank)
-                unit.splits.append(0)
+                unit.add(fmt, "gptq", grids, size, loss, rank=rank)
         gptq_of = {f: unit.grids[k] for k, (f, m) in enumerate(zip(unit.options, unit.methods))
                    if m == "gptq" and not unit.correction(k) and not unit.rank(k)}
         if SPLIT_LOW in gptq_of:
             for high in (f for f in SPLIT_HIGH if f in gptq_of):
                 for count, size, loss, grids in split_options(statistics, members, high, gptq_of[high],
                                                               gptq_of[SPLIT_LOW]):
-                    unit.options.append(high)
-                    unit.methods.append("gptq")
-                    unit.grids.append(grids)
-                    unit.bytes.append(size)
-                    unit.loss.append(loss)
-                    unit.corrections.append(0)
-                    unit.ranks.append(0)
-                    unit.splits.append(count)
+                    unit.add(high, "gptq", grids, size, loss, split=count)
         priced[index] = unit
     if len(mine) == len(groups):
         return [priced[index] for index in range(len(groups))]

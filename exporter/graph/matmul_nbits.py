@@ -144,11 +144,7 @@ def grid_matrix(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry | N
     found = np.zeros(len(flat), bool)
     scales, zeros = np.zeros(len(flat), np.float32), np.zeros(len(flat), fmt.zero_dtype)
     if registry is not None:
-        whole = registry.lookup(fmt, flat.reshape(n, count, size)[:, :-1].reshape(-1, size))
-        last = registry.lookup(fmt, flat.reshape(n, count, size)[:, -1], weight.shape[1] - (count - 1) * size)
-        for mine, (a, b) in zip((found, scales, zeros), zip(whole, last)):
-            view = mine.reshape(n, count)
-            view[:, :-1], view[:, -1] = a.reshape(n, count - 1), b
+        found, scales, zeros = (a.reshape(-1) for a in _lookup_rows(registry, fmt, blocks, weight.shape[1]))
     codes = np.zeros(flat.shape, np.uint8)
     codes[found] = block_codes(flat[found], scales[found], zeros[found], fmt)
     if not found.all():
@@ -169,14 +165,20 @@ def choose_format(weight: np.ndarray, registry: GridRegistry | None, default: Qu
     return best
 
 
+def _lookup_rows(registry: GridRegistry, fmt: QuantFormat, blocks: np.ndarray, in_features: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`registry.lookup` of blocks (N x blocks x block_size), the last block of each row compared on its first
+    values only (the rest: padding): (found, scales, zeros), each N x blocks."""
+    n, count, size = blocks.shape
+    whole = registry.lookup(fmt, blocks[:, :-1].reshape(-1, size))
+    last = registry.lookup(fmt, blocks[:, -1], in_features - (count - 1) * size)
+    return tuple(np.concatenate([a.reshape(n, count - 1), b[:, None]], axis=1) for a, b in zip(whole, last))
+
+
 def rows_found(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry) -> np.ndarray:
     """Which rows of an out x in weight the registry holds wholly on `fmt` (every block reproduced)."""
     blocks = blocked(np.asarray(weight, np.float32), fmt.block_size)
-    n, count, size = blocks.shape
-    mask = np.ones((n, count), bool)
-    mask[:, :-1] = registry.lookup(fmt, blocks[:, :-1].reshape(-1, size))[0].reshape(n, count - 1)
-    mask[:, -1] = registry.lookup(fmt, blocks[:, -1], weight.shape[1] - (count - 1) * size)[0]
-    return mask.all(axis=1)
+    return _lookup_rows(registry, fmt, blocks, weight.shape[1])[0].all(axis=1)
 
 
 def row_formats(weight: np.ndarray, chosen: QuantFormat, registry: GridRegistry | None
