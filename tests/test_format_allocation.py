@@ -211,8 +211,8 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
 
 
 def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_file, capsys, monkeypatch):
-    """Below what the 4- and 8-bit menu reaches, 2-bit grids join it (never lm_head's, which the tied embedding
-    gathers from), alone and in row splits with 4-bit ones; the bytes on disk are the manifest's; ONNX Runtime runs
+    """Below what the 4- and 8-bit menu reaches, 2-bit grids join it, alone and in row splits with 4-bit ones; the
+    bytes on disk are the manifest's; ONNX Runtime runs
     the graph as PyTorch does; a release that runs 2 bits slowly is refused."""
     from exporter.runtime.generation import OrtDecoder
 
@@ -232,7 +232,6 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
     chosen = {u["unit"]: u["format"] for u in formats["units"]}
     assert any(f.startswith("int2-") for f in chosen.values())
     assert any(f.endswith("/int2-b64-asym") for f in chosen.values())  # row splits: a 4-bit grid and a 2-bit one
-    assert not chosen["lm_head"].startswith("int2-")
     on_disk = sum(p.stat().st_size for p in out.glob("model.onnx*"))
     assert abs(on_disk - formats["chosen_bytes"]) <= 0.01 * formats["chosen_bytes"] + 64_000
     assert manifest["onnx"]["oldest_onnxruntime"] == "1.28"
@@ -428,7 +427,6 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
     statistics = pricing_statistics(model, calib_ids[:4], calib_ids[:2], progress=False)
     units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
                         statistics=statistics)
-    assert not any(next(u for u in units if "lm_head" in u.members).splits)  # lm_head never takes 2 bits
     qkv = next(u for u in units if "model.layers.0.self_attn.q_proj" in u.members)
     rows = 64 + 32 + 32
     for high in SPLIT_HIGH:
@@ -462,6 +460,63 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
     assert any(n.op_type == "GatherElements" and n.name.endswith("/RowOrder") for n in graph.node)
     bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert {2, 4} <= bits
+    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
+    assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
+    assert list(np.argmax(logits, axis=-1)) == ref_tokens
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_path, monkeypatch, packed):
+    """lm_head's rows are the vocabulary: a row split keeps the tokens whose rows save the most estimate on 4 bits,
+    the rest on 2. Tied, each row's estimate also holds its embedding row's (the option's estimate is the sum of
+    the head's and the embedding's for the weights it installs); the tied embedding gathers each token from the
+    part that holds it (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's
+    logits are PyTorch's on the same weights."""
+    from exporter.compress.format_allocation import LOW_BIT_MENU, SPLIT_LOW, embedding_loss, pricing_statistics
+    from exporter.compress.grid import RowSplitGrid
+    from exporter.compress.importance import EMBEDDING
+    from exporter.graph import writer
+    from exporter.graph.optimum_export import torch_greedy
+    from exporter.graph.writer import write_decoder
+    from exporter.runtime.generation import OrtDecoder
+
+    model = tiny_models.load("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    statistics = pricing_statistics(model, calib_ids[:4], calib_ids[:2], progress=False)
+    assert statistics.tied
+    units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
+                        statistics=statistics)
+    head = next(u for u in units if u.members == ["lm_head"])
+    splits = [k for k in range(len(head.options)) if head.split(k)]
+    assert splits and SPLIT_LOW in head.options
+    weight = statistics.linears["lm_head"].weight
+    for k in splits[:: max(1, len(splits) // 4)]:
+        grid = head.grids[k]["lm_head"]
+        assert isinstance(grid, RowSplitGrid) and len(grid.rows) == head.split(k)
+        direct = format_allocation.estimated_loss(weight, grid, statistics.grams["lm_head"],
+                                                  statistics.fisher["lm_head"], statistics.tokens)
+        direct += embedding_loss(weight, grid, statistics.share, statistics.fisher[EMBEDDING])
+        assert direct == pytest.approx(head.loss[k], rel=1e-9)
+    # the rows kept on 4 bits first: the calibration's tokens (the embedding's share) are among them
+    first = head.grids[splits[0]]["lm_head"]
+    seen = np.flatnonzero(statistics.share.numpy() > 0)
+    assert np.isin(np.argsort(-statistics.share.numpy())[:4], first.rows).any() and len(seen)
+    for unit in units:
+        unit.choice = splits[len(splits) // 2] if unit is head else 0
+    apply_choices(model, units)
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    ref_tokens, ref_logits = torch_greedy(model, prompt, 6)
+    if not packed:  # the standard-operator gather, as for a release before 1.23
+        share = writer._share_tied_embedding
+        monkeypatch.setattr(writer, "_share_tied_embedding", lambda proto, packed_gather: share(proto, False))
+    path = write_decoder(model, tmp_path, weights="int4")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == (2 if packed else 0) and not any(n.op_type == "Gather" and n.input[0] ==
+                                                             "model.embed_tokens.weight" for n in graph.node)
+    assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == ([2, 4] if packed else [])
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
     assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
     assert list(np.argmax(logits, axis=-1)) == ref_tokens

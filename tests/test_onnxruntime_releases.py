@@ -107,6 +107,10 @@ def test_what_a_release_cannot_run_is_named():
         return model
 
     assert oldest_release(proto(4)) == "1.18" and oldest_release(proto(8)) == "1.22"
+    gathered = proto(4)
+    gathered.graph.node.append(helper.make_node("GatherBlockQuantized", ["d", "i", "s"], ["e"], domain="com.microsoft",
+                                                bits=2, block_size=32, gather_axis=0, quantize_axis=1))
+    assert oldest_release(gathered) == "1.27"
     windowed = proto(4)
     windowed.graph.node.append(helper.make_node("GroupQueryAttention", ["q"], ["a"], domain="com.microsoft",
                                                 num_heads=4, kv_num_heads=2, local_window_size=8))

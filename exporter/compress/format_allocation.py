@@ -6,13 +6,15 @@ has one format, so the linears that feed one node are one unit (`format_units`).
 
 Menu. Every unit can take each format of `MENU` (int4 at blocks 256 to 16, int8 at 128 and 32), each with exact
 bytes (QuantFormat.matrix_bytes) and an estimated loss increase; below what that menu reaches, also the 2-bit
-formats of `LOW_BIT_MENU` (not lm_head) and low-rank options: a unit's linears factorized jointly at rank r
+formats of `LOW_BIT_MENU` and low-rank options (not lm_head): a unit's linears factorized jointly at rank r
 (the whitened SVD of their stacked weights under the input Gram they share, one down factor and an up factor per
 linear), both factors on a grid of `LOW_RANK_FORMATS`, the up factor refitted by least squares to the quantized
 down factor before its own GPTQ; and row splits: the unit's output rows on two grids, those that save the most
 estimate per byte on a 4-bit format of `SPLIT_HIGH`, the rest on `SPLIT_LOW` (GPTQ rounds each row on its own and
 the estimate below is a sum over rows, so both are exact from the two formats' grids; one MatMulNBits per grid in
-the graph). They fill the bits per weight between 2.5 and 4.1 that no MatMulNBits format has.
+the graph). They fill the bits per weight between 2.5 and 4.1 that no MatMulNBits format has. lm_head's rows are
+the vocabulary: a split keeps the tokens that matter on 4 bits (a tied embedding gathers each token's row from
+its part's blocks) and the rest, most of a 49152-token vocabulary that calibration text rarely or never shows, on 2.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -61,8 +63,8 @@ MENU = tuple(QuantFormat.parse(name) for name in
              ("int4-b256-asym", "int4-b128-asym", "int4-b64", "int4-b64-asym", "int4-b32-asym", "int4-b32-offset",
               "int4-b16-asym", "int8-b128", "int8-b32"))
 # 2-bit grids, offered where a budget is below what MENU reaches (exporter.pipeline.choose_formats): ONNX Runtime
-# runs 2-bit MatMulNBits about 2x slower per node than 4-bit, and lm_head never takes them (the tied embedding
-# gathers from lm_head's blocks; GatherBlockQuantized reads 4 and 8 bits).
+# runs 2-bit MatMulNBits about 2x slower per node than 4-bit. A tied embedding gathers 2-bit blocks of lm_head as
+# it gathers 4-bit ones (GatherBlockQuantized reads 2, 4 and 8 bits).
 LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2-b32-asym"))
 # Low-rank options, offered with LOW_BIT_MENU: the factors' grids, and the ranks as fractions of the unit's
 # break-even rank (whole 32-column blocks where the unit is large enough). A factorized unit is two MatMulNBits.
@@ -81,11 +83,12 @@ LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 SHARED_ROWS = 1 << 16
 
 
-def unit_menu(menu, members: list[str], head_name: str, in_features: int) -> list[QuantFormat]:
-    """The formats a unit may take: all of `menu`, but no 2-bit or offset format for lm_head (the tied embedding
-    gathers its blocks), and offsets only where the input is whole blocks (its block sums are a reshape)."""
+def unit_menu(menu, members: list[str], head_name: str, in_features: int, tied: bool = False) -> list[QuantFormat]:
+    """The formats a unit may take: all of `menu`, but no offset format for lm_head and, tied, only blocks that
+    divide its rows (the embedding gathers its blocks, which can hold neither offsets nor padding), and offsets
+    only where the input is whole blocks (its block sums are a reshape)."""
     head = head_name in members
-    return [f for f in menu if not (head and (f.bits == 2 or f.offset))
+    return [f for f in menu if not (head and (f.offset or (tied and in_features % f.block_size)))
             and not (f.offset and in_features % f.block_size)]
 
 
@@ -255,12 +258,16 @@ def corrected_options(members: list[str], linears: dict, grams: dict, fisher: di
 
 
 def row_losses(statistics: PricingStatistics, members: list[str], grids: dict) -> torch.Tensor:
-    """The estimate of each output row on `grids`, the members' rows stacked (the estimate is a sum over rows)."""
+    """The estimate of each output row on `grids`, the members' rows stacked (the estimate is a sum over rows); a
+    tied lm_head's rows also carry their embedding rows' (`embedding_loss`, row by row)."""
     parts = []
     for n in members:
         error = _error(statistics.linears[n].weight, grids[n])
         per_output = ((error @ statistics.grams[n].double()) * error).sum(dim=1)
-        parts.append(0.5 * statistics.fisher[n].double() * per_output / statistics.tokens)
+        losses = 0.5 * statistics.fisher[n].double() * per_output / statistics.tokens
+        if statistics.tied and n == statistics.head_name:
+            losses += 0.5 * statistics.share * (error**2 @ statistics.fisher[EMBEDDING].double())
+        parts.append(losses)
     return torch.cat(parts)
 
 
@@ -416,7 +423,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
-        formats = unit_menu(menu, members, head_name, linears[members[0]].in_features)
+        formats = unit_menu(menu, members, head_name, linears[members[0]].in_features, tied)
         for fmt, shared in zip(formats, gptq_grids(statistics, members, formats)):
             for method in methods:
                 grids = shared if method == "gptq" else _grids(statistics, members, fmt, method)
@@ -484,11 +491,12 @@ def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: 
     granularity): known before any pricing."""
     linears = grid_linears(model)
     head_name = module_name(model, model.get_output_embeddings())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     per_unit = []
     for members in groups:
         shapes = [tuple(linears[n].weight.shape) for n in members]
         sizes = [sum(f.matrix_bytes(*shape) for shape in shapes)
-                 for f in unit_menu(menu, members, head_name, shapes[0][1])]
+                 for f in unit_menu(menu, members, head_name, shapes[0][1], tied)]
         if low_rank and factorizable(members, head_name):
             ranks = low_rank_ranks(sum(out for out, _ in shapes), shapes[0][1])
             sizes += [low_rank_bytes(f, rank, shapes) for f in low_rank for rank in ranks]

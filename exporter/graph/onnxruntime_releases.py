@@ -37,6 +37,9 @@ EIGHT_BIT_MATMUL_RELEASE = (1, 22)  # MatMulNBits bits=8 on the CPU ("Only 4b qu
 # against 23 us); from 1.28, about 2x (44-68 us; measured here, benchmarks/RESULTS.md)
 TWO_BIT_MATMUL_RELEASE = (1, 28)
 PACKED_GATHER_RELEASE = (1, 23)  # GatherBlockQuantized with its `bits` attribute and packed uint8 data
+# GatherBlockQuantized bits=2 (a tied lm_head's 2-bit rows): 1.23 to 1.26 refuse it at load ("only support bits==4
+# or 8"); 1.27, 1.28 and 1.32 give the same logits (within 4e-7; measured here, benchmarks/RESULTS.md)
+TWO_BIT_GATHER_RELEASE = (1, 27)
 # GroupQueryAttention's local_window_size: 1.18 to 1.23 load it but compute other logits than PyTorch once a
 # prompt is longer than the window (Gemma 3, Phi-3 and Mistral-style tiny models, 20-token prompts: max |logit
 # difference| 0.9 to 2.2; 1.24 to 1.32: 2e-6)
@@ -103,6 +106,8 @@ def requirements(proto) -> list[Requirement]:
             needs.append(Requirement(TWO_BIT_MATMUL_RELEASE, "2-bit MatMulNBits at speed"))
         elif node.op_type == "MatMulNBits" and _attribute(node, "bits", 4) != 4:
             needs.append(Requirement(EIGHT_BIT_MATMUL_RELEASE, f"{_attribute(node, 'bits')}-bit MatMulNBits"))
+        elif node.op_type == "GatherBlockQuantized" and _attribute(node, "bits") == 2:
+            needs.append(Requirement(TWO_BIT_GATHER_RELEASE, "2-bit GatherBlockQuantized"))
         elif node.op_type == "GatherBlockQuantized" and _attribute(node, "bits") is not None:
             needs.append(Requirement(PACKED_GATHER_RELEASE, "GatherBlockQuantized with packed uint8 data"))
         elif node.op_type == "GroupQueryAttention" and _attribute(node, "local_window_size", -1) > 0:

@@ -958,35 +958,86 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     (gather_axis 0, quantize_axis 1). Dropping the fp32 embedding saves vocab x hidden x 4 bytes.
     packed_gather: one GatherBlockQuantized (ONNX Runtime 1.23 and later read this packed uint8 layout);
     otherwise the same bytes are gathered and dequantized with standard operators (`_gather_blocks`).
+    An lm_head whose rows sit on grids of several formats (one MatMulNBits per part, exporter.graph.matmul_nbits)
+    is gathered from each part at the token's place in it, read from the logits' row order, and the part that
+    holds the token selected (`_select_part`).
     """
     from onnx import helper
 
     graph = proto.graph
     init = {t.name: t for t in graph.initializer}
-    lm_head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
+    parts = [n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
     gather = next((n for n in graph.node if n.name == "/model/embed_tokens/Gather"), None)
-    if lm_head is None or gather is None or gather.input[0] not in init:
+    if not parts or gather is None or gather.input[0] not in init:
         return
     vocab, hidden = init[gather.input[0]].dims
-    attributes = {a.name: helper.get_attribute_value(a) for a in lm_head.attribute}
-    bits, block_size = attributes["bits"], attributes["block_size"]
-    if hidden % block_size:
+    found = []  # (stem, rows, bits, block size, zero points) per part
+    for index, part in enumerate(parts):
+        attributes = {a.name: helper.get_attribute_value(a) for a in part.attribute}
+        bits, block_size, rows = attributes["bits"], attributes["block_size"], attributes["N"]
+        zero_points = part.input[3] if len(part.input) > 3 else None
+        if hidden % block_size or (zero_points and init[zero_points].data_type != 2):  # packed uint8 zero points only
+            return
+        stem = "/model/embed_tokens" if len(parts) == 1 else f"/model/embed_tokens/rows{index}"
+        shape_data = helper.make_tensor(f"{stem}/data_shape", 7, [2], [rows, hidden * bits // 8])
+        shape_scales = helper.make_tensor(f"{stem}/scales_shape", 7, [2], [rows, hidden // block_size])
+        graph.initializer.extend([shape_data, shape_scales])
+        found.append((stem, rows, bits, block_size, zero_points, [
+            helper.make_node("Reshape", [part.input[1], shape_data.name], [f"{stem}/data"], name=f"{stem}/ReshapeData"),
+            helper.make_node("Reshape", [part.input[2], shape_scales.name], [f"{stem}/scales"],
+                             name=f"{stem}/ReshapeScales")]))
+    if sum(rows for _, rows, *_ in found) != vocab:
         return
-    weight, scales = lm_head.input[1], lm_head.input[2]
-    zero_points = lm_head.input[3:4]
-    if zero_points and init[zero_points[0]].data_type != 2:  # packed uint8 zero points only
+    scale_type = init[parts[0].input[2]].data_type
+    if len(found) == 1:
+        stem, rows, bits, block_size, zero_points, nodes = found[0]
+        _gather_quantized(graph, gather, nodes, zero_points, bits, block_size, vocab, hidden, scale_type,
+                          packed_gather)
         return
-    shape_data = helper.make_tensor("/model/embed_tokens/data_shape", 7, [2], [vocab, hidden * bits // 8])
-    shape_scales = helper.make_tensor("/model/embed_tokens/scales_shape", 7, [2], [vocab, hidden // block_size])
-    graph.initializer.extend([shape_data, shape_scales])
-    nodes = [
-        helper.make_node("Reshape", [weight, shape_data.name], ["/model/embed_tokens/data"],
-                         name="/model/embed_tokens/ReshapeData"),
-        helper.make_node("Reshape", [scales, shape_scales.name], ["/model/embed_tokens/scales"],
-                         name="/model/embed_tokens/ReshapeScales"),
-    ]
-    _gather_quantized(graph, gather, nodes, zero_points[0] if zero_points else None, bits, block_size, vocab, hidden,
-                      init[scales].data_type, packed_gather)
+    order = next(n.input[0] for n in graph.node if n.op_type == "Expand" and n.name.startswith("/lm_head/")
+                 and n.name.endswith("/RowOrderExpand"))
+    nodes, outputs, select = _select_part(graph, gather.input[1], order, [rows for _, rows, *_ in found],
+                                          gather.output[0])
+    for (stem, rows, bits, block_size, zero_points, reshapes), (ids, output) in zip(found, outputs):
+        nodes += reshapes
+        nodes += _gather_nodes(graph, stem, ids, output, zero_points, bits, block_size, rows, hidden, scale_type,
+                               packed_gather)
+    _replace_gather(graph, gather, nodes + select)
+
+
+def _select_part(graph, ids: str, order: str, counts: list[int], output: str) -> tuple[list, list, list]:
+    """A token's embedding from the part of lm_head's rows that holds it: `order` [1, 1, vocab] is each token's
+    place among the parts' rows (part 0's first). Returns (the nodes that find each token's place in every part,
+    [(that place in part j, the output part j's gather writes)], the nodes that select each token's embedding
+    from those outputs into `output`)."""
+    from onnx import helper, numpy_helper
+
+    stem = "/model/embed_tokens"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/order_shape"))
+    nodes = [helper.make_node("Reshape", [order, f"{stem}/order_shape"], [f"{stem}/order"], name=f"{stem}/Order"),
+             helper.make_node("Gather", [f"{stem}/order", ids], [f"{stem}/place"], name=f"{stem}/Place")]
+    places, start = [], 0
+    for index, count in enumerate(counts):
+        key = f"{stem}/rows{index}"
+        bounds = [("start", start), ("last", count - 1), ("zero", 0)]
+        bounds += [("end", start + count)] if index < len(counts) - 1 else []
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int32), f"{key}/{name}") for name, v in bounds)
+        nodes += [helper.make_node("Sub", [f"{stem}/place", f"{key}/start"], [f"{key}/offset"], name=f"{key}/Offset"),
+                  helper.make_node("Max", [f"{key}/offset", f"{key}/zero"], [f"{key}/low"], name=f"{key}/Low"),
+                  helper.make_node("Min", [f"{key}/low", f"{key}/last"], [f"{key}/ids"], name=f"{key}/Ids")]
+        places.append((f"{key}/ids", f"{key}/rows"))
+        start += count
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/hidden_axis"))
+    selected, select = places[-1][1], []
+    for index in range(len(counts) - 2, -1, -1):  # earlier parts hold the lower places
+        key = f"{stem}/rows{index}"
+        out = output if index == 0 else f"{key}/selected"
+        select += [helper.make_node("Less", [f"{stem}/place", f"{key}/end"], [f"{key}/holds"], name=f"{key}/Holds"),
+                  helper.make_node("Unsqueeze", [f"{key}/holds", f"{stem}/hidden_axis"], [f"{key}/mask"],
+                                   name=f"{key}/Mask"),
+                  helper.make_node("Where", [f"{key}/mask", places[index][1], selected], [out], name=f"{key}/Where")]
+        selected = out
+    return nodes, places, select
 
 
 def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None:
@@ -1025,20 +1076,14 @@ def _quantize_untied_embedding(proto, model, packed_gather: bool = True) -> None
 def _gather_quantized(graph, gather, nodes: list, zero_points: str | None, bits: int, block_size: int, vocab: int,
                       hidden: int, scale_type: int, packed_gather: bool) -> None:
     """Replace the embedding's `gather` by `nodes` (which provide "/model/embed_tokens/data" [vocab, bytes per
-    row] and ".../scales" [vocab, blocks] where they are not initializers) and a gather of those blocks:
-    GatherBlockQuantized, or its standard-operator form."""
-    from onnx import helper
+    row] and ".../scales" [vocab, blocks] where they are not initializers) and a gather of those blocks."""
+    nodes += _gather_nodes(graph, "/model/embed_tokens", gather.input[1], gather.output[0], zero_points, bits,
+                           block_size, vocab, hidden, scale_type, packed_gather)
+    _replace_gather(graph, gather, nodes)
 
+
+def _replace_gather(graph, gather, nodes: list) -> None:
     init = {t.name: t for t in graph.initializer}
-    if packed_gather:
-        nodes.append(helper.make_node(
-            "GatherBlockQuantized", ["/model/embed_tokens/data", gather.input[1], "/model/embed_tokens/scales",
-                                     *([zero_points] if zero_points else [])], list(gather.output),
-            name="/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
-            bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1))
-    else:
-        nodes += _gather_blocks(graph, gather.input[1], zero_points, bits, block_size, vocab, hidden, scale_type,
-                                gather.output[0])
     position = list(graph.node).index(gather)
     graph.node.remove(gather)
     for offset, node in enumerate(nodes):
@@ -1047,14 +1092,28 @@ def _gather_quantized(graph, gather, nodes: list, zero_points: str | None, bits:
         graph.initializer.remove(init[gather.input[0]])
 
 
-def _gather_blocks(graph, ids: str, zero_points: str | None, bits: int, block_size: int, vocab: int,
+def _gather_nodes(graph, stem: str, ids: str, output: str, zero_points: str | None, bits: int, block_size: int,
+                  vocab: int, hidden: int, scale_type: int, packed_gather: bool) -> list:
+    """The rows `ids` of the blocks "{stem}/data" [vocab, bytes per row] and "{stem}/scales" [vocab, blocks]
+    dequantized into `output`: GatherBlockQuantized, or its standard-operator form (`_gather_blocks`)."""
+    from onnx import helper
+
+    if packed_gather:
+        return [helper.make_node(
+            "GatherBlockQuantized", [f"{stem}/data", ids, f"{stem}/scales", *([zero_points] if zero_points else [])],
+            [output], name=f"{stem}/GatherBlockQuantized", domain=MS_DOMAIN,
+            bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1)]
+    return _gather_blocks(graph, stem, ids, zero_points, bits, block_size, vocab, hidden, scale_type, output)
+
+
+def _gather_blocks(graph, stem: str, ids: str, zero_points: str | None, bits: int, block_size: int, vocab: int,
                    hidden: int, scale_type: int, output: str) -> list:
-    """Standard-operator nodes for GatherBlockQuantized over "/model/embed_tokens/data" and ".../scales":
-    the rows' codes (4-bit: two per byte, low nibble first), their zero points (packed the same way,
-    default 2^(bits-1)) and scales gathered, then (q - z) * s, as MatMulNBits dequantizes."""
+    """Standard-operator nodes for GatherBlockQuantized over "{stem}/data" and "{stem}/scales": the rows' codes
+    (below 8 bits: 8 / bits per byte, low bits first), their zero points (packed the same way, default
+    2^(bits-1)) and scales gathered, then (q - z) * s, as MatMulNBits dequantizes."""
     from onnx import helper, numpy_helper
 
-    stem, blocks = "/model/embed_tokens", hidden // block_size
+    blocks = hidden // block_size
     nodes = []
 
     def const(key: str, array) -> str:
@@ -1067,14 +1126,17 @@ def _gather_blocks(graph, ids: str, zero_points: str | None, bits: int, block_si
 
     def codes(packed: str, key: str, count: int) -> str:
         """[batch, seq, count] float codes from [batch, seq, bytes] uint8."""
-        if bits == 4:
-            low = node("BitwiseAnd", [packed, const(f"{key}_mask", np.array(15, np.uint8))], f"{key}_Low")
-            high = node("BitShift", [packed, const(f"{key}_shift", np.array(4, np.uint8))], f"{key}_High",
-                        direction="RIGHT")
+        if bits < 8:
             axis = const(f"{key}_axis", np.array([-1], np.int64))
-            pairs = node("Concat", [node("Unsqueeze", [low, axis], f"{key}_LowAxis"),
-                                    node("Unsqueeze", [high, axis], f"{key}_HighAxis")], f"{key}_Pairs", axis=-1)
-            packed = node("Reshape", [pairs, const(f"{key}_flat", np.array([0, 0, -1], np.int64))], f"{key}_Flat")
+            mask = const(f"{key}_mask", np.array((1 << bits) - 1, np.uint8))
+            fields = []
+            for i in range(8 // bits):  # field i of every byte: its codes i, i + 8 / bits, ...
+                shifted = node("BitShift", [packed, const(f"{key}_shift{i}", np.array(i * bits, np.uint8))],
+                               f"{key}_Shift{i}", direction="RIGHT") if i else packed
+                field = node("BitwiseAnd", [shifted, mask], f"{key}_Field{i}")
+                fields.append(node("Unsqueeze", [field, axis], f"{key}_Field{i}Axis"))
+            packed = node("Reshape", [node("Concat", fields, f"{key}_Fields", axis=-1),
+                                      const(f"{key}_flat", np.array([0, 0, -1], np.int64))], f"{key}_Flat")
             packed = node("Slice", [packed, const(f"{key}_start", np.array([0], np.int64)),
                                     const(f"{key}_end", np.array([count], np.int64)),
                                     const(f"{key}_last", np.array([-1], np.int64))], f"{key}_Count")
