@@ -485,6 +485,8 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     model.config.tie_word_embeddings = True
     statistics = pricing_statistics(model, calib_ids[:4], calib_ids[:2], progress=False)
     assert statistics.tied
+    # each token's expected share: the model's next-token probabilities, so tokens the calibration never shows too
+    assert float(statistics.share.sum()) == pytest.approx(1.0, rel=1e-4) and bool((statistics.share > 0).all())
     units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
                         statistics=statistics)
     head = next(u for u in units if u.members == ["lm_head"])

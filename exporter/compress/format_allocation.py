@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from exporter.compress import distributed
+from exporter.compress import compute, distributed
 from exporter.compress.error_correction import CORRECTION_FORMAT, group_correction, install_correction
 from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq_shared
@@ -367,12 +367,27 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
         grams.update(layer_grams)
     head = model.get_output_embeddings()
     head_name = module_name(model, head)
-    grams[head_name] = head_gram(model, input_ids, last_outputs=last)
+    # each token's expected share of the calibration, weighted by its position as the embedding's output
+    # sensitivity says: the first token's own, then the model's next-token probabilities (read in the head's Gram
+    # pass). Counts of the calibration's own tokens (16K of them, 3.2K distinct) left 20% of that mass on tokens it
+    # never shows, and a split of lm_head's rows put tokens a test text uses on 2-bit embedding rows: estimated
+    # 0.027 nats, measured 0.178 (benchmarks/RESULTS.md, "lm_head's rows split")
+    at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].double()
+    share = torch.zeros(head.out_features, dtype=torch.float64, device=compute.current())
+
+    def predicted(_module, _args, logits):
+        probabilities = torch.softmax(logits.float(), dim=-1)[:, :-1]
+        share.add_(torch.einsum("t,btv->v", at[1 : logits.shape[1]].to(probabilities), probabilities).double())
+
+    handle = head.register_forward_hook(predicted)
+    try:
+        grams[head_name] = head_gram(model, input_ids, last_outputs=last)
+    finally:
+        handle.remove()
+    distributed.sum_over_ranks([share])  # data-parallel: each rank's sequences
+    share = share.cpu().index_add_(0, input_ids[:, 0], at[0].expand(input_ids.shape[0]).clone())
     tied = head.weight is model.get_input_embeddings().weight
-    # each token's share of the calibration, weighted by its position as the embedding's output sensitivity says
-    at = sensitivity[EMBEDDING].positions[: input_ids.shape[1]].expand(input_ids.shape).reshape(-1)
-    share = torch.zeros(head.out_features, dtype=torch.float64).index_add_(0, input_ids.reshape(-1), at) / tokens
-    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens)
+    return PricingStatistics(linears, sensitivity, grams, share / tokens, head_name, tied, tokens)
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:
