@@ -473,6 +473,7 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     the head's and the embedding's for the weights it installs); the tied embedding gathers each token from the
     part that holds it (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's
     logits are PyTorch's on the same weights."""
+    from exporter.cli import _options, build_parser
     from exporter.compress.format_allocation import LOW_BIT_MENU, SPLIT_LOW, embedding_loss, pricing_statistics
     from exporter.compress.grid import RowSplitGrid
     from exporter.compress.importance import EMBEDDING
@@ -480,8 +481,6 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     from exporter.graph.optimum_export import torch_greedy
     from exporter.graph.writer import write_decoder
     from exporter.runtime.generation import OrtDecoder
-
-    from exporter.cli import _options, build_parser
 
     args = ["export", "--device", "host", "--weights", "auto", "--out", "x"]
     assert _options(build_parser().parse_args(args + ["--two-bit-tied-head"])).two_bit_tied_head
