@@ -341,7 +341,8 @@ def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.T
 @dataclass
 class PricingStatistics:
     """What prices every menu option of every unit and computes its grids: the output sensitivities, the
-    position-weighted input Grams (lm_head's plain), each token's share of the calibration."""
+    position-weighted input Grams (lm_head's plain), each token's share of the calibration (read by a tied
+    embedding's term only: zeros where the embedding is untied)."""
 
     linears: dict
     sensitivity: dict[str, Sensitivity]
@@ -372,6 +373,7 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
         grams.update(layer_grams)
     head = model.get_output_embeddings()
     head_name = module_name(model, head)
+    tied = head.weight is model.get_input_embeddings().weight
     # each token's expected share of the calibration, weighted by its position as the embedding's output
     # sensitivity says: the first token's own, then the model's next-token probabilities (read in the head's Gram
     # pass). Counts of the calibration's own tokens (16K of them, 3.2K distinct) left 20% of that mass on tokens it
@@ -384,15 +386,17 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
         probabilities = torch.softmax(logits.float(), dim=-1)[:, :-1]
         share.add_(torch.einsum("t,btv->v", at[1 : logits.shape[1]].to(probabilities), probabilities).double())
 
-    handle = head.register_forward_hook(predicted)
+    # the softmax over the vocabulary at every calibration token is work only a tied embedding's term reads
+    handle = head.register_forward_hook(predicted) if tied else None
     try:
         grams[head_name] = head_gram(model, input_ids, last_outputs=last)
     finally:
-        handle.remove()
-    distributed.sum_over_ranks([share])  # data-parallel: each rank's sequences
-    share = share.cpu().index_add_(0, input_ids[:, 0], at[0].expand(input_ids.shape[0]).clone())
-    tied = head.weight is model.get_input_embeddings().weight
-    return PricingStatistics(linears, sensitivity, grams, share / tokens, head_name, tied, tokens)
+        if handle is not None:
+            handle.remove()
+    if tied:
+        distributed.sum_over_ranks([share])  # data-parallel: each rank's sequences
+        share.index_add_(0, input_ids[:, 0].to(share.device), at[0].expand(input_ids.shape[0]).to(share))
+    return PricingStatistics(linears, sensitivity, grams, share.cpu() / tokens, head_name, tied, tokens)
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:

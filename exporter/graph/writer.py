@@ -1130,7 +1130,7 @@ def _gather_blocks(graph, stem: str, ids: str, zero_points: str | None, bits: in
             axis = const(f"{key}_axis", np.array([-1], np.int64))
             mask = const(f"{key}_mask", np.array((1 << bits) - 1, np.uint8))
             fields = []
-            for i in range(8 // bits):  # field i of every byte: its codes i, i + 8 / bits, ...
+            for i in range(8 // bits):  # field i of byte j holds code j * 8 / bits + i
                 shifted = node("BitShift", [packed, const(f"{key}_shift{i}", np.array(i * bits, np.uint8))],
                                f"{key}_Shift{i}", direction="RIGHT") if i else packed
                 field = node("BitwiseAnd", [shifted, mask], f"{key}_Field{i}")
