@@ -52,7 +52,7 @@ from exporter.compress.factorize import (
     uniform_ranks,
 )
 from exporter.compress.grid import QuantFormat
-from exporter.compress.importance import Sensitivity, component_fisher
+from exporter.compress.importance import SENSITIVITY_FIELDS, Sensitivity, component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
 from exporter.compress.quantize import grid_linears, model_grids, quantize_embedding, quantize_model, restore_grids
@@ -359,8 +359,8 @@ class Prepared:
             found = self._stored("format prices", stored_key)
             if found is not None:  # prices and sensitivities; the grids are computed for the chosen options
                 tensors, info = found
-                self._sensitivities[samples] = {name: Sensitivity(tensors[f"channels:{name}"],
-                                                                  tensors[f"positions:{name}"])
+                self._sensitivities[samples] = {name: Sensitivity(**{kind: tensors.get(f"{kind}:{name}")
+                                                                     for kind in SENSITIVITY_FIELDS})
                                                 for name in info["sensitivity"]}
                 self._prices[key] = [Unit.from_record(record) for record in info["units"]]
             else:
@@ -375,8 +375,8 @@ class Prepared:
                 self._sensitivities[samples] = statistics.sensitivity
                 if distributed.active():  # the other ranks' units come without grids: `chosen_grids` needs these
                     self._pricing_statistics[samples] = statistics
-                tensors = {f"{kind}:{name}": tensor for name, s in statistics.sensitivity.items()
-                           for kind, tensor in (("channels", s.channels), ("positions", s.positions))}
+                tensors = {f"{kind}:{name}": getattr(s, kind) for name, s in statistics.sensitivity.items()
+                           for kind in SENSITIVITY_FIELDS if getattr(s, kind) is not None}
                 self._keep("format prices", stored_key, tensors,
                                   {"sensitivity": list(statistics.sensitivity),
                                    "units": [unit.record() for unit in self._prices[key]]})

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from exporter.compress.factorize import decompose_model
 from exporter.compress.grams import iter_layer_grams
-from exporter.compress.importance import component_fisher, output_sensitivity
+from exporter.compress.importance import EMBEDDING, component_fisher, output_sensitivity
 
 SEQ_LEN = 32
 
@@ -40,7 +40,7 @@ from torch import nn
 from exporter.compress import distributed
 from exporter.compress.factorize import decompose_model
 from exporter.compress.grams import iter_layer_grams
-from exporter.compress.importance import component_fisher, output_sensitivity
+from exporter.compress.importance import EMBEDDING, component_fisher, output_sensitivity
 
 model_dir, ids_path, out = sys.argv[1:4]
 torch.set_num_threads(1)
@@ -58,10 +58,12 @@ counts = [None, None]
 torch.distributed.all_gather_object(counts, len(calls))  # each rank factorized its share
 fisher = component_fisher(model, decompositions, ids[:4], progress=False)
 names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-sensitivity = {n: s.channels for n, s in output_sensitivity(model, ids[:4], names, progress=False).items()}
+found = output_sensitivity(model, ids[:4], names, progress=False)
+sensitivity = {n: s.channels for n, s in found.items()}
+tokens = [found[EMBEDDING].token_energy, found[EMBEDDING].token_count]
 if distributed.rank() == 0:
     torch.save({"grams": grams, "fisher": fisher, "sensitivity": sensitivity, "counts": counts,
-                "units": list(decompositions)}, out)
+                "units": list(decompositions), "tokens": tokens}, out)
 distributed.stop()
 """
 
@@ -91,6 +93,10 @@ def test_two_processes_compute_the_statistics_of_one(llama_dir, tiny_models, cal
     for name, s in sensitivity.items():
         torch.testing.assert_close(two["sensitivity"][name], s.channels, rtol=1e-4,
                                    atol=1e-6 * float(s.channels.max()))
+    energy, count = two["tokens"]  # each token's embedding-gradient energy, summed over both processes' sequences
+    assert torch.equal(count, sensitivity[EMBEDDING].token_count) and float(count.sum()) == ids[:4].numel()
+    torch.testing.assert_close(energy, sensitivity[EMBEDDING].token_energy, rtol=1e-4,
+                               atol=1e-6 * float(energy.max()))
 
 
 TRAINING = """

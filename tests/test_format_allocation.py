@@ -465,6 +465,35 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
     assert list(np.argmax(logits, axis=-1)) == ref_tokens
 
 
+def test_a_tokens_sensitivity_is_its_gradient_energy_over_the_mean_shrunk_toward_its_frequency_bin():
+    """A tied embedding's row weighs its token's share times its sensitivity: the embedding gradient's energy per
+    occurrence over the mean occurrence's; a token seen k times is pulled toward its share bin's ratio by
+    TOKEN_PSEUDO_COUNTS, one never seen takes the bin's; without per-token energy, ones."""
+    from exporter.compress.importance import TOKEN_BINS, TOKEN_PSEUDO_COUNTS, Sensitivity, token_sensitivity
+
+    share = torch.tensor([0.30, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02], dtype=torch.float64)
+    count = torch.tensor([40.0, 30.0, 10.0, 8.0, 4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    per_occurrence = torch.tensor([0.5, 0.6, 1.0, 1.2, 2.0, 2.5, 4.0, 9.0], dtype=torch.float64)
+    energy = per_occurrence * count
+    plain = Sensitivity(torch.ones(4), torch.ones(3))
+    assert torch.equal(token_sensitivity(plain, share), torch.ones(8, dtype=torch.float64))
+    weights = token_sensitivity(Sensitivity(torch.ones(4), torch.ones(3), energy, count), share)
+    mean = energy.sum() / count.sum()
+    seen = count > 0
+    edges = torch.quantile(share[seen], torch.linspace(0, 1, TOKEN_BINS + 1, dtype=torch.float64)[1:-1])
+    which = torch.bucketize(share, edges)
+    for token in range(8):
+        members = seen & (which == which[token])
+        prior = energy[members].sum() / count[members].sum() / mean
+        own = per_occurrence[token] / mean if count[token] else 0.0
+        expected = (own * count[token] + prior * TOKEN_PSEUDO_COUNTS) / (count[token] + TOKEN_PSEUDO_COUNTS)
+        assert float(weights[token]) == pytest.approx(float(expected), rel=1e-12)
+    assert float(weights[7]) == pytest.approx(float(weights[6] * 5 - per_occurrence[6] / mean) / 4, rel=1e-12)
+    assert float(weights[-1]) > 2 * float(weights[0])  # the rare token's row weighs more than the frequent's
+    # occurrences weigh 1 on average before shrinking: the estimate's one Fisher is that mean
+    assert float((count * energy / count.clamp_min(1) / mean).sum() / count.sum()) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_path, monkeypatch, packed):
     """lm_head's rows are the vocabulary: a row split keeps the tokens whose rows save the most estimate on 4 bits,
@@ -492,6 +521,10 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     assert statistics.tied
     # each token's expected share: the model's next-token probabilities, so tokens the calibration never shows too
     assert float(statistics.share.sum()) == pytest.approx(1.0, rel=1e-4) and bool((statistics.share > 0).all())
+    # each token's sensitivity from the Fisher pass's drawn gradients: every position of its sequences counted once
+    embedding = statistics.sensitivity[EMBEDDING]
+    assert float(embedding.token_count.sum()) == calib_ids[:2].numel()
+    assert bool((statistics.token_sensitivity > 0).all()) and statistics.token_sensitivity.shape == statistics.share.shape
     units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
                         statistics=statistics, groups=[["lm_head"]])
     assert not any(f.bits == 2 for f in units[0].options)  # a tied head's 2-bit rows only when asked for
@@ -506,7 +539,7 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
         assert isinstance(grid, RowSplitGrid) and len(grid.rows) == head.split(k)
         direct = format_allocation.estimated_loss(weight, grid, statistics.grams["lm_head"],
                                                   statistics.fisher["lm_head"], statistics.tokens)
-        direct += embedding_loss(weight, grid, statistics.share, statistics.fisher[EMBEDDING])
+        direct += embedding_loss(weight, grid, statistics.embedding_row_weights, statistics.fisher[EMBEDDING])
         assert direct == pytest.approx(head.loss[k], rel=1e-9)
     # the rows kept on 4 bits first: the calibration's tokens (the embedding's share) are among them
     first = head.grids[splits[0]]["lm_head"]

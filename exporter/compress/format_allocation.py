@@ -49,7 +49,7 @@ from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq_shared
 from exporter.compress.grams import iter_layer_grams
 from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest, split_rows
-from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights
+from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights, token_sensitivity
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear, break_even_rank, decompose
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
 from exporter.source.model import layers_prefix
@@ -271,7 +271,7 @@ def row_losses(statistics: PricingStatistics, members: list[str], grids: dict) -
         per_output = ((error @ statistics.grams[n].double()) * error).sum(dim=1)
         losses = 0.5 * statistics.fisher[n].double() * per_output / statistics.tokens
         if statistics.tied and n == statistics.head_name:
-            losses += 0.5 * statistics.share * (error**2 @ statistics.fisher[EMBEDDING].double())
+            losses += 0.5 * statistics.embedding_row_weights * (error**2 @ statistics.fisher[EMBEDDING].double())
         parts.append(losses)
     return torch.cat(parts)
 
@@ -333,16 +333,17 @@ def low_rank_options(members: list[str], linears: dict, grams: dict, fisher: dic
     return found
 
 
-def embedding_loss(weight: torch.Tensor, grid: GridWeights, token_share: torch.Tensor, fisher: torch.Tensor) -> float:
-    """The estimate for a tied embedding's rows: its Gram is diagonal, each token's share of the calibration."""
-    return 0.5 * float(fisher @ (token_share @ _error(weight, grid) ** 2))
+def embedding_loss(weight: torch.Tensor, grid: GridWeights, row_weights: torch.Tensor, fisher: torch.Tensor) -> float:
+    """The estimate for a tied embedding's rows: its Gram is diagonal, each row weighted by its token's share of the
+    calibration and sensitivity (`PricingStatistics.embedding_row_weights`)."""
+    return 0.5 * float(fisher @ (row_weights @ _error(weight, grid) ** 2))
 
 
 @dataclass
 class PricingStatistics:
     """What prices every menu option of every unit and computes its grids: the output sensitivities, the
-    position-weighted input Grams (lm_head's plain), each token's share of the calibration (read by a tied
-    embedding's term only: zeros where the embedding is untied)."""
+    position-weighted input Grams (lm_head's plain), each token's share of the calibration and its sensitivity
+    (read by a tied embedding's term only: zeros and ones where the embedding is untied)."""
 
     linears: dict
     sensitivity: dict[str, Sensitivity]
@@ -351,10 +352,16 @@ class PricingStatistics:
     head_name: str
     tied: bool
     tokens: int
+    token_sensitivity: torch.Tensor
 
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
         return {name: s.channels for name, s in self.sensitivity.items()}
+
+    @property
+    def embedding_row_weights(self) -> torch.Tensor:
+        """Each row's weight in a tied embedding's estimate: its token's share times its token's sensitivity."""
+        return self.share * self.token_sensitivity
 
 
 def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor | None = None,
@@ -396,7 +403,9 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
     if tied:
         distributed.sum_over_ranks([share])  # data-parallel: each rank's sequences
         share.index_add_(0, input_ids[:, 0].to(share.device), at[0].expand(input_ids.shape[0]).to(share))
-    return PricingStatistics(linears, sensitivity, grams, share.cpu() / tokens, head_name, tied, tokens)
+    share = share.cpu() / tokens
+    weights = token_sensitivity(sensitivity[EMBEDDING], share) if tied else torch.ones_like(share)
+    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens, weights)
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:
@@ -454,7 +463,8 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 grids = shared if method == "gptq" else _grids(statistics, members, fmt, method)
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
                 if tied and head_name in members:
-                    loss += embedding_loss(head.weight, grids[head_name], statistics.share, fisher[EMBEDDING])
+                    loss += embedding_loss(head.weight, grids[head_name], statistics.embedding_row_weights,
+                                               fisher[EMBEDDING])
                 size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
                 unit.add(fmt, method, grids, size, loss)
                 if corrections and fmt.bits == 4 and not fmt.offset and head_name not in members:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -88,10 +88,18 @@ class Sensitivity:
     Fisher of next tokens drawn from the model, output_sensitivity), factored into
     `channels` (a_i: the mean over sequences of sum_t T (dL/dy_ti)^2) and `positions` (the same energy per
     position over the channels, mean 1). On SmolLM2-135M a v_proj's first position weighs 270-500 times the
-    mean: every later token attends to it, so its value and key errors reach every output."""
+    mean: every later token attends to it, so its value and key errors reach every output.
+
+    The embedding's also keeps, per vocabulary token, the energy of dL/dy at the positions that read it
+    (`token_energy`, summed over its channels) and how many positions did (`token_count`): `token_sensitivity`."""
 
     channels: torch.Tensor
     positions: torch.Tensor
+    token_energy: torch.Tensor | None = None
+    token_count: torch.Tensor | None = None
+
+
+SENSITIVITY_FIELDS = tuple(f.name for f in fields(Sensitivity))  # what the statistics store keeps of each
 
 
 def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progress: bool = True
@@ -108,6 +116,8 @@ def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progres
     channels = {n: torch.zeros(modules[n].out_features, dtype=torch.float64, device=device) for n in names}
     channels[EMBEDDING] = torch.zeros(embedding.embedding_dim, dtype=torch.float64, device=device)
     positions = {n: torch.zeros(length, dtype=torch.float64, device=device) for n in channels}
+    token_energy = torch.zeros(embedding.num_embeddings, dtype=torch.float64, device=device)
+    token_count = torch.zeros(embedding.num_embeddings, dtype=torch.float64, device=device)
 
     def accumulator(name):
         def accumulate(g):  # returns None: the gradient flows on unchanged
@@ -139,15 +149,51 @@ def output_sensitivity(model, input_ids: torch.Tensor, names: list[str], progres
     # The embedding's from a second pass on next tokens drawn from the model: the empirical Fisher (the text's own
     # next tokens) put its term of lm_head's price at 1.9-3.3x the KL it causes on SmolLM2, the drawn one at
     # 1.1-1.8x (benchmarks/embedding_price_probe.py); the projections' and the head's stay empirical (within 11%).
+    shard = distributed.shard(input_ids)
     try:
-        for grad in backward_layerwise(model, distributed.shard(input_ids), onloaded, drawn=True):
+        for ids, grad in zip(shard, backward_layerwise(model, shard, onloaded, drawn=True)):
             accumulator(EMBEDDING)(grad)
+            ids = ids.reshape(-1).to(device)
+            token_energy.index_add_(0, ids, (grad.detach().double() ** 2).sum(dim=-1).reshape(-1))
+            token_count.index_add_(0, ids, torch.ones(ids.shape, dtype=torch.float64, device=device))
     finally:
         bar.close()
-    distributed.sum_over_ranks([*channels.values(), *positions.values()])
+    distributed.sum_over_ranks([*channels.values(), *positions.values(), token_energy, token_count])
     count = len(input_ids)
-    return {n: Sensitivity((channels[n] / count).cpu(), (positions[n] / positions[n].mean().clamp_min(1e-30)).cpu())
-            for n in channels}
+    found = {n: Sensitivity((channels[n] / count).cpu(), (positions[n] / positions[n].mean().clamp_min(1e-30)).cpu())
+             for n in channels}
+    found[EMBEDDING].token_energy, found[EMBEDDING].token_count = token_energy.cpu(), token_count.cpu()
+    return found
+
+
+# Pseudo-counts that pull a token's own energy ratio toward its frequency bin's (`token_sensitivity`): a token seen
+# once in the Fisher pass is one draw of a noisy gradient.
+TOKEN_PSEUDO_COUNTS = 4.0
+TOKEN_BINS = 4  # frequency bins: quantiles of the share over the tokens the Fisher pass saw
+
+
+def token_sensitivity(sensitivity: Sensitivity, share: torch.Tensor) -> torch.Tensor:
+    """Each vocabulary token's embedding-gradient energy per occurrence over the mean of all occurrences: the
+    weight of its row in a tied embedding's estimate (whose one diagonal Fisher is that mean). On SmolLM2-135M the
+    rarest quarter of tokens runs 2.4x the mean and the most frequent 0.7x, so 2-bit rows of rare tokens cost
+    about twice what the mean prices (benchmarks/RESULTS.md, "lm_head's rows split"). Tokens are binned by `share`
+    (each one's expected share of the text); a token the Fisher pass saw takes its own ratio shrunk toward its
+    bin's by TOKEN_PSEUDO_COUNTS, one it never saw its bin's. Ones where no per-token energy was kept."""
+    energy, count = sensitivity.token_energy, sensitivity.token_count
+    if energy is None or count is None or float(count.sum()) == 0.0:
+        return torch.ones(share.shape, dtype=torch.float64)
+    energy, count, share = energy.double(), count.double(), share.double()
+    mean = (energy.sum() / count.sum()).clamp_min(1e-300)
+    seen = count > 0
+    edges = torch.quantile(share[seen], torch.linspace(0, 1, TOKEN_BINS + 1, dtype=torch.float64)[1:-1])
+    which = torch.bucketize(share, edges)
+    prior = torch.ones_like(share)
+    for b in range(TOKEN_BINS):
+        members = seen & (which == b)
+        if members.any():
+            prior[which == b] = energy[members].sum() / count[members].sum() / mean
+    own = torch.where(seen, energy / count.clamp_min(1) / mean, torch.zeros_like(energy))
+    return (own * count + prior * TOKEN_PSEUDO_COUNTS) / (count + TOKEN_PSEUDO_COUNTS)
 
 
 def position_weights(sensitivity: dict[str, Sensitivity]) -> dict[str, torch.Tensor]:
