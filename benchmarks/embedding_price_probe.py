@@ -84,8 +84,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             measured = float(kl_divergence(embedded, teacher, measured_ids))
         squared = _error(head.weight, grid) ** 2
-        priced = embedding_loss(head.weight, grid, statistics.share, statistics.fisher[EMBEDDING])
-        windowed = embedding_loss(head.weight, grid, local.share, local.fisher[EMBEDDING])
+        priced = embedding_loss(head.weight, grid, statistics.embedding_row_weights, statistics.fisher[EMBEDDING])
+        windowed = embedding_loss(head.weight, grid, local.embedding_row_weights, local.fisher[EMBEDDING])
         per_token = [0.5 * float((fisher * squared).sum()) / tokens for fisher in (empirical, sampled)]
         cells = [f"{value:.5f} | {value / measured:.2f}" for value in (priced, windowed, *per_token)]
         print(f"| {option} | {measured:.5f} | {' | '.join(cells)} |", flush=True)

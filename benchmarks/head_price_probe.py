@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         grid = grids[head_name]
         estimated = estimated_loss(head.weight, grid, statistics.grams[head_name], statistics.fisher[head_name],
                                    statistics.tokens)
-        embedding = embedding_loss(head.weight, grid, statistics.share, statistics.fisher[EMBEDDING])
+        embedding = embedding_loss(head.weight, grid, statistics.embedding_row_weights, statistics.fisher[EMBEDDING])
         quantized = torch.from_numpy(grid.dequantize()).float()
         measured = mean_kl(quantized)
         embedding_module.weight.data = quantized

@@ -236,11 +236,6 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          "weights (4/8-bit blocks of --block-size; int8 needs ONNX Runtime 1.22). auto: each at the "
                          "format (int4/int8, block size) a knapsack over GPTQ's estimated loss chooses to fit "
                          "--budget-mb (or the profile's budget)")
-    command.add_argument("--two-bit-tied-head", action="store_true",
-                         help="--weights auto below what 4 bits reach: also offer a tied lm_head 2-bit rows (its rare "
-                         "tokens' logits and embedding rows; ONNX Runtime 1.27). Off by default: the estimate prices "
-                         "their embedding rows at about half their measured cost, and on SmolLM2-135M they gained at "
-                         "52 MB and lost at 65 and 71 MB (benchmarks/RESULTS.md)")
     command.add_argument("--onnxruntime-version", metavar="X.Y",
                          help="the ONNX Runtime release the app bundles (1.18 or later): only operators, opsets and "
                          "weight formats it runs are written (default: the profile's runtime.onnxruntime_version, "
@@ -298,7 +293,6 @@ def _options(args):
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
         tune_scales=_tune_scales(args), reuse_statistics=not args.fresh_statistics,
-        two_bit_tied_head=args.two_bit_tied_head,
         compute=args.compute,
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(

@@ -143,9 +143,6 @@ class ExportOptions:
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
     auto_formats: bool = False
-    # `--weights auto` below what 4 bits reach: a tied lm_head may take 2-bit rows too (off: the estimate prices its
-    # embedding rows at about half their measured cost; benchmarks/RESULTS.md, "lm_head's rows split")
-    two_bit_tied_head: bool = False
     accuracy_level: int = 4  # int4/int8: int8 activations in MatMulNBits, as the genai builder does on CPU
     # CALR branches (None: the plain SVD path). None here, for library callers; the CLI turns them on
     # (`--no-correctives` turns them off), as they won on SmolLM2-135M at 20% (docs/method.md).
@@ -342,7 +339,7 @@ class Prepared:
         return self._importance[key]
 
     def format_prices(self, groups: list[list[str]], samples: int, corrections: tuple[int, ...] = (),
-                      menu: tuple | None = None, low_rank: tuple = (), two_bit_tied_head: bool = False) -> list:
+                      menu: tuple | None = None, low_rank: tuple = ()) -> list:
         """`--weights auto`: every MatMulNBits unit's menu (default: format_allocation.MENU; with `low_rank`, the
         low-rank options on those factor formats) with bytes, grids and estimated loss (exporter.compress.
         format_allocation.price_units); a fresh copy of each unit per call, for its choice. Prices read from the
@@ -351,11 +348,11 @@ class Prepared:
 
         menu = tuple(menu or MENU)
         key = (tuple(map(tuple, groups)), samples, corrections, tuple(f.name for f in menu),
-               tuple(f.name for f in low_rank), two_bit_tied_head)
+               tuple(f.name for f in low_rank))
         if key not in self._prices:
             ids = self.calibration()[0]
             stored_key = [list(map(list, groups)), samples, list(corrections), [f.name for f in menu],
-                          [f.name for f in low_rank], two_bit_tied_head]
+                          [f.name for f in low_rank]]
             found = self._stored("format prices", stored_key)
             if found is not None:  # prices and sensitivities; the grids are computed for the chosen options
                 tensors, info = found
@@ -370,7 +367,7 @@ class Prepared:
                     self._prices[key] = price_units(self._dense(), ids, ids[:samples], menu=menu,
                                                     progress=self.options.progress, groups=groups,
                                                     corrections=corrections, statistics=statistics,
-                                                    low_rank=low_rank, two_bit_tied_head=two_bit_tied_head)
+                                                    low_rank=low_rank)
                 self.seconds[("price formats", key)] = time.perf_counter() - start
                 self._sensitivities[samples] = statistics.sensitivity
                 if distributed.active():  # the other ranks' units come without grids: `chosen_grids` needs these
@@ -635,8 +632,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         """The smallest and largest bytes `menu` (and low-rank options on `factor_formats`) allows, and the
         knapsack's step: an eighth of the smallest option, at most FORMAT_BYTES_STEP (SmolLM2-135M: 4096; tiny
         models: finer)."""
-        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size, factor_formats,
-                                               options.two_bit_tied_head)
+        smallest, largest, option = byte_range(plan.model, groups, menu, options.block_size, factor_formats)
         tables = constant_bytes(plan.model, options.activations, context)
         return smallest + tables, largest + tables, min(FORMAT_BYTES_STEP, max(256, option // 8))
 
@@ -651,8 +647,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
     units = prepared.format_prices(groups, options.fisher_samples,
-                                   (options.error_correction,) if options.error_correction else (), menu, low_rank,
-                                   options.two_bit_tied_head)
+                                   (options.error_correction,) if options.error_correction else (), menu, low_rank)
     fixed = fixed_bytes(plan.model, options.block_size) + constant_bytes(plan.model, options.activations, context)
     # --latency-aware: each option also pays, in the bytes that stream in the same time, for the graph nodes it adds
     node_bytes = node_price(plan.profile, "int4", options.factor_node_us) * BYTES_PER_PARAM["int4"] \

@@ -497,12 +497,10 @@ def test_a_tokens_sensitivity_is_its_gradient_energy_over_the_mean_shrunk_toward
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_path, monkeypatch, packed):
     """lm_head's rows are the vocabulary: a row split keeps the tokens whose rows save the most estimate on 4 bits,
-    the rest on 2 (tied: with `--two-bit-tied-head`, `build_parser` passes it on). Tied, each row's estimate also
-    holds its embedding row's (the option's estimate is the sum of
+    the rest on 2. Tied, each row's estimate also holds its embedding row's (the option's estimate is the sum of
     the head's and the embedding's for the weights it installs); the tied embedding gathers each token from the
     part that holds it (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's
     logits are PyTorch's on the same weights."""
-    from exporter.cli import _options, build_parser
     from exporter.compress.format_allocation import LOW_BIT_MENU, SPLIT_LOW, embedding_loss, pricing_statistics
     from exporter.compress.grid import RowSplitGrid
     from exporter.compress.importance import EMBEDDING
@@ -511,9 +509,6 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     from exporter.graph.writer import write_decoder
     from exporter.runtime.generation import OrtDecoder
 
-    args = ["export", "--device", "host", "--weights", "auto", "--out", "x"]
-    assert _options(build_parser().parse_args(args + ["--two-bit-tied-head"])).two_bit_tied_head
-    assert not _options(build_parser().parse_args(args)).two_bit_tied_head
     model = tiny_models.load("llama")
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True
@@ -524,12 +519,10 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     # each token's sensitivity from the Fisher pass's drawn gradients: every position of its sequences counted once
     embedding = statistics.sensitivity[EMBEDDING]
     assert float(embedding.token_count.sum()) == calib_ids[:2].numel()
-    assert bool((statistics.token_sensitivity > 0).all()) and statistics.token_sensitivity.shape == statistics.share.shape
+    weights = statistics.token_sensitivity
+    assert bool((weights > 0).all()) and weights.shape == statistics.share.shape
     units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
-                        statistics=statistics, groups=[["lm_head"]])
-    assert not any(f.bits == 2 for f in units[0].options)  # a tied head's 2-bit rows only when asked for
-    units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
-                        statistics=statistics, two_bit_tied_head=True)
+                        statistics=statistics)
     head = next(u for u in units if u.members == ["lm_head"])
     splits = [k for k in range(len(head.options)) if head.split(k)]
     assert splits and SPLIT_LOW in head.options

@@ -14,8 +14,7 @@ estimate per byte on a 4-bit format of `SPLIT_HIGH`, the rest on `SPLIT_LOW` (GP
 the estimate below is a sum over rows, so both are exact from the two formats' grids; one MatMulNBits per grid in
 the graph). They fill the bits per weight between 2.5 and 4.1 that no MatMulNBits format has. lm_head's rows are
 the vocabulary: a split keeps the tokens that matter on 4 bits (a tied embedding gathers each token's row from
-its part's blocks) and the rest, most of a 49152-token vocabulary that calibration text rarely or never shows, on 2
-(a tied head only with `two_bit_tied_head`).
+its part's blocks) and the rest, most of a 49152-token vocabulary that calibration text rarely or never shows, on 2.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -85,15 +84,12 @@ LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 SHARED_ROWS = 1 << 16
 
 
-def unit_menu(menu, members: list[str], head_name: str, in_features: int, tied: bool = False,
-              two_bit_tied_head: bool = False) -> list[QuantFormat]:
+def unit_menu(menu, members: list[str], head_name: str, in_features: int, tied: bool = False) -> list[QuantFormat]:
     """The formats a unit may take: all of `menu`, but no offset format for lm_head and, tied, only blocks that
-    divide its rows (the embedding gathers its blocks, which can hold neither offsets nor padding) and 2 bits only
-    with `two_bit_tied_head` (the estimate prices 2-bit embedding rows at about half their measured cost), and
-    offsets only where the input is whole blocks (its block sums are a reshape)."""
+    divide its rows (the embedding gathers its blocks, which can hold neither offsets nor padding), and offsets only
+    where the input is whole blocks (its block sums are a reshape)."""
     head = head_name in members
     return [f for f in menu if not (head and (f.offset or (tied and in_features % f.block_size)))
-            and not (head and tied and f.bits == 2 and not two_bit_tied_head)
             and not (f.offset and in_features % f.block_size)]
 
 
@@ -436,8 +432,7 @@ def gptq_grids(statistics: PricingStatistics, members: list[str], formats: list[
 
 def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=MENU, progress: bool = True,
                 groups: list[list[str]] | None = None, corrections: tuple[int, ...] = (),
-                statistics: PricingStatistics | None = None, low_rank: tuple[QuantFormat, ...] = (),
-                two_bit_tied_head: bool = False) -> list[Unit]:
+                statistics: PricingStatistics | None = None, low_rank: tuple[QuantFormat, ...] = ()) -> list[Unit]:
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
     round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may); with
     `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank; with
@@ -457,7 +452,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
         methods = ("gptq", "rtn") if tied and head_name in members else ("gptq",)
         unit = Unit(unit_name(members), members, [], [], [], [], [],
                     weights=sum(linears[n].weight.numel() for n in members))
-        formats = unit_menu(menu, members, head_name, linears[members[0]].in_features, tied, two_bit_tied_head)
+        formats = unit_menu(menu, members, head_name, linears[members[0]].in_features, tied)
         for fmt, shared in zip(formats, gptq_grids(statistics, members, formats)):
             for method in methods:
                 grids = shared if method == "gptq" else _grids(statistics, members, fmt, method)
@@ -520,7 +515,7 @@ def fill_chosen_grids(units: list[Unit], statistics: PricingStatistics) -> None:
 
 
 def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: int = 32,
-               low_rank: tuple[QuantFormat, ...] = (), two_bit_tied_head: bool = False) -> tuple[int, int, int]:
+               low_rank: tuple[QuantFormat, ...] = ()) -> tuple[int, int, int]:
     """(smallest, largest) weight bytes the menu (with `low_rank`: and the low-rank options) allows for the units
     `groups`, fixed bytes included, and the bytes of the smallest option of any unit (it sets the knapsack's
     granularity): known before any pricing."""
@@ -531,7 +526,7 @@ def byte_range(model, groups: list[list[str]], menu=MENU, embedding_block_size: 
     for members in groups:
         shapes = [tuple(linears[n].weight.shape) for n in members]
         sizes = [sum(f.matrix_bytes(*shape) for shape in shapes)
-                 for f in unit_menu(menu, members, head_name, shapes[0][1], tied, two_bit_tied_head)]
+                 for f in unit_menu(menu, members, head_name, shapes[0][1], tied)]
         if low_rank and factorizable(members, head_name):
             ranks = low_rank_ranks(sum(out for out, _ in shapes), shapes[0][1])
             sizes += [low_rank_bytes(f, rank, shapes) for f in low_rank for rank in ranks]
