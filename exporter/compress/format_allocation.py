@@ -459,7 +459,7 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 loss = sum(estimated_loss(linears[n].weight, grids[n], grams[n], fisher[n], tokens) for n in members)
                 if tied and head_name in members:
                     loss += embedding_loss(head.weight, grids[head_name], statistics.embedding_row_weights,
-                                               fisher[EMBEDDING])
+                                           fisher[EMBEDDING])
                 size = sum(fmt.matrix_bytes(*linears[n].weight.shape) for n in members)
                 unit.add(fmt, method, grids, size, loss)
                 if corrections and fmt.bits == 4 and not fmt.offset and head_name not in members:
