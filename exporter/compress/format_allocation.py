@@ -64,8 +64,7 @@ MENU = tuple(QuantFormat.parse(name) for name in
               "int4-b16-asym", "int8-b128", "int8-b32"))
 # 2-bit grids, offered where a budget is below what MENU reaches (exporter.pipeline.choose_formats): ONNX Runtime
 # runs 2-bit MatMulNBits about 2x slower per node than 4-bit. A tied embedding gathers 2-bit blocks of lm_head as
-# it gathers 4-bit ones (GatherBlockQuantized reads 2, 4 and 8 bits), but a tied head takes them only when asked
-# (`unit_menu`).
+# it gathers 4-bit ones (GatherBlockQuantized reads 2, 4 and 8 bits; ONNX Runtime 1.27 and later).
 LOW_BIT_MENU = tuple(QuantFormat.parse(name) for name in ("int2-b64-asym", "int2-b32-asym"))
 # Low-rank options, offered with LOW_BIT_MENU: the factors' grids, and the ranks as fractions of the unit's
 # break-even rank (whole 32-column blocks where the unit is large enough). A factorized unit is two MatMulNBits.

@@ -192,8 +192,8 @@ def token_sensitivity(sensitivity: Sensitivity, share: torch.Tensor) -> torch.Te
         members = seen & (which == b)
         if members.any():
             prior[which == b] = energy[members].sum() / count[members].sum() / mean
-    own = torch.where(seen, energy / count.clamp_min(1) / mean, torch.zeros_like(energy))
-    return (own * count + prior * TOKEN_PSEUDO_COUNTS) / (count + TOKEN_PSEUDO_COUNTS)
+    # a token's own ratio (energy / count / mean) counted `count` times, its bin's TOKEN_PSEUDO_COUNTS times
+    return (energy / mean + prior * TOKEN_PSEUDO_COUNTS) / (count + TOKEN_PSEUDO_COUNTS)
 
 
 def position_weights(sensitivity: dict[str, Sensitivity]) -> dict[str, torch.Tensor]:
