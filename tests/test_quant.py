@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from exporter.compress import grid as grid_module
 from exporter.compress.gptq import gptq, gptq_shared
-from exporter.compress.grid import QuantFormat, round_to_nearest
+from exporter.compress.grid import QuantFormat, blocked, fit_blocks, round_to_nearest
 from exporter.graph.matmul_nbits import (
     GridRegistry,
     block_hashes,
@@ -156,6 +157,40 @@ def test_act_order_beats_left_to_right_where_input_channels_differ_in_scale(fmt)
         return ((weight - torch.from_numpy(grid.dequantize())) @ held_out.T).pow(2).sum().item()
 
     assert error(True) < 0.8 * error(False)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(2, 64, False), QuantFormat(2, 32, False)], ids=lambda f: f.name)
+def test_2_bit_grids_search_their_range_weighted_by_the_inputs_energy(fmt, monkeypatch):
+    """Heavy-tailed weights (a decoder's) on four levels: each block's range shrinks where that lowers its error
+    weighted by the input's energy per column (never above the unshrunk grid's), a 4-bit grid keeps its range, and
+    GPTQ's output error on held-out inputs falls against the same GPTQ without the search."""
+    torch.manual_seed(5)
+    weight = torch.distributions.StudentT(3.0).sample((48, 192)) * 0.02
+    scale = torch.exp(torch.randn(192))
+    calibration, held_out = _correlated(3000, 192, 3) * scale, _correlated(1000, 192, 4) * scale
+    gram = (calibration.T @ calibration).double()
+    energy = torch.diagonal(gram).float().numpy()
+    blocks = blocked(weight.numpy(), fmt.block_size)
+
+    def weighted_errors(codes, scales, zeros):
+        values = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
+        return (((values - blocks) ** 2) * energy.reshape(blocks.shape[1:])).sum(-1)
+
+    searched = weighted_errors(*fit_blocks(blocks, fmt, column_weights=energy))
+    monkeypatch.setattr(grid_module, "LOW_BIT_SHRINKS", (1.0,))
+    plain = weighted_errors(*fit_blocks(blocks, fmt, column_weights=energy))
+    assert np.all(searched <= plain) and searched.sum() < 0.8 * plain.sum()
+    four = QuantFormat(4, fmt.block_size, False)
+    assert all(np.array_equal(a, b) for a, b in zip(fit_blocks(blocks, four, column_weights=energy),
+                                                    fit_blocks(blocks, four)))
+
+    def output_error(grid):
+        return ((weight - torch.from_numpy(grid.dequantize())) @ held_out.T).pow(2).sum().item()
+
+    without = [output_error(gptq(weight, gram, fmt, act_order=order)) for order in (True, False)]
+    monkeypatch.undo()
+    searched = [output_error(gptq(weight, gram, fmt, act_order=order)) for order in (True, False)]
+    assert all(s < 0.9 * w for s, w in zip(searched, without)), (searched, without)
 
 
 @pytest.mark.parametrize("block", [32, 64])

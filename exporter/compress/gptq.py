@@ -4,9 +4,10 @@ Columns of W (out x in) are rounded one at a time; the error each rounding makes
 not yet rounded with the inverse Hessian of the layer's output error, H = X^T X (the Gram the calibration pass
 accumulates), so the output W X moves as little as the grid allows. By default the columns go in decreasing
 order of H_ii (the inputs that carry the most energy first, "act order"), on block grids (exporter.compress.grid)
-fitted up front on the unchanged weights ("static groups"), so MatMulNBits' contiguous blocks are kept.
+fitted up front on the unchanged weights ("static groups"), so MatMulNBits' contiguous blocks are kept; a grid's
+range search (2-bit grids', or `clip`) weighs each column's error by H_ii.
 `act_order=False` is the original order: left to right, each block's grid fitted when its first column is
-reached, on its values as updated by then. Both fit with the same clipping search as round-to-nearest; with
+reached, on its values as updated by then. Both fit as round-to-nearest does, the range search weighted; with
 H = I the updates vanish and GPTQ is round-to-nearest. The column loop runs on the compute device
 (exporter.compress.compute); each block's grid is fitted on the host (exporter.compress.grid), once per block.
 """
@@ -52,6 +53,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     w = torch.zeros(out_features, padded, device=device)
     w[:, :in_features] = weight.detach().to(device).float()
     w[:, :in_features][:, dead] = 0
+    energy = _column_energy(gram, padded)
     codes = torch.zeros((out_features, padded), dtype=torch.uint8, device=device)
     scales = np.zeros((out_features, padded // block), dtype=np.float32)
     zeros = np.zeros((out_features, padded // block), dtype=fmt.zero_dtype)
@@ -66,7 +68,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
             values[:, :width] = chunk[:, i : i + width]
             if fmt.float_zero and column + block > in_features:  # padding outside a min-max grid's range
                 values[:, in_features - column :] = values[:, in_features - column - 1 : in_features - column]
-            _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip)
+            _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip, energy[column : column + block])
             scales[:, j], zeros[:, j] = s[:, 0], z[:, 0]
             s_t = torch.from_numpy(scales[:, j]).to(device)
             grid = (s_t, torch.from_numpy(zeros[:, j]).float().to(device), torch.where(s_t == 0, 1.0, s_t))
@@ -77,6 +79,13 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     codes = codes.cpu().numpy()
     _pad_codes(codes, scales, zeros, in_features, fmt)
     return GridWeights(fmt, codes, scales, zeros, in_features)
+
+
+def _column_energy(gram: torch.Tensor, padded: int) -> np.ndarray:
+    """H_ii per input column, zeros for the padding: the weights of a grid's range search."""
+    energy = np.zeros(padded, np.float32)
+    energy[: gram.shape[0]] = torch.diagonal(gram).double().cpu().numpy()
+    return energy
 
 
 def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: int, top: float | torch.Tensor,
@@ -129,7 +138,8 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
     for weight, fmt in zip(weights, grid_formats):
         w0 = weight.detach().float().cpu().clone()
         w0[:, dead] = 0
-        _, scales, zeros = fit_blocks(blocked(w0.numpy(), fmt.block_size, edge=fmt.float_zero), fmt, clip)
+        blocks = blocked(w0.numpy(), fmt.block_size, edge=fmt.float_zero)
+        _, scales, zeros = fit_blocks(blocks, fmt, clip, _column_energy(gram, blocks.shape[1] * fmt.block_size))
         fitted.append((w0, scales, zeros))
         block_of = (torch.arange(in_features) // fmt.block_size)[perm]  # each permuted column's block
         s_cols.append(torch.from_numpy(scales)[:, block_of])
