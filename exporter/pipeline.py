@@ -799,6 +799,13 @@ def quantize_grids(model, options: ExportOptions, ids, only: list | None = None)
     fmt = grid_format(options)
     chosen = None if only is None else {id(m) for m in only}
     linears = grid_linears(model)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    hidden = embedding.weight.shape[1]
+    if (head is not None and head.weight is embedding.weight and (chosen is None or id(head) in chosen)
+            and hidden % fmt.block_size):  # before minutes of quantization: the writer could not gather its blocks
+        feasible = [str(b) for b in (16, 32, 64, 128, 256) if hidden % b == 0]
+        raise ExporterError(f"--block-size {fmt.block_size}: the tied embedding gathers lm_head's blocks from its "
+                            f"rows of {hidden}, which that does not divide; use {' or '.join(feasible) or 'fp16'}")
     quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
                    ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
                    progress=options.progress)

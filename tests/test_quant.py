@@ -284,6 +284,23 @@ def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, 
     np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)
 
 
+def test_a_tied_head_on_blocks_its_rows_do_not_divide_is_a_one_line_error(tiny_models, tmp_path):
+    """A tied embedding gathers lm_head's blocks, which must divide its rows: an int4 export at a block size that
+    does not is refused before quantizing, naming those that do, and the writer refuses to leave the embedding whole
+    in fp32 (beside its 4-bit copy in lm_head) where it cannot gather."""
+    from exporter.errors import ExporterError
+    from exporter.graph.writer import write_decoder
+    from exporter.pipeline import ExportOptions, quantize_grids
+
+    model = tiny_models.load("llama")  # hidden 64
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    with pytest.raises(ExporterError, match=r"--block-size 128: .* rows of 64, .*; use 16 or 32 or 64$"):
+        quantize_grids(model, ExportOptions(device="host", weights="int4", block_size=128, quantizer="rtn"), None)
+    with pytest.raises(ExporterError, match="cannot gather lm_head's blocks of 128 from rows of 64"):
+        write_decoder(model, tmp_path, weights="int4", block_size=128, accuracy_level=None)
+
+
 def test_an_int4_export_stores_an_untied_embedding_in_4_bits(llama_dir, calib_file, tmp_path):
     """Through the CLI: the untied embedding is put on its grid with the linears and stored as 4-bit blocks, so the
     weights on disk are what the int4 byte budget counted."""

@@ -960,7 +960,8 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     otherwise the same bytes are gathered and dequantized with standard operators (`_gather_blocks`).
     An lm_head whose rows sit on grids of several formats (one MatMulNBits per part, exporter.graph.matmul_nbits)
     is gathered from each part at the token's place in it, read from the logits' row order, and the part that
-    holds the token selected (`_select_part`).
+    holds the token selected (`_select_part`). A quantized lm_head whose blocks the gather cannot read is an error:
+    the embedding would stay in the artifact whole, in fp32, outside every byte budget.
     """
     from onnx import helper
 
@@ -976,8 +977,11 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
         attributes = {a.name: helper.get_attribute_value(a) for a in part.attribute}
         bits, block_size, rows = attributes["bits"], attributes["block_size"], attributes["N"]
         zero_points = part.input[3] if len(part.input) > 3 else None
-        if hidden % block_size or (zero_points and init[zero_points].data_type != 2):  # packed uint8 zero points only
-            return
+        if hidden % block_size:
+            raise ExporterError(f"the tied embedding cannot gather lm_head's blocks of {block_size} from rows of "
+                                f"{hidden}: use a block size that divides {hidden}")
+        if zero_points and init[zero_points].data_type != 2:  # packed uint8 zero points only
+            raise ExporterError("the tied embedding cannot gather lm_head's blocks with float zero points")
         stem = "/model/embed_tokens" if len(parts) == 1 else f"/model/embed_tokens/rows{index}"
         shape_data = helper.make_tensor(f"{stem}/data_shape", 7, [2], [rows, hidden * bits // 8])
         shape_scales = helper.make_tensor(f"{stem}/scales_shape", 7, [2], [rows, hidden // block_size])
@@ -987,7 +991,8 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
             helper.make_node("Reshape", [part.input[2], shape_scales.name], [f"{stem}/scales"],
                              name=f"{stem}/ReshapeScales")]))
     if sum(rows for _, rows, *_ in found) != vocab:
-        return
+        raise ExporterError(f"lm_head's grids hold {sum(rows for _, rows, *_ in found)} rows, the tied embedding "
+                            f"{vocab}")
     scale_type = init[parts[0].input[2]].data_type
     if len(found) == 1:
         stem, rows, bits, block_size, zero_points, nodes = found[0]
