@@ -803,9 +803,10 @@ def quantize_grids(model, options: ExportOptions, ids, only: list | None = None)
     hidden = embedding.weight.shape[1]
     if (head is not None and head.weight is embedding.weight and (chosen is None or id(head) in chosen)
             and hidden % fmt.block_size):  # before minutes of quantization: the writer could not gather its blocks
-        feasible = [str(b) for b in (16, 32, 64, 128, 256) if hidden % b == 0]
+        feasible = " or ".join(str(b) for b in (16, 32, 64, 128, 256) if hidden % b == 0)
         raise ExporterError(f"--block-size {fmt.block_size}: the tied embedding gathers lm_head's blocks from its "
-                            f"rows of {hidden}, which that does not divide; use {' or '.join(feasible) or 'fp16'}")
+                            f"rows of {hidden}, which that does not divide; "
+                            + (f"use {feasible}" if feasible else "no block size does: use --weights fp16"))
     quantize_model(model, lambda name: fmt if chosen is None or id(linears[name]) in chosen else None,
                    ids if options.quantizer == "gptq" else None, fisher_samples=options.fisher_samples,
                    progress=options.progress)
