@@ -53,7 +53,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     w = torch.zeros(out_features, padded, device=device)
     w[:, :in_features] = weight.detach().to(device).float()
     w[:, :in_features][:, dead] = 0
-    energy = _column_energy(gram, padded)
+    energy = _column_energy(torch.diagonal(gram), padded)
     codes = torch.zeros((out_features, padded), dtype=torch.uint8, device=device)
     scales = np.zeros((out_features, padded // block), dtype=np.float32)
     zeros = np.zeros((out_features, padded // block), dtype=fmt.zero_dtype)
@@ -81,10 +81,10 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
     return GridWeights(fmt, codes, scales, zeros, in_features)
 
 
-def _column_energy(gram: torch.Tensor, padded: int) -> np.ndarray:
-    """H_ii per input column, zeros for the padding: the weights of a grid's range search."""
+def _column_energy(diagonal: torch.Tensor, padded: int) -> np.ndarray:
+    """H_ii (`diagonal`) per input column, zeros for the padding: the weights of a grid's range search."""
     energy = np.zeros(padded, np.float32)
-    energy[: gram.shape[0]] = torch.diagonal(gram).double().cpu().numpy()
+    energy[: diagonal.shape[0]] = diagonal.double().cpu().numpy()
     return energy
 
 
@@ -130,8 +130,9 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
     factorization of H^-1 and one loop (pricing a unit's whole menu: several times faster than a call per format)."""
     in_features = gram.shape[0]
     device = compute.current()
-    dead = torch.diagonal(gram).cpu() == 0
-    perm = torch.argsort(torch.diagonal(gram).double().cpu(), descending=True, stable=True)
+    diagonal = torch.diagonal(gram).double().cpu()  # H_ii: dead columns, the act order, the range search's weights
+    dead = diagonal == 0
+    perm = torch.argsort(diagonal, descending=True, stable=True)
     hinv, _ = _inverse_hessian_factor(gram.double().cpu()[perm][:, perm].to(device), damping)
     grid_formats = [fmt.minmax if fmt.offset else fmt for fmt in formats]  # an offset grid: its min-max grid's
     fitted, s_cols, z_cols, tops = [], [], [], []
@@ -139,7 +140,7 @@ def gptq_shared(weights: list[torch.Tensor], gram: torch.Tensor, formats: list[Q
         w0 = weight.detach().float().cpu().clone()
         w0[:, dead] = 0
         blocks = blocked(w0.numpy(), fmt.block_size, edge=fmt.float_zero)
-        _, scales, zeros = fit_blocks(blocks, fmt, clip, _column_energy(gram, blocks.shape[1] * fmt.block_size))
+        _, scales, zeros = fit_blocks(blocks, fmt, clip, _column_energy(diagonal, blocks.shape[1] * fmt.block_size))
         fitted.append((w0, scales, zeros))
         block_of = (torch.arange(in_features) // fmt.block_size)[perm]  # each permuted column's block
         s_cols.append(torch.from_numpy(scales)[:, block_of])
