@@ -54,6 +54,21 @@ def test_tuning_moves_only_the_scales_and_lowers_the_held_out_kl(tiny_models, ca
         assert abs(float(kl_divergence(model, teacher, calib_ids[-2:])) - report.kl_after) < 1e-5
 
 
+def test_bfloat16_steps_train_as_float32_steps_do(tiny_models, calib_ids):
+    """The steps' student in bfloat16 (what a CPU with native bf16 runs): the held-out KL, measured in float32,
+    falls about as far as with float32 steps, and the report says which ran."""
+    reports = {}
+    for precision in (None, torch.bfloat16):
+        model, teacher = _quantized(tiny_models)
+        reports[precision] = tune_scales(model, teacher, calib_ids, steps=30, lr=1e-2, holdout=2, progress=False,
+                                         precision=precision)
+    fp32, bf16 = reports[None], reports[torch.bfloat16]
+    assert (fp32.precision, bf16.precision) == ("float32", "bfloat16")
+    assert fp32.kl_before == bf16.kl_before and bf16.kept
+    fall = fp32.kl_before - fp32.kl_after
+    assert abs((bf16.kl_before - bf16.kl_after) - fall) < 0.1 * fall
+
+
 def test_a_tied_embedding_reads_the_tuned_head(tiny_models, calib_ids):
     model, teacher = _quantized(tiny_models, tie=True)
     assert len(grid_modules(model)) == 2 * 7 + 1  # the head once: the embedding is the same weight

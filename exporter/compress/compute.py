@@ -80,6 +80,18 @@ def using(device: torch.device | str) -> Iterator[torch.device]:
             torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def training_precision(device: torch.device) -> torch.dtype | None:
+    """The dtype the KL training steps' student computes in, None for float32: bfloat16 on a CPU that multiplies
+    it natively (AVX512-BF16 or AMX; scale tuning's steps 1.6x faster on SmolLM2 at the same held-out KL,
+    benchmarks/RESULTS.md, "Scale tuning in bfloat16"). Measurements (held-out KL, Grams, prices) stay float32;
+    CUDA too (not measured there)."""
+    if device.type != "cpu":
+        return None
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported")]
+    return torch.bfloat16 if any(native) else None
+
+
 def _tensors(module: torch.nn.Module, skip: str | None = None) -> list[torch.Tensor]:
     """The module's parameters and buffers (each once), those under the qualified prefix `skip` left out."""
     found = {}

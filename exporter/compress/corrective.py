@@ -375,13 +375,16 @@ class TeacherTargets:
         return torch.log_softmax(self.head(torch.stack([self.hidden[key] for key in keys])).float(), dim=-1)
 
 
-def kl_divergence(student, teacher, batch: torch.Tensor) -> torch.Tensor:
+def kl_divergence(student, teacher, batch: torch.Tensor, precision: torch.dtype | None = None) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions on `batch`, per token (`teacher`: a model, or its
-    TeacherTargets)."""
+    TeacherTargets). `precision`: the student's forward under autocast to that dtype (the teacher's targets and
+    the softmaxes stay float32)."""
     with torch.no_grad():
         target = teacher.log_probs(batch) if isinstance(teacher, TeacherTargets) \
             else torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
-    logits = student(batch, use_cache=False).logits.float()
+    with torch.autocast(batch.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        logits = student(batch, use_cache=False).logits
+    logits = logits.float()
     return nn.functional.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean") \
         / batch.shape[1]
 

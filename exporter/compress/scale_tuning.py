@@ -12,7 +12,8 @@ Each scale is trained as s0 * (1 + d), d starting at 0 (one learning rate fits e
 held-out windows measure the KL before and after; where it did not fall, the scales go back to GPTQ's. The
 rate is in proportion to that KL before: grids far from the dense model take large steps, grids close to it
 small ones (measured best: 3e-3 at held-out KL 0.24, 1e-3 at 0.067, 3e-4 at 0.034 where 1e-3 raised it;
-benchmarks/RESULTS.md, 2026-12-05).
+benchmarks/RESULTS.md, 2026-12-05). The training steps run in bfloat16 where the CPU computes it natively
+(`compute.training_precision`); the held-out KL that decides is measured in float32.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from exporter.compress import distributed
+from exporter.compress import compute, distributed
 from exporter.compress.corrective import TeacherTargets, kl_divergence
 from exporter.compress.grid import GridWeights, RowSplitGrid
 from exporter.compress.quantize import grid_linears, grid_of, set_grid
@@ -45,9 +46,10 @@ class ScaleTuningReport:
     kept: bool  # False: the held-out KL did not fall, GPTQ's scales were put back
     seconds: float
     lr: float
+    precision: str = "float32"  # the training steps' student
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "scales": self.scales, "lr": float(f"{self.lr:.3g}"),
+        return {"steps": self.steps, "scales": self.scales, "lr": float(f"{self.lr:.3g}"), "precision": self.precision,
                 "kl_before": round(self.kl_before, 5),
                 "kl_after": round(self.kl_after, 5), "kept": self.kept, "seconds": round(self.seconds, 1)}
 
@@ -124,10 +126,12 @@ def grid_modules(model) -> list[nn.Module]:
 
 
 def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float | None = None, batch_size: int = 2,
-                holdout: int = 4, seed: int = 0, progress: bool = True) -> ScaleTuningReport:
+                holdout: int = 4, seed: int = 0, progress: bool = True,
+                precision: torch.dtype | None | str = "auto") -> ScaleTuningReport:
     """Train the scales of every grid in `model` (in place) for `steps` steps of KL(teacher || model) on
     `input_ids` (the last `holdout` windows measure); the codes and zero points stay. `lr`: default
-    RATE_PER_KL times the held-out KL before tuning, within RATE_RANGE."""
+    RATE_PER_KL times the held-out KL before tuning, within RATE_RANGE. `precision`: the steps' autocast dtype
+    (None: float32; "auto": compute.training_precision of the windows' device)."""
     from tqdm.auto import tqdm
 
     if input_ids.shape[0] < 2:
@@ -135,6 +139,8 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     start = time.perf_counter()
     holdout = max(1, min(holdout, input_ids.shape[0] // 4))
     held, train = input_ids[-holdout:], input_ids[:-holdout]
+    if precision == "auto":
+        precision = compute.training_precision(input_ids.device)
     modules = grid_modules(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -162,7 +168,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
         bar = tqdm(range(steps), desc="tuning scales", unit="step", disable=not progress)
         for _ in bar:
             batch = train[torch.randint(len(train), (batch_size,), generator=generator)]
-            loss = kl_divergence(trained, teacher, distributed.batch_share(batch))
+            loss = kl_divergence(trained, teacher, distributed.batch_share(batch), precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -180,4 +186,4 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     for module in modules:
         set_grid(module, grids[id(module)] if kept else grid_of(module))
     return ScaleTuningReport(steps, sum(int(d.numel()) for d in deltas), kl_before, kl_after, kept,
-                             time.perf_counter() - start, lr)
+                             time.perf_counter() - start, lr, str(precision or torch.float32).removeprefix("torch."))
