@@ -83,8 +83,8 @@ def using(device: torch.device | str) -> Iterator[torch.device]:
 def training_precision(device: torch.device) -> torch.dtype | None:
     """The dtype the KL training steps' student computes in, None for float32: bfloat16 on a CPU that multiplies
     it natively (AVX512-BF16 or AMX; scale tuning's steps 1.6x faster on SmolLM2 at the same held-out KL,
-    benchmarks/RESULTS.md, "Scale tuning in bfloat16"). Measurements (held-out KL, Grams, prices) stay float32;
-    CUDA too (not measured there)."""
+    benchmarks/RESULTS.md, "Scale tuning in bfloat16"). Measurements (held-out KL, Grams, prices) stay float32,
+    and so do the steps on CUDA (not measured there)."""
     if device.type != "cpu":
         return None
     native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
