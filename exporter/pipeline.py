@@ -577,7 +577,7 @@ def compress_once(prepared: Prepared, key: tuple | None, model, plan: Plan, in_p
     """`work()` (it trains the branches, puts the weights on their grids and tunes their scales), or its result
     from the previous compression of a multi-device export with the same `key` (compression_key): training,
     GPTQ and tuning are deterministic, so they would compute the same weights again (SmolLM2 int8 at 20%: 247 s
-    of GPTQ; `--weights auto` at one `--budget-mb`: 20 tuning steps, about 210 s)."""
+    of GPTQ; `--weights auto` at one `--budget-mb`: 40 tuning steps, about 235 s)."""
     if key is not None and key in prepared._trained:
         (state, grids), plan.corrective_report, plan.scale_tuning = prepared._trained[key]
         model.load_state_dict(state)

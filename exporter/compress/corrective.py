@@ -341,7 +341,7 @@ def _batched_kwargs(kwargs: dict, batch: int) -> dict:
 class TeacherTargets:
     """The teacher's next-token log-probabilities on calibration windows, its decoder run once per window.
 
-    KL training draws a few windows a step from a few dozen (scale tuning: 20 steps of 2 of ~28) and measures the
+    KL training draws a few windows a step from a few dozen (scale tuning: 40 steps of 2 of ~28) and measures the
     held-out ones before and after, so most windows come back; the teacher's decoder would compute them again
     each time (a quarter of a step's arithmetic). Kept per window is the output head's input (SmolLM2: 512 x
     576 floats, not 512 x 49,152 logits), the head applied per use. Where the head's output is not the logits
