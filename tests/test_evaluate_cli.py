@@ -7,10 +7,12 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 
 from exporter.cli import main
-from exporter.runtime.evaluate import ort_perplexity, text_windows
+from exporter.errors import ExporterError
+from exporter.runtime.evaluate import ort_perplexity, paired_ratio, text_windows
 from exporter.runtime.generation import OrtDecoder, Runtime
 
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -96,6 +98,27 @@ def test_evaluate_summarization_json(artifact, articles, capsys):
     assert result["mean_prompt_tokens"] <= 100 and result["truncated_articles"] >= 1
     assert result["decode_tokens_per_s"] > 0 and set(result["level_decode_tokens_per_s"]) <= {"r100"}
     assert "has 3 examples; evaluating 3 (--limit 5)" in captured.err
+    per_example = result["per_example"]
+    assert all(len(per_example[key]) == 3 for key in ("rouge1", "rouge2", "rougeL", "generated_tokens"))
+    assert sum(per_example["rougeL"]) / 3 == pytest.approx(result["rougeL"], abs=1e-6)
+    assert sum(per_example["generated_tokens"]) / 3 == pytest.approx(result["mean_generated_tokens"])
+
+
+def test_paired_ratio_interval():
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0.05, 0.4, 100)
+    same = paired_ratio(reference, reference)
+    assert same["ratio"] == same["low"] == same["high"] == pytest.approx(1.0)
+    half = paired_ratio(reference, reference * 0.5)  # a constant factor: every draw gives it
+    assert half["low"] == pytest.approx(0.5) and half["high"] == pytest.approx(0.5)
+    other = np.clip(reference * 0.8 + rng.normal(0, 0.02, 100), 0, 1)
+    paired = paired_ratio(reference, other, target=0.85)
+    assert paired["low"] < paired["ratio"] < paired["high"] and 0.0 <= paired["at_least_target"] < 0.5
+    unpaired = paired_ratio(reference, rng.permutation(other))  # the same scores, the pairs broken
+    assert unpaired["ratio"] == pytest.approx(paired["ratio"])
+    assert unpaired["high"] - unpaired["low"] > 2 * (paired["high"] - paired["low"])
+    with pytest.raises(ExporterError, match="same examples"):
+        paired_ratio(reference, reference[:50])
 
 
 def test_evaluate_summarization_readable(artifact, articles, capsys):

@@ -159,12 +159,13 @@ def evaluate_summarization(runtime, examples: list[dict], schedule, max_new_toke
                             f"in the context of {runtime.max_context} tokens")
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = {"rouge1": [], "rouge2": [], "rougeL": []}
-    stats, prompt_tokens, truncated = GenerationStats(), [], 0
+    stats, prompt_tokens, truncated, generated = GenerationStats(), [], 0, []
     for example in tqdm(examples, desc="summarization", unit="article", disable=not progress):
         ids, cut = summary_prompt(runtime, example["article"], budget, chat)
         steps = list(runtime.generate(ids, max_new_tokens, schedule))
         stats.add(steps)
         prompt_tokens.append(len(ids))
+        generated.append(len(steps))
         truncated += cut
         summary = runtime.decode_text([s.token for s in steps])
         for key, score in scorer.score(example["highlights"], summary).items():
@@ -184,7 +185,31 @@ def evaluate_summarization(runtime, examples: list[dict], schedule, max_new_toke
         "level_tokens": stats.level_tokens,
         "max_new_tokens": max_new_tokens,
         "chat_template": chat,
+        # each article's scores, in the file's order: two artifacts' runs compare article by article
+        # (paired_ratio), which 100 articles' spread needs
+        "per_example": {**{key: [round(float(v), 6) for v in values] for key, values in scores.items()},
+                        "generated_tokens": generated},
     }
+
+
+def paired_ratio(reference: list[float], other: list[float], draws: int = 10000, seed: int = 0,
+                 level: float = 0.95, target: float | None = None) -> dict:
+    """mean(other) / mean(reference) over the same examples, with a paired bootstrap interval: the examples
+    drawn with replacement `draws` times, the same draw for both, so what the two share (an article hard for
+    both) cancels. Returns {"ratio", "low", "high", "draws"}, and with `target` the share of draws at or above it."""
+    reference, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    if reference.shape != other.shape or reference.ndim != 1 or not len(reference):
+        raise ExporterError(f"paired scores need the same examples: {reference.shape} against {other.shape}")
+    if reference.sum() <= 0:
+        raise ExporterError("the reference's scores are all zero: no ratio")
+    picks = np.random.default_rng(seed).integers(0, len(reference), (draws, len(reference)))
+    ratios = other[picks].sum(axis=1) / np.maximum(reference[picks].sum(axis=1), 1e-300)
+    tail = (1 - level) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    found = {"ratio": float(other.sum() / reference.sum()), "low": float(low), "high": float(high), "draws": draws}
+    if target is not None:
+        found["at_least_target"] = float(np.mean(ratios >= target))
+    return found
 
 
 def evaluate_perplexity(runtime, windows: np.ndarray, level: str, progress: bool = True) -> dict:
