@@ -559,9 +559,12 @@ def _keep_freed_memory() -> None:
     """glibc hands every allocation above 32 MB (a head's logits, a weight's copy) back to the system when freed,
     and the next one faults its pages in afresh: 62M page faults and 180 s of system time in one export. Freed
     memory is kept for reuse instead (scale tuning 1.3x faster; peak RSS 1-2.6 GB higher on SmolLM2;
-    benchmarks/RESULTS.md, "Scale tuning in bfloat16"). No-op where the C library is not glibc."""
+    benchmarks/RESULTS.md, "Scale tuning in bfloat16"). No-op where the C library is not glibc, or with
+    EXPORTER_KEEP_FREED_MEMORY=0 (a machine short of memory)."""
     import ctypes
 
+    if os.environ.get("EXPORTER_KEEP_FREED_MEMORY", "1").strip() == "0":
+        return
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

@@ -595,3 +595,29 @@ def test_joint_factorization_exports_two_matmuls_per_group(tmp_path, tiny_models
         # Two MatMulNBits per factorized unit (V, then the stacked U), one per dense one, plus lm_head.
         expected = sum(1 if r["rank"] is None else 2 for r in manifest["ranks"].values()) + 1
         assert Counter(n.op_type for n in graph.node)["MatMulNBits"] == expected
+
+
+def test_keep_freed_memory_and_its_opt_out(monkeypatch):
+    import ctypes
+
+    from exporter import cli
+
+    calls = []
+
+    class FakeLibc:
+        def __init__(self, _name):
+            self.mallopt = FakeMallopt()
+
+    class FakeMallopt:
+        def __call__(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", FakeLibc)
+    monkeypatch.delenv("EXPORTER_KEEP_FREED_MEMORY", raising=False)
+    cli._keep_freed_memory()
+    assert calls == [(-4, 0), (-1, 2**31 - 1)]  # M_MMAP_MAX, M_TRIM_THRESHOLD
+    calls.clear()
+    monkeypatch.setenv("EXPORTER_KEEP_FREED_MEMORY", "0")
+    cli._keep_freed_memory()
+    assert calls == []
