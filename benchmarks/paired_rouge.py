@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.errors import ExporterError  # noqa: E402
-from exporter.runtime.evaluate import paired_ratio  # noqa: E402
+from exporter.runtime.evaluate import bootstrap_ratio  # noqa: E402
 
 
 def read(path: Path) -> dict:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      reference["mean_prompt_tokens"]):
                 raise ExporterError(f"{path}: other articles than {args.reference} "
                                     f"({other['examples']} examples, {other['mean_prompt_tokens']} prompt tokens)")
-            found = paired_ratio(reference["per_example"][args.metric], other["per_example"][args.metric],
+            found = bootstrap_ratio(reference["per_example"][args.metric], other["per_example"][args.metric],
                                  args.draws, target=args.target)
             rows.append((other["artifact"], other[args.metric], found))
     except ExporterError as exc:

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cli import main
 from exporter.errors import ExporterError
-from exporter.runtime.evaluate import ort_perplexity, paired_ratio, text_windows
+from exporter.runtime.evaluate import bootstrap_ratio, ort_perplexity, text_windows
 from exporter.runtime.generation import OrtDecoder, Runtime
 
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -104,21 +104,21 @@ def test_evaluate_summarization_json(artifact, articles, capsys):
     assert sum(per_example["generated_tokens"]) / 3 == pytest.approx(result["mean_generated_tokens"])
 
 
-def test_paired_ratio_interval():
+def test_bootstrap_ratio_interval():
     rng = np.random.default_rng(1)
     reference = rng.uniform(0.05, 0.4, 100)
-    same = paired_ratio(reference, reference)
+    same = bootstrap_ratio(reference, reference)
     assert same["ratio"] == same["low"] == same["high"] == pytest.approx(1.0)
-    half = paired_ratio(reference, reference * 0.5)  # a constant factor: every draw gives it
+    half = bootstrap_ratio(reference, reference * 0.5)  # a constant factor: every draw gives it
     assert half["low"] == pytest.approx(0.5) and half["high"] == pytest.approx(0.5)
     other = np.clip(reference * 0.8 + rng.normal(0, 0.02, 100), 0, 1)
-    paired = paired_ratio(reference, other, target=0.85)
+    paired = bootstrap_ratio(reference, other, target=0.85)
     assert paired["low"] < paired["ratio"] < paired["high"] and 0.0 <= paired["at_least_target"] < 0.5
-    unpaired = paired_ratio(reference, rng.permutation(other))  # the same scores, the pairs broken
+    unpaired = bootstrap_ratio(reference, rng.permutation(other))  # the same scores, the pairs broken
     assert unpaired["ratio"] == pytest.approx(paired["ratio"])
     assert unpaired["high"] - unpaired["low"] > 2 * (paired["high"] - paired["low"])
     with pytest.raises(ExporterError, match="same examples"):
-        paired_ratio(reference, reference[:50])
+        bootstrap_ratio(reference, reference[:50])
 
 
 def test_evaluate_summarization_readable(artifact, articles, capsys):

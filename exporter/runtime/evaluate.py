@@ -186,13 +186,13 @@ def evaluate_summarization(runtime, examples: list[dict], schedule, max_new_toke
         "max_new_tokens": max_new_tokens,
         "chat_template": chat,
         # each article's scores, in the file's order: two artifacts' runs compare article by article
-        # (paired_ratio), which 100 articles' spread needs
+        # (bootstrap_ratio), which 100 articles' spread needs
         "per_example": {**{key: [round(float(v), 6) for v in values] for key, values in scores.items()},
                         "generated_tokens": generated},
     }
 
 
-def paired_ratio(reference: list[float], other: list[float], draws: int = 10000, seed: int = 0,
+def bootstrap_ratio(reference: list[float], other: list[float], draws: int = 10000, seed: int = 0,
                  level: float = 0.95, target: float | None = None) -> dict:
     """mean(other) / mean(reference) over the same examples, with a paired bootstrap interval: the examples
     drawn with replacement `draws` times, the same draw for both, so what the two share (an article hard for
