@@ -121,6 +121,42 @@ def test_bootstrap_ratio_interval():
         bootstrap_ratio(reference, reference[:50])
 
 
+def _summaries(path, artifact: str, scores, prompt_tokens: float):
+    scores = [float(s) for s in scores]
+    per_example = {metric: scores for metric in ("rouge1", "rouge2", "rougeL")}
+    path.write_text(json.dumps({"task": "summarization", "artifact": artifact, "examples": len(scores),
+                                "mean_prompt_tokens": prompt_tokens, "per_example": per_example,
+                                **{metric: sum(scores) / len(scores) for metric in per_example}}))
+    return str(path)
+
+
+def test_paired_rouge_joins_runs_over_consecutive_slices(tmp_path):
+    """benchmarks/paired_rouge.py: runs over slices joined with commas are scored as one run over all the articles;
+    a join that does not slice the articles as the reference's does is a one-line error."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_rouge.py"
+    rng = np.random.default_rng(2)
+    dense, art = rng.uniform(0.1, 0.3, 7), rng.uniform(0.05, 0.3, 7)
+    d1, d2 = _summaries(tmp_path / "d1.json", "dense", dense[:3], 600.0), _summaries(tmp_path / "d2.json", "dense",
+                                                                                       dense[3:], 650.0)
+    a1, a2 = _summaries(tmp_path / "a1.json", "art", art[:3], 600.0), _summaries(tmp_path / "a2.json", "art",
+                                                                                   art[3:], 650.0)
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+    joined = run(f"{d1},{d2}", f"{a1},{a2}")
+    assert joined.returncode == 0, joined.stderr
+    row = joined.stdout.strip().splitlines()[-1].split(" | ")
+    assert float(row[1]) == pytest.approx(art.mean(), abs=1e-4)
+    assert float(row[2]) == pytest.approx(art.sum() / dense.sum(), abs=1e-3)
+    for bad, message in (((f"{d1},{d2}", a1), "other articles"), ((f"{d1},{a2}", a1), "different artifacts")):
+        failed = run(*bad)
+        assert failed.returncode == 2 and message in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_summarization_readable(artifact, articles, capsys):
     code = main(["evaluate", str(artifact), "--task", "summarization", "--data", str(articles), "--limit", "1",
                  "--max-new-tokens", "8", "--no-progress"])
