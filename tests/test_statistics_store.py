@@ -11,6 +11,7 @@ import torch
 
 import exporter.compress.format_allocation
 import exporter.pipeline
+from exporter.compress import statistics_store
 from exporter.cli import main
 from exporter.compress.statistics_store import StatisticsStore, model_digest, tensor_digest
 from exporter.settings import TUNE_SCALES_STEPS
@@ -87,6 +88,30 @@ def test_auto_prices_are_priced_once_and_give_the_same_artifact(tmp_path, llama_
     assert len({u["format"] for u in read["method"]["formats"]["units"]}) > 1
     # the chosen grids recomputed from the stored sensitivities are GPTQ's grids of the full pricing, bit for bit
     assert (tmp_path / "read" / "model.onnx.data").read_bytes() == (tmp_path / "fresh" / "model.onnx.data").read_bytes()
+
+
+def test_a_lower_budgets_prices_serve_a_higher_budget(tmp_path, llama_dir, calib_file, monkeypatch, capsys):
+    """Prices stored by a budget below what 4 bits reach (its menu adds 2-bit grids, low-rank options and row
+    splits) are read, narrowed, by a higher budget: nothing priced again, and the plan a pricing of the higher
+    budget's own menu gives."""
+    priced = _counted(monkeypatch, exporter.compress.format_allocation, "price_units")
+
+    def allocate(store, budget):
+        monkeypatch.setattr(statistics_store, "default_root", lambda: tmp_path / store)
+        assert _run("allocate", llama_dir, calib_file, "--weights", "auto", "--budget-mb", budget, "--json") == 0
+        out, err = capsys.readouterr()
+        return json.loads(out)["formats"], err
+
+    whole, _ = allocate("own", "1000")  # the 4/8-bit menu priced on its own
+    mixing = f"{(whole['smallest_bytes'] + whole['chosen_bytes']) / 2 / 1e6:.4f}"
+    own, _ = allocate("own", mixing)
+    assert len(priced) == 1 and len({u["format"] for u in own["units"]}) > 1
+    low, _ = allocate("wider", f"{whole['smallest_bytes'] * 0.9 / 1e6:.4f}")
+    assert len(priced) == 2 and any(u["format"].startswith("int2") or "/" in u["format"] or u["rank"]
+                                    for u in low["units"])
+    narrowed, err = allocate("wider", mixing)
+    assert len(priced) == 2 and "a lower budget's menu, narrowed" in err
+    assert narrowed == own
 
 
 def test_fisher_importance_is_computed_once_per_model_and_calibration(tmp_path, llama_dir, calib_file, monkeypatch,

@@ -163,6 +163,17 @@ class Unit:
                    weights=record["weights"], corrections=record["corrections"], ranks=record.get("ranks", []),
                    splits=record.get("splits", []))
 
+    @staticmethod
+    def narrowed(record: dict, menu) -> dict:
+        """A record priced on a wider menu (a lower budget's: 2-bit grids, low-rank options, row splits) narrowed to
+        the plain options of `menu`, in their order: each option's bytes and estimate are those a pricing of `menu`
+        alone gives (every grid is its own GPTQ, every estimate its own error's), so they serve it as they are."""
+        names, count = {f.name for f in menu}, len(record["options"])
+        ranks, splits = record.get("ranks") or [0] * count, record.get("splits") or [0] * count
+        keep = [k for k in range(count) if record["options"][k] in names and not ranks[k] and not splits[k]]
+        fields = ("options", "methods", "bytes", "loss", "corrections", "ranks", "splits")
+        return {**record, **{name: [record[name][k] for k in keep] for name in fields if record.get(name)}}
+
     def to_dict(self) -> dict:
         return {"unit": self.name, "weights": self.weights, "format": self.format_name(self.choice),
                 "method": self.methods[self.choice], "correction_rank": self.correction(self.choice),
