@@ -387,11 +387,10 @@ class Prepared:
         """Prices stored for a lower budget, whose menu (`menu`, 2-bit grids where the runtime has them, low-rank
         options, row splits) holds every option of this one, narrowed to `menu` (`Unit.narrowed`): an export at
         86.5 MB after one at 65 MB prices nothing."""
-        from exporter.compress.format_allocation import LOW_BIT_MENU, LOW_RANK_FORMATS, Unit
+        from exporter.compress.format_allocation import Unit
 
-        for wider in (menu + LOW_BIT_MENU, menu):
-            found = self._stored("format prices", [*key[:3], [f.name for f in wider],
-                                                   [f.name for f in LOW_RANK_FORMATS]])
+        for wider, low_rank in (widened_menu(menu, two_bit) for two_bit in (True, False)):
+            found = self._stored("format prices", [*key[:3], [f.name for f in wider], [f.name for f in low_rank]])
             if found is not None:
                 say("format prices: a lower budget's menu, narrowed to this one's formats")
                 tensors, info = found
@@ -627,14 +626,7 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
     from exporter.compress.allocate import multiple_choice_knapsack
-    from exporter.compress.format_allocation import (
-        LOW_BIT_MENU,
-        LOW_RANK_FORMATS,
-        apply_choices,
-        byte_range,
-        fixed_bytes,
-        format_units,
-    )
+    from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units
 
     clock = prepared.clock
     if ids is None:
@@ -656,9 +648,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     low_rank = ()
     smallest, largest, step = reach(menu)
     if budget_bytes < smallest + step * len(groups):  # below what 4 bits reach: low-rank options (and 2-bit grids)
-        low_rank = LOW_RANK_FORMATS
-        if options.release is None or options.release >= TWO_BIT_MATMUL_RELEASE:
-            menu = menu + LOW_BIT_MENU
+        menu, low_rank = widened_menu(menu, options.release is None or options.release >= TWO_BIT_MATMUL_RELEASE)
         smallest, _, step = reach(menu, low_rank)
     if budget_bytes < smallest + step * len(groups):  # before minutes of pricing
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
@@ -706,6 +696,14 @@ def option_nodes(unit, option: int) -> int:
     if unit.split(option):
         return ROW_SPLIT_NODES
     return BLOCK_SUM_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0
+
+
+def widened_menu(menu: tuple, two_bit: bool) -> tuple[tuple, tuple]:
+    """(menu, low-rank factor formats) of a budget below what `menu` reaches: low-rank options and, where the runtime
+    runs them (`two_bit`), 2-bit grids and row splits beside every format of `menu`."""
+    from exporter.compress.format_allocation import LOW_BIT_MENU, LOW_RANK_FORMATS
+
+    return (menu + LOW_BIT_MENU if two_bit else menu), LOW_RANK_FORMATS
 
 
 def runtime_menu(options: ExportOptions) -> tuple:
