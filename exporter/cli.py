@@ -13,7 +13,8 @@ from exporter import __version__
 from exporter.artifact.manifest import Manifest
 from exporter.console import tell
 from exporter.errors import ExporterError
-from exporter.settings import CALIB_CHAT, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, TUNE_SCALES_STEPS, CorrectiveOptions
+from exporter.settings import (CALIB_CHAT, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, TUNE_SCALES_STEPS, TUNE_WINDOWS,
+                               CorrectiveOptions)
 
 
 def _ratio(text: str) -> float:
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="int4 and auto weights: train every block's scale end to end against the dense model "
                         "(KL on the calibration windows; codes fixed, no bytes added) for STEPS steps "
                         f"(default: {TUNE_SCALES_STEPS} with --weights auto, else 0; 0: off)")
+    export.add_argument("--tune-windows", type=_nonnegative_int, default=TUNE_WINDOWS, metavar="N",
+                        help="with --tune-scales and --calib: train on N more windows of the calibration file, apart "
+                        f"from the calibration's (default: {TUNE_WINDOWS}; fewer where the file is short)")
     export.add_argument("--levels",
                         help="progressive decoding: fractions of every factorized rank to write as levels, from 1.0 "
                         "down (default: 1.0,0.85,0.7; 1.0: one level; fp32, fp16 and int4 only)")
@@ -292,7 +296,8 @@ def _options(args):
         block_size=getattr(args, "block_size", 32), quantizer=getattr(args, "quantizer", "gptq"),
         trust_remote_code=args.trust_remote_code,
         asymmetric=getattr(args, "asymmetric", False), error_correction=getattr(args, "error_correction", 0),
-        tune_scales=_tune_scales(args), reuse_statistics=not args.fresh_statistics,
+        tune_scales=_tune_scales(args), tune_windows=getattr(args, "tune_windows", TUNE_WINDOWS),
+        reuse_statistics=not args.fresh_statistics,
         compute=args.compute,
         progress=not args.no_progress, ort_format=getattr(args, "ort", False),
         correctives=None if not args.correctives else CorrectiveOptions(

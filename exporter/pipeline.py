@@ -74,8 +74,9 @@ from exporter.graph.optimum_export import check_parity, export_onnx
 from exporter.graph.writer import constant_bytes, served_positions, unsupported_reason, write_decoder
 from exporter.precisions import ACTIVATIONS, GRID_BITS, check_activations
 from exporter.precisions import WEIGHT_FORMATS as WEIGHTS
-from exporter.settings import PARITY_ATOL
-from exporter.source.calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
+from exporter.settings import PARITY_ATOL, TUNE_WINDOWS
+from exporter.source.calibration import (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids, read_texts,
+                                         text_window_count, tuning_windows)
 from exporter.source.model import load_model, resolve_model
 from exporter.source.tokenizer import check_artifact_tokenizer, save_tokenizer
 
@@ -140,6 +141,8 @@ class ExportOptions:
     # int4, int8 and `--weights auto`: steps of end-to-end KL against the dense model that train every grid's
     # scales, codes and zero points fixed (exporter.compress.scale_tuning; 0: GPTQ's scales as they are).
     tune_scales: int = 0
+    # More windows of the calibration file's text for those steps, beside the calibration's (Prepared.tuning_windows)
+    tune_windows: int = TUNE_WINDOWS
     # `--weights auto`: int4 graph whose every MatMulNBits takes the format (bits, block size) a knapsack over
     # estimated loss chooses under the byte budget (exporter.compress.format_allocation); no low-rank.
     auto_formats: bool = False
@@ -255,6 +258,7 @@ class Prepared:
     clock: Stopwatch
     seconds: dict = field(default_factory=dict)  # (statistic, key) -> seconds its first computation took
     _calibration: tuple | None = None
+    _tuning: torch.Tensor | None = None  # tuning_windows
     _decompositions: dict = field(default_factory=dict)
     _importance: dict = field(default_factory=dict)
     _prices: dict = field(default_factory=dict)
@@ -288,6 +292,21 @@ class Prepared:
                     chat_share=o.calib_chat))
             self.seconds[("calibration", None)] = time.perf_counter() - start
         return self._calibration
+
+    def tuning_windows(self) -> torch.Tensor:
+        """The windows `--tune-scales` trains on: `--tune-windows` more of the calibration file's text
+        (source.calibration.tuning_windows), then the calibration's own, whose last ones judge the tuning. Scale
+        tuning sees 80 windows in its 40 steps; drawn from the calibration's 28 it saw each about three times."""
+        ids = self.calibration()[0]
+        o = self.options
+        if o.calib is None or o.tune_windows < 1:  # self-generated text: more would be generated, at a cost
+            return ids
+        if self._tuning is None:
+            texts = read_texts(o.calib, o.calib_field)
+            calibration = text_window_count(self.tokenizer, o.calib_samples, o.calib_chat)
+            extra = tuning_windows(texts, self.tokenizer, o.tune_windows, o.calib_seq_len, o.seed, calibration)
+            self._tuning = torch.cat([extra, ids])
+        return self._tuning
 
     def decompositions(self, method: str, joint: bool, full_rank: bool) -> dict:
         """Every decoder unit's factorization (exporter.compress.factorize.decompose_model)."""
@@ -519,7 +538,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
                         plan.error_correction = correct_errors(model, options, ids)
                     quantize_grids(model, options, ids)
                 if tuned:
-                    plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
+                    plan.scale_tuning = tune_grid_scales(model, teacher, prepared.tuning_windows(), options, clock)
 
             key = compression_key(options, plan, None, quantized)
             compress_once(prepared, key, model, plan, in_place, quantize_and_tune)
@@ -566,7 +585,7 @@ def compress(prepared: Prepared, options: ExportOptions | None = None, model=Non
             with clock.stage("quantize"):
                 quantize_grids(model, options, ids)
         if tuned:
-            plan.scale_tuning = tune_grid_scales(model, teacher, ids, options, clock)
+            plan.scale_tuning = tune_grid_scales(model, teacher, prepared.tuning_windows(), options, clock)
 
     if train:
         compress_once(prepared, compression_key(options, plan, correctives, quantized), model, plan, in_place,
@@ -582,7 +601,7 @@ def compression_key(options: ExportOptions, plan: Plan, correctives: CorrectiveO
     if options.error_correction:
         return None
     grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware,
-             options.tune_scales) if quantized else None
+             options.tune_scales, options.tune_windows) if quantized else None
     formats = tuple((u.name, u.options[u.choice].name, u.methods[u.choice], u.rank(u.choice), u.correction(u.choice),
                      u.split(u.choice)) for u in plan.formats or ())  # the choice, not its index: menus differ by runtime
     return (options.method, options.joint, repr(correctives), tuple((plan.ranks or {}).items()),
@@ -611,14 +630,18 @@ def compress_once(prepared: Prepared, key: tuple | None, model, plan: Plan, in_p
 def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwatch) -> dict:
     """--tune-scales: the grids' scales trained end to end against `teacher` (exporter.compress.scale_tuning);
     returns the manifest's summary."""
-    from exporter.compress.scale_tuning import tune_scales
+    from exporter.compress.scale_tuning import holdout_windows, tune_scales
 
+    # the calibration's windows come last (Prepared.tuning_windows): the held-out ones among them, as many as
+    # the calibration alone would give
+    holdout = holdout_windows(min(len(ids), options.calib_samples))
     device = compute.current()  # the two models whole on the compute device, the tuned weights written back
     with clock.stage("tune scales"), compute.onloaded(model, device, write_back=True), \
             compute.onloaded(teacher, device):
-        report = tune_scales(model, teacher, ids.to(device), options.tune_scales, seed=options.seed,
+        report = tune_scales(model, teacher, ids.to(device), options.tune_scales, holdout=holdout, seed=options.seed,
                              progress=options.progress)
-    say(f"scale tuning: {report.steps} steps at {report.lr:.2g} on {report.scales:,} scales, held-out KL "
+    say(f"scale tuning: {report.steps} steps at {report.lr:.2g} on {report.scales:,} scales ({report.windows} "
+        f"windows), held-out KL "
         f"{report.kl_before:.4f} -> {report.kl_after:.4f}" + ("" if report.kept else " (no better: GPTQ's scales kept)"))
     return report.to_dict()
 

@@ -15,6 +15,9 @@ CALIB_CHAT = 0.5
 # disk": -0.6 to -1.3 perplexity at 78-105.5 MB for 2-3 minutes on SmolLM2-135M; "Scale tuning in bfloat16": 40
 # steps lower it again at 52-86.5 MB (52 MB 43.26 -> 41.43) in 4 minutes, what 20 float32 steps took.
 TUNE_SCALES_STEPS = 40
+# ... and more windows of the calibration file for those steps than the calibration's 28 (`--tune-windows`; 40 steps
+# of 2 windows draw 80): "Scale tuning on more windows" in benchmarks/RESULTS.md.
+TUNE_WINDOWS = 64
 # ONNX Runtime against PyTorch, fp32: the export's parity check and golden.json's fp32 tolerance on devices
 PARITY_ATOL = 1e-2
 

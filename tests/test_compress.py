@@ -251,3 +251,20 @@ def test_calibration_windows_are_seeded(tokenizer, calib_text):
     c = windows_from_texts([calib_text], tokenizer, 4, 16, seed=1)
     assert a.shape == (4, 16) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_tuning_windows_stay_apart_from_the_calibrations_and_each_other(tokenizer, calib_text):
+    """Scale tuning's extra windows must not overlap the calibration's text windows (its held-out windows are
+    among those) nor each other; fewer come back where the text has no room."""
+    from exporter.source.calibration import _window_starts, starts_apart, tuning_windows
+
+    taken = _window_starts(5000, 40, 6, seed=0)
+    starts = starts_apart(5000, 40, 30, seed=1, taken=taken)
+    assert len(starts) == 30 and starts == starts_apart(5000, 40, 30, seed=1, taken=taken)
+    assert all(abs(s - t) >= 40 for s in starts for t in taken)
+    assert all(abs(a - b) >= 40 for i, a in enumerate(starts) for b in starts[i + 1:])
+    assert len(starts_apart(200, 40, 30, seed=1, taken=[])) <= 5  # at most 200 / 40 windows fit
+
+    windows = tuning_windows([calib_text], tokenizer, 8, 16, seed=0, calibration_windows=4)
+    assert windows.shape == (8, 16) and windows.dtype == torch.long
+    assert tuning_windows([calib_text], tokenizer, 0, 16, seed=0, calibration_windows=4).shape == (0, 16)

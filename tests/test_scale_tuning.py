@@ -115,7 +115,16 @@ def test_export_with_tuned_scales(llama_dir, calib_file, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     tuning = manifest["method"]["scale_tuning"]
     assert tuning["steps"] == 6 and tuning["scales"] > 0 and "tune scales" in manifest["timings_s"]
+    # up to 64 more windows of the file (--tune-windows' default; this short file holds fewer apart) beside the
+    # calibration's 8, 2 of those held out as the calibration alone would hold out
+    assert 6 + 32 <= tuning["windows"] <= 6 + 64
     assert manifest["parity"]["quantized"]["greedy_agreement"] >= 0.5
+
+    code = main(["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
+                 "--calib-seq-len", "32", "--ratio", "0", "--device", "host", "--weights", "int4",
+                 "--tune-scales", "6", "--tune-windows", "0", "--no-progress", "--out", str(tmp_path / "only")])
+    assert code == 0
+    assert json.loads((tmp_path / "only" / "manifest.json").read_text())["method"]["scale_tuning"]["windows"] == 6
 
 
 def test_the_default_rate_follows_the_held_out_kl(tiny_models, calib_ids):

@@ -4,7 +4,8 @@ dense model's, at no byte cost.
 A grid weight reads back as (q - z) * s (exporter.compress.grid). GPTQ chooses the codes q one linear at a time
 against that linear's own output error; the scales s are stored as float32 whatever their value, so they can
 be trained afterwards against what the user sees: KL(dense || quantized) of the next-token distributions on
-the calibration windows (chat turns included, `--calib-chat`), with every code and zero point fixed. The
+the calibration windows (chat turns included, `--calib-chat`) and more of the calibration file's
+(`--tune-windows`, exporter.pipeline.Prepared.tuning_windows), with every code and zero point fixed. The
 weights stay exactly on their grids, so the graph packs the same codes with the tuned scales and PyTorch and
 ONNX Runtime still compute the same thing. (EfficientQAT's end-to-end stage trains the same parameters.)
 
@@ -47,10 +48,11 @@ class ScaleTuningReport:
     seconds: float
     lr: float
     precision: str = "float32"  # the training steps' student
+    windows: int = 0  # the windows the steps drew from (the held-out ones apart)
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "scales": self.scales, "lr": float(f"{self.lr:.3g}"), "precision": self.precision,
-                "kl_before": round(self.kl_before, 5),
+        return {"steps": self.steps, "scales": self.scales, "windows": self.windows, "lr": float(f"{self.lr:.3g}"),
+                "precision": self.precision, "kl_before": round(self.kl_before, 5),
                 "kl_after": round(self.kl_after, 5), "kept": self.kept, "seconds": round(self.seconds, 1)}
 
 
@@ -125,6 +127,11 @@ def grid_modules(model) -> list[nn.Module]:
     return list({id(m): m for m in modules}.values())
 
 
+def holdout_windows(windows: int, most: int = 4) -> int:
+    """How many of `windows` tune_scales holds out to judge the tuning: a quarter, at least 1, at most `most`."""
+    return max(1, min(most, windows // 4))
+
+
 def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float | None = None, batch_size: int = 2,
                 holdout: int = 4, seed: int = 0, progress: bool = True,
                 precision: torch.dtype | None | str = "auto") -> ScaleTuningReport:
@@ -137,7 +144,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     if input_ids.shape[0] < 2:
         raise ExporterError(f"scale tuning needs at least 2 calibration sequences (got {input_ids.shape[0]})")
     start = time.perf_counter()
-    holdout = max(1, min(holdout, input_ids.shape[0] // 4))
+    holdout = holdout_windows(input_ids.shape[0], holdout)
     held, train = input_ids[-holdout:], input_ids[:-holdout]
     if precision == "auto":
         precision = compute.training_precision(input_ids.device)
@@ -186,4 +193,5 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     for module in modules:
         set_grid(module, grids[id(module)] if kept else grid_of(module))
     return ScaleTuningReport(steps, sum(int(d.numel()) for d in deltas), kl_before, kl_after, kept,
-                             time.perf_counter() - start, lr, str(precision or torch.float32).removeprefix("torch."))
+                             time.perf_counter() - start, lr, str(precision or torch.float32).removeprefix("torch."),
+                             len(train))

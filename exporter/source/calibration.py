@@ -60,9 +60,45 @@ def windows_from_texts(texts, tokenizer, num_samples: int, seq_len: int, seed: i
         raise CalibrationError(
             f"calibration text too short: {ids.numel()} tokens, need at least --calib-seq-len={seq_len}"
         )
+    starts = _window_starts(ids.numel(), body, num_samples, seed)
+    return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts])
+
+
+def _window_starts(tokens: int, body: int, count: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - body + 1, (num_samples,), generator=generator)
-    return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts.tolist()])
+    return torch.randint(0, tokens - body + 1, (count,), generator=generator).tolist()
+
+
+def tuning_windows(texts, tokenizer, count: int, seq_len: int, seed: int, calibration_windows: int) -> torch.Tensor:
+    """Up to `count` more windows of the calibration text for end-to-end tuning (exporter.compress.scale_tuning),
+    none overlapping the `calibration_windows` windows windows_from_texts drew with `seed`: the tuning measures
+    itself on some of those (the held-out windows), and a window it also trained on would flatter it. Fewer where
+    the text has no room; [0, seq_len] where it has none."""
+    from exporter.runtime.evaluate import leading_special_ids
+
+    prefix = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
+    body = seq_len - prefix.numel()
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if count < 1 or body < 1 or ids.numel() < body:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    taken = _window_starts(ids.numel(), body, calibration_windows, seed) if calibration_windows else []
+    starts = starts_apart(ids.numel(), body, count, seed + 1, taken)
+    if not starts:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts])
+
+
+def starts_apart(tokens: int, body: int, count: int, seed: int, taken: list[int]) -> list[int]:
+    """Up to `count` seeded starts of `body`-token windows in `tokens`, none overlapping another or a window at
+    `taken`."""
+    taken, starts = list(taken), []
+    for start in _window_starts(tokens, body, 4 * count, seed):  # draws to spare for the ones that overlap
+        if all(abs(start - other) >= body for other in taken):
+            starts.append(start)
+            taken.append(start)
+            if len(starts) == count:
+                break
+    return starts
 
 
 def _around_user_message(tokenizer) -> tuple[str, str] | None:
@@ -192,7 +228,7 @@ def calibration_ids(model, tokenizer, calib: str | None, num_samples: int = DEFA
         texts = read_texts(calib, text_field)
         if not any(t.strip() for t in texts):
             raise CalibrationError(f"calibration file is empty: {calib}")
-        chats = round(num_samples * chat_share) if chat_prefix(tokenizer) and chat_suffix(tokenizer) else 0
+        chats = num_samples - text_window_count(tokenizer, num_samples, chat_share)
         description = f"{calib} ({num_samples} x {seq_len} tokens, seed {seed})"
         if chats == 0:
             return windows_from_texts(texts, tokenizer, num_samples, seq_len, seed), description
@@ -211,6 +247,13 @@ def calibration_ids(model, tokenizer, calib: str | None, num_samples: int = DEFA
     ids = _cached(cache_dir() / "calibration" / f"self-{key}.pt", model_key,
                   lambda: sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress))
     return ids, f"self-generated ({num_samples} x {seq_len} tokens, seed {seed})"
+
+
+def text_window_count(tokenizer, num_samples: int, chat_share: float) -> int:
+    """How many of `num_samples` calibration windows read the calibration file as text (the rest are chat turns,
+    where the tokenizer has a chat template)."""
+    chats = round(num_samples * chat_share) if chat_prefix(tokenizer) and chat_suffix(tokenizer) else 0
+    return num_samples - chats
 
 
 def _cached(path: Path, model_key: str, compute) -> torch.Tensor:
