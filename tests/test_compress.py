@@ -265,6 +265,17 @@ def test_tuning_windows_stay_apart_from_the_calibrations_and_each_other(tokenize
     assert all(abs(a - b) >= 40 for i, a in enumerate(starts) for b in starts[i + 1:])
     assert len(starts_apart(200, 40, 30, seed=1, taken=[])) <= 5  # at most 200 / 40 windows fit
 
+    from exporter.source.calibration import windows_from_texts
+
     windows = tuning_windows([calib_text], tokenizer, 8, 16, seed=0, calibration_windows=4)
     assert windows.shape == (8, 16) and windows.dtype == torch.long
+    # where each window sits in the text: the tuning's none within a window's length of the calibration's
+    text = tokenizer(calib_text, add_special_tokens=False)["input_ids"]
+
+    def position(window) -> int:
+        body = window.tolist()[-12:]
+        return next(i for i in range(len(text)) if text[i : i + 12] == body)
+
+    calibration = windows_from_texts([calib_text], tokenizer, 4, 16, seed=0)
+    assert all(abs(position(w) - position(c)) >= 15 for w in windows for c in calibration)  # body: 15 or 16
     assert tuning_windows([calib_text], tokenizer, 0, 16, seed=0, calibration_windows=4).shape == (0, 16)
