@@ -634,7 +634,7 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
 
     # the calibration's windows come last (Prepared.tuning_windows): the held-out ones among them, as many as
     # the calibration alone would give
-    holdout = holdout_windows(min(len(ids), options.calib_samples))
+    holdout = holdout_windows(options.calib_samples)
     device = compute.current()  # the two models whole on the compute device, the tuned weights written back
     with clock.stage("tune scales"), compute.onloaded(model, device, write_back=True), \
             compute.onloaded(teacher, device):

@@ -51,16 +51,24 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 def windows_from_texts(texts, tokenizer, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """`num_samples` random windows of `seq_len` tokens from the joined texts (seeded), each after the ids the
     tokenizer puts before a text (BOS, where it adds one), as the model reads text in use."""
-    from exporter.runtime.evaluate import leading_special_ids
-
-    prefix = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
-    body = seq_len - prefix.numel()
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    prefix, ids, body = _token_stream(texts, tokenizer, seq_len)
     if ids.numel() < body or body < 1:
         raise CalibrationError(
             f"calibration text too short: {ids.numel()} tokens, need at least --calib-seq-len={seq_len}"
         )
-    starts = _window_starts(ids.numel(), body, num_samples, seed)
+    return _windows_at(prefix, ids, body, _window_starts(ids.numel(), body, num_samples, seed))
+
+
+def _token_stream(texts, tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(the ids a window starts with, the joined texts' ids, the text tokens a window holds after them)."""
+    from exporter.runtime.evaluate import leading_special_ids
+
+    prefix = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return prefix, ids, seq_len - prefix.numel()
+
+
+def _windows_at(prefix: torch.Tensor, ids: torch.Tensor, body: int, starts: list[int]) -> torch.Tensor:
     return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts])
 
 
@@ -74,18 +82,14 @@ def tuning_windows(texts, tokenizer, count: int, seq_len: int, seed: int, calibr
     none overlapping the `calibration_windows` windows windows_from_texts drew with `seed`: the tuning measures
     itself on some of those (the held-out windows), and a window it also trained on would flatter it. Fewer where
     the text has no room; [0, seq_len] where it has none."""
-    from exporter.runtime.evaluate import leading_special_ids
-
-    prefix = torch.tensor(leading_special_ids(tokenizer), dtype=torch.long)
-    body = seq_len - prefix.numel()
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    prefix, ids, body = _token_stream(texts, tokenizer, seq_len)
     if count < 1 or body < 1 or ids.numel() < body:
         return torch.empty(0, seq_len, dtype=torch.long)
     taken = _window_starts(ids.numel(), body, calibration_windows, seed) if calibration_windows else []
     starts = starts_apart(ids.numel(), body, count, seed + 1, taken)
     if not starts:
         return torch.empty(0, seq_len, dtype=torch.long)
-    return torch.stack([torch.cat([prefix, ids[s : s + body]]) for s in starts])
+    return _windows_at(prefix, ids, body, starts)
 
 
 def starts_apart(tokens: int, body: int, count: int, seed: int, taken: list[int]) -> list[int]:
