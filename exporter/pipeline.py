@@ -602,7 +602,7 @@ def compression_key(options: ExportOptions, plan: Plan, correctives: CorrectiveO
         return None
     grids = (grid_format(options).name, options.quantizer, options.fisher_samples, options.quantization_aware,
              options.tune_scales, options.tune_windows) if quantized else None
-    formats = tuple((u.name, u.options[u.choice].name, u.methods[u.choice], u.rank(u.choice), u.correction(u.choice),
+    formats = tuple((u.name, u.format_name(u.choice), u.methods[u.choice], u.rank(u.choice), u.correction(u.choice),
                      u.split(u.choice)) for u in plan.formats or ())  # the choice, not its index: menus differ by runtime
     return (options.method, options.joint, repr(correctives), tuple((plan.ranks or {}).items()),
             tuple((plan.corrective_ranks or {}).items()), grids, formats)
@@ -705,7 +705,8 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
         + ", ".join(f"{n} {name}" for name, n in _format_counts(units).items()))
     predicted = plan.formats_budget["predicted_loss_increase"]
     if predicted > WEAK_FORMATS_LOSS:  # the estimate understates 2-bit losses (docs/quantization.md)
-        two_bit = sum(u.options[u.choice].bits == 2 or bool(u.split(u.choice)) for u in units)
+        two_bit = sum(u.options[u.choice].bits == 2 or bool(u.split(u.choice)) and u.split_low(u.choice).bits == 2
+                      for u in units)
         say(f"warning: the formats that fit {budget_bytes / MB:.1f} MB are estimated to raise perplexity "
             f"{math.exp(predicted):.2f}x over the dense model"
             + (f", and its {two_bit} 2-bit grids more than estimated" if two_bit else "")

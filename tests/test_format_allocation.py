@@ -198,7 +198,9 @@ def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, lla
     chosen = {u["format"] for u in formats["units"]}
     assert len(chosen) > 1, chosen
     counts = manifest["onnx"]["quantization"]["matmul_nbits"]
-    assert sum(v for k, v in counts.items() if not k.startswith("gather")) == len(formats["units"])
+    # one MatMulNBits per unit, two where its rows are split between formats
+    split = sum(bool(u["high_rows"]) for u in formats["units"])
+    assert sum(v for k, v in counts.items() if not k.startswith("gather")) == len(formats["units"]) + split
     assert "## Weight formats (--weights auto)" in (out / "report.md").read_text()
     assert (out / "formats.png").stat().st_size > 1000
     on_disk = sum(f.stat().st_size for f in out.glob("model.onnx*"))
@@ -465,6 +467,30 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
     assert list(np.argmax(logits, axis=-1)) == ref_tokens
 
 
+def test_a_wider_menus_record_narrowed_keeps_the_splits_between_the_narrower_menus_formats():
+    """A record priced on a lower budget's menu, read by a higher budget: its plain formats of the narrower menu and
+    its row splits between two of them stay (lm_head's 8/4-bit split), the 2-bit grids and their splits go; a record
+    from before a split named its lower format reads as a split over SPLIT_LOW."""
+    from exporter.compress.format_allocation import HEAD_SPLIT_HIGH, HEAD_SPLIT_LOWS, LOW_BIT_MENU, SPLIT_LOW, Unit
+
+    low, wide = HEAD_SPLIT_LOWS[0], MENU + LOW_BIT_MENU
+    unit = Unit("lm_head", ["lm_head"], [], [], [], [], [], weights=10)
+    unit.add(low, "gptq", None, 100, 0.5)
+    unit.add(SPLIT_LOW, "gptq", None, 60, 2.0)
+    unit.add(low, "gptq", None, 80, 1.0, split=3)  # 4 bits over 2
+    unit.add(HEAD_SPLIT_HIGH, "gptq", None, 120, 0.1, split=3, low=low)  # 8 bits over 4
+    unit.add(HEAD_SPLIT_HIGH, "gptq", None, 130, 0.05)
+    record = unit.record()
+    narrowed = Unit.from_record(Unit.narrowed(record, MENU))
+    assert [narrowed.format_name(k) for k in range(len(narrowed.options))] == [
+        low.name, f"{HEAD_SPLIT_HIGH.name}/{low.name}", HEAD_SPLIT_HIGH.name]
+    assert narrowed.bytes == [100, 120, 130] and narrowed.splits == [0, 3, 0]
+    assert Unit.narrowed(record, wide) == record
+    old = {k: v for k, v in record.items() if k != "lows"}
+    assert Unit.from_record(old).format_name(2) == f"{low.name}/{SPLIT_LOW.name}"
+    assert Unit.narrowed(old, MENU)["options"] == [low.name, HEAD_SPLIT_HIGH.name]  # its splits all over 2 bits
+
+
 def test_a_tokens_sensitivity_is_its_gradient_energy_over_the_mean_shrunk_toward_its_frequency_bin():
     """A tied embedding's row weighs its token's share times its sensitivity: the embedding gradient's energy per
     occurrence over the mean occurrence's; a token seen k times is pulled toward its share bin's ratio by
@@ -494,14 +520,25 @@ def test_a_tokens_sensitivity_is_its_gradient_energy_over_the_mean_shrunk_toward
     assert float((count * energy / count.clamp_min(1) / mean).sum() / count.sum()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_path, monkeypatch, packed):
+@pytest.mark.parametrize("packed,bits", [(True, (2, 4)), (False, (2, 4)), (True, (4, 8)), (False, (4, 8))])
+def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_path, monkeypatch, packed, bits):
     """lm_head's rows are the vocabulary: a row split keeps the tokens whose rows save the most estimate on 4 bits,
-    the rest on 2. Tied, each row's estimate also holds its embedding row's (the option's estimate is the sum of
-    the head's and the embedding's for the weights it installs); the tied embedding gathers each token from the
-    part that holds it (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's
-    logits are PyTorch's on the same weights."""
-    from exporter.compress.format_allocation import LOW_BIT_MENU, SPLIT_LOW, embedding_loss, pricing_statistics
+    the rest on 2 (below what 4 bits reach), or on 8 bits, the rest on 4 (at every budget). Tied, each row's
+    estimate also holds its embedding row's (the option's estimate is the sum of the head's and the embedding's for
+    the weights it installs); the tied embedding gathers each token from the part that holds it
+    (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's logits are PyTorch's
+    on the same weights."""
+    from exporter.compress.format_allocation import (
+        HEAD_SPLIT_HALVINGS,
+        HEAD_SPLIT_HIGH,
+        HEAD_SPLIT_LOWS,
+        LOW_BIT_MENU,
+        SPLIT_LOW,
+        SPLIT_PARTS,
+        embedding_loss,
+        pricing_statistics,
+        split_counts,
+    )
     from exporter.compress.grid import RowSplitGrid
     from exporter.compress.importance import EMBEDDING
     from exporter.graph import writer
@@ -521,11 +558,20 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     assert float(embedding.token_count.sum()) == calib_ids[:2].numel()
     weights = statistics.token_sensitivity
     assert bool((weights > 0).all()) and weights.shape == statistics.share.shape
-    units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU, progress=False,
-                        statistics=statistics)
+    units = price_units(model, calib_ids[:4], calib_ids[:2], menu=MENU + LOW_BIT_MENU if bits == (2, 4) else MENU,
+                        progress=False, statistics=statistics)
     head = next(u for u in units if u.members == ["lm_head"])
-    splits = [k for k in range(len(head.options)) if head.split(k)]
-    assert splits and SPLIT_LOW in head.options
+    low = SPLIT_LOW if bits == (2, 4) else HEAD_SPLIT_LOWS[0]
+    splits = [k for k in range(len(head.options)) if head.split(k) and head.split_low(k) == low]
+    assert splits and low in head.options and (SPLIT_LOW in head.options) == (bits == (2, 4))
+    if bits == (4, 8):  # every lower format's splits, the small shares of the vocabulary too
+        vocab = model.config.vocab_size
+        for lower in HEAD_SPLIT_LOWS:
+            options = [k for k in range(len(head.options)) if head.split(k) and head.split_low(k) == lower]
+            assert [head.split(k) for k in options] == split_counts(vocab, HEAD_SPLIT_HALVINGS)
+            assert all(head.options[k] == HEAD_SPLIT_HIGH for k in options)
+            assert {head.format_name(k) for k in options} == {f"{HEAD_SPLIT_HIGH.name}/{lower.name}"}
+            assert head.loss[options[0]] < head.loss[head.options.index(lower)]  # the most-saving rows first
     weight = statistics.linears["lm_head"].weight
     for k in splits[:: max(1, len(splits) // 4)]:
         grid = head.grids[k]["lm_head"]
@@ -535,7 +581,7 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
         direct += embedding_loss(weight, grid, statistics.embedding_row_weights, statistics.fisher[EMBEDDING])
         assert direct == pytest.approx(head.loss[k], rel=1e-9)
     # the rows kept on 4 bits first: the calibration's tokens (the embedding's share) are among them
-    first = head.grids[splits[0]]["lm_head"]
+    first = next(head.grids[k]["lm_head"] for k in splits if head.split(k) >= model.config.vocab_size // SPLIT_PARTS)
     seen = np.flatnonzero(statistics.share.numpy() > 0)
     assert np.isin(np.argsort(-statistics.share.numpy())[:4], first.rows).any() and len(seen)
     for unit in units:
@@ -552,7 +598,7 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == (2 if packed else 0) and not any(n.op_type == "Gather" and n.input[0] ==
                                                              "model.embed_tokens.weight" for n in graph.node)
-    assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == ([2, 4] if packed else [])
+    assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == (list(bits) if packed else [])
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
     assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
     assert list(np.argmax(logits, axis=-1)) == ref_tokens

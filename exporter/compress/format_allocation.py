@@ -15,6 +15,8 @@ the estimate below is a sum over rows, so both are exact from the two formats' g
 the graph). They fill the bits per weight between 2.5 and 4.1 that no MatMulNBits format has. lm_head's rows are
 the vocabulary: a split keeps the tokens that matter on 4 bits (a tied embedding gathers each token's row from
 its part's blocks) and the rest, most of a 49152-token vocabulary that calibration text rarely or never shows, on 2.
+At every budget lm_head's rows also split between 8 and 4 bits (`HEAD_SPLIT_HIGH`, `HEAD_SPLIT_LOWS`): the few
+frequent tokens carry most of a 4-bit head's estimate.
 
 Estimator. Quantizing W to Q moves a linear's output y = W x by E x (E = W - Q). To second order, with the
 diagonal empirical Fisher of the loss with respect to y as the Hessian, factored into a weight per output
@@ -77,6 +79,12 @@ SPLIT_LOW = QuantFormat.parse("int2-b64-asym")
 SPLIT_HIGH = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b256-asym"))
 SPLIT_PARTS = 16
 ROW_INDEX_BYTES = 4
+# lm_head's rows split between 8 and 4 bits, offered with MENU (no decoder unit: their rows carry no vocabulary's
+# skew, and a split adds ROW_SPLIT_NODES to decoding): the tokens that save the most estimate on HEAD_SPLIT_HIGH, the
+# rest on one of HEAD_SPLIT_LOWS, in SPLIT_PARTS steps and at the small shares 1/2^k, k <= HEAD_SPLIT_HALVINGS.
+HEAD_SPLIT_HIGH = QuantFormat.parse("int8-b32")
+HEAD_SPLIT_LOWS = tuple(QuantFormat.parse(name) for name in ("int4-b32-asym",))
+HEAD_SPLIT_HALVINGS = 7
 LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
 # Rows one GPTQ column loop takes at once (exporter.compress.gptq.gptq_shared; memory: rows x in floats, several
 # times): a decoder unit's whole menu goes through one loop, lm_head (49152 rows in SmolLM2) a format at a time.
@@ -125,7 +133,8 @@ class Unit:
     choice: int = -1
     corrections: list[int] = field(default_factory=list)  # per option: rank of its error correction (0: none)
     ranks: list[int] = field(default_factory=list)  # per option: rank of its joint factorization (0: dense)
-    splits: list[int] = field(default_factory=list)  # per option: rows on its format, the rest on SPLIT_LOW (0: none)
+    splits: list[int] = field(default_factory=list)  # per option: rows on its format, the rest on a lower one (0: none)
+    lows: list[str] = field(default_factory=list)  # per option: a row split's lower format ("": SPLIT_LOW or none)
 
     def correction(self, option: int) -> int:
         return self.corrections[option] if self.corrections else 0
@@ -136,24 +145,29 @@ class Unit:
     def split(self, option: int) -> int:
         return self.splits[option] if self.splits else 0
 
+    def split_low(self, option: int) -> QuantFormat:
+        """The lower format of a row split (records from before `lows` split to SPLIT_LOW only)."""
+        name = self.lows[option] if self.lows else ""
+        return QuantFormat.parse(name) if name else SPLIT_LOW
+
     def add(self, fmt: QuantFormat, method: str, grids: dict | None, size: int, loss: float, correction: int = 0,
-            rank: int = 0, split: int = 0) -> None:
-        """One more menu option."""
+            rank: int = 0, split: int = 0, low: QuantFormat | None = None) -> None:
+        """One more menu option (`low`: a row split's lower format)."""
         for values, value in ((self.options, fmt), (self.methods, method), (self.grids, grids), (self.bytes, size),
                               (self.loss, loss), (self.corrections, correction), (self.ranks, rank),
-                              (self.splits, split)):
+                              (self.splits, split), (self.lows, low.name if split and low else "")):
             values.append(value)
 
     def format_name(self, option: int) -> str:
         """The option's format; a row split's as `high/low`."""
         name = self.options[option].name
-        return f"{name}/{SPLIT_LOW.name}" if self.split(option) else name
+        return f"{name}/{self.split_low(option).name}" if self.split(option) else name
 
     def record(self) -> dict:
         """Everything but the grids, for the statistics store (`from_record` reads it back)."""
         return {"name": self.name, "members": self.members, "options": [f.name for f in self.options],
                 "methods": self.methods, "bytes": self.bytes, "loss": self.loss, "weights": self.weights,
-                "corrections": self.corrections, "ranks": self.ranks, "splits": self.splits}
+                "corrections": self.corrections, "ranks": self.ranks, "splits": self.splits, "lows": self.lows}
 
     @classmethod
     def from_record(cls, record: dict) -> Unit:
@@ -161,17 +175,20 @@ class Unit:
         return cls(record["name"], record["members"], [QuantFormat.parse(f) for f in record["options"]],
                    record["methods"], record["bytes"], record["loss"], [None] * len(record["options"]),
                    weights=record["weights"], corrections=record["corrections"], ranks=record.get("ranks", []),
-                   splits=record.get("splits", []))
+                   splits=record.get("splits", []), lows=record.get("lows", []))
 
     @staticmethod
     def narrowed(record: dict, menu) -> dict:
         """A record priced on a wider menu (a lower budget's: 2-bit grids, low-rank options, row splits) narrowed to
-        the plain options of `menu`, in their order: each option's bytes and estimate are those a pricing of `menu`
-        alone gives (every grid is its own GPTQ, every estimate its own error's), so they serve it as they are."""
+        the options of `menu`, in their order: its formats, and row splits between two of them; each option's bytes
+        and estimate are those a pricing of `menu` alone gives (every grid is its own GPTQ, every estimate its own
+        error's), so they serve it as they are."""
         names, count = {f.name for f in menu}, len(record["options"])
         ranks, splits = record.get("ranks") or [0] * count, record.get("splits") or [0] * count
-        keep = [k for k in range(count) if record["options"][k] in names and not ranks[k] and not splits[k]]
-        fields = ("options", "methods", "bytes", "loss", "corrections", "ranks", "splits")
+        lows = record.get("lows") or [""] * count
+        keep = [k for k in range(count) if record["options"][k] in names and not ranks[k]
+                and (not splits[k] or (lows[k] or SPLIT_LOW.name) in names)]
+        fields = ("options", "methods", "bytes", "loss", "corrections", "ranks", "splits", "lows")
         return {**record, **{name: [record[name][k] for k in keep] for name in fields if record.get(name)}}
 
     def to_dict(self) -> dict:
@@ -282,18 +299,32 @@ def row_losses(statistics: PricingStatistics, members: list[str], grids: dict) -
     return torch.cat(parts)
 
 
+def split_counts(rows: int, halvings: int = 0) -> list[int]:
+    """The rows a split puts on its higher format: each SPLIT_PARTS-th share, and the shares 1/2^k, k <= halvings."""
+    counts = {rows * k // SPLIT_PARTS for k in range(1, SPLIT_PARTS)} | {rows >> k for k in range(1, halvings + 1)}
+    return sorted(counts - {0, rows})
+
+
+def unit_splits(members: list[str], head_name: str, formats) -> list[tuple[QuantFormat, QuantFormat, int]]:
+    """(higher format, lower format, halvings of `split_counts`) of each row split a unit whose menu holds `formats`
+    is offered: SPLIT_HIGH over SPLIT_LOW where SPLIT_LOW is offered; lm_head also HEAD_SPLIT_HIGH over each of
+    HEAD_SPLIT_LOWS."""
+    pairs = [(high, SPLIT_LOW, 0) for high in SPLIT_HIGH] if SPLIT_LOW in formats else []
+    if head_name in members:
+        pairs += [(HEAD_SPLIT_HIGH, low, HEAD_SPLIT_HALVINGS) for low in HEAD_SPLIT_LOWS]
+    return [(high, low, halvings) for high, low, halvings in pairs if high in formats and low in formats]
+
+
 def split_options(statistics: PricingStatistics, members: list[str], high: QuantFormat, high_grids: dict,
-                  low_grids: dict, counts: list[int] | None = None) -> list[tuple[int, int, float, dict]]:
+                  low: QuantFormat, low_grids: dict, counts: list[int]) -> list[tuple[int, int, float, dict]]:
     """(rows on `high`, bytes, estimated loss, grids) of each row split of a unit between `high_grids` and
-    `low_grids` (SPLIT_LOW; grids of the members' whole weights): the rows that save the most estimate on the
-    high grid (bytes per row are equal) go there, `counts` of them (default: each SPLIT_PARTS-th share)."""
+    `low_grids` (grids of the members' whole weights on `low`): the rows that save the most estimate on the
+    high grid (bytes per row are equal) go there, `counts` of them (`split_counts`)."""
     linears = statistics.linears
     low_losses = row_losses(statistics, members, low_grids)
     saved = (low_losses - row_losses(statistics, members, high_grids)).numpy()
     order = np.argsort(-saved, kind="stable")  # ties in row order: the same rows whenever it is recomputed
     rows, width = len(order), linears[members[0]].in_features
-    if counts is None:
-        counts = sorted({rows * k // SPLIT_PARTS for k in range(1, SPLIT_PARTS)} - {0, rows})
     found = []
     for count in counts:
         chosen = np.sort(order[:count])
@@ -302,7 +333,7 @@ def split_options(statistics: PricingStatistics, members: list[str], high: Quant
             end = start + linears[n].out_features
             grids[n] = split_rows(high_grids[n], low_grids[n], chosen[(chosen >= start) & (chosen < end)] - start)
             start = end
-        size = high.matrix_bytes(count, width) + SPLIT_LOW.matrix_bytes(rows - count, width) + ROW_INDEX_BYTES * rows
+        size = high.matrix_bytes(count, width) + low.matrix_bytes(rows - count, width) + ROW_INDEX_BYTES * rows
         found.append((count, size, float(low_losses.sum()) - float(saved[chosen].sum()), grids))
     return found
 
@@ -446,8 +477,8 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
     """Every unit's menu: bytes, estimated loss and the grids of each format (GPTQ; a tied lm_head also
     round-to-nearest, whose rows serve the embedding better than GPTQ's error-spreading ones may); with
     `corrections`, each int4 format of a decoder unit also with a whitened error correction of each rank; with
-    `low_rank` (factor formats), each factorizable unit also at each of its `low_rank_ranks`; where the menu holds
-    SPLIT_LOW and a format of SPLIT_HIGH, the unit's row splits between them (`split_options`)."""
+    `low_rank` (factor formats), each factorizable unit also at each of its `low_rank_ranks`; and the unit's row
+    splits between two of its formats (`unit_splits`, `split_options`)."""
     from tqdm.auto import tqdm
 
     statistics = statistics or pricing_statistics(model, input_ids, fisher_ids, progress=progress)
@@ -484,11 +515,11 @@ def price_units(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor, menu=M
                 unit.add(fmt, "gptq", grids, size, loss, rank=rank)
         gptq_of = {f: unit.grids[k] for k, (f, m) in enumerate(zip(unit.options, unit.methods))
                    if m == "gptq" and not unit.correction(k) and not unit.rank(k)}
-        if SPLIT_LOW in gptq_of:
-            for high in (f for f in SPLIT_HIGH if f in gptq_of):
-                for count, size, loss, grids in split_options(statistics, members, high, gptq_of[high],
-                                                              gptq_of[SPLIT_LOW]):
-                    unit.add(high, "gptq", grids, size, loss, split=count)
+        rows = sum(linears[n].out_features for n in members)
+        for high, low, halvings in unit_splits(members, head_name, gptq_of):
+            for count, size, loss, grids in split_options(statistics, members, high, gptq_of[high], low, gptq_of[low],
+                                                          split_counts(rows, halvings)):
+                unit.add(high, "gptq", grids, size, loss, split=count, low=low)
         priced[index] = unit
     if len(mine) == len(groups):
         return [priced[index] for index in range(len(groups))]
@@ -502,8 +533,9 @@ def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict
     are deterministic): for units whose prices were read from the statistics store, which keeps no grids."""
     members, fmt, rank = unit.members, unit.options[option], unit.correction(option)
     if unit.split(option):
-        (*_, grids), = split_options(statistics, members, fmt, _grids(statistics, members, fmt, "gptq"),
-                                     _grids(statistics, members, SPLIT_LOW, "gptq"), [unit.split(option)])
+        low = unit.split_low(option)
+        (*_, grids), = split_options(statistics, members, fmt, _grids(statistics, members, fmt, "gptq"), low,
+                                     _grids(statistics, members, low, "gptq"), [unit.split(option)])
         return grids
     if unit.rank(option):
         (*_, grids), = low_rank_options(members, statistics.linears, statistics.grams, statistics.fisher, (fmt,),
