@@ -6,7 +6,10 @@ Each round runs benchmarks/decode_probe.py (as benchmarks/run.py does) on every 
 graph's speed is divided by the baseline's of the same round (benchmarks/run.py's `paired_ratio`), so
 drift of the shared machine between rounds cancels. Prints each graph's median tokens/s and the median,
 range and share of rounds at or above --target of its per-round ratio; --json writes the rounds.
-Graph directories are those `benchmarks/run.py --keep DIR` leaves (DIR/ROW/model.onnx).
+Graph directories are those `benchmarks/run.py --keep DIR` leaves (DIR/ROW/model.onnx), or artifacts.
+--in-process loads every graph once in this process and times each round's greedy steps there (decode time: a
+prompt plus N steps less the prompt plus one): steadier on this project's 2-core machines than fresh processes
+(2026-12-07: 0.77-1.24 per round against 0.68-1.42), at the cost of one process's allocator and caches shared.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import paired_ratio, probe  # noqa: E402
@@ -32,14 +37,20 @@ def main(argv=None) -> int:
     parser.add_argument("--target", type=float, action="append", default=[],
                         help="report the share of rounds whose ratio reaches this (repeatable)")
     parser.add_argument("--json", type=Path, help="write every round's figures here")
+    parser.add_argument("--in-process", action="store_true", help="time every graph in this process (see above)")
     args = parser.parse_args(argv)
     prompt = list(range(1000, 1000 + args.prompt_tokens))  # ids only set the cost, not the text
     rounds = {g.name: [] for g in args.graphs}
+    if args.in_process:
+        timers = {graph: step_timer(graph, args.threads) for graph in args.graphs}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
         for graph in args.graphs:
-            figures = probe(graph / "model.onnx", prompt, args.new_tokens, args.threads)
-            rounds[graph.name].append(figures["decode_tok_s"])
+            if args.in_process:
+                rounds[graph.name].append(timers[graph](prompt, args.new_tokens))
+            else:
+                rounds[graph.name].append(probe(graph / "model.onnx", prompt, args.new_tokens,
+                                                args.threads)["decode_tok_s"])
     baseline = rounds[args.graphs[0].name]
     for name, speeds in rounds.items():
         ratios = [x / y for x, y in zip(speeds, baseline)]
@@ -50,6 +61,25 @@ def main(argv=None) -> int:
         record = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}
         args.json.write_text(json.dumps(record, indent=1))
     return 0
+
+
+def step_timer(graph: Path, threads: int):
+    """decode_tok_s(prompt, new_tokens) of a graph loaded once: new_tokens greedy steps after the prompt, timed as
+    the prompt plus new_tokens + 1 steps less the prompt plus one."""
+    from exporter.runtime.generation import OrtDecoder
+
+    decoder = OrtDecoder(graph / "model.onnx", threads=threads)
+    decoder.greedy(list(range(1000, 1008)), 4)  # sessions' first runs allocate
+
+    def decode_tok_s(prompt: list[int], new_tokens: int) -> float:
+        start = time.perf_counter()
+        decoder.greedy(prompt, 1)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        decoder.greedy(prompt, new_tokens + 1)
+        return new_tokens / (time.perf_counter() - start - first)
+
+    return decode_tok_s
 
 
 if __name__ == "__main__":
