@@ -7,8 +7,8 @@ graph's speed is divided by the baseline's of the same round (benchmarks/run.py'
 drift of the shared machine between rounds cancels. Prints each graph's median tokens/s and the median,
 range and share of rounds at or above --target of its per-round ratio; --json writes the rounds.
 Graph directories are those `benchmarks/run.py --keep DIR` leaves (DIR/ROW/model.onnx), or artifacts.
---in-process loads every graph once in this process and times each round's greedy steps there (decode time: a
-prompt plus N steps less the prompt plus one): steadier on this project's 2-core machines than fresh processes
+--in-process loads every graph once in this process and times each round's greedy steps there (decode time: the
+N steps after the prompt, from the loop's own step timings): steadier on this project's 2-core machines than fresh processes
 (2026-12-07: 0.77-1.24 per round against 0.68-1.42), at the cost of one process's allocator and caches shared.
 """
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,20 +63,16 @@ def main(argv=None) -> int:
 
 
 def step_timer(graph: Path, threads: int):
-    """decode_tok_s(prompt, new_tokens) of a graph loaded once: new_tokens greedy steps after the prompt, timed as
-    the prompt plus new_tokens + 1 steps less the prompt plus one."""
+    """decode_tok_s(prompt, new_tokens) of a graph loaded once: new_tokens greedy steps after the prompt, from
+    the token loop's own timing of each step (the prefill is not counted)."""
     from exporter.runtime.generation import OrtDecoder
 
     decoder = OrtDecoder(graph / "model.onnx", threads=threads)
     decoder.greedy(list(range(1000, 1008)), 4)  # sessions' first runs allocate
 
     def decode_tok_s(prompt: list[int], new_tokens: int) -> float:
-        start = time.perf_counter()
-        decoder.greedy(prompt, 1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        decoder.greedy(prompt, new_tokens + 1)
-        return new_tokens / (time.perf_counter() - start - first)
+        _, _, timing = decoder.greedy(prompt, new_tokens + 1)
+        return new_tokens / sum(timing.step_s)
 
     return decode_tok_s
 
