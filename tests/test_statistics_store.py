@@ -150,3 +150,46 @@ def test_the_code_key_leaves_out_only_stages_no_statistic_reads():
                 imports = rf"^\s*(from exporter\.compress\.{module} import|import exporter\.compress\.{module}\b" \
                           rf"|from exporter\.compress import .*\b{module}\b)"
                 assert not re.search(imports, path.read_text(), re.MULTILINE), (path, module)
+
+
+def test_the_code_key_leaves_out_calibration_and_tokenizer_whose_output_is_keyed():
+    """Editing how calibration windows are drawn must not re-price the menu where the windows come out the same
+    (their token ids are in the key): the files left out exist, and no module that computes a statistic imports
+    them (it reads their output as data)."""
+    import re
+    from pathlib import Path
+
+    from exporter.compress import statistics_store
+
+    root = Path(statistics_store.__file__).resolve().parents[1]
+    for name in statistics_store.KEYED_BY_OUTPUT:
+        assert (root / "source" / name).is_file(), name
+        module = name.removesuffix(".py")
+        for path in (root / "compress").glob("*.py"):
+            imports = rf"^\s*(from exporter\.source\.{module} import|import exporter\.source\.{module}\b" \
+                      rf"|from exporter\.source import .*\b{module}\b)"
+            assert not re.search(imports, path.read_text(), re.MULTILINE), (path, module)
+
+
+def test_the_code_key_moves_with_the_statistics_code_only(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from exporter.compress import statistics_store
+
+    root = Path(statistics_store.__file__).resolve().parents[1]
+    for folder in statistics_store.CODE:
+        shutil.copytree(root / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    key = statistics_store.package_digest(tmp_path)
+    assert key == statistics_store.code_digest()
+    for name in statistics_store.KEYED_BY_OUTPUT:
+        with (tmp_path / "source" / name).open("a") as handle:
+            handle.write("\n# edited\n")
+    for name in statistics_store.AFTER_STATISTICS:
+        with (tmp_path / "compress" / name).open("a") as handle:
+            handle.write("\n# edited\n")
+    assert statistics_store.package_digest(tmp_path) == key
+    for path in (tmp_path / "source" / "model.py", tmp_path / "compress" / "gptq.py"):
+        path.write_text(path.read_text() + "\n# edited\n")
+        assert statistics_store.package_digest(tmp_path) != key
+        key = statistics_store.package_digest(tmp_path)

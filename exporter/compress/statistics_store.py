@@ -7,8 +7,9 @@ Gram pass and one GPTQ per unit instead of the whole menu's). Not kept: factoriz
 size of the weights themselves.
 
 Key. A file is named by a digest of its whole key and carries that key in its metadata: the store's format,
-the exporter's version and the source of the modules that compute statistics, the model's class, config and
-every parameter's bytes, the calibration windows' token ids, the seed, and the statistic with its own key
+the exporter's version and the source of the modules that compute statistics (less calibration.py and tokenizer.py,
+whose output is in the key itself), the model's class, config and every parameter's bytes, the calibration windows'
+token ids, the seed, and the statistic with its own key
 (its options). A file whose recorded key is not the one asked for, or that cannot be read, is recomputed and
 replaced, never used. Files are written to a temporary name and renamed into place.
 """
@@ -29,7 +30,8 @@ from exporter.source.model import cache_dir
 
 FORMAT = 1  # the files' layout; raise it when that changes
 CODE = ("compress", "source")  # the packages whose code computes the statistics: their source is in the key ...
-AFTER_STATISTICS = ("corrective.py", "scale_tuning.py")  # ... less the stages that run after them and feed none
+AFTER_STATISTICS = ("corrective.py", "scale_tuning.py")  # ... less the stages that run after them and feed none,
+KEYED_BY_OUTPUT = ("calibration.py", "tokenizer.py")  # ... and the code whose output, the windows' ids, is keyed itself
 
 
 def default_root() -> Path:
@@ -38,11 +40,15 @@ def default_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    root = Path(__file__).resolve().parents[1]
+    return package_digest(Path(__file__).resolve().parents[1])
+
+
+def package_digest(root: Path) -> str:
+    """The digest of the CODE folders' sources under `root` (the exporter package)."""
     digest = hashlib.blake2b(digest_size=16)
     for folder in CODE:
         for path in sorted((root / folder).glob("*.py")):
-            if path.name in AFTER_STATISTICS:
+            if path.name in AFTER_STATISTICS + KEYED_BY_OUTPUT:
                 continue
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
