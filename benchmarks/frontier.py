@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         path = write_decoder(candidate, folder, weights="int4", block_size=32, accuracy_level=4, max_context=context)
         counts: dict[str, int] = {}
         for unit in units:
-            key = unit.options[unit.choice].name + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
+            key = unit.format_name(unit.choice) + ("" if unit.methods[unit.choice] == "gptq" else " rtn") \
                 + (f"+lqer{unit.correction(unit.choice)}" if unit.correction(unit.choice) else "") \
                 + (" low-rank" if unit.rank(unit.choice) else "")
             counts[key] = counts.get(key, 0) + 1
