@@ -309,7 +309,7 @@ def unit_splits(members: list[str], head_name: str, formats) -> list[tuple[Quant
     """(higher format, lower format, halvings of `split_counts`) of each row split a unit whose menu holds `formats`
     is offered: SPLIT_HIGH over SPLIT_LOW where SPLIT_LOW is offered; lm_head also HEAD_SPLIT_HIGH over each of
     HEAD_SPLIT_LOWS."""
-    pairs = [(high, SPLIT_LOW, 0) for high in SPLIT_HIGH] if SPLIT_LOW in formats else []
+    pairs = [(high, SPLIT_LOW, 0) for high in SPLIT_HIGH]
     if head_name in members:
         pairs += [(HEAD_SPLIT_HIGH, low, HEAD_SPLIT_HALVINGS) for low in HEAD_SPLIT_LOWS]
     return [(high, low, halvings) for high, low, halvings in pairs if high in formats and low in formats]
@@ -534,8 +534,8 @@ def option_grids(statistics: PricingStatistics, unit: Unit, option: int) -> dict
     members, fmt, rank = unit.members, unit.options[option], unit.correction(option)
     if unit.split(option):
         low = unit.split_low(option)
-        (*_, grids), = split_options(statistics, members, fmt, _grids(statistics, members, fmt, "gptq"), low,
-                                     _grids(statistics, members, low, "gptq"), [unit.split(option)])
+        high_grids, low_grids = gptq_grids(statistics, members, [fmt, low])  # one column loop where rows allow
+        (*_, grids), = split_options(statistics, members, fmt, high_grids, low, low_grids, [unit.split(option)])
         return grids
     if unit.rank(option):
         (*_, grids), = low_rank_options(members, statistics.linears, statistics.grams, statistics.fisher, (fmt,),
