@@ -715,8 +715,8 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 
 def option_nodes(unit, option: int) -> int:
     """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block sums (Reshape, ReduceSum,
-    Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits, a row split's second
-    MatMulNBits, Concat, and the Shape, Expand and GatherElements of its row order."""
+    Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits, a row split's
+    `ROW_SPLIT_NODES`."""
     if unit.split(option):
         return ROW_SPLIT_NODES
     return BLOCK_SUM_NODES if unit.options[option].offset else 1 if unit.rank(option) else 0

@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 from conftest import genai_greedy
@@ -527,12 +528,14 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     estimate also holds its embedding row's (the option's estimate is the sum of the head's and the embedding's for
     the weights it installs); the tied embedding gathers each token from the part that holds it
     (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's logits are PyTorch's
-    on the same weights."""
+    on the same weights. The graph multiplies every row on the lower grid and writes the higher rows over theirs
+    (ScatterElements: no reorder of [batch, sequence, vocab] logits); its initializers hold the option's bytes."""
     from exporter.compress.format_allocation import (
         HEAD_SPLIT_HALVINGS,
         HEAD_SPLIT_HIGH,
         HEAD_SPLIT_LOWS,
         LOW_BIT_MENU,
+        ROW_INDEX_BYTES,
         SPLIT_LOW,
         SPLIT_PARTS,
         embedding_loss,
@@ -584,6 +587,10 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     first = next(head.grids[k]["lm_head"] for k in splits if head.split(k) >= model.config.vocab_size // SPLIT_PARTS)
     seen = np.flatnonzero(statistics.share.numpy() > 0)
     assert np.isin(np.argsort(-statistics.share.numpy())[:4], first.rows).any() and len(seen)
+    vocab, hidden = weight.shape
+    for k in splits:  # the lower grid's rows all, the higher's, their indices and each token's place among them
+        assert head.bytes[k] == (head.options[k].matrix_bytes(head.split(k), hidden) + low.matrix_bytes(vocab, hidden)
+                                 + ROW_INDEX_BYTES * (head.split(k) + vocab))
     for unit in units:
         unit.choice = splits[len(splits) // 2] if unit is head else 0
     apply_choices(model, units)
@@ -599,6 +606,14 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     assert len(gathers) == (2 if packed else 0) and not any(n.op_type == "Gather" and n.input[0] ==
                                                              "model.embed_tokens.weight" for n in graph.node)
     assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == (list(bits) if packed else [])
+    head_nodes = [n for n in graph.node if n.name.startswith("/lm_head/")]
+    assert [n.output[0] for n in head_nodes if n.op_type == "ScatterElements"] == ["logits"]
+    assert not any(n.op_type in ("Concat", "GatherElements") for n in head_nodes)
+    rows = [a.i for n in head_nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"]
+    assert rows == [vocab, head.split(head.choice)]
+    stored = {t.name: numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer}
+    assert sum(size for name, size in stored.items() if name.startswith("lm_head.") or "place_of_token" in name) \
+        == head.bytes[head.choice]
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
     assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
     assert list(np.argmax(logits, axis=-1)) == ref_tokens

@@ -74,7 +74,10 @@ LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-
 # Row-split options, offered with LOW_BIT_MENU: a unit's output rows that save the most estimated loss per byte on
 # a 4-bit grid of SPLIT_HIGH, the others on SPLIT_LOW, in SPLIT_PARTS steps of its rows (the bits per weight between
 # 2.5 and 4.1 that no single MatMulNBits format has). In the graph: one MatMulNBits per grid, a Concat and a
-# GatherElements of the rows back into order (its int32 indices counted in the option's bytes).
+# GatherElements of the rows back into order (its int32 indices counted in the option's bytes); lm_head's instead
+# multiplies all its rows on the lower grid and writes the higher rows over theirs (exporter.graph.matmul_nbits:
+# its logits are the graph's largest tensor), so its bytes count those rows twice, their indices, and, tied, each
+# token's place in the higher part (the embedding's gather).
 SPLIT_LOW = QuantFormat.parse("int2-b64-asym")
 SPLIT_HIGH = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b256-asym"))
 SPLIT_PARTS = 16
@@ -319,7 +322,8 @@ def split_options(statistics: PricingStatistics, members: list[str], high: Quant
                   low: QuantFormat, low_grids: dict, counts: list[int]) -> list[tuple[int, int, float, dict]]:
     """(rows on `high`, bytes, estimated loss, grids) of each row split of a unit between `high_grids` and
     `low_grids` (grids of the members' whole weights on `low`): the rows that save the most estimate on the
-    high grid (bytes per row are equal) go there, `counts` of them (`split_counts`)."""
+    high grid (bytes per row are equal) go there, `counts` of them (`split_counts`). Bytes: as the graph writes it
+    (SPLIT_LOW's comment above)."""
     linears = statistics.linears
     low_losses = row_losses(statistics, members, low_grids)
     saved = (low_losses - row_losses(statistics, members, high_grids)).numpy()
@@ -333,7 +337,11 @@ def split_options(statistics: PricingStatistics, members: list[str], high: Quant
             end = start + linears[n].out_features
             grids[n] = split_rows(high_grids[n], low_grids[n], chosen[(chosen >= start) & (chosen < end)] - start)
             start = end
-        size = high.matrix_bytes(count, width) + low.matrix_bytes(rows - count, width) + ROW_INDEX_BYTES * rows
+        if statistics.head_name in members:  # scattered over all rows on `low`
+            size = high.matrix_bytes(count, width) + low.matrix_bytes(rows, width) + ROW_INDEX_BYTES * count
+            size += ROW_INDEX_BYTES * rows if statistics.tied else 0
+        else:
+            size = high.matrix_bytes(count, width) + low.matrix_bytes(rows - count, width) + ROW_INDEX_BYTES * rows
         found.append((count, size, float(low_losses.sum()) - float(saved[chosen].sum()), grids))
     return found
 

@@ -9,7 +9,9 @@ codes, so the graph holds exactly the codes PyTorch dequantized (checked block b
 stored grid does not reproduce it, or no grid was found for, is rounded to nearest instead, the data-free
 fallback). One MatMul has one format (bits, block size, zero points): the one most of its blocks were
 quantized with; where its rows sit wholly on grids of several formats (exporter.compress.grid.RowSplitGrid), one
-MatMulNBits per format, their outputs concatenated and put back into row order (GatherElements).
+MatMulNBits per format, their outputs concatenated and put back into row order (GatherElements); a split whose
+output is a graph output (lm_head's logits, [batch, sequence, vocab]: the largest tensor) instead multiplies all its
+rows on the lower format and writes the other rows over theirs (ScatterElements), see `quantize_matmuls`.
 
 Layout (com.microsoft MatMulNBits): B uint8 [N, blocks, block_size * bits / 8], codes packed low bits first;
 scales [N, blocks] in the activations' type; zero points uint8 [N, ceil(blocks * bits / 8)] packed the same
@@ -262,7 +264,11 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
     once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
     (`row_formats`) becomes one MatMulNBits per format, a Concat, and a GatherElements (axis -1; its indices
-    expanded to the Concat's shape) into row order."""
+    expanded to the Concat's shape) into row order; where its output is the graph's (the logits), one MatMulNBits
+    of all its rows on the format with the fewest bytes per row, and each other part's MatMulNBits written over its
+    rows there (ScatterElements, axis -1; the rows' indices expanded to the part's shape): the gather's Concat and
+    [batch, sequence, vocab] int32 order raised peak memory by two logits' sizes (55 MB at a 128-token prefill,
+    benchmarks/RESULTS.md), the scatter's copy by one, for the bytes of its rows' copy on the lower format."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -272,6 +278,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     summary = {"formats": {}, "blocks": 0, "registered": 0}
+    graph_outputs = {o.name for o in graph.output}
     augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block sums
     written = []
 
@@ -317,6 +324,10 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
             if split is None:
                 emit(x, k, arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
                 summary["formats"][stem] = fmt.name
+            elif node.output[0] in graph_outputs:
+                nodes, found = _scattered_split(graph, node, x, k, weight, split, registry, b.dtype, emit)
+                written += nodes
+                summary["formats"][stem] = "/".join(f.name for f, _ in split)
             else:  # rows on grids of several formats: one MatMulNBits each, then Concat and GatherElements
                 outputs, found = [], 0
                 for part, (part_fmt, rows) in enumerate(split):
@@ -348,9 +359,44 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     return summary
 
 
+def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, registry, scale_dtype, emit
+                     ) -> tuple[list, int]:
+    """A row split in the scatter form (`quantize_matmuls`): the base MatMulNBits of all rows on the split's format
+    with the fewest bytes per row (the other parts' rows there are rounded to nearest: written over), then per
+    other part its MatMulNBits, the Shape and Expand of its rows' indices "{stem}.rows{j}.indices" [1, 1, rows],
+    and a ScatterElements over the base's output. Returns (the nodes besides the MatMulNBits, which `emit` writes;
+    the blocks found in the registry)."""
+    from onnx import helper, numpy_helper
+
+    stem, out = node.input[1], node.output[0]
+    base = min((fmt for fmt, _ in split), key=lambda fmt: fmt.matrix_bytes(1, k))
+    arrays, found = matmul_nbits_inputs(weight, base, registry, scale_dtype)
+    current = f"{out}/base"
+    emit(x, k, arrays, base, f"{stem}.base", current, f"{node.name}/base_Q{base.bits}")
+    others = [(fmt, rows) for fmt, rows in split if fmt != base]
+    nodes = []
+    for part, (fmt, rows) in enumerate(others, start=1):
+        arrays, part_found = matmul_nbits_inputs(weight[rows], fmt, registry, scale_dtype)
+        found += part_found
+        rows_out, key = f"{out}/rows{part}", f"{node.name}/rows{part}"
+        emit(x, k, arrays, fmt, f"{stem}.rows{part}", rows_out, f"{key}_Q{fmt.bits}")
+        indices = f"{stem}.rows{part}.indices"
+        graph.initializer.append(numpy_helper.from_array(rows.astype(np.int32).reshape(1, 1, -1), indices))
+        written = out if part == len(others) else f"{out}/scattered{part}"
+        nodes += [helper.make_node("Shape", [rows_out], [f"{rows_out}/shape"], name=f"{key}/Shape"),
+                  helper.make_node("Expand", [indices, f"{rows_out}/shape"], [f"{rows_out}/indices"],
+                                   name=f"{key}/IndicesExpand"),
+                  helper.make_node("ScatterElements", [current, f"{rows_out}/indices", rows_out], [written],
+                                   name=f"{key}/RowScatter", axis=-1)]
+        current = written
+    return nodes, found
+
+
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
 BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
-ROW_SPLIT_NODES = 5  # what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements
+# what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements (lm_head's scatter form: a
+# second MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
+ROW_SPLIT_NODES = 5
 
 
 def _block_sums(graph, x: str, size: int, prefix: str) -> list:
