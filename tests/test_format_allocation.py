@@ -531,8 +531,9 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     estimate also holds its embedding row's (the option's estimate is the sum of the head's and the embedding's for
     the weights it installs); the tied embedding gathers each token from the part that holds it
     (GatherBlockQuantized, or standard operators for releases before 1.23), so ONNX Runtime's logits are PyTorch's
-    on the same weights. The graph multiplies every row on the lower grid and writes the higher rows over theirs
-    (ScatterElements: no reorder of [batch, sequence, vocab] logits); its initializers hold the option's bytes."""
+    on the same weights. With few rows on the higher grid the graph multiplies every row on the lower one and writes
+    the higher rows over theirs (ScatterElements: no reorder of [batch, sequence, vocab] logits), with more it
+    reorders the two parts; either way its initializers hold the option's bytes."""
     from exporter.compress.format_allocation import (
         HEAD_SPLIT_HALVINGS,
         HEAD_SPLIT_HIGH,
@@ -545,7 +546,7 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
         pricing_statistics,
         split_counts,
     )
-    from exporter.compress.grid import RowSplitGrid
+    from exporter.compress.grid import RowSplitGrid, scattered
     from exporter.compress.importance import EMBEDDING
     from exporter.graph import writer
     from exporter.graph.optimum_export import torch_greedy
@@ -591,32 +592,42 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     seen = np.flatnonzero(statistics.share.numpy() > 0)
     assert np.isin(np.argsort(-statistics.share.numpy())[:4], first.rows).any() and len(seen)
     vocab, hidden = weight.shape
-    for k in splits:  # the lower grid's rows all, the higher's, their indices and each token's place among them
-        assert head.bytes[k] == (head.options[k].matrix_bytes(head.split(k), hidden) + low.matrix_bytes(vocab, hidden)
-                                 + ROW_INDEX_BYTES * (head.split(k) + vocab))
-    for unit in units:
-        unit.choice = splits[len(splits) // 2] if unit is head else 0
-    apply_choices(model, units)
-    assert model.model.embed_tokens.weight is model.lm_head.weight
-    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
-    ref_tokens, ref_logits = torch_greedy(model, prompt, 6)
+    for k in splits:
+        count, high = head.split(k), head.options[k]
+        if scattered(count, vocab):  # the lower grid's rows all, the higher's, their indices, each token's place
+            size = high.matrix_bytes(count, hidden) + low.matrix_bytes(vocab, hidden) + ROW_INDEX_BYTES * (count + vocab)
+        else:  # each row on one grid, and the row order
+            size = high.matrix_bytes(count, hidden) + low.matrix_bytes(vocab - count, hidden) + ROW_INDEX_BYTES * vocab
+        assert head.bytes[k] == size
+    few = [k for k in splits if scattered(head.split(k), vocab)]
+    assert few and len(few) < len(splits)
     if not packed:  # the standard-operator gather, as for a release before 1.23
         share = writer._share_tied_embedding
         monkeypatch.setattr(writer, "_share_tied_embedding", lambda proto, packed_gather: share(proto, False))
-    path = write_decoder(model, tmp_path, weights="int4")
-    graph = onnx.load(str(path), load_external_data=False).graph
-    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
-    assert len(gathers) == (2 if packed else 0) and not any(n.op_type == "Gather" and n.input[0] ==
-                                                             "model.embed_tokens.weight" for n in graph.node)
-    assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == (list(bits) if packed else [])
-    head_nodes = [n for n in graph.node if n.name.startswith("/lm_head/")]
-    assert [n.output[0] for n in head_nodes if n.op_type == "ScatterElements"] == ["logits"]
-    assert not any(n.op_type in ("Concat", "GatherElements") for n in head_nodes)
-    rows = [a.i for n in head_nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"]
-    assert rows == [vocab, head.split(head.choice)]
-    stored = {t.name: numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer}
-    assert sum(size for name, size in stored.items() if name.startswith("lm_head.") or "place_of_token" in name) \
-        == head.bytes[head.choice]
-    _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
-    assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
-    assert list(np.argmax(logits, axis=-1)) == ref_tokens
+    prompt = [5, 17, 42, 9, 33, 60, 12, 7]
+    for choice, form in ((few[-1], "ScatterElements"), (splits[-1], "GatherElements")):
+        for unit in units:
+            unit.choice = choice if unit is head else 0
+        apply_choices(model, units)
+        assert model.model.embed_tokens.weight is model.lm_head.weight
+        ref_tokens, ref_logits = torch_greedy(model, prompt, 6)
+        path = write_decoder(model, tmp_path / form, weights="int4")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+        assert len(gathers) == (2 if packed else 0) and not any(n.op_type == "Gather" and n.input[0] ==
+                                                                 "model.embed_tokens.weight" for n in graph.node)
+        assert sorted(a.i for n in gathers for a in n.attribute if a.name == "bits") == (list(bits) if packed else [])
+        # few rows on the higher grid: written over a base of all rows; more: the two parts reordered
+        head_nodes = [n for n in graph.node if n.name.startswith("/lm_head/")]
+        assert [n.op_type for n in head_nodes if n.output[0] == "logits"] == [form]
+        assert not any(n.op_type in {"ScatterElements", "GatherElements"} - {form} for n in head_nodes)
+        assert any(n.op_type == "Concat" for n in head_nodes) == (form == "GatherElements")
+        rows = [a.i for n in head_nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "N"]
+        count = head.split(choice)
+        assert sorted(rows) == sorted([vocab, count] if form == "ScatterElements" else [vocab - count, count])
+        stored = {t.name: numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer}
+        assert sum(size for name, size in stored.items() if name.startswith("lm_head.") or "place_of_token" in name) \
+            == head.bytes[choice]
+        _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
+        assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
+        assert list(np.argmax(logits, axis=-1)) == ref_tokens

@@ -49,7 +49,7 @@ from exporter.compress.error_correction import CORRECTION_FORMAT, group_correcti
 from exporter.compress.factorize import install_unit, unit_name, unit_weight
 from exporter.compress.gptq import gptq_shared
 from exporter.compress.grams import iter_layer_grams
-from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest, split_rows
+from exporter.compress.grid import GridWeights, QuantFormat, round_to_nearest, scattered, split_rows
 from exporter.compress.importance import EMBEDDING, Sensitivity, output_sensitivity, position_weights, token_sensitivity
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear, break_even_rank, decompose
 from exporter.compress.quantize import embedding_format, grid_linears, head_gram, module_name, set_grid
@@ -74,10 +74,10 @@ LOW_RANK_FORMATS = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-
 # Row-split options, offered with LOW_BIT_MENU: a unit's output rows that save the most estimated loss per byte on
 # a 4-bit grid of SPLIT_HIGH, the others on SPLIT_LOW, in SPLIT_PARTS steps of its rows (the bits per weight between
 # 2.5 and 4.1 that no single MatMulNBits format has). In the graph: one MatMulNBits per grid, a Concat and a
-# GatherElements of the rows back into order (its int32 indices counted in the option's bytes); lm_head's instead
-# multiplies all its rows on the lower grid and writes the higher rows over theirs (exporter.graph.matmul_nbits:
-# its logits are the graph's largest tensor), so its bytes count those rows twice, their indices, and, tied, each
-# token's place in the higher part (the embedding's gather).
+# GatherElements of the rows back into order (its int32 indices counted in the option's bytes); lm_head's, up to
+# SCATTER_MAX_SHARE of its rows on the higher grid, instead multiplies all its rows on the lower grid and writes the
+# higher rows over theirs (exporter.graph.matmul_nbits: its logits are the graph's largest tensor), so its bytes
+# count those rows twice, their indices, and, tied, each token's place in the higher part (the embedding's gather).
 SPLIT_LOW = QuantFormat.parse("int2-b64-asym")
 SPLIT_HIGH = tuple(QuantFormat.parse(name) for name in ("int4-b64", "int4-b256-asym"))
 SPLIT_PARTS = 16
@@ -337,7 +337,7 @@ def split_options(statistics: PricingStatistics, members: list[str], high: Quant
             end = start + linears[n].out_features
             grids[n] = split_rows(high_grids[n], low_grids[n], chosen[(chosen >= start) & (chosen < end)] - start)
             start = end
-        if statistics.head_name in members:  # scattered over all rows on `low`
+        if statistics.head_name in members and scattered(count, rows):  # written over all rows on `low`
             size = high.matrix_bytes(count, width) + low.matrix_bytes(rows, width) + ROW_INDEX_BYTES * count
             size += ROW_INDEX_BYTES * rows if statistics.tied else 0
         else:

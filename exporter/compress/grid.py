@@ -168,6 +168,18 @@ class RowSplitGrid:
         return out
 
 
+# A row split of a graph output (lm_head's logits, [batch, sequence, vocab]) is written as a MatMulNBits of all its rows
+# on the lower format with the higher rows' logits scattered over theirs (exporter.graph.matmul_nbits) while those rows
+# are at most this share: their copy costs at most that share of the lower grid's bytes and saves one such tensor of
+# peak memory; beyond it, it is reordered as any split (Concat, Expand, GatherElements: two such tensors, no copy).
+SCATTER_MAX_SHARE = 1 / 16
+
+
+def scattered(high_rows: int, rows: int) -> bool:
+    """Whether a split of a graph output with `high_rows` of `rows` on its higher format takes the scatter form."""
+    return high_rows <= rows * SCATTER_MAX_SHARE
+
+
 def split_rows(high: GridWeights, low: GridWeights, rows: np.ndarray) -> GridWeights | RowSplitGrid:
     """`rows` of the weight on `high`, the others on `low` (both grids of the whole weight); one grid where either
     side has no rows."""

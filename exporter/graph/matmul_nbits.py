@@ -10,8 +10,9 @@ stored grid does not reproduce it, or no grid was found for, is rounded to neare
 fallback). One MatMul has one format (bits, block size, zero points): the one most of its blocks were
 quantized with; where its rows sit wholly on grids of several formats (exporter.compress.grid.RowSplitGrid), one
 MatMulNBits per format, their outputs concatenated and put back into row order (GatherElements); a split whose
-output is a graph output (lm_head's logits, [batch, sequence, vocab]: the largest tensor) instead multiplies all its
-rows on the lower format and writes the other rows over theirs (ScatterElements), see `quantize_matmuls`.
+output is a graph output (lm_head's logits, [batch, sequence, vocab]: the largest tensor) with few rows on its higher
+format instead multiplies all its rows on the lower one and writes the others over theirs (ScatterElements), see
+`quantize_matmuls`.
 
 Layout (com.microsoft MatMulNBits): B uint8 [N, blocks, block_size * bits / 8], codes packed low bits first;
 scales [N, blocks] in the activations' type; zero points uint8 [N, ceil(blocks * bits / 8)] packed the same
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporter.compress.grid import QuantFormat, block_codes, blocked, dequantize, fit_blocks, grid_parts
+from exporter.compress.grid import QuantFormat, block_codes, blocked, dequantize, fit_blocks, grid_parts, scattered
 
 MS_DOMAIN = "com.microsoft"
 _HASH_SEED = 20261202
@@ -264,11 +265,12 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
     once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
     (`row_formats`) becomes one MatMulNBits per format, a Concat, and a GatherElements (axis -1; its indices
-    expanded to [batch, sequence, rows] by one [batch, sequence, 1] shape all splits share) into row order; where its output is the graph's (the logits), one MatMulNBits
-    of all its rows on the format with the fewest bytes per row, and each other part's MatMulNBits written over its
-    rows there (ScatterElements, axis -1; the rows' indices expanded to the part's shape): the gather's Concat and
-    [batch, sequence, vocab] int32 order raised peak memory by two logits' sizes (55 MB at a 128-token prefill,
-    benchmarks/RESULTS.md), the scatter's copy by one, for the bytes of its rows' copy on the lower format."""
+    expanded to [batch, sequence, rows] by one [batch, sequence, 1] shape all splits share) into row order. Where
+    its output is the graph's (the logits) and the rows off the format with the fewest bytes per row are few
+    (exporter.compress.grid.scattered), one MatMulNBits of all its rows on that format, and each other part's
+    MatMulNBits written over its rows there (ScatterElements, axis -1; the rows' indices expanded to the part's
+    shape): the gather's Concat and [batch, sequence, vocab] int32 order raise peak memory by two logits' sizes (55
+    MB at a 128-token prefill, benchmarks/RESULTS.md), the scatter's copy by one, for its rows' copy's bytes."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -325,7 +327,8 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
             if split is None:
                 emit(x, k, arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
                 summary["formats"][stem] = fmt.name
-            elif node.output[0] in graph_outputs:
+            elif node.output[0] in graph_outputs and scattered(
+                    sum(len(rows) for f, rows in split if f != _base_format(split, k)), weight.shape[0]):
                 nodes, found = _scattered_split(graph, node, x, k, weight, split, registry, b.dtype, emit)
                 written += nodes
                 summary["formats"][stem] = "/".join(f.name for f, _ in split)
@@ -375,7 +378,7 @@ def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, reg
     from onnx import helper, numpy_helper
 
     stem, out = node.input[1], node.output[0]
-    base = min((fmt for fmt, _ in split), key=lambda fmt: fmt.matrix_bytes(1, k))
+    base = _base_format(split, k)
     arrays, found = matmul_nbits_inputs(weight, base, registry, scale_dtype)
     current = f"{out}/base"
     emit(x, k, arrays, base, f"{stem}.base", current, f"{node.name}/base_Q{base.bits}")
@@ -396,6 +399,11 @@ def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, reg
                                    name=f"{key}/RowScatter", axis=-1)]
         current = written
     return nodes, found
+
+
+def _base_format(split, k: int) -> QuantFormat:
+    """The format of a split with the fewest bytes per row of K inputs: a scattered split's base (all rows)."""
+    return min((fmt for fmt, _ in split), key=lambda fmt: fmt.matrix_bytes(1, k))
 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)

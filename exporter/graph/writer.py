@@ -958,9 +958,10 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     (gather_axis 0, quantize_axis 1). Dropping the fp32 embedding saves vocab x hidden x 4 bytes.
     packed_gather: one GatherBlockQuantized (ONNX Runtime 1.23 and later read this packed uint8 layout);
     otherwise the same bytes are gathered and dequantized with standard operators (`_gather_blocks`).
-    An lm_head whose rows sit on grids of several formats (exporter.graph.matmul_nbits: a base MatMulNBits of all
-    rows, each other part's written over its rows) is gathered from the base at the token and from each other part
-    at the token's place in it, and the part that holds the token selected (`_select_part`). A quantized lm_head
+    An lm_head whose rows sit on grids of several formats (one MatMulNBits per part, exporter.graph.matmul_nbits)
+    is gathered from each part at the token's place in it and the part that holds the token selected: the place read
+    from the logits' row order where they are reordered (`_select_reordered`), from each part's row indices where
+    a base of all rows takes the other parts' logits scattered over it (`_select_scattered`). A quantized lm_head
     whose blocks the gather cannot read is an error: the embedding would stay in the artifact whole, in fp32,
     outside every byte budget.
     """
@@ -991,18 +992,25 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
             helper.make_node("Reshape", [part.input[1], shape_data.name], [f"{stem}/data"], name=f"{stem}/ReshapeData"),
             helper.make_node("Reshape", [part.input[2], shape_scales.name], [f"{stem}/scales"],
                              name=f"{stem}/ReshapeScales")]))
-    if found[0][1] != vocab:
-        raise ExporterError(f"lm_head's grids hold {found[0][1]} rows, the tied embedding {vocab}")
+    scatters = {n.input[2]: n for n in graph.node if n.op_type == "ScatterElements" and n.name.startswith("/lm_head/")}
+    held = found[0][1] if scatters else sum(rows for _, rows, *_ in found)
+    if held != vocab:
+        raise ExporterError(f"lm_head's grids hold {held} rows, the tied embedding {vocab}")
     scale_type = init[parts[0].input[2]].data_type
     if len(found) == 1:
         stem, rows, bits, block_size, zero_points, nodes = found[0]
         _gather_quantized(graph, gather, nodes, zero_points, bits, block_size, vocab, hidden, scale_type,
                           packed_gather)
         return
-    scatters = {n.input[2]: n for n in graph.node if n.op_type == "ScatterElements" and n.name.startswith("/lm_head/")}
     expands = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Expand"}
-    held = [numpy_helper.to_array(init[expands[scatters[part.output[0]].input[1]]]).reshape(-1) for part in parts[1:]]
-    nodes, outputs, select = _select_part(graph, gather.input[1], vocab, held, gather.output[0])
+    if scatters:
+        tokens = [numpy_helper.to_array(init[expands[scatters[p.output[0]].input[1]]]).reshape(-1) for p in parts[1:]]
+        nodes, outputs, select = _select_scattered(graph, gather.input[1], vocab, tokens, gather.output[0])
+    else:
+        order = next(n.input[0] for n in graph.node if n.op_type == "Expand" and n.name.startswith("/lm_head/")
+                     and n.name.endswith("/RowOrderExpand"))
+        nodes, outputs, select = _select_reordered(graph, gather.input[1], order, [rows for _, rows, *_ in found],
+                                                   gather.output[0])
     for (stem, rows, bits, block_size, zero_points, reshapes), (ids, output) in zip(found, outputs):
         nodes += reshapes
         nodes += _gather_nodes(graph, stem, ids, output, zero_points, bits, block_size, rows, hidden, scale_type,
@@ -1010,9 +1018,44 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
     _replace_gather(graph, gather, nodes + select)
 
 
-def _select_part(graph, ids: str, vocab: int, held: list[np.ndarray], output: str) -> tuple[list, list, list]:
-    """A token's embedding from the part of lm_head's rows that holds it: the base (part 0) holds every token at
-    its id, part j > 0 the tokens `held[j - 1]` (its rows in order), written over the base's. Returns (the nodes
+def _select_reordered(graph, ids: str, order: str, counts: list[int], output: str) -> tuple[list, list, list]:
+    """A token's embedding from the part of lm_head's rows that holds it, its logits reordered: `order` [1, 1, vocab]
+    is each token's place among the parts' rows (part 0's first). Returns (the nodes that find each token's place in every part,
+    [(that place in part j, the output part j's gather writes)], the nodes that select each token's embedding
+    from those outputs into `output`)."""
+    from onnx import helper, numpy_helper
+
+    stem = "/model/embed_tokens"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/order_shape"))
+    nodes = [helper.make_node("Reshape", [order, f"{stem}/order_shape"], [f"{stem}/order"], name=f"{stem}/Order"),
+             helper.make_node("Gather", [f"{stem}/order", ids], [f"{stem}/place"], name=f"{stem}/Place")]
+    places, start = [], 0
+    for index, count in enumerate(counts):
+        key = f"{stem}/rows{index}"
+        bounds = [("start", start), ("last", count - 1), ("zero", 0)]
+        bounds += [("end", start + count)] if index < len(counts) - 1 else []
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int32), f"{key}/{name}") for name, v in bounds)
+        nodes += [helper.make_node("Sub", [f"{stem}/place", f"{key}/start"], [f"{key}/offset"], name=f"{key}/Offset"),
+                  helper.make_node("Max", [f"{key}/offset", f"{key}/zero"], [f"{key}/low"], name=f"{key}/Low"),
+                  helper.make_node("Min", [f"{key}/low", f"{key}/last"], [f"{key}/ids"], name=f"{key}/Ids")]
+        places.append((f"{key}/ids", f"{key}/rows"))
+        start += count
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{stem}/hidden_axis"))
+    selected, select = places[-1][1], []
+    for index in range(len(counts) - 2, -1, -1):  # earlier parts hold the lower places
+        key = f"{stem}/rows{index}"
+        out = output if index == 0 else f"{key}/selected"
+        select += [helper.make_node("Less", [f"{stem}/place", f"{key}/end"], [f"{key}/holds"], name=f"{key}/Holds"),
+                  helper.make_node("Unsqueeze", [f"{key}/holds", f"{stem}/hidden_axis"], [f"{key}/mask"],
+                                   name=f"{key}/Mask"),
+                  helper.make_node("Where", [f"{key}/mask", places[index][1], selected], [out], name=f"{key}/Where")]
+        selected = out
+    return nodes, places, select
+
+
+def _select_scattered(graph, ids: str, vocab: int, held: list[np.ndarray], output: str) -> tuple[list, list, list]:
+    """A token's embedding from the part of lm_head's rows that holds it, its logits scattered: the base (part 0)
+    holds every token at its id, part j > 0 the tokens `held[j - 1]` (its rows in order), written over the base's. Returns (the nodes
     that find each token's place in every part, [(that place in part j, the output part j's gather writes)], the
     nodes that select each token's embedding from those outputs into `output`)."""
     from onnx import helper, numpy_helper
