@@ -265,12 +265,15 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
     once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
     (`row_formats`) becomes one MatMulNBits per format, a Concat, and a GatherElements (axis -1; its indices
-    expanded to [batch, sequence, rows] by one [batch, sequence, 1] shape all splits share) into row order. Where
-    its output is the graph's (the logits) and the rows off the format with the fewest bytes per row are few
-    (exporter.compress.grid.scattered), one MatMulNBits of all its rows on that format, and each other part's
-    MatMulNBits written over its rows there (ScatterElements, axis -1; the rows' indices expanded to the part's
-    shape): the gather's Concat and [batch, sequence, vocab] int32 order raise peak memory by two logits' sizes (55
-    MB at a 128-token prefill, benchmarks/RESULTS.md), the scatter's copy by one, for its rows' copy's bytes."""
+    expanded to the Concat's shape) into row order. Where its output is the graph's (the logits) and the rows off
+    the format with the fewest bytes per row are few (exporter.compress.grid.scattered), one MatMulNBits of all its
+    rows on that format, and each other part's MatMulNBits written over its rows there (ScatterElements, axis -1;
+    the rows' indices expanded to the part's shape): the gather's Concat and [batch, sequence, vocab] int32 order
+    raise peak memory by two logits' sizes (55 MB at a 128-token prefill, benchmarks/RESULTS.md), the scatter's copy
+    by one, for its rows' copy's bytes.
+    Each split expands its order against its own Shape: one [batch, sequence, 1] shape shared by all (a node less per
+    split) raised peak RSS by 45 MB at 52 MB for a decode within noise (RESULTS, 2026-12-07), ONNX Runtime planning
+    less reuse for the Expand outputs of a computed shape."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -283,7 +286,6 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     graph_outputs = {o.name for o in graph.output}
     augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block sums
     written = []
-    leading: list[str] = []  # [batch, sequence, 1], from the first split's input: every row order's Expand target
 
     def emit(x: str, k: int, arrays: dict, fmt: QuantFormat, stem: str, output: str, name: str) -> None:
         names = []
@@ -344,16 +346,11 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
                 # (2.3 us here, Shape and Expand of the order included: benchmarks/RESULTS.md, "Row splits")
                 order = np.argsort(np.concatenate([rows for _, rows in split]), kind="stable").astype(np.int32)
                 graph.initializer.append(numpy_helper.from_array(order.reshape(1, 1, -1), f"{stem}.row_order"))
-                if not leading:
-                    leading.append("/RowSplits/shape")
-                    graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "/RowSplits/one"))
-                    written += [helper.make_node("Shape", [x], ["/RowSplits/leading"], name="/RowSplits/Shape", end=-1),
-                                helper.make_node("Concat", ["/RowSplits/leading", "/RowSplits/one"], leading,
-                                                 name="/RowSplits/Concat", axis=0)]
                 rows_out = f"{node.output[0]}/rows"
                 written += [helper.make_node("Concat", outputs, [rows_out], name=f"{node.name}/RowConcat", axis=-1),
-                            helper.make_node("Expand", [f"{stem}.row_order", leading[0]], [f"{rows_out}/order"],
-                                             name=f"{node.name}/RowOrderExpand"),
+                            helper.make_node("Shape", [rows_out], [f"{rows_out}/shape"], name=f"{node.name}/RowShape"),
+                            helper.make_node("Expand", [f"{stem}.row_order", f"{rows_out}/shape"],
+                                             [f"{rows_out}/order"], name=f"{node.name}/RowOrderExpand"),
                             helper.make_node("GatherElements", [rows_out, f"{rows_out}/order"], list(node.output),
                                              name=f"{node.name}/RowOrder", axis=-1)]
                 summary["formats"][stem] = "/".join(f.name for f, _ in split)
@@ -408,9 +405,9 @@ def _base_format(split, k: int) -> QuantFormat:
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
 BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
-# what a row split adds: a second MatMulNBits, Concat, Expand, GatherElements (lm_head's scatter form: a second
-# MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
-ROW_SPLIT_NODES = 4
+# what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements (lm_head's scatter form: a
+# second MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
+ROW_SPLIT_NODES = 5
 
 
 def _block_sums(graph, x: str, size: int, prefix: str) -> list:
