@@ -450,9 +450,9 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
             assert high_rows == qkv.split(k)
             alone = format_allocation.option_grids(statistics, qkv, k)
             assert all(np.array_equal(alone[n].dequantize(), grids[n].dequantize()) for n in grids)
-    for unit in units:  # a middle split wherever there is one, lm_head its first format
+    for unit in units:  # a middle split wherever there is one; lm_head's smallest (untied: scattered, no table)
         splits = [k for k in range(len(unit.options)) if unit.split(k)]
-        unit.choice = splits[len(splits) // 2] if splits else 0
+        unit.choice = (splits[0] if "lm_head" in unit.members else splits[len(splits) // 2]) if splits else 0
     apply_choices(model, units)
     split = [m for m in model.modules() if isinstance(grid_of(m), RowSplitGrid)]
     assert split and all(np.array_equal(m.weight.detach().numpy(), grid_of(m).dequantize()) for m in split)
@@ -461,6 +461,7 @@ def test_row_splits_put_a_units_rows_on_two_grids(tiny_models, calib_ids, tmp_pa
     path = write_decoder(model, tmp_path, weights="int4")
     graph = onnx.load(str(path), load_external_data=False).graph
     assert any(n.op_type == "GatherElements" and n.name.endswith("/RowOrder") for n in graph.node)
+    assert [n.op_type for n in graph.node if "logits" in n.output] == ["ScatterElements"]
     bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
     assert {2, 4} <= bits
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
@@ -591,10 +592,11 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
     vocab, hidden = weight.shape
     for k in splits:
         count, high = head.split(k), head.options[k]
+        size = high.matrix_bytes(count, hidden)
         if scattered(count, vocab):  # the lower grid's rows all, the higher's, their indices, each token's place
-            size = high.matrix_bytes(count, hidden) + low.matrix_bytes(vocab, hidden) + ROW_INDEX_BYTES * (count + vocab)
+            size += low.matrix_bytes(vocab, hidden) + ROW_INDEX_BYTES * (count + vocab)
         else:  # each row on one grid, and the row order
-            size = high.matrix_bytes(count, hidden) + low.matrix_bytes(vocab - count, hidden) + ROW_INDEX_BYTES * vocab
+            size += low.matrix_bytes(vocab - count, hidden) + ROW_INDEX_BYTES * vocab
         assert head.bytes[k] == size
     few = [k for k in splits if scattered(head.split(k), vocab)]
     assert few and len(few) < len(splits)

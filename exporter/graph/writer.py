@@ -993,9 +993,9 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
             helper.make_node("Reshape", [part.input[2], shape_scales.name], [f"{stem}/scales"],
                              name=f"{stem}/ReshapeScales")]))
     scatters = {n.input[2]: n for n in graph.node if n.op_type == "ScatterElements" and n.name.startswith("/lm_head/")}
-    held = found[0][1] if scatters else sum(rows for _, rows, *_ in found)
-    if held != vocab:
-        raise ExporterError(f"lm_head's grids hold {held} rows, the tied embedding {vocab}")
+    rows_held = found[0][1] if scatters else sum(rows for _, rows, *_ in found)  # a scattered base holds them all
+    if rows_held != vocab:
+        raise ExporterError(f"lm_head's grids hold {rows_held} rows, the tied embedding {vocab}")
     scale_type = init[parts[0].input[2]].data_type
     if len(found) == 1:
         stem, rows, bits, block_size, zero_points, nodes = found[0]
@@ -1019,10 +1019,10 @@ def _share_tied_embedding(proto, packed_gather: bool = True) -> None:
 
 
 def _select_reordered(graph, ids: str, order: str, counts: list[int], output: str) -> tuple[list, list, list]:
-    """A token's embedding from the part of lm_head's rows that holds it, its logits reordered: `order` [1, 1, vocab]
-    is each token's place among the parts' rows (part 0's first). Returns (the nodes that find each token's place in every part,
-    [(that place in part j, the output part j's gather writes)], the nodes that select each token's embedding
-    from those outputs into `output`)."""
+    """A token's embedding from the part of lm_head's rows that holds it, its logits reordered: `order` [1, 1,
+    vocab] is each token's place among the parts' rows (part 0's first). Returns (the nodes that find each token's
+    place in every part, [(that place in part j, the output part j's gather writes)], the nodes that select each
+    token's embedding from those outputs into `output`)."""
     from onnx import helper, numpy_helper
 
     stem = "/model/embed_tokens"
@@ -1055,9 +1055,9 @@ def _select_reordered(graph, ids: str, order: str, counts: list[int], output: st
 
 def _select_scattered(graph, ids: str, vocab: int, held: list[np.ndarray], output: str) -> tuple[list, list, list]:
     """A token's embedding from the part of lm_head's rows that holds it, its logits scattered: the base (part 0)
-    holds every token at its id, part j > 0 the tokens `held[j - 1]` (its rows in order), written over the base's. Returns (the nodes
-    that find each token's place in every part, [(that place in part j, the output part j's gather writes)], the
-    nodes that select each token's embedding from those outputs into `output`)."""
+    holds every token at its id, part j > 0 the tokens `held[j - 1]` (its rows in order), written over the base's.
+    Returns (the nodes that find each token's place in every part, [(that place in part j, the output part j's
+    gather writes)], the nodes that select each token's embedding from those outputs into `output`)."""
     from onnx import helper, numpy_helper
 
     stem = "/model/embed_tokens"
