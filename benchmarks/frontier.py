@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     header = (f"SmolLM2-135M-Instruct, WikiText-2 test, {windows.shape[0]} windows of 512 tokens, ONNX Runtime CPU, "
               f"{args.threads} threads; decode: median of {args.timing_rounds} rounds, ratio paired per round "
               f"against `{rows[0]['row']}`, in fresh processes and in this one")
-    lines = [header, "", "| row | weight MB | perplexity | decode tok/s | vs first | vs first, one process | peak RSS MB "
-             "| formats |", "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| row | weight MB | perplexity | decode tok/s | vs first | vs first, one process "
+             "| peak RSS MB | formats |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         formats = ", ".join(f"{v} {k}" for k, v in row.get("formats", {}).items()) or "-"
         lines.append(f"| {row['row']} | {row['weight_mb']} | {row['perplexity']} | {row['decode_tok_s']} | "

@@ -10,7 +10,8 @@ Key. A file is named by a digest of its whole key and carries that key in its me
 the exporter's version and the source of the modules that compute statistics (less calibration.py and tokenizer.py,
 whose output is in the key itself), the model's class, config and every parameter's bytes, the calibration windows'
 token ids, the seed, and the statistic with its own key (its options). A file whose recorded key is not the one
-asked for, or that cannot be read, is recomputed and replaced, never used. Files are written to a temporary name and renamed into place.
+asked for, or that cannot be read, is recomputed and replaced, never used. Files are written to a temporary name
+and renamed into place.
 """
 
 from __future__ import annotations

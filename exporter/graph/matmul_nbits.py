@@ -326,12 +326,15 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
             fmt = fmt.integer if fmt.offset else fmt  # not every block on its offset grid: RTN at integer zeros
             arrays, found = matmul_nbits_inputs(weight, fmt, registry, b.dtype)
             split = row_formats(weight, fmt, registry) if found < arrays["scales"].size else None
+            base = split and min((f for f, _ in split), key=lambda f: f.matrix_bytes(1, k))  # fewest bytes a row
             if split is None:
                 emit(x, k, arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
                 summary["formats"][stem] = fmt.name
             elif node.output[0] in graph_outputs and scattered(
-                    sum(len(rows) for f, rows in split if f != _base_format(split, k)), weight.shape[0]):
-                nodes, found = _scattered_split(graph, node, x, k, weight, split, registry, b.dtype, emit)
+                    sum(len(rows) for f, rows in split if f != base), weight.shape[0]):
+                # the base holds every row: the whole weight's inputs above where it is the chosen format
+                whole = (arrays, found) if base == fmt else matmul_nbits_inputs(weight, base, registry, b.dtype)
+                nodes, found = _scattered_split(graph, node, x, k, weight, split, base, whole, registry, b.dtype, emit)
                 written += nodes
                 summary["formats"][stem] = "/".join(f.name for f, _ in split)
             else:  # rows on grids of several formats: one MatMulNBits each, then Concat and GatherElements
@@ -365,18 +368,17 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
     return summary
 
 
-def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, registry, scale_dtype, emit
-                     ) -> tuple[list, int]:
+def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, base: QuantFormat, whole: tuple,
+                     registry, scale_dtype, emit) -> tuple[list, int]:
     """A row split in the scatter form (`quantize_matmuls`): the base MatMulNBits of all rows on the split's format
-    with the fewest bytes per row (the other parts' rows there are rounded to nearest: written over), then per
-    other part its MatMulNBits, the Shape and Expand of its rows' indices "{stem}.rows{j}.indices" [1, 1, rows],
+    `base` (`whole`: the weight's MatMulNBits inputs on it and the blocks found; the other parts' rows there are
+    rounded to nearest: written over), then per other part its MatMulNBits, the Shape and Expand of its rows' indices "{stem}.rows{j}.indices" [1, 1, rows],
     and a ScatterElements over the base's output. Returns (the nodes besides the MatMulNBits, which `emit` writes;
     the blocks found in the registry)."""
     from onnx import helper, numpy_helper
 
     stem, out = node.input[1], node.output[0]
-    base = _base_format(split, k)
-    arrays, found = matmul_nbits_inputs(weight, base, registry, scale_dtype)
+    arrays, found = whole
     current = f"{out}/base"
     emit(x, k, arrays, base, f"{stem}.base", current, f"{node.name}/base_Q{base.bits}")
     others = [(fmt, rows) for fmt, rows in split if fmt != base]
@@ -396,11 +398,6 @@ def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, reg
                                    name=f"{key}/RowScatter", axis=-1)]
         current = written
     return nodes, found
-
-
-def _base_format(split, k: int) -> QuantFormat:
-    """The format of a split with the fewest bytes per row of K inputs: a scattered split's base (all rows)."""
-    return min((fmt for fmt, _ in split), key=lambda fmt: fmt.matrix_bytes(1, k))
 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
