@@ -12,6 +12,7 @@ from pathlib import Path
 from exporter import __version__
 from exporter.artifact.manifest import Manifest
 from exporter.console import tell
+from exporter.device.cost_model import DECODE_CEILING
 from exporter.errors import ExporterError
 from exporter.settings import (CALIB_CHAT, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, TUNE_SCALES_STEPS, TUNE_WINDOWS,
                                CorrectiveOptions)
@@ -25,6 +26,11 @@ def _ratio(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (fraction of projection parameters removed), got {value}")
     return value
+
+
+def _ceiling(text: str) -> float | None:
+    """--decode-ceiling: a positive multiple, or off (None)."""
+    return None if text == "off" else _positive_float(text)
 
 
 def _positive_float(text: str) -> float:
@@ -220,6 +226,11 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          "--weights auto: the nodes an offset grid's block sums and a low-rank unit add). The "
                          "price is the node's cost in the device's decode cost model (on host: measured, so it "
                          "varies a little between runs), or US microseconds where given (default: off)")
+    command.add_argument("--decode-ceiling", type=_ceiling, default=DECODE_CEILING, metavar="X|off",
+                         help="with --weights auto: the formats' decode time at most X times that of the same "
+                         "weights on int4-b32 (the onnxruntime-genai builder's default), each format's time measured "
+                         "on this machine once (kept in EXPORTER_CACHE/host); devices where nothing is measured get "
+                         f"no ceiling; off: none (default: {DECODE_CEILING:g})")
     command.add_argument("--calib", help="calibration text: .txt, or .jsonl with --calib-field "
                          "(default: text sampled from the model itself)")
     command.add_argument("--calib-field", default="text", help="jsonl field holding the text (default: text)")
@@ -287,7 +298,8 @@ def _options(args):
     return ExportOptions(
         device=args.device, model=args.model, out=getattr(args, "out", None), ratio=args.ratio,
         budget_mb=args.budget_mb, allocation=args.allocation, method=args.method, joint=args.joint,
-        latency_aware=args.latency_aware is not None, factor_node_us=args.latency_aware or None, calib=args.calib,
+        latency_aware=args.latency_aware is not None, factor_node_us=args.latency_aware or None,
+        decode_ceiling=args.decode_ceiling, calib=args.calib,
         calib_field=args.calib_field, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_chat=args.calib_chat, fisher_samples=args.fisher_samples, seed=args.seed, force=getattr(args, "force", False),
         weights="int4" if args.weights == "auto" else args.weights, auto_formats=args.weights == "auto",
@@ -343,6 +355,10 @@ def _allocate(args) -> int:
             print(f"{u['unit']:60} {u['format']:>15} {u['bytes'] / 1e6:>7.2f} {u['predicted_loss_increase']:>13.2e}")
         print(f"\n{formats['chosen_bytes'] / 1e6:.1f} MB of weights for a budget of {formats['budget_bytes'] / 1e6:.1f} MB "
               f"({plan.budget_source}); predicted loss increase {formats['predicted_loss_increase']:.4f} nats/token")
+        if "decode_ceiling" in formats:
+            ceiling = formats["decode_ceiling"]
+            print(f"decode: {ceiling['chosen_ms']:.2f} ms per token in MatMulNBits, within {ceiling['limit_ms']:.2f} ms "
+                  f"({ceiling['ceiling']:g} x the same weights on {ceiling['reference_format']}, measured here)")
         return 0
     print(f"{'projection':40} {'shape':>11} {'rank':>6} {'params kept':>12} {'importance kept':>16}")
     for r in rows:

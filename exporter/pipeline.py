@@ -55,9 +55,11 @@ from exporter.compress.grid import QuantFormat
 from exporter.compress.importance import SENSITIVITY_FIELDS, Sensitivity, component_fisher
 from exporter.compress.lowrank import CorrectedLinear, LowRankLinear
 from exporter.compress.quantize import METHODS as QUANTIZERS
-from exporter.compress.quantize import grid_linears, model_grids, quantize_embedding, quantize_model, restore_grids
+from exporter.compress.quantize import (grid_linears, model_grids, module_name, quantize_embedding, quantize_model,
+                                       restore_grids)
 from exporter.console import say
-from exporter.device.cost_model import BYTES_PER_PARAM, MB, node_price, projection_budget, weight_budget
+from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, MB, REFERENCE_FORMAT, decode_costs,
+                                        format_costs, node_price, projection_budget, weight_budget)
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
@@ -123,6 +125,10 @@ class ExportOptions:
     # parameters, so faster decoding.
     latency_aware: bool = False
     factor_node_us: float | None = None
+    # `--weights auto`: its MatMulNBits may take at most this many times the decode time of the same weights on
+    # int4-b32 (the onnxruntime-genai builder's default), each format's time per weight measured on the device
+    # (exporter.device.cost_model.format_costs; devices where nothing is measured get no ceiling); None: none.
+    decode_ceiling: float | None = DECODE_CEILING
     weights: str | None = None  # None: the profile's runtime.weight_precision (resolve_precision)
     # Activations, KV cache and logits: fp32 | fp16 (None: fp16 with fp16 weights, and with int4 weights
     # where the profile's first provider is CUDA, whose GroupQueryAttention is fp16/bf16 only; else fp32).
@@ -648,7 +654,7 @@ def tune_grid_scales(model, teacher, ids, options: ExportOptions, clock: Stopwat
 
 def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) -> None:
     """`--weights auto`: price every MatMulNBits' menu and put each on the format the knapsack chooses."""
-    from exporter.compress.allocate import multiple_choice_knapsack
+    from exporter.compress.allocate import multiple_choice_knapsack, time_limited_knapsack
     from exporter.compress.format_allocation import apply_choices, byte_range, fixed_bytes, format_units
 
     clock = prepared.clock
@@ -683,8 +689,14 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
     node_bytes = node_price(plan.profile, "int4", options.factor_node_us) * BYTES_PER_PARAM["int4"] \
         if options.latency_aware else 0.0
     sizes = [[b + round(node_bytes * option_nodes(u, k)) for k, b in enumerate(u.bytes)] for u in units]
+    timing = format_times(plan, units) if options.decode_ceiling else None
     with clock.stage("allocate"):
-        choice = multiple_choice_knapsack(sizes, [u.loss for u in units], budget_bytes - fixed, granularity=step)
+        if timing:
+            limit = options.decode_ceiling * timing["reference_ms"]
+            choice, multiplier = time_limited_knapsack(sizes, [u.loss for u in units], timing["times"],
+                                                       budget_bytes - fixed, limit, granularity=step)
+        else:
+            choice = multiple_choice_knapsack(sizes, [u.loss for u in units], budget_bytes - fixed, granularity=step)
     if choice is None:  # the step rounding's slack: only just above the smallest
         raise BudgetError(f"--weights auto: {budget_bytes / MB:.2f} MB of weights ({plan.budget_source}) cannot hold "
                           f"this model: its formats need {smallest / MB:.2f} MB to {largest / MB:.2f} MB")
@@ -698,6 +710,17 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
                            "chosen_bytes": fixed + sum(u.bytes[u.choice] for u in units),
                            "smallest_bytes": smallest, "largest_bytes": largest,
                            "predicted_loss_increase": sum(u.loss[u.choice] for u in units)}
+    if timing:
+        chosen_ms = sum(times[u.choice] for times, u in zip(timing["times"], units))
+        plan.formats_budget["decode_ceiling"] = {
+            "ceiling": options.decode_ceiling, "reference_format": REFERENCE_FORMAT,
+            "reference_ms": round(timing["reference_ms"], 6), "limit_ms": round(limit, 6),
+            "chosen_ms": round(chosen_ms, 6), "multiplier": multiplier if math.isfinite(multiplier) else None,
+            "format_ns_per_weight": timing["costs"], "source": timing["source"]}
+        say(f"decode ceiling: the MatMulNBits' time {chosen_ms:.2f} ms per token of {limit:.2f} ms allowed "
+            f"({options.decode_ceiling:g} x the same weights on {REFERENCE_FORMAT}, each format measured here)"
+            + ("" if multiplier == 0.0 else ", formats traded for speed" if math.isfinite(multiplier) else
+               ": not kept, no choice within the bytes is that fast (the fastest taken)"))
     if node_bytes:
         plan.formats_budget["node_bytes"] = round(node_bytes)
         plan.formats_budget["nodes_priced_bytes"] = sum(s[u.choice] - u.bytes[u.choice] for s, u in zip(sizes, units))
@@ -711,6 +734,44 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
             f"{math.exp(predicted):.2f}x over the dense model"
             + (f", and its {two_bit} 2-bit grids more than estimated" if two_bit else "")
             + ": check the artifact (exporter evaluate) or give it more bytes")
+
+
+def format_times(plan: Plan, units) -> dict | None:
+    """Each unit's options' decode time (ms per token: their MatMulNBits' weights at each format's measured time
+    per weight, plus node_us for each node a row split or factorization adds; an offset grid's block sums are
+    within its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None where the profile's
+    device has no measured format costs."""
+    from exporter.compress.format_allocation import WRITTEN_FORMATS, option_matrices
+    from exporter.source.model import cache_dir
+
+    head = module_name(plan.model, plan.model.get_output_embeddings())
+    matrices = [[option_matrices(u, k, plan.model.get_submodule(u.members[0]).in_features, head in u.members)
+                 for k in range(len(u.options))] for u in units]
+    # every format an export may write, measured once for this machine: the same figures for every budget
+    names = tuple(sorted({f.name for f in WRITTEN_FORMATS} | {name for per_unit in matrices for parts in per_unit
+                                                             for _, name in parts}))
+    costs = format_costs(plan.profile, names, layer_shapes(plan.model, units, head), cache_dir() / "host")
+    if costs is None:
+        say(f"decode ceiling: none ({plan.profile.name}: no format's decode time measured on its device)")
+        return None
+    node_ms = decode_costs(plan.profile)[0]["node_us"] / 1e3
+    times = [[sum(weights * costs[name] for weights, name in parts) / 1e6
+              + (0 if u.options[k].offset else option_nodes(u, k)) * node_ms for k, parts in enumerate(per_unit)]
+             for u, per_unit in zip(units, matrices)]
+    return {"times": times, "reference_ms": sum(u.weights for u in units) * costs[REFERENCE_FORMAT] / 1e6,
+            "costs": costs, "source": "measured on this machine (exporter.device.host_probes.format_costs)"}
+
+
+def layer_shapes(model, units, head: str) -> tuple[tuple[int, int], ...]:
+    """(in, out) of one decoder layer's units: every unit's but lm_head's, each shape as often as a layer has it
+    (its count over the greatest common divisor of the counts)."""
+    counts: dict[tuple[int, int], int] = {}
+    for u in units:
+        if head not in u.members or len(units) == 1:
+            k = model.get_submodule(u.members[0]).in_features
+            counts[k, u.weights // k] = counts.get((k, u.weights // k), 0) + 1
+    layers = math.gcd(*counts.values()) if counts else 1
+    return tuple(shape for shape, n in sorted(counts.items()) for _ in range(n // layers))
 
 
 def option_nodes(unit, option: int) -> int:

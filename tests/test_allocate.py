@@ -178,3 +178,53 @@ def test_node_price_prefers_dense_where_factorizing_saves_least():
     assert free.ranks["small"] == 8
     priced = allocate([big, small], scores, budget, multiple=8, node_params=100_000.0)
     assert priced.ranks["small"] is None and priced.ranks["big"] < free.ranks["big"]
+
+
+def _plans(costs, losses, times):
+    """Every choice of one option per group, with its summed cost, loss and time (brute force)."""
+    import itertools
+
+    for choice in itertools.product(*(range(len(group)) for group in costs)):
+        yield (list(choice), sum(c[k] for c, k in zip(costs, choice)), sum(v[k] for v, k in zip(losses, choice)),
+               sum(t[k] for t, k in zip(times, choice)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_time_limited_knapsack_keeps_both_limits_and_is_optimal_at_its_multiplier(seed):
+    """Every choice keeps the bytes and the time limit; at its multiplier it is the least loss + multiplier x time of
+    all choices within the bytes (brute force); where the least-loss choice is fast enough it is that one."""
+    import math
+    import random
+
+    from exporter.compress.allocate import multiple_choice_knapsack, time_limited_knapsack
+
+    rng = random.Random(seed)
+    groups = 5
+    costs = [[rng.randint(1, 9) for _ in range(3)] for _ in range(groups)]
+    losses = [[rng.random() for _ in range(3)] for _ in range(groups)]
+    times = [[rng.uniform(0.5, 2.0) for _ in range(3)] for _ in range(groups)]
+    budget = sum(max(c) for c in costs) * 2 // 3
+    within = [p for p in _plans(costs, losses, times) if p[1] <= budget]
+    free = multiple_choice_knapsack(costs, losses, budget)
+    free_time = sum(t[k] for t, k in zip(times, free))
+    fastest = min(p[3] for p in within)
+    for limit in (free_time + 1.0, (free_time + fastest) / 2, fastest, fastest - 0.1):
+        choice, multiplier = time_limited_knapsack(costs, losses, times, budget, limit)
+        plan = next(p for p in within if p[0] == choice)
+        assert plan[1] <= budget
+        if limit >= free_time:
+            assert (choice, multiplier) == (free, 0.0)
+        elif limit < fastest:
+            assert multiplier == math.inf and plan[3] == pytest.approx(fastest)  # the fastest, said so
+        else:
+            assert plan[3] <= limit + 1e-9 and 0.0 < multiplier < math.inf
+            best = min(p[2] + multiplier * p[3] for p in within)
+            assert plan[2] + multiplier * plan[3] == pytest.approx(best, abs=1e-9)
+            feasible = min(p[2] for p in within if p[3] <= limit)
+            assert plan[2] >= feasible - 1e-12  # no better than the exact optimum under both limits
+
+
+def test_time_limited_knapsack_with_no_choice_in_the_bytes():
+    from exporter.compress.allocate import time_limited_knapsack
+
+    assert time_limited_knapsack([[5, 6]], [[0.1, 0.2]], [[1.0, 0.5]], 4, 0.1) == (None, 0.0)

@@ -227,7 +227,8 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
     monkeypatch.setattr(format_allocation, "LOW_RANK_FORMATS", ())  # the 2-bit grids alone (low rank: below)
     monkeypatch.setattr(pipeline, "WEAK_FORMATS_LOSS", 0.0)  # a tiny model's estimates are tiny: warn at any
     capsys.readouterr()
-    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    # no decode ceiling: a row split's five nodes take longer than a tiny model's weights
+    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}", "--decode-ceiling", "off") == 0
     assert "warning: the formats that fit" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     formats = manifest["method"]["formats"]
@@ -375,7 +376,8 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
               for u, low in zip(formats["units"], smallest)]
     budget_mb = (formats["smallest_bytes"] + sum(offset) - sum(smallest)) / 1e6 + 0.001  # every offset, just
     out = tmp_path / "auto"
-    assert _export(source, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
+    # no decode ceiling: the block sums' three nodes take longer than a tiny model's weights (--latency-aware below)
+    assert _export(source, calib_file, out, "--budget-mb", f"{budget_mb:.4f}", "--decode-ceiling", "off") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     units = manifest["method"]["formats"]["units"]
     offsets = [u for u in units if u["format"] == "int4-b32-offset"]
@@ -390,7 +392,8 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
     generated = genai_greedy(og, out, prompt, 8)
     assert len(generated) >= 1 and generated == expected[: len(generated)]
     aware = tmp_path / "aware"
-    assert _export(source, calib_file, aware, "--budget-mb", f"{budget_mb:.4f}", "--latency-aware", "500") == 0
+    assert _export(source, calib_file, aware, "--budget-mb", f"{budget_mb:.4f}", "--latency-aware", "500",
+                   "--decode-ceiling", "off") == 0
     priced = json.loads((aware / "manifest.json").read_text())["method"]["formats"]
     assert sum(u["format"] == "int4-b32-offset" for u in priced["units"]) < len(offsets)
     assert priced["node_bytes"] > 0 and priced["chosen_bytes"] <= priced["budget_bytes"]
@@ -399,10 +402,11 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
 def test_allocate_shows_the_formats_without_exporting(tmp_path, llama_dir, calib_file, capsys):
     assert main(["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
                  "--calib-seq-len", "32", "--device", "host", "--no-progress", "--weights", "auto",
-                 "--budget-mb", "1000", "--json"]) == 0
+                 "--budget-mb", "1000", "--json", "--decode-ceiling", "off"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["formats"]["chosen_bytes"] <= shown["formats"]["budget_bytes"]
-    assert {u["format"] for u in shown["formats"]["units"]} == {"int8-b32"}  # a large budget buys the best
+    # a large budget buys the best by bytes alone (the decode ceiling, on by default, trades them for speed)
+    assert {u["format"] for u in shown["formats"]["units"]} == {"int8-b32"}
     assert not (tmp_path / "x").exists()
 
 
@@ -630,3 +634,59 @@ def test_a_tied_lm_heads_rows_split_between_grids(tiny_models, calib_ids, tmp_pa
         _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 6, forced_tokens=ref_tokens)
         assert np.abs(logits - ref_logits).max() <= 2e-4 * np.abs(ref_logits).max()
         assert list(np.argmax(logits, axis=-1)) == ref_tokens
+
+
+def test_option_matrices_are_the_matmulnbits_the_writer_writes():
+    """The decode ceiling's weights per MatMulNBits: a row split's two parts (lm_head's small split over all rows,
+    scattered), a factorization's two factors, a plain option's one."""
+    from exporter.compress.format_allocation import Unit, option_matrices
+
+    unit = Unit("u", ["lm_head"], [], [], [], [], [], weights=64 * 32)
+    unit.add(QuantFormat.parse("int4-b32-asym"), "gptq", None, 1, 0.1)
+    unit.add(QuantFormat.parse("int8-b32"), "gptq", None, 1, 0.1, split=4, low=QuantFormat.parse("int4-b32-asym"))
+    unit.add(QuantFormat.parse("int8-b32"), "gptq", None, 1, 0.1, split=16, low=QuantFormat.parse("int4-b32-asym"))
+    unit.add(QuantFormat.parse("int4-b64"), "gptq", None, 1, 0.1, rank=8)
+    assert option_matrices(unit, 0, 32, head=True) == [(2048, "int4-b32-asym")]
+    assert option_matrices(unit, 1, 32, head=True) == [(4 * 32, "int8-b32"), (64 * 32, "int4-b32-asym")]
+    assert option_matrices(unit, 1, 32, head=False) == [(4 * 32, "int8-b32"), (60 * 32, "int4-b32-asym")]
+    assert option_matrices(unit, 2, 32, head=True) == [(16 * 32, "int8-b32"), (48 * 32, "int4-b32-asym")]
+    assert option_matrices(unit, 3, 32, head=False) == [(8 * 32, "int4-b64"), (64 * 8, "int4-b64")]
+
+
+def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file, capsys, monkeypatch):
+    """`--weights auto`'s decode ceiling, on a fake measurement (int8-b32 three times int4-b32's time per weight,
+    int8-b128 two thirds of it): a budget that buys int8-b32 everywhere by bytes alone takes faster formats within
+    the ceiling, and the manifest records the times; `--decode-ceiling off` leaves the bytes alone to decide."""
+    from exporter.compress.format_allocation import WRITTEN_FORMATS
+
+    costs = {f.name: 0.03 for f in WRITTEN_FORMATS} | {"int4-b32": 0.03, "int8-b32": 0.09, "int8-b128": 0.02}
+    layers = []
+
+    def measured(profile, names, layer, cache=None):
+        layers.append(layer)
+        return {n: costs[n] for n in (*names, "int4-b32")}  # as cost_model.format_costs: the reference too
+
+    monkeypatch.setattr(pipeline, "format_costs", measured)
+
+    def plan(*extra):
+        assert main(["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
+                     "--calib-seq-len", "32", "--device", "host", "--no-progress", "--weights", "auto",
+                     "--budget-mb", "1000", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["formats"]
+
+    assert {u["format"] for u in plan("--decode-ceiling", "off")["units"]} == {"int8-b32"}
+    formats = plan()
+    ceiling = formats["decode_ceiling"]
+    assert ceiling["chosen_ms"] <= ceiling["limit_ms"] == pytest.approx(ceiling["reference_ms"])
+    assert 0 < ceiling["multiplier"] and ceiling["format_ns_per_weight"]["int8-b32"] == 0.09
+    chosen = [u["format"] for u in formats["units"]]
+    assert "int8-b128" in chosen and chosen.count("int8-b32") < len(chosen)
+    weights = sum(u["weights"] for u in formats["units"])
+    assert ceiling["reference_ms"] == pytest.approx(weights * 0.03 / 1e6, rel=1e-3)
+    # timed on one decoder layer's MatMulNBits: q/k/v, o, gate/up and down (each once), not lm_head
+    config = json.loads((llama_dir / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    qkv = hidden + 2 * config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    assert sorted(layers[-1]) == sorted([(hidden, qkv), (hidden, hidden), (hidden, 2 * inner), (inner, hidden)])
+    half = plan("--decode-ceiling", "0.8")["decode_ceiling"]
+    assert half["chosen_ms"] <= half["limit_ms"] == pytest.approx(0.8 * ceiling["reference_ms"], rel=1e-3)

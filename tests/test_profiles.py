@@ -208,3 +208,46 @@ def test_profile_round_trips_through_its_manifest_form():
     """What the manifest records (`to_dict`) is read back by validate and the report as the same profile."""
     for profile in list_profiles():
         assert DeviceProfile.from_dict(profile.to_dict()) == profile, profile.name
+
+
+@pytest.mark.parametrize("name", ["int4-b32", "int4-b64-asym", "int4-b32-offset", "int2-b64-asym", "int8-b128"])
+def test_format_chains_run_as_exported(tmp_path, name):
+    """The per-format probe's graphs (exporter.device.host_probes.format_graph) are valid MatMulNBits graphs of
+    their format: ONNX Runtime runs them, and their weights are the format's bytes per weight."""
+    import numpy as np
+
+    from exporter.compress.grid import QuantFormat
+    from exporter.device.host_probes import format_graph, probe_session
+
+    nodes, small, large = format_graph(name, [(64, 256), (256, 64)])
+    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs={"x64": 64, "x256": 256},
+                            outputs={"y0": 256, "y1": 64})
+    ys = session.run(None, {"x64": np.ones((1, 64), np.float32), "x256": np.ones((1, 256), np.float32)})
+    assert [y.shape for y in ys] == [(1, 256), (1, 64)] and all(np.isfinite(y).all() for y in ys)
+    fmt = QuantFormat.parse(name)
+    assert sum(a.nbytes for a in large.values()) == fmt.matrix_bytes(256, 64) + fmt.matrix_bytes(64, 256)
+
+
+def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
+    from exporter.device import host_probes
+
+    calls = []
+
+    def measure(names, layer):
+        calls.append(names)
+        return {name: 0.01 * (i + 1) for i, name in enumerate(names)}
+
+    monkeypatch.setattr(host_probes, "measure_format_costs", measure)
+    layer = ((64, 256), (256, 64))
+    first = host_probes.format_costs(("int4-b32", "int8-b32"), layer, tmp_path)
+    assert host_probes.format_costs(("int8-b32", "int4-b32"), layer[::-1], tmp_path) == first and len(calls) == 1
+    assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path)["int4-b64"] > 0 and len(calls) == 2
+    assert host_probes.format_costs(("int4-b32", "int8-b32"), ((64, 128),), tmp_path) and len(calls) == 3
+
+
+def test_format_costs_are_measured_per_weight():
+    """A real measurement on small shapes: every format a positive time per weight, the reference's among them."""
+    from exporter.device.host_probes import measure_format_costs
+
+    costs = measure_format_costs(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
+    assert set(costs) == {"int4-b32", "int4-b64-asym", "int8-b128"} and all(v > 0 for v in costs.values())

@@ -157,7 +157,10 @@ def _format_lines(method: Method) -> list[str]:
              f"{f['chosen_bytes'] / MB:.1f} MB of weights for a budget of {f['budget_bytes'] / MB:.1f} MB (the menu "
              f"spans {f['smallest_bytes'] / MB:.1f} to {f['largest_bytes'] / MB:.1f} MB); predicted loss increase "
              f"{f['predicted_loss_increase']:.4f} nats/token. "
-             + ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())) + ".", "",
+             + ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())) + "."
+             + (f" Decode: {c['chosen_ms']:.2f} ms per token in MatMulNBits, within {c['limit_ms']:.2f} ms "
+                f"({c['ceiling']:g} x the same weights on {c['reference_format']}, each format's time measured on the "
+                "exporting machine)." if (c := f.get("decode_ceiling")) else ""), "",
              "![weight bits per layer](formats.png)", "", "| unit | format | MB | predicted dL |", "|---|---|---|---|"]
     lines += [f"| {u['unit']} | {u['format']} ({u['method']}){f', rank {r}' if (r := u.get('rank')) else ''}"
               f"{f', {h} rows on the first' if (h := u.get('high_rows')) else ''} | "

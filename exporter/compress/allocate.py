@@ -23,6 +23,7 @@ unchanged: the same parameters are removed, by fewer, deeper factorizations.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -214,3 +215,41 @@ def multiple_choice_knapsack(costs: list[list[int]], losses: list[list[float]], 
         choice.append(option)
         remaining -= group_steps[option]
     return choice[::-1]
+
+
+def time_limited_knapsack(costs: list[list[int]], losses: list[list[float]], times: list[list[float]], budget: int,
+                          time_limit: float, granularity: int = 1, iterations: int = 40
+                          ) -> tuple[list[int] | None, float]:
+    """multiple_choice_knapsack with a second limit, summed `times` <= `time_limit`, by its Lagrangian: the knapsack
+    over loss + multiplier x time, the multiplier the smallest that keeps the limit (doubled from 1e-4, then
+    bisected). Returns (choice, multiplier): 0.0 where the least-loss choice keeps the limit already, math.inf where
+    no multiplier does (the choice is then the byte budget's fastest); (None, 0.0) where no choice fits the bytes.
+    Not exact (a choice between two multipliers' may lose less), but every choice it returns keeps both limits."""
+    def solve(multiplier: float):
+        weighted = [[loss + multiplier * t for loss, t in zip(ls, ts)] for ls, ts in zip(losses, times)]
+        choice = multiple_choice_knapsack(costs, weighted, budget, granularity)
+        return choice, sum(ts[k] for ts, k in zip(times, choice)) if choice is not None else math.inf
+
+    choice, spent = solve(0.0)
+    if choice is None or spent <= time_limit:
+        return choice, 0.0
+    low, high = 0.0, 1e-4
+    while True:
+        found, spent = solve(high)
+        if spent <= time_limit:
+            break
+        low, high = high, high * 2
+        if high > 1e12:  # the fastest choice by time, the least loss among equally fast ones
+            fastest = multiple_choice_knapsack(costs, [[t + 1e-9 * loss for loss, t in zip(ls, ts)]
+                                                       for ls, ts in zip(losses, times)], budget, granularity)
+            return fastest, math.inf
+    for _ in range(iterations):  # bisect (geometrically, once above 0) towards the smallest multiplier that keeps it
+        middle = (low + high) / 2 if low == 0.0 else math.sqrt(low * high)
+        candidate, spent = solve(middle)
+        if spent <= time_limit:
+            found, high = candidate, middle
+        else:
+            low = middle
+        if high - low <= 1e-3 * high:
+            break
+    return found, high

@@ -89,6 +89,9 @@ HEAD_SPLIT_HIGH = QuantFormat.parse("int8-b32")
 HEAD_SPLIT_LOWS = tuple(QuantFormat.parse(name) for name in ("int4-b32-asym",))
 HEAD_SPLIT_HALVINGS = 7
 LOW_RANK_FRACTIONS = (0.3, 0.45, 0.6, 0.75)
+# Every format an option may write a MatMulNBits in (the decode ceiling's measurement takes them all at once)
+WRITTEN_FORMATS = tuple(dict.fromkeys((*MENU, *LOW_BIT_MENU, *LOW_RANK_FORMATS, SPLIT_LOW, *SPLIT_HIGH, HEAD_SPLIT_HIGH,
+                                       *HEAD_SPLIT_LOWS, CORRECTION_FORMAT)))
 # Rows one GPTQ column loop takes at once (exporter.compress.gptq.gptq_shared; memory: rows x in floats, several
 # times): a decoder unit's whole menu goes through one loop, lm_head (49152 rows in SmolLM2) a format at a time.
 SHARED_ROWS = 1 << 16
@@ -203,6 +206,22 @@ class Unit:
                           "rank": self.rank(k) or None, "high_rows": self.split(k) or None, "bytes": b,
                           "predicted_loss_increase": loss}
                          for k, (m, b, loss) in enumerate(zip(self.methods, self.bytes, self.loss))]}
+
+
+def option_matrices(unit: Unit, option: int, in_features: int, head: bool) -> list[tuple[int, str]]:
+    """(weights, format name) of each MatMulNBits an option writes for a unit whose linears read `in_features`
+    (`head`: lm_head, whose small row splits are scattered), as the writer does: a row split's two parts (a scattered
+    one's lower part over all rows), a factorization's two factors, an error correction's two beside the unit's."""
+    fmt, rows = unit.options[option], unit.weights // in_features
+    high, rank, correction = unit.split(option), unit.rank(option), unit.correction(option)
+    if high:
+        low = unit.split_low(option).name
+        below = rows if head and scattered(high, rows) else rows - high
+        return [(high * in_features, fmt.name), (below * in_features, low)]
+    if rank:
+        return [(rank * in_features, fmt.name), (rows * rank, fmt.name)]
+    added = [(correction * in_features, fmt.name), (rows * correction, CORRECTION_FORMAT.name)] if correction else []
+    return [(unit.weights, fmt.name), *added]
 
 
 def format_units(model) -> list[list[str]]:

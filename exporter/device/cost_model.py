@@ -215,6 +215,26 @@ def node_price(profile, precision: str, factor_node_us: float | None = None) -> 
     return node_params(costs, precision)
 
 
+# `--weights auto`'s decode ceiling (exporter.pipeline.choose_formats): a plan's MatMulNBits may take at most
+# `--decode-ceiling` x the time of the same weights on REFERENCE_FORMAT, the onnxruntime-genai builder's int4 default,
+# each format's time per weight measured on this machine (host_probes.format_costs). Devices where nothing was
+# measured get no ceiling: their kernels' costs per format are not known (estimates by bytes would misrank them).
+REFERENCE_FORMAT = "int4-b32"
+DECODE_CEILING = 1.0
+
+
+def format_costs(profile, names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
+                 ) -> dict[str, float] | None:
+    """Nanoseconds per weight of each format in `names` (and REFERENCE_FORMAT) decoding a decoder layer's MatMulNBits
+    of shapes `layer` ((in, out) each) on `profile`'s device: measured where the profile is (the host; kept in
+    `cache`), else None."""
+    if not getattr(profile, "measured", False):
+        return None
+    from exporter.device.host_probes import format_costs as measured
+
+    return measured(tuple(dict.fromkeys((REFERENCE_FORMAT, *names))), layer, cache)
+
+
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],
                  costs: dict[str, float]) -> dict[str, float]:
     """The three terms of one decode step in ms (see DECODE_COST_KEYS above) and their sum."""

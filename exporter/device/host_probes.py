@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,10 +73,11 @@ def measure_host() -> Hardware:
     )
 
 
-def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
-    """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] for
-    micro-benchmarks. `small` (name, array) pairs are stored in the graph; `large` {name: array} go to
-    an external file in `folder` (much faster to write and load than a serialized graph)."""
+def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inputs=None, outputs=None):
+    """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] (or `inputs` and
+    `outputs`, {name: size} each) for micro-benchmarks. `small` (name, array) pairs are stored in the graph;
+    `large` {name: array} go to an external file in `folder` (much faster to write and load than a serialized
+    graph)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -91,8 +93,11 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None):
             array.tofile(data)
             offset += array.nbytes
             initializers.append(tensor)
-    vectors = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, size]) for name, size in (("x", k), ("y", n))]
-    graph = helper.make_graph(nodes, "probe", vectors[:1], vectors[1:], initializers)
+    inputs, outputs = inputs or {"x": k}, outputs or {"y": n}
+    vectors = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, size])
+               for name, size in {**inputs, **outputs}.items()}
+    graph = helper.make_graph(nodes, "probe", [vectors[x] for x in inputs], [vectors[y] for y in outputs],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     path = os.path.join(folder, stem + ".onnx")
@@ -249,8 +254,6 @@ def _measure_decode_costs() -> dict[str, float]:
     Each figure comes from the fastest of several runs: other load on the machine only slows a run,
     and `exporter validate` scales the prediction by the load it measures (mean run / fastest run).
     """
-    import tempfile
-
     import numpy as np
 
     from exporter.device.cost_model import stream_gbs
@@ -318,3 +321,144 @@ def _measure_decode_costs() -> dict[str, float]:
         int8_s, int8_bytes = streamed(folder, lambda length, sizes: int4_chain(length, sizes, distinct=True, bits=8))
         int8 = solve_decode_costs(fp32_s, fp32_bytes, int8_s, int8_bytes, large, node_s)["int4_ns_per_param"]
     return {**costs, "node_us": round(node_s * 1e6, 4), "int8_ns_per_param": int8}
+
+
+# Per-format decode cost (`--weights auto`'s decode ceiling, exporter.device.cost_model.format_costs). ONNX Runtime's
+# CPU MatMulNBits does not take time in proportion to bytes: its work per block (scale, zero point, the int8
+# activations' block sums) makes block 128 ~0.75x block 32's time at the same bits, 2-bit grids no faster than 4-bit
+# ones at block 64, and 8-bit block 128 about as fast as 4-bit block 32 (benchmarks/RESULTS.md). Each format is timed
+# on the model's own MatMulNBits shapes (a decoder layer's units, each reading its own input, as many layers as hold
+# FORMAT_GRAPH_CACHE_MULTIPLE x the last-level cache at int4-b32, at most FORMAT_GRAPH_MAX_BYTES and, for small
+# models, FORMAT_GRAPH_MAX_NODES: their weights stay in cache, as they do when they decode).
+FORMAT_GRAPH_CACHE_MULTIPLE = 4
+FORMAT_GRAPH_MAX_BYTES = 128 << 20
+FORMAT_GRAPH_MAX_NODES = 512
+FORMAT_COST_RUNS = 30
+FORMAT_COST_PASSES = 3  # in order, reversed, in order: drift on the machine falls on early and late formats alike
+FORMAT_COST_VERSION = 2  # part of the cached file's key: measure again where the method changes
+
+
+def format_fields(name: str) -> tuple[int, int, str]:
+    """(bits, block size, kind: "" symmetric | "asym" | "offset") of a format name such as int4-b32-asym
+    (exporter.compress.grid.QuantFormat.name)."""
+    import re
+
+    match = re.fullmatch(r"int(\d)-b(\d+)(?:-(asym|offset))?", name)
+    if not match:
+        raise ValueError(f"format {name!r}: expected int<bits>-b<block>[-asym|-offset]")
+    return int(match[1]), int(match[2]), match[3] or ""
+
+
+def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, dict]:
+    """Nodes, small initializers and (distinct) weights of one MatMulNBits on format `name` per (in, out) of
+    `shapes`, each reading the graph input x<in> and writing its own output y<i>, as exported: packed codes,
+    float32 scales, packed zero points where asymmetric; an offset grid reads its input's block sums as more K
+    columns (Reshape, ReduceSum, Concat)."""
+    import numpy as np
+    from onnx import helper
+
+    bits, block, kind = format_fields(name)
+    nodes, small, large = [], {}, {}
+    for i, (rows, cols) in enumerate(shapes):
+        x, k = f"x{rows}", rows
+        if kind == "offset":
+            if f"shape{block}" not in small:
+                small[f"shape{block}"] = np.array([0, -1, block], np.int64)
+                small["axes"] = np.array([-1], np.int64)
+            nodes += [helper.make_node("Reshape", [x, f"shape{block}"], [f"r{i}"]),
+                      helper.make_node("ReduceSum", [f"r{i}", "axes"], [f"u{i}"], keepdims=0),
+                      helper.make_node("Concat", [x, f"u{i}"], [f"c{i}"], axis=-1)]
+            x, k = f"c{i}", rows + rows // block
+        blocks = -(-k // block)
+        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, blocks, block * bits // 8))
+        large[f"s{i}"] = np.full(cols * blocks, 0.01, np.float32)
+        inputs = [x, f"b{i}", f"s{i}"]
+        if kind:
+            large[f"z{i}"] = np.full(cols * -(-blocks * bits // 8), 0x88 if bits == 4 else 1 << (bits - 1), np.uint8)
+            inputs.append(f"z{i}")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k, N=cols,
+                                      bits=bits, block_size=block, accuracy_level=4))
+    return nodes, small, _distinct(large)
+
+
+def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...],
+                         reference: str = "int4-b32") -> dict[str, float]:
+    """Nanoseconds per weight of each format on a decoder layer's MatMulNBits shapes `layer` ((in, out) each),
+    repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each the median
+    of FORMAT_COST_RUNS runs as a ratio to `reference` in the same pass, times the reference's own figure (about
+    1 s per format on this project's 2-core host)."""
+    import numpy as np
+
+    names = tuple(dict.fromkeys((reference, *names)))
+    layer_weights = sum(k * n for k, n in layer)
+    graph_bytes = min(FORMAT_GRAPH_CACHE_MULTIPLE * last_level_cache_bytes(), FORMAT_GRAPH_MAX_BYTES)
+    layers = min(math.ceil(graph_bytes / (layer_weights * 0.625)), FORMAT_GRAPH_MAX_NODES // len(layer))
+    shapes = list(layer) * max(1, layers)  # int4-b32: 0.625 bytes per weight
+    feed = {f"x{k}": np.ones((1, k), np.float32) for k in {k for k, _ in layer}}
+    outputs = {f"y{i}": n for i, (_, n) in enumerate(shapes)}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
+        for order in (names[::1 - 2 * (p % 2)] for p in range(FORMAT_COST_PASSES)):
+            timed = {}
+            for name in order:
+                nodes, small, large = format_graph(name, shapes)
+                session = probe_session(folder, nodes, 0, 0, tuple(small.items()), large,
+                                        inputs={x: a.shape[1] for x, a in feed.items()}, outputs=outputs)
+                del large
+                for _ in range(3):
+                    session.run(None, feed)
+                runs = []
+                for _ in range(FORMAT_COST_RUNS):
+                    t = time.perf_counter()
+                    session.run(None, feed)
+                    runs.append(time.perf_counter() - t)
+                timed[name] = float(np.median(runs))
+                del session
+                for file in os.listdir(folder):  # up to 2 x FORMAT_GRAPH_MAX_BYTES a graph (8 bits)
+                    os.remove(os.path.join(folder, file))
+            seconds.append(timed[reference])
+            for name in names:
+                ratios[name].append(timed[name] / timed[reference])
+    reference_ns = float(np.median(seconds)) / (len(shapes) // len(layer) * layer_weights) * 1e9
+    return {name: round(float(np.mean(r)) * reference_ns, 6) for name, r in ratios.items()}
+
+
+def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
+                 ) -> dict[str, float]:
+    """measure_format_costs, kept in `cache` (a folder) for this machine, ONNX Runtime release, set of formats and
+    layer shapes: measured once, the same figures give every later export the same plan."""
+    import hashlib
+    import json
+    import platform
+
+    import onnxruntime
+
+    key = json.dumps([FORMAT_COST_VERSION, sorted(names), sorted(layer), onnxruntime.__version__, platform.machine(),
+                      platform.processor(), _cpu_model(), os.cpu_count()])
+    path = cache / f"format-costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" if cache else None
+    if path is not None and path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+            if set(names) <= set(kept):
+                return kept
+        except (OSError, ValueError):
+            pass
+    costs = measure_format_costs(names, layer)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps(costs, indent=1))
+        temporary.replace(path)
+    return costs
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), '' where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
