@@ -750,7 +750,9 @@ def format_times(plan: Plan, units) -> dict | None:
     # every format an export may write, measured once for this machine: the same figures for every budget
     names = tuple(sorted({f.name for f in WRITTEN_FORMATS} | {name for per_unit in matrices for parts in per_unit
                                                              for _, name in parts}))
-    costs = format_costs(plan.profile, names, layer_shapes(plan.model, units, head), cache_dir() / "host")
+    layer = layer_shapes(plan.model, units, head)
+    # measured by one process (data-parallel ranks would time each other's load) and sent to every rank
+    costs = distributed.from_rank_zero(lambda: format_costs(plan.profile, names, layer, cache_dir() / "host"))
     if costs is None:
         say(f"decode ceiling: none ({plan.profile.name}: no format's decode time measured on its device)")
         return None

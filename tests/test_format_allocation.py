@@ -170,9 +170,11 @@ def test_estimated_loss_ranks_low_rank_choices_as_measured(tiny_models, tokenize
 
 
 def _export(llama_dir, calib_file, out, *extra):
+    """`--weights auto` on the host, by bytes alone (`extra` may turn the decode ceiling on: the last flag wins): the
+    ceiling's plans follow the host's measured timings, which these tests are not about."""
     return main(["export", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
                  "--calib-seq-len", "32", "--out", str(out), "--device", "host", "--no-progress",
-                 "--weights", "auto", *extra])
+                 "--weights", "auto", "--decode-ceiling", "off", *extra])
 
 
 def test_auto_export_fits_the_budget_and_onnxruntime_genai_runs_it(tmp_path, llama_dir, calib_file, capsys):
@@ -227,8 +229,7 @@ def test_a_budget_below_four_bits_buys_two_bit_grids(tmp_path, llama_dir, calib_
     monkeypatch.setattr(format_allocation, "LOW_RANK_FORMATS", ())  # the 2-bit grids alone (low rank: below)
     monkeypatch.setattr(pipeline, "WEAK_FORMATS_LOSS", 0.0)  # a tiny model's estimates are tiny: warn at any
     capsys.readouterr()
-    # no decode ceiling: a row split's five nodes take longer than a tiny model's weights
-    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}", "--decode-ceiling", "off") == 0
+    assert _export(llama_dir, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
     assert "warning: the formats that fit" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     formats = manifest["method"]["formats"]
@@ -376,8 +377,7 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
               for u, low in zip(formats["units"], smallest)]
     budget_mb = (formats["smallest_bytes"] + sum(offset) - sum(smallest)) / 1e6 + 0.001  # every offset, just
     out = tmp_path / "auto"
-    # no decode ceiling: the block sums' three nodes take longer than a tiny model's weights (--latency-aware below)
-    assert _export(source, calib_file, out, "--budget-mb", f"{budget_mb:.4f}", "--decode-ceiling", "off") == 0
+    assert _export(source, calib_file, out, "--budget-mb", f"{budget_mb:.4f}") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     units = manifest["method"]["formats"]["units"]
     offsets = [u for u in units if u["format"] == "int4-b32-offset"]
@@ -392,8 +392,7 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
     generated = genai_greedy(og, out, prompt, 8)
     assert len(generated) >= 1 and generated == expected[: len(generated)]
     aware = tmp_path / "aware"
-    assert _export(source, calib_file, aware, "--budget-mb", f"{budget_mb:.4f}", "--latency-aware", "500",
-                   "--decode-ceiling", "off") == 0
+    assert _export(source, calib_file, aware, "--budget-mb", f"{budget_mb:.4f}", "--latency-aware", "500") == 0
     priced = json.loads((aware / "manifest.json").read_text())["method"]["formats"]
     assert sum(u["format"] == "int4-b32-offset" for u in priced["units"]) < len(offsets)
     assert priced["node_bytes"] > 0 and priced["chosen_bytes"] <= priced["budget_bytes"]
@@ -690,3 +689,18 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
     assert sorted(layers[-1]) == sorted([(hidden, qkv), (hidden, hidden), (hidden, 2 * inner), (inner, hidden)])
     half = plan("--decode-ceiling", "0.8")["decode_ceiling"]
     assert half["chosen_ms"] <= half["limit_ms"] == pytest.approx(0.8 * ceiling["reference_ms"], rel=1e-3)
+
+
+def test_the_decode_ceiling_is_on_by_default_on_the_host(llama_dir, calib_file, capsys):
+    """Without flags, `--weights auto` on the host times each format here (a tiny model's layer shapes) and keeps the
+    plan within int4-b32's time; a profile of another device has no measurement and no ceiling."""
+    def plan(device):
+        assert main(["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
+                     "--calib-seq-len", "32", "--device", device, "--no-progress", "--weights", "auto",
+                     "--budget-mb", "1000", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["formats"]
+
+    ceiling = plan("host")["decode_ceiling"]
+    assert ceiling["ceiling"] == 1.0 and ceiling["chosen_ms"] <= ceiling["limit_ms"]
+    assert set(ceiling["format_ns_per_weight"]) >= {"int4-b32", "int8-b32", "int4-b32-offset", "int2-b64-asym"}
+    assert "decode_ceiling" not in plan("raspberry-pi-5")

@@ -64,8 +64,9 @@ def _counted(monkeypatch, module, name) -> list:
 
 
 def _run(command, llama_dir, calib_file, *extra):
+    """On the host, `--weights auto` by bytes alone: the decode ceiling's plans follow measured timings."""
     return main([command, "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
-                 "--calib-seq-len", "32", "--device", "host", "--no-progress", *extra])
+                 "--calib-seq-len", "32", "--device", "host", "--no-progress", "--decode-ceiling", "off", *extra])
 
 
 def test_auto_prices_are_priced_once_and_give_the_same_artifact(tmp_path, llama_dir, calib_file, monkeypatch,

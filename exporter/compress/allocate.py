@@ -189,6 +189,7 @@ def multiple_choice_knapsack(costs: list[list[int]], losses: list[list[float]], 
     """
     import numpy as np
 
+    budget = min(budget, sum(max(group) for group in costs))  # beyond it every choice fits: no more cells needed
     cells = budget // granularity
     if cells < 0:
         return None

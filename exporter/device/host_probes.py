@@ -325,14 +325,16 @@ def _measure_decode_costs() -> dict[str, float]:
 
 # Per-format decode cost (`--weights auto`'s decode ceiling, exporter.device.cost_model.format_costs). ONNX Runtime's
 # CPU MatMulNBits does not take time in proportion to bytes: its work per block (scale, zero point, the int8
-# activations' block sums) makes block 128 ~0.75x block 32's time at the same bits, 2-bit grids no faster than 4-bit
-# ones at block 64, and 8-bit block 128 about as fast as 4-bit block 32 (benchmarks/RESULTS.md). Each format is timed
+# activations' block sums) makes block 128 ~0.77x block 32's time at the same bits and 2-bit grids no faster than
+# 4-bit ones at block 64. 8-bit blocks come out 0.15-0.4 slower here than in a decode graph, where int8-b128 takes
+# ~0.93x int4-b32's time (benchmarks/RESULTS.md, "A decode ceiling"; not from the probe's nodes running back to back:
+# elementwise nodes between them changed nothing). Each format is timed
 # on the model's own MatMulNBits shapes (a decoder layer's units, each reading its own input, as many layers as hold
 # FORMAT_GRAPH_CACHE_MULTIPLE x the last-level cache at int4-b32, at most FORMAT_GRAPH_MAX_BYTES and, for small
 # models, FORMAT_GRAPH_MAX_NODES: their weights stay in cache, as they do when they decode).
 FORMAT_GRAPH_CACHE_MULTIPLE = 4
 FORMAT_GRAPH_MAX_BYTES = 128 << 20
-FORMAT_GRAPH_MAX_NODES = 512
+FORMAT_GRAPH_MAX_NODES = 192  # SmolLM2-135M: 176
 FORMAT_COST_RUNS = 30
 FORMAT_COST_PASSES = 3  # in order, reversed, in order: drift on the machine falls on early and late formats alike
 FORMAT_COST_VERSION = 2  # part of the cached file's key: measure again where the method changes
