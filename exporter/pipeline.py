@@ -745,12 +745,13 @@ def format_times(plan: Plan, units) -> dict | None:
     from exporter.source.model import cache_dir
 
     head = module_name(plan.model, plan.model.get_output_embeddings())
-    matrices = [[option_matrices(u, k, plan.model.get_submodule(u.members[0]).in_features, head in u.members)
-                 for k in range(len(u.options))] for u in units]
+    widths = [plan.model.get_submodule(u.members[0]).in_features for u in units]  # the input every member reads
+    matrices = [[option_matrices(u, k, width, head in u.members) for k in range(len(u.options))]
+                for u, width in zip(units, widths)]
     # every format an export may write, measured once for this machine: the same figures for every budget
     names = tuple(sorted({f.name for f in WRITTEN_FORMATS} | {name for per_unit in matrices for parts in per_unit
                                                              for _, name in parts}))
-    layer = layer_shapes(plan.model, units, head)
+    layer = layer_shapes(units, widths, head)
     # measured by one process (data-parallel ranks would time each other's load) and sent to every rank
     costs = distributed.from_rank_zero(lambda: format_costs(plan.profile, names, layer, cache_dir() / "host"))
     if costs is None:
@@ -764,13 +765,12 @@ def format_times(plan: Plan, units) -> dict | None:
             "costs": costs, "source": "measured on this machine (exporter.device.host_probes.format_costs)"}
 
 
-def layer_shapes(model, units, head: str) -> tuple[tuple[int, int], ...]:
-    """(in, out) of one decoder layer's units: every unit's but lm_head's, each shape as often as a layer has it
-    (its count over the greatest common divisor of the counts)."""
+def layer_shapes(units, widths: list[int], head: str) -> tuple[tuple[int, int], ...]:
+    """(in, out) of one decoder layer's units (`widths`: each unit's in): every unit's but lm_head's, each shape as
+    often as a layer has it (its count over the greatest common divisor of the counts)."""
     counts: dict[tuple[int, int], int] = {}
-    for u in units:
+    for u, k in zip(units, widths):
         if head not in u.members or len(units) == 1:
-            k = model.get_submodule(u.members[0]).in_features
             counts[k, u.weights // k] = counts.get((k, u.weights // k), 0) + 1
     layers = math.gcd(*counts.values()) if counts else 1
     return tuple(shape for shape, n in sorted(counts.items()) for _ in range(n // layers))

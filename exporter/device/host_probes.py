@@ -125,13 +125,27 @@ def int4_sequence(shapes: list[tuple[int, int]], block: int = 32, distinct: bool
     import numpy as np
     from onnx import helper
 
-    nodes, large = [], {}
-    for i, (x, y, rows, cols) in enumerate(_sequence(shapes)):
-        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, rows // block, block * bits // 8))
-        large[f"s{i}"] = np.full(cols * rows // block, 0.01, np.float32)
-        nodes.append(helper.make_node("MatMulNBits", [x, f"b{i}", f"s{i}"], [y], domain="com.microsoft",
-                                      K=rows, N=cols, bits=bits, block_size=block, accuracy_level=4))
+    large = {}
+    nodes = [_matmul_nbits(i, x, y, rows, cols, bits, block, False, large)
+             for i, (x, y, rows, cols) in enumerate(_sequence(shapes))]
     return nodes, _distinct(large) if distinct else large
+
+
+def _matmul_nbits(i: int, x: str, y: str, k: int, n: int, bits: int, block: int, zero_points: bool, large: dict):
+    """A MatMulNBits node x [1, k] -> y [1, n] (accuracy level 4, as exported), its weights added to `large` as
+    b<i>, s<i> and, with `zero_points`, z<i>: packed codes, float32 scales, packed zero points."""
+    import numpy as np
+    from onnx import helper
+
+    blocks = -(-k // block)
+    large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (n, blocks, block * bits // 8))
+    large[f"s{i}"] = np.full(n * blocks, 0.01, np.float32)
+    inputs = [x, f"b{i}", f"s{i}"]
+    if zero_points:
+        large[f"z{i}"] = np.full(n * -(-blocks * bits // 8), 0x88 if bits == 4 else 1 << (bits - 1), np.uint8)
+        inputs.append(f"z{i}")
+    return helper.make_node("MatMulNBits", inputs, [y], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=4)
 
 
 def fp32_chain(length: int, sizes: tuple[int, int]) -> tuple[list, dict]:
@@ -340,17 +354,6 @@ FORMAT_COST_PASSES = 3  # in order, reversed, in order: drift on the machine fal
 FORMAT_COST_VERSION = 2  # part of the cached file's key: measure again where the method changes
 
 
-def format_fields(name: str) -> tuple[int, int, str]:
-    """(bits, block size, kind: "" symmetric | "asym" | "offset") of a format name such as int4-b32-asym
-    (exporter.compress.grid.QuantFormat.name)."""
-    import re
-
-    match = re.fullmatch(r"int(\d)-b(\d+)(?:-(asym|offset))?", name)
-    if not match:
-        raise ValueError(f"format {name!r}: expected int<bits>-b<block>[-asym|-offset]")
-    return int(match[1]), int(match[2]), match[3] or ""
-
-
 def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, dict]:
     """Nodes, small initializers and (distinct) weights of one MatMulNBits on format `name` per (in, out) of
     `shapes`, each reading the graph input x<in> and writing its own output y<i>, as exported: packed codes,
@@ -359,11 +362,14 @@ def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, 
     import numpy as np
     from onnx import helper
 
-    bits, block, kind = format_fields(name)
+    from exporter.compress.grid import QuantFormat  # numpy only: the format names' one grammar
+
+    fmt = QuantFormat.parse(name)
+    block = fmt.block_size
     nodes, small, large = [], {}, {}
     for i, (rows, cols) in enumerate(shapes):
         x, k = f"x{rows}", rows
-        if kind == "offset":
+        if fmt.offset:
             if f"shape{block}" not in small:
                 small[f"shape{block}"] = np.array([0, -1, block], np.int64)
                 small["axes"] = np.array([-1], np.int64)
@@ -371,15 +377,7 @@ def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, 
                       helper.make_node("ReduceSum", [f"r{i}", "axes"], [f"u{i}"], keepdims=0),
                       helper.make_node("Concat", [x, f"u{i}"], [f"c{i}"], axis=-1)]
             x, k = f"c{i}", rows + rows // block
-        blocks = -(-k // block)
-        large[f"b{i}"] = np.resize(np.arange(256, dtype=np.uint8), (cols, blocks, block * bits // 8))
-        large[f"s{i}"] = np.full(cols * blocks, 0.01, np.float32)
-        inputs = [x, f"b{i}", f"s{i}"]
-        if kind:
-            large[f"z{i}"] = np.full(cols * -(-blocks * bits // 8), 0x88 if bits == 4 else 1 << (bits - 1), np.uint8)
-            inputs.append(f"z{i}")
-        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=k, N=cols,
-                                      bits=bits, block_size=block, accuracy_level=4))
+        nodes.append(_matmul_nbits(i, x, f"y{i}", k, cols, fmt.bits, block, not fmt.symmetric, large))
     return nodes, small, _distinct(large)
 
 
