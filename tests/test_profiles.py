@@ -251,3 +251,27 @@ def test_format_costs_are_measured_per_weight():
 
     costs = measure_format_costs(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
     assert set(costs) == {"int4-b32", "int4-b64-asym", "int8-b128"} and all(v > 0 for v in costs.values())
+
+
+def test_format_times_benchmark_runs_each_format_in_the_models_graph(llama_dir, tmp_path):
+    """benchmarks/format_times.py on a tiny decoder: every decoder MatMul re-encoded per format beside the layer
+    probe, the decode step bound with its KV buffers; int4-b32 is 1 by construction, every other time positive (the
+    per-weight figure of a tiny model's few weights is the step's noise magnified: only finite)."""
+    import math
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "format_times.py"
+    out = tmp_path / "times.json"
+    done = subprocess.run([sys.executable, str(script), "--model", str(llama_dir), "--formats",
+                           "int8-b128,int4-b32-offset", "--threads", "1", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(out.read_text())
+    assert list(result["formats"]) == ["int4-b32", "int8-b128", "int4-b32-offset"]
+    assert result["formats"]["int4-b32"] == {"probe": 1.0, "graph_step": 1.0, "graph_per_weight": 1.0}
+    assert all(row["probe"] > 0 and row["graph_step"] > 0 and math.isfinite(row["graph_per_weight"])
+               for row in result["formats"].values())
+    config = json.loads((llama_dir / "config.json").read_text())
+    assert result["decoder_weights"] > config["num_hidden_layers"] * config["hidden_size"] ** 2 and \
+        result["reference_step_ms"] > 0
