@@ -693,7 +693,8 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
 
 def test_the_decode_ceiling_is_on_by_default_on_the_host(llama_dir, calib_file, capsys):
     """Without flags, `--weights auto` on the host times each format here (a tiny model's layer shapes) and keeps the
-    plan within int4-b32's time; a profile of another device has no measurement and no ceiling."""
+    plan within int4-b32's time where a plan is that fast; a profile of another device has no measurement and no
+    ceiling."""
     def plan(device):
         assert main(["allocate", "--model", str(llama_dir), "--calib", str(calib_file), "--calib-samples", "8",
                      "--calib-seq-len", "32", "--device", device, "--no-progress", "--weights", "auto",
@@ -701,6 +702,8 @@ def test_the_decode_ceiling_is_on_by_default_on_the_host(llama_dir, calib_file, 
         return json.loads(capsys.readouterr().out)["formats"]
 
     ceiling = plan("host")["decode_ceiling"]
-    assert ceiling["ceiling"] == 1.0 and ceiling["chosen_ms"] <= ceiling["limit_ms"]
+    # within the limit, or (the tiny model's measured times can put every menu format above int4-b32's, which the
+    # menu lacks) the fastest plan, said by a multiplier of None
+    assert ceiling["ceiling"] == 1.0 and (ceiling["chosen_ms"] <= ceiling["limit_ms"] or ceiling["multiplier"] is None)
     assert set(ceiling["format_ns_per_weight"]) >= {"int4-b32", "int8-b32", "int4-b32-offset", "int2-b64-asym"}
     assert "decode_ceiling" not in plan("raspberry-pi-5")
