@@ -4,8 +4,9 @@
 
 Each round runs benchmarks/decode_probe.py (as benchmarks/run.py does) on every graph in turn; each
 graph's speed is divided by the baseline's of the same round (benchmarks/run.py's `paired_ratio`), so
-drift of the shared machine between rounds cancels. Prints each graph's median tokens/s and the median,
-range and share of rounds at or above --target of its per-round ratio; --json writes the rounds.
+drift of the shared machine between rounds cancels. Prints each graph's median tokens/s and the median, its
+bootstrap 95% interval (rounds drawn with replacement), range and share of rounds at or above --target of its
+per-round ratio; --json writes the rounds.
 Graph directories are those `benchmarks/run.py --keep DIR` leaves (DIR/ROW/model.onnx), or artifacts.
 --in-process loads every graph once in this process and times each round's greedy steps there (decode time: the
 N steps after the prompt, from the loop's own step timings): steadier on this project's 2-core machines than fresh processes
@@ -54,12 +55,25 @@ def main(argv=None) -> int:
     for name, speeds in rounds.items():
         ratios = [x / y for x, y in zip(speeds, baseline)]
         shares = "".join(f", {sum(q >= t for q in ratios)}/{len(ratios)} rounds >= {t}" for t in args.target)
+        low, high = median_interval(ratios)
         print(f"{name:28s} {statistics.median(speeds):6.1f} tok/s  ratio {paired_ratio(speeds, baseline):.3f} "
-              f"(rounds {min(ratios):.2f}-{max(ratios):.2f}{shares})")
+              f"(95% interval {low:.3f}-{high:.3f}; rounds {min(ratios):.2f}-{max(ratios):.2f}{shares})")
     if args.json:
         record = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}
         args.json.write_text(json.dumps(record, indent=1))
     return 0
+
+
+def median_interval(ratios: list[float], draws: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """A bootstrap interval of the median per-round ratio: the rounds drawn with replacement `draws` times (a target
+    such as >= 1.0x is met where the interval is above it, missed where below, and on the line where it straddles)."""
+    import numpy as np
+
+    values = np.asarray(ratios, np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), (draws, len(values)))
+    tail = (1 - level) / 2
+    low, high = np.quantile(np.median(values[picks], axis=1), [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def step_timer(graph: Path, threads: int):

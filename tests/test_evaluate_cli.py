@@ -226,3 +226,25 @@ def test_bad_inputs_are_one_line_errors(artifact, articles, calib_file, tmp_path
     (no_template / "tokenizer_config.json").unlink()
     one_line_error(capsys, main(["generate", str(no_template), "--prompt", "hi"]),
                    "has no chat template; pass --no-chat-template")
+
+
+def test_race_interval_brackets_the_median_of_paired_ratios():
+    """benchmarks/race.py's bootstrap interval of the median per-round ratio: a point where every round agrees, and
+    an interval around the median that narrows as rounds agree more; seeded, so it repeats."""
+    import importlib.util
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        spec = importlib.util.spec_from_file_location("race", benchmarks / "race.py")
+        race = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(race)
+    finally:
+        sys.path.remove(str(benchmarks))
+    assert race.median_interval([1.02] * 15) == (pytest.approx(1.02), pytest.approx(1.02))
+    rng = np.random.default_rng(1)
+    wide, narrow = 1 + rng.normal(0, 0.08, 15), 1 + rng.normal(0, 0.01, 15)
+    low, high = race.median_interval(list(wide))
+    assert low <= float(np.median(wide)) <= high and race.median_interval(list(wide)) == (low, high)
+    assert (lambda b: b[1] - b[0])(race.median_interval(list(narrow))) < high - low
