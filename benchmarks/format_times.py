@@ -60,6 +60,7 @@ def format_session(skeleton: bytes, matmuls: dict, name: str, fixed: set, folder
 
     from exporter.compress.grid import QuantFormat
     from exporter.device.host_probes import _matmul_nbits
+    from exporter.graph.matmul_nbits import _block_sums
 
     proto = onnx.ModelProto()
     proto.ParseFromString(skeleton)
@@ -71,14 +72,9 @@ def format_session(skeleton: bytes, matmuls: dict, name: str, fixed: set, folder
             continue
         x, y, k, n = matmuls[node.name]
         fmt, i = QuantFormat.parse(REFERENCE if node.name in fixed else name), len(nodes)
-        if fmt.offset:  # the block sums as the exporter writes them (matmul_nbits._block_sums)
-            proto.graph.initializer.extend([
-                numpy_helper.from_array(np.array([0, 0, -1, fmt.block_size], np.int64), f"shape{i}"),
-                numpy_helper.from_array(np.array([-1], np.int64), f"axes{i}")])
-            nodes += [onnx.helper.make_node("Reshape", [x, f"shape{i}"], [f"r{i}"]),
-                      onnx.helper.make_node("ReduceSum", [f"r{i}", f"axes{i}"], [f"u{i}"], keepdims=0),
-                      onnx.helper.make_node("Concat", [x, f"u{i}"], [f"c{i}"], axis=-1)]
-            x, k = f"c{i}", k + k // fmt.block_size
+        if fmt.offset:  # the block sums as the exporter writes them
+            nodes += _block_sums(proto.graph, x, fmt.block_size, f"sums{i}")
+            x, k = f"sums{i}/output", k + k // fmt.block_size
         nodes.append(_matmul_nbits(i, x, y, k, n, fmt.bits, fmt.block_size, not fmt.symmetric, large))
         large[f"b{i}"] = rng.integers(0, 256, large[f"b{i}"].shape, dtype=np.uint8)
     del proto.graph.node[:]
