@@ -59,8 +59,8 @@ def format_session(skeleton: bytes, matmuls: dict, name: str, fixed: set, folder
     from onnx import numpy_helper
 
     from exporter.compress.grid import QuantFormat
-    from exporter.device.host_probes import _matmul_nbits
-    from exporter.graph.matmul_nbits import _block_sums
+    from exporter.device.host_probes import matmul_nbits_node
+    from exporter.graph.matmul_nbits import block_sums_nodes
 
     proto = onnx.ModelProto()
     proto.ParseFromString(skeleton)
@@ -73,9 +73,9 @@ def format_session(skeleton: bytes, matmuls: dict, name: str, fixed: set, folder
         x, y, k, n = matmuls[node.name]
         fmt, i = QuantFormat.parse(REFERENCE if node.name in fixed else name), len(nodes)
         if fmt.offset:  # the block sums as the exporter writes them
-            nodes += _block_sums(proto.graph, x, fmt.block_size, f"sums{i}")
+            nodes += block_sums_nodes(proto.graph, x, fmt.block_size, f"sums{i}")
             x, k = f"sums{i}/output", k + k // fmt.block_size
-        nodes.append(_matmul_nbits(i, x, y, k, n, fmt.bits, fmt.block_size, not fmt.symmetric, large))
+        nodes.append(matmul_nbits_node(i, x, y, k, n, fmt.bits, fmt.block_size, not fmt.symmetric, large))
         large[f"b{i}"] = rng.integers(0, 256, large[f"b{i}"].shape, dtype=np.uint8)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)

@@ -224,8 +224,8 @@ def _compression_options(command: argparse.ArgumentParser) -> None:
                          help="price the graph node each factorization adds when allocating ranks: the same "
                          "parameters removed by fewer, deeper factorizations; faster decoding, some quality (with "
                          "--weights auto: the nodes an offset grid's block sums and a low-rank unit add). The "
-                         "price is the node's cost in the device's decode cost model (on host: measured, so it "
-                         "varies a little between runs), or US microseconds where given (default: off)")
+                         "price is the node's cost in the device's decode cost model (on host: measured once on this "
+                         "machine, kept in EXPORTER_CACHE/host), or US microseconds where given (default: off)")
     command.add_argument("--decode-ceiling", type=_ceiling, default=DECODE_CEILING, metavar="X|off",
                          help="with --weights auto: the formats' decode time at most X times that of the same "
                          "weights on int4-b32 (the onnxruntime-genai builder's default), each format's time measured "

@@ -742,7 +742,7 @@ def format_times(plan: Plan, units) -> dict | None:
     within its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None where the profile's
     device has no measured format costs."""
     from exporter.compress.format_allocation import WRITTEN_FORMATS, option_matrices
-    from exporter.source.model import cache_dir
+    from exporter.settings import cache_dir
 
     head = module_name(plan.model, plan.model.get_output_embeddings())
     widths = [plan.model.get_submodule(u.members[0]).in_features for u in units]  # the input every member reads

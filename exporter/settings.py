@@ -3,7 +3,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """User cache for converted models, calibration samples, statistics and this machine's measurements
+    (EXPORTER_CACHE overrides)."""
+    root = os.environ.get("EXPORTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "exporter"
+    )
+    return Path(root)
+
 
 DEFAULT_NUM_SAMPLES = 32  # calibration sequences
 DEFAULT_SEQ_LEN = 512  # tokens per calibration sequence

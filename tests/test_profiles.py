@@ -1,14 +1,24 @@
 """Tests for exporter.device.profiles: shipped profiles, lookup, user files and validation errors."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from exporter.device.host_probes import fp32_chain, int4_chain, last_level_cache_bytes, measure_host
+from exporter.device.cost_model import DECODE_COST_KEYS
+from exporter.device.host_probes import (
+    fp32_chain,
+    int4_chain,
+    kept_hardware,
+    last_level_cache_bytes,
+    measure_hardware,
+    measure_host,
+)
 from exporter.device.profiles import (
     PROFILES_DIR,
     DeviceProfile,
+    Hardware,
     format_profile,
     format_profile_table,
     list_profiles,
@@ -172,13 +182,40 @@ def test_profiles_dir_override(tmp_path, monkeypatch):
 
 
 def test_host_is_measured():
-    uncached = measure_host.__wrapped__()  # a fresh measurement works too (speed is not asserted: noisy)
-    assert uncached.memory_bandwidth_gbs > 0
+    fresh = measure_hardware()  # a fresh measurement works too (speed is not asserted: noisy)
+    assert fresh.memory_bandwidth_gbs > 0 and set(fresh.decode_costs) == set(DECODE_COST_KEYS)
     hw = measure_host()
     assert hw.memory_gb > 0 and hw.memory_bandwidth_gbs > 0 and hw.compute_tflops["fp32"] > 0
     assert all("measured on this machine" in s for s in hw.sources.values())
     host = load_profile("host")
     assert host.measured and host.hardware == hw  # cached: one measurement per process
+
+
+def test_the_host_is_measured_once_and_kept(tmp_path, monkeypatch):
+    # Plans price nodes at the host's measured decode costs, which move between measurements: one measurement per
+    # machine, kept, gives every later export the same figures.
+    import exporter.device.host_probes as host_probes
+
+    calls = []
+    figures = Hardware(memory_gb=8.0, memory_bandwidth_gbs=20.0, compute_tflops={"fp32": 0.2},
+                       sources={"memory_gb": "measured on this machine at now"},
+                       decode_costs=dict.fromkeys(DECODE_COST_KEYS, 1.5))
+
+    def measured():
+        calls.append(1)
+        return dataclasses.replace(figures, memory_bandwidth_gbs=20.0 + len(calls))
+
+    monkeypatch.setattr(host_probes, "measure_hardware", measured)
+    first = kept_hardware(tmp_path / "host")
+    measurements = host_probes.HOST_MEASUREMENTS
+    assert len(calls) == measurements and first.memory_bandwidth_gbs == 20.0 + (measurements + 1) / 2  # the median
+    assert "median" in first.sources["memory_gb"] and first.decode_costs == figures.decode_costs
+    assert kept_hardware(tmp_path / "host") == first and len(calls) == measurements  # read back: the same figures
+    (kept,) = (tmp_path / "host").glob("hardware-*.json")
+    kept.write_text("{not json")
+    assert kept_hardware(tmp_path / "host") != first and len(calls) == 2 * measurements  # unreadable: measured again
+    assert kept_hardware(None).memory_bandwidth_gbs == 21.0 + 2 * measurements  # no folder: measured once, not kept
+    assert [p.name for p in (tmp_path / "host").iterdir()] == [kept.name]  # no temporary left behind
 
 
 def test_streamed_chains_do_not_share_weights():

@@ -26,7 +26,7 @@ import torch
 
 from exporter import __version__
 from exporter.console import say
-from exporter.source.model import cache_dir
+from exporter.settings import cache_dir
 
 FORMAT = 1  # the files' layout; raise it when that changes
 CODE = ("compress", "source")  # the packages whose code computes the statistics: their source is in the key ...

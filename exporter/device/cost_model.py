@@ -208,7 +208,7 @@ def node_params(costs: dict[str, float], precision: str) -> float:
 
 def node_price(profile, precision: str, factor_node_us: float | None = None) -> float:
     """node_params for `profile` at `precision`: its cost model's factor_node_us, or `factor_node_us`
-    where given (a fixed price: the measured host's varies a little between runs, and with it the ranks)."""
+    where given (a fixed price, the same on every machine)."""
     costs = decode_costs(profile)[0]
     if factor_node_us:
         costs["factor_node_us"] = factor_node_us

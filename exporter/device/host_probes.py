@@ -6,6 +6,7 @@ projections); `exporter validate`'s load gauge reuses the same chains."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -16,19 +17,86 @@ from pathlib import Path
 
 from exporter.device.profiles import Hardware
 from exporter.errors import ProfileError
+from exporter.settings import cache_dir
 
 
-@functools.lru_cache(maxsize=None)  # measure once per process: figures do not change mid-run
+# Part of the kept measurement's key: measure again where the method changes.
+HOST_MEASUREMENT_VERSION = 1
+# Measurements whose median is kept: one decides every later plan on the machine, and single ones spread widely here
+# (node_us 1.7-2.8 us in runs minutes apart).
+HOST_MEASUREMENTS = 3
+
+
+@functools.lru_cache(maxsize=None)  # read once per process
 def measure_host() -> Hardware:
+    """This machine's figures (measure_hardware), measured once per machine and ONNX Runtime release and kept in
+    EXPORTER_CACHE/host (delete the file to measure again). Measured afresh in every process, the decode costs moved a
+    few percent between runs (`factor_node_us` 2.9 and 6.0 us a minute apart) and with them any plan that prices
+    graph nodes: kept, the same command gives the same plan, as the kept format costs do for the decode ceiling."""
+    return kept_hardware(cache_dir() / "host")
+
+
+def kept_hardware(folder: Path | None) -> Hardware:
+    """measure_hardware(), read from or written to `folder` under a key of this machine (CPU model, cores, RAM) and
+    ONNX Runtime release; measured and not kept where `folder` is None."""
+    import hashlib
+    import json
+    import platform
+
+    if folder is None:
+        return measure_hardware()
+    try:
+        import onnxruntime
+
+        release = onnxruntime.__version__
+    except ImportError:
+        release = None
+    key = json.dumps([HOST_MEASUREMENT_VERSION, release, platform.machine(), _cpu_model(), os.cpu_count(),
+                      _ram_bytes()])
+    path = folder / f"hardware-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            return Hardware(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass  # unreadable or from another layout: measured again below
+    hardware = median_hardware([measure_hardware() for _ in range(HOST_MEASUREMENTS)])
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(dataclasses.asdict(hardware), indent=1))
+    temporary.replace(path)
+    return hardware
+
+
+def median_hardware(measured: list[Hardware]) -> Hardware:
+    """Each figure of `measured` (one machine's measurements) at its median, the first one's sources."""
+    import statistics
+
+    def median(figures: list[dict]) -> dict:
+        return {key: statistics.median(f[key] for f in figures) for key in figures[0] if all(key in f for f in figures)}
+
+    first = measured[0]
+    return dataclasses.replace(
+        first, memory_bandwidth_gbs=statistics.median(h.memory_bandwidth_gbs for h in measured),
+        compute_tflops=median([h.compute_tflops for h in measured]),
+        decode_costs=median([h.decode_costs for h in measured]),
+        sources={name: f"{source}; the median of {len(measured)} measurements" if len(measured) > 1 else source
+                 for name, source in first.sources.items()})
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError) as e:
+        raise ProfileError(f"cannot measure this machine's memory: {e}") from None
+
+
+def measure_hardware() -> Hardware:
     """Measure this machine's RAM, memory bandwidth, fp32 matmul throughput and decode costs (about 15 s on this
     project's 2-core machines)."""
     import numpy as np  # here, so that loading device profiles does not import numpy
 
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    try:
-        ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError) as e:
-        raise ProfileError(f"cannot measure this machine's memory: {e}") from None
+    ram_bytes = _ram_bytes()
 
     # Bandwidth: copy a large array (well beyond any cache) and count bytes read + written.
     # 256 MB, or less on small machines so the measurement cannot push them into swap.
@@ -126,12 +194,12 @@ def int4_sequence(shapes: list[tuple[int, int]], block: int = 32, distinct: bool
     from onnx import helper
 
     large = {}
-    nodes = [_matmul_nbits(i, x, y, rows, cols, bits, block, False, large)
+    nodes = [matmul_nbits_node(i, x, y, rows, cols, bits, block, False, large)
              for i, (x, y, rows, cols) in enumerate(_sequence(shapes))]
     return nodes, _distinct(large) if distinct else large
 
 
-def _matmul_nbits(i: int, x: str, y: str, k: int, n: int, bits: int, block: int, zero_points: bool, large: dict):
+def matmul_nbits_node(i: int, x: str, y: str, k: int, n: int, bits: int, block: int, zero_points: bool, large: dict):
     """A MatMulNBits node x [1, k] -> y [1, n] (accuracy level 4, as exported), its weights added to `large` as
     b<i>, s<i> and, with `zero_points`, z<i>: packed codes, float32 scales, packed zero points."""
     import numpy as np
@@ -377,7 +445,7 @@ def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, 
                       helper.make_node("ReduceSum", [f"r{i}", "axes"], [f"u{i}"], keepdims=0),
                       helper.make_node("Concat", [x, f"u{i}"], [f"c{i}"], axis=-1)]
             x, k = f"c{i}", rows + rows // block
-        nodes.append(_matmul_nbits(i, x, f"y{i}", k, cols, fmt.bits, block, not fmt.symmetric, large))
+        nodes.append(matmul_nbits_node(i, x, f"y{i}", k, cols, fmt.bits, block, not fmt.symmetric, large))
     return nodes, small, _distinct(large)
 
 

@@ -318,7 +318,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
         if arrays is not None:
             found, key = weight.size // fmt.block_size, (x, fmt.block_size)
             if key not in augmented:
-                written.extend(_block_sums(graph, x, fmt.block_size, f"{node.name}/BlockSums"))
+                written.extend(block_sums_nodes(graph, x, fmt.block_size, f"{node.name}/BlockSums"))
                 augmented[key] = written[-1].output[0]
             emit(augmented[key], k + fmt.blocks(k), arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
             summary["formats"][stem] = fmt.name
@@ -401,13 +401,13 @@ def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, bas
 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
-BLOCK_SUM_NODES = 3  # what _block_sums adds per input read by offset grids (--latency-aware prices them)
+BLOCK_SUM_NODES = 3  # what block_sums_nodes adds per input read by offset grids (--latency-aware prices them)
 # what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements (lm_head's scatter form: a
 # second MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
 ROW_SPLIT_NODES = 5
 
 
-def _block_sums(graph, x: str, size: int, prefix: str) -> list:
+def block_sums_nodes(graph, x: str, size: int, prefix: str) -> list:
     """Nodes appending to x (batch x sequence x K) the sums of its blocks of `size` along K: [x, sums]."""
     from onnx import helper, numpy_helper
 

