@@ -58,8 +58,8 @@ from exporter.compress.quantize import METHODS as QUANTIZERS
 from exporter.compress.quantize import (grid_linears, model_grids, module_name, quantize_embedding, quantize_model,
                                        restore_grids)
 from exporter.console import say
-from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, MB, REFERENCE_FORMAT, decode_costs,
-                                        format_costs, node_price, projection_budget, weight_budget)
+from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, MB, REFERENCE_FORMAT, ROW_SPLIT_COST,
+                                        decode_costs, format_costs, node_price, projection_budget, weight_budget)
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
@@ -716,7 +716,8 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
             "ceiling": options.decode_ceiling, "reference_format": REFERENCE_FORMAT,
             "reference_ms": round(timing["reference_ms"], 6), "limit_ms": round(limit, 6),
             "chosen_ms": round(chosen_ms, 6), "multiplier": multiplier if math.isfinite(multiplier) else None,
-            "format_ns_per_weight": timing["costs"], "source": timing["source"]}
+            "format_ns_per_weight": timing["costs"], "row_split_us": timing["row_split_us"],
+            "source": timing["source"]}
         say(f"decode ceiling: the MatMulNBits' time {chosen_ms:.2f} ms per token of {limit:.2f} ms allowed "
             f"({options.decode_ceiling:g} x the same weights on {REFERENCE_FORMAT}, each format measured here)"
             + ("" if multiplier == 0.0 else ", formats traded for speed" if math.isfinite(multiplier) else
@@ -738,9 +739,9 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 
 def format_times(plan: Plan, units) -> dict | None:
     """Each unit's options' decode time (ms per token: their MatMulNBits' weights at each format's measured time
-    per weight, plus node_us for each node a row split or factorization adds; an offset grid's block sums are
-    within its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None where the profile's
-    device has no measured format costs."""
+    per weight, plus a row split's measured time or node_us for each node a factorization adds; an offset grid's
+    block sums are within its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None
+    where the profile's device has no measured format costs."""
     from exporter.compress.format_allocation import WRITTEN_FORMATS, option_matrices
     from exporter.settings import cache_dir
 
@@ -757,12 +758,20 @@ def format_times(plan: Plan, units) -> dict | None:
     if costs is None:
         say(f"decode ceiling: none ({plan.profile.name}: no format's decode time measured on its device)")
         return None
+    costs = dict(costs)
     node_ms = decode_costs(plan.profile)[0]["node_us"] / 1e3
-    times = [[sum(weights * costs[name] for weights, name in parts) / 1e6
-              + (0 if u.options[k].offset else option_nodes(u, k)) * node_ms for k, parts in enumerate(per_unit)]
-             for u, per_unit in zip(units, matrices)]
+    split_ms = costs.pop(ROW_SPLIT_COST, ROW_SPLIT_NODES * node_ms * 1e3) / 1e3  # measured with the formats
+
+    def added_ms(unit, option: int) -> float:
+        if unit.split(option):
+            return split_ms
+        return 0.0 if unit.options[option].offset else option_nodes(unit, option) * node_ms
+
+    times = [[sum(weights * costs[name] for weights, name in parts) / 1e6 + added_ms(u, k)
+              for k, parts in enumerate(per_unit)] for u, per_unit in zip(units, matrices)]
     return {"times": times, "reference_ms": sum(u.weights for u in units) * costs[REFERENCE_FORMAT] / 1e6,
-            "costs": costs, "source": "measured on this machine (exporter.device.host_probes.format_costs)"}
+            "costs": costs, "row_split_us": round(split_ms * 1e3, 4),
+            "source": "measured on this machine (exporter.device.host_probes.format_costs)"}
 
 
 def layer_shapes(units, widths: list[int], head: str) -> tuple[tuple[int, int], ...]:

@@ -4,6 +4,7 @@ export end to end (bytes on disk, onnxruntime-genai, one-line errors)."""
 
 import itertools
 import json
+import math
 import random
 
 import numpy as np
@@ -24,6 +25,7 @@ from exporter.compress.format_allocation import (
     price_units,
 )
 from exporter.compress.grid import QuantFormat
+from exporter.device.cost_model import ROW_SPLIT_COST
 from exporter.device.profiles import PROFILES_DIR
 
 
@@ -663,7 +665,8 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
 
     def measured(profile, names, layer, cache=None):
         layers.append(layer)
-        return {n: costs[n] for n in (*names, "int4-b32")}  # as cost_model.format_costs: the reference too
+        # as cost_model.format_costs: the reference too, and a row split's time
+        return {n: costs[n] for n in (*names, "int4-b32")} | {ROW_SPLIT_COST: 7.5}
 
     monkeypatch.setattr(pipeline, "format_costs", measured)
 
@@ -678,6 +681,7 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
     ceiling = formats["decode_ceiling"]
     assert ceiling["chosen_ms"] <= ceiling["limit_ms"] == pytest.approx(ceiling["reference_ms"])
     assert 0 < ceiling["multiplier"] and ceiling["format_ns_per_weight"]["int8-b32"] == 0.09
+    assert ceiling["row_split_us"] == 7.5 and ROW_SPLIT_COST not in ceiling["format_ns_per_weight"]
     chosen = [u["format"] for u in formats["units"]]
     assert "int8-b128" in chosen and chosen.count("int8-b32") < len(chosen)
     weights = sum(u["weights"] for u in formats["units"])
@@ -706,4 +710,5 @@ def test_the_decode_ceiling_is_on_by_default_on_the_host(llama_dir, calib_file, 
     # menu lacks) the fastest plan, said by a multiplier of None
     assert ceiling["ceiling"] == 1.0 and (ceiling["chosen_ms"] <= ceiling["limit_ms"] or ceiling["multiplier"] is None)
     assert set(ceiling["format_ns_per_weight"]) >= {"int4-b32", "int8-b32", "int4-b32-offset", "int2-b64-asym"}
+    assert math.isfinite(ceiling["row_split_us"])  # measured with the formats
     assert "decode_ceiling" not in plan("raspberry-pi-5")

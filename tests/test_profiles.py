@@ -2,11 +2,12 @@
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-from exporter.device.cost_model import DECODE_COST_KEYS
+from exporter.device.cost_model import DECODE_COST_KEYS, ROW_SPLIT_COST
 from exporter.device.host_probes import (
     fp32_chain,
     int4_chain,
@@ -265,6 +266,24 @@ def test_format_chains_run_as_exported(tmp_path, name):
     assert sum(a.nbytes for a in large.values()) == fmt.matrix_bytes(256, 64) + fmt.matrix_bytes(64, 256)
 
 
+def test_a_row_split_is_timed_as_the_writer_splits(tmp_path):
+    """The probe's row split (ROW_SPLIT): each unit's rows in two MatMulNBits on the reference format, put back in
+    row order by the writer's own nodes (its time beyond the reference, per split: ROW_SPLIT_COST)."""
+    import numpy as np
+
+    from exporter.compress.grid import QuantFormat
+    from exporter.device.host_probes import ROW_SPLIT, format_graph, probe_session
+
+    nodes, small, large = format_graph(ROW_SPLIT, [(64, 256), (256, 63)])
+    assert [n.op_type for n in nodes].count("MatMulNBits") == 4 and [n.op_type for n in nodes].count("GatherElements") == 2
+    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs={"x64": 64, "x256": 256},
+                            outputs={"y0": 256, "y1": 63})
+    ys = session.run(None, {"x64": np.ones((1, 64), np.float32), "x256": np.ones((1, 256), np.float32)})
+    assert [y.shape for y in ys] == [(1, 256), (1, 63)] and all(np.isfinite(y).all() for y in ys)
+    fmt = QuantFormat.parse("int4-b32")  # the reference's bytes: the split's rows are all of the unit's
+    assert sum(a.nbytes for a in large.values()) == fmt.matrix_bytes(256, 64) + fmt.matrix_bytes(63, 256)
+
+
 def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
     from exporter.device import host_probes
 
@@ -272,7 +291,7 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
 
     def measure(names, layer):
         calls.append(names)
-        return {name: 0.01 * (i + 1) for i, name in enumerate(names)}
+        return {name: 0.01 * (i + 1) for i, name in enumerate(names)} | {ROW_SPLIT_COST: 0.01}
 
     monkeypatch.setattr(host_probes, "measure_format_costs", measure)
     layer = ((64, 256), (256, 64))
@@ -280,6 +299,13 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
     assert host_probes.format_costs(("int8-b32", "int4-b32"), layer[::-1], tmp_path) == first and len(calls) == 1
     assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path)["int4-b64"] > 0 and len(calls) == 2
     assert host_probes.format_costs(("int4-b32", "int8-b32"), ((64, 128),), tmp_path) and len(calls) == 3
+    # a file kept before row splits were timed: their figure measured and added, the formats' figures kept
+    (path,) = [p for p in tmp_path.glob("format-costs-*.json") if "int4-b64" in p.read_text()]
+    path.write_text(json.dumps({"int4-b32": 0.5, "int4-b64": 0.25}))
+    assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path) == {
+        "int4-b32": 0.5, "int4-b64": 0.25, ROW_SPLIT_COST: 0.01} and calls[-1] == ()
+    assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path)[ROW_SPLIT_COST] == 0.01
+    assert len(calls) == 4
 
 
 def test_format_costs_are_measured_per_weight():
@@ -287,7 +313,9 @@ def test_format_costs_are_measured_per_weight():
     from exporter.device.host_probes import measure_format_costs
 
     costs = measure_format_costs(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
+    split_us = costs.pop(ROW_SPLIT_COST)  # a difference of two timings: finite, its sign the machine's
     assert set(costs) == {"int4-b32", "int4-b64-asym", "int8-b128"} and all(v > 0 for v in costs.values())
+    assert math.isfinite(split_us)
 
 
 def test_format_times_benchmark_runs_each_format_in_the_models_graph(llama_dir, tmp_path):

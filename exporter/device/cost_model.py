@@ -221,6 +221,8 @@ def node_price(profile, precision: str, factor_node_us: float | None = None) -> 
 # measured get no ceiling: their kernels' costs per format are not known (estimates by bytes would misrank them).
 REFERENCE_FORMAT = "int4-b32"
 DECODE_CEILING = 1.0
+# ... and a row split's time beyond its parts' weights, measured with the formats (microseconds per split)
+ROW_SPLIT_COST = "row-split-us"
 
 
 def format_costs(profile, names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None

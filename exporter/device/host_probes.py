@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from exporter.device.cost_model import ROW_SPLIT_COST
 from exporter.device.profiles import Hardware
 from exporter.errors import ProfileError
 from exporter.settings import cache_dir
@@ -420,17 +421,39 @@ FORMAT_GRAPH_MAX_NODES = 192  # SmolLM2-135M: 176
 FORMAT_COST_RUNS = 30
 FORMAT_COST_PASSES = 3  # in order, reversed, in order: drift on the machine falls on early and late formats alike
 FORMAT_COST_VERSION = 2  # part of the cached file's key: measure again where the method changes
+# What a row split adds to a unit (its second MatMulNBits and the reorder, exporter.graph.matmul_nbits), in
+# microseconds per split under cost_model.ROW_SPLIT_COST: each layer shape's unit split in half on the reference
+# format, timed beside the unsplit reference; added to a file kept before it without measuring its formats again.
+# Five nodes at node_us priced a split at 8.7 us where SmolLM2's 52 MB graph took about 13-15 (benchmarks/RESULTS.md,
+# "A row split's own time").
+ROW_SPLIT = "row-split"
 
 
-def format_graph(name: str, shapes: list[tuple[int, int]]) -> tuple[list, dict, dict]:
+def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int4-b32") -> tuple[list, dict, dict]:
     """Nodes, small initializers and (distinct) weights of one MatMulNBits on format `name` per (in, out) of
     `shapes`, each reading the graph input x<in> and writing its own output y<i>, as exported: packed codes,
     float32 scales, packed zero points where asymmetric; an offset grid reads its input's block sums as more K
-    columns (Reshape, ReduceSum, Concat)."""
+    columns (Reshape, ReduceSum, Concat). ROW_SPLIT: each unit's rows in two halves on `reference`, put back in
+    row order as the writer does."""
     import numpy as np
     from onnx import helper
 
     from exporter.compress.grid import QuantFormat  # numpy only: the format names' one grammar
+    from exporter.graph.matmul_nbits import row_order_nodes
+
+    if name == ROW_SPLIT:
+        fmt, nodes, small, large = QuantFormat.parse(reference), [], {}, {}
+        for i, (rows, cols) in enumerate(shapes):
+            half, parts = (cols + 1) // 2, [f"y{i}a", f"y{i}b"]  # the even rows, then the odd ones
+            nodes.append(matmul_nbits_node(2 * i, f"x{rows}", parts[0], rows, half, fmt.bits, fmt.block_size,
+                                           not fmt.symmetric, large))
+            nodes.append(matmul_nbits_node(2 * i + 1, f"x{rows}", parts[1], rows, cols - half, fmt.bits,
+                                           fmt.block_size, not fmt.symmetric, large))
+            # each row's place in the halves' concatenation: every place moves, as a split's rows do
+            order = np.concatenate([np.arange(0, cols, 2), np.arange(1, cols, 2)]).argsort(kind="stable")
+            small[f"order{i}"] = order.astype(np.int32).reshape(1, cols)
+            nodes += row_order_nodes(parts, f"order{i}", f"y{i}", f"split{i}")
+        return nodes, small, _distinct(large)
 
     fmt = QuantFormat.parse(name)
     block = fmt.block_size
@@ -454,10 +477,11 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     """Nanoseconds per weight of each format on a decoder layer's MatMulNBits shapes `layer` ((in, out) each),
     repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each the median
     of FORMAT_COST_RUNS runs as a ratio to `reference` in the same pass, times the reference's own figure (about
-    1 s per format on this project's 2-core host)."""
+    1 s per format on this project's 2-core host); and, under ROW_SPLIT_COST, a row split's time beyond the unsplit
+    reference unit, in microseconds per split."""
     import numpy as np
 
-    names = tuple(dict.fromkeys((reference, *names)))
+    names = tuple(dict.fromkeys((reference, *names, ROW_SPLIT)))
     layer_weights = sum(k * n for k, n in layer)
     graph_bytes = min(FORMAT_GRAPH_CACHE_MULTIPLE * last_level_cache_bytes(), FORMAT_GRAPH_MAX_BYTES)
     layers = min(math.ceil(graph_bytes / (layer_weights * 0.625)), FORMAT_GRAPH_MAX_NODES // len(layer))
@@ -470,7 +494,7 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
         for order in (names[::1 - 2 * (p % 2)] for p in range(FORMAT_COST_PASSES)):
             timed = {}
             for name in order:
-                nodes, small, large = format_graph(name, shapes)
+                nodes, small, large = format_graph(name, shapes, reference)
                 session = probe_session(folder, nodes, 0, 0, tuple(small.items()), large,
                                         inputs={x: a.shape[1] for x, a in feed.items()}, outputs=outputs)
                 del large
@@ -489,7 +513,9 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
             for name in names:
                 ratios[name].append(timed[name] / timed[reference])
     reference_ns = float(np.median(seconds)) / (len(shapes) // len(layer) * layer_weights) * 1e9
-    return {name: round(float(np.mean(r)) * reference_ns, 6) for name, r in ratios.items()}
+    costs = {name: round(float(np.mean(r)) * reference_ns, 6) for name, r in ratios.items()}
+    split_ns = costs.pop(ROW_SPLIT) - costs[reference]  # per weight of the graph: over its units, per split
+    return costs | {ROW_SPLIT_COST: round(split_ns * layer_weights / len(layer) / 1e3, 4)}
 
 
 def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
@@ -505,14 +531,17 @@ def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cac
     key = json.dumps([FORMAT_COST_VERSION, sorted(names), sorted(layer), onnxruntime.__version__, platform.machine(),
                       platform.processor(), _cpu_model(), os.cpu_count()])
     path = cache / f"format-costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" if cache else None
+    costs = None
     if path is not None and path.is_file():
         try:
             kept = json.loads(path.read_text())
-            if set(names) <= set(kept):
+            if set(names) <= set(kept) and ROW_SPLIT_COST in kept:
                 return kept
+            if set(names) <= set(kept):  # kept before row splits were timed: their figure added, the formats kept
+                costs = kept | {ROW_SPLIT_COST: measure_format_costs((), layer)[ROW_SPLIT_COST]}
         except (OSError, ValueError):
             pass
-    costs = measure_format_costs(names, layer)
+    costs = costs or measure_format_costs(names, layer)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".tmp{os.getpid()}")

@@ -349,13 +349,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
                 # (2.3 us here, Shape and Expand of the order included: benchmarks/RESULTS.md, "Row splits")
                 order = np.argsort(np.concatenate([rows for _, rows in split]), kind="stable").astype(np.int32)
                 graph.initializer.append(numpy_helper.from_array(order.reshape(1, 1, -1), f"{stem}.row_order"))
-                rows_out = f"{node.output[0]}/rows"
-                written += [helper.make_node("Concat", outputs, [rows_out], name=f"{node.name}/RowConcat", axis=-1),
-                            helper.make_node("Shape", [rows_out], [f"{rows_out}/shape"], name=f"{node.name}/RowShape"),
-                            helper.make_node("Expand", [f"{stem}.row_order", f"{rows_out}/shape"],
-                                             [f"{rows_out}/order"], name=f"{node.name}/RowOrderExpand"),
-                            helper.make_node("GatherElements", [rows_out, f"{rows_out}/order"], list(node.output),
-                                             name=f"{node.name}/RowOrder", axis=-1)]
+                written += row_order_nodes(outputs, f"{stem}.row_order", node.output[0], node.name)
                 summary["formats"][stem] = "/".join(f.name for f, _ in split)
         consumers[stem] -= 1
         if consumers[stem] == 0:
@@ -405,6 +399,19 @@ BLOCK_SUM_NODES = 3  # what block_sums_nodes adds per input read by offset grids
 # what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements (lm_head's scatter form: a
 # second MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
 ROW_SPLIT_NODES = 5
+
+
+def row_order_nodes(parts: list[str], order: str, output: str, prefix: str) -> list:
+    """Nodes putting a row split's part outputs `parts` (along the last axis) back into row order as `output`: their
+    Concat, and a GatherElements by the initializer `order` (each row's place; of the outputs' rank, ones but the last)
+    expanded to the Concat's shape."""
+    from onnx import helper
+
+    rows = f"{output}/rows"
+    return [helper.make_node("Concat", parts, [rows], name=f"{prefix}/RowConcat", axis=-1),
+            helper.make_node("Shape", [rows], [f"{rows}/shape"], name=f"{prefix}/RowShape"),
+            helper.make_node("Expand", [order, f"{rows}/shape"], [f"{rows}/order"], name=f"{prefix}/RowOrderExpand"),
+            helper.make_node("GatherElements", [rows, f"{rows}/order"], [output], name=f"{prefix}/RowOrder", axis=-1)]
 
 
 def block_sums_nodes(graph, x: str, size: int, prefix: str) -> list:
