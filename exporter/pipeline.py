@@ -759,8 +759,9 @@ def format_times(plan: Plan, units) -> dict | None:
         say(f"decode ceiling: none ({plan.profile.name}: no format's decode time measured on its device)")
         return None
     costs = dict(costs)
-    node_ms = decode_costs(plan.profile)[0]["node_us"] / 1e3
-    split_ms = costs.pop(ROW_SPLIT_COST, ROW_SPLIT_NODES * node_ms * 1e3) / 1e3  # measured with the formats
+    node_us = decode_costs(plan.profile)[0]["node_us"]
+    split_ms = costs.pop(ROW_SPLIT_COST, ROW_SPLIT_NODES * node_us) / 1e3  # measured with the formats
+    node_ms = node_us / 1e3
 
     def added_ms(unit, option: int) -> float:
         if unit.split(option):

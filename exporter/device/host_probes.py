@@ -61,11 +61,19 @@ def kept_hardware(folder: Path | None) -> Hardware:
         except (OSError, ValueError, TypeError):
             pass  # unreadable or from another layout: measured again below
     hardware = median_hardware([measure_hardware() for _ in range(HOST_MEASUREMENTS)])
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(dataclasses.asdict(hardware), indent=1))
-    temporary.replace(path)
+    _keep(path, dataclasses.asdict(hardware))
     return hardware
+
+
+def _keep(path: Path, figures: dict) -> None:
+    """Write `figures` to `path` as JSON whole or not at all (a temporary file, then a rename): another process
+    reading the cache never sees half a file."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(figures, indent=1))
+    temporary.replace(path)
 
 
 def median_hardware(measured: list[Hardware]) -> Hardware:
@@ -543,10 +551,7 @@ def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cac
             pass
     costs = costs or measure_format_costs(names, layer)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(costs, indent=1))
-        temporary.replace(path)
+        _keep(path, costs)
     return costs
 
 
