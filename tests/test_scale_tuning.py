@@ -169,6 +169,31 @@ def test_teacher_targets_run_each_window_once_and_equal_the_teacher(tiny_models,
         assert targets.exact is False
 
 
+@pytest.mark.parametrize("family, softcap", [("llama", None), ("gemma3_text", 30.0)])
+def test_teacher_targets_read_the_gram_pass_head_inputs(tiny_models, calib_ids, family, softcap):
+    """The pricing's Gram pass keeps the dense model's head inputs on the calibration windows; TeacherTargets
+    given them runs the teacher on one window only (to check that the head's output is the logits) and gives
+    the log-probabilities the whole teacher computes; where it is not (Gemma's softcap), it drops them."""
+    from exporter.compress.corrective import TeacherTargets, window_key
+    from exporter.compress.format_allocation import pricing_statistics
+
+    teacher = dense_teacher(tiny_models.load(family))
+    teacher.config.final_logit_softcapping = softcap
+    statistics = pricing_statistics(teacher, calib_ids, calib_ids[:2], progress=False)
+    assert statistics.head_inputs.shape == (*calib_ids.shape, teacher.config.hidden_size)
+    known = {window_key(row): hidden for row, hidden in zip(calib_ids, statistics.head_inputs)}
+    targets, rows = TeacherTargets(teacher, known), _decoder_rows(teacher)
+    for batch in [calib_ids[[0, 1]], calib_ids[[2, 3]], calib_ids[[1, 0]]]:
+        with torch.no_grad():
+            rows_before = len(rows)
+            expected = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+            del rows[rows_before:]
+            got = targets.log_probs(batch)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert sum(rows) == (1 if softcap is None else 1 + 6)  # softcap: the check, then every batch whole
+    assert targets.exact is (softcap is None)
+
+
 def test_a_row_split_grid_tunes_both_parts(tiny_models, calib_ids):
     """A linear whose rows sit on two grids (RowSplitGrid) trains each part's scales; its codes stay, its rows
     stay on the grid each was on, and the model computes what the tuned grids hold."""

@@ -417,6 +417,10 @@ class PricingStatistics:
     tied: bool
     tokens: int
     token_sensitivity: torch.Tensor
+    # the dense model's head inputs on every calibration window, as the Gram pass computed them (on the host;
+    # None where data-parallel ranks each held a share): scale tuning's teacher reads them instead of running
+    # the dense model on those windows again (corrective.TeacherTargets)
+    head_inputs: torch.Tensor | None = None
 
     @property
     def fisher(self) -> dict[str, torch.Tensor]:
@@ -459,17 +463,22 @@ def pricing_statistics(model, input_ids: torch.Tensor, fisher_ids: torch.Tensor 
 
     # the softmax over the vocabulary at every calibration token is work only a tied embedding's term reads
     handle = head.register_forward_hook(predicted) if tied else None
+    inputs: list[torch.Tensor] = []
+    keep = None if distributed.active() else head.register_forward_pre_hook(
+        lambda _module, args: inputs.append(args[0].detach().float().cpu()))
     try:
         grams[head_name] = head_gram(model, input_ids, last_outputs=last)
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in (handle, keep):
+            if h is not None:
+                h.remove()
     if tied:
         distributed.sum_over_ranks([share])  # data-parallel: each rank's sequences
         share.index_add_(0, input_ids[:, 0].to(share.device), at[0].expand(input_ids.shape[0]).to(share))
     share = share.cpu() / tokens
     weights = token_sensitivity(sensitivity[EMBEDDING], share) if tied else torch.ones_like(share)
-    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens, weights)
+    head_inputs = torch.cat(inputs) if keep is not None else None
+    return PricingStatistics(linears, sensitivity, grams, share, head_name, tied, tokens, weights, head_inputs)
 
 
 def _grids(statistics: PricingStatistics, members: list[str], fmt: QuantFormat, method: str) -> dict:

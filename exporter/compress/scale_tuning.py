@@ -134,11 +134,13 @@ def holdout_windows(windows: int, most: int = 4) -> int:
 
 def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float | None = None, batch_size: int = 2,
                 holdout: int = 4, seed: int = 0, progress: bool = True,
-                precision: torch.dtype | None | str = "auto") -> ScaleTuningReport:
+                precision: torch.dtype | None | str = "auto",
+                head_inputs: dict[bytes, torch.Tensor] | None = None) -> ScaleTuningReport:
     """Train the scales of every grid in `model` (in place) for `steps` steps of KL(teacher || model) on
     `input_ids` (the last `holdout` windows measure); the codes and zero points stay. `lr`: default
     RATE_PER_KL times the held-out KL before tuning, within RATE_RANGE. `precision`: the steps' autocast dtype
-    (None: float32; "auto": compute.training_precision of the windows' device)."""
+    (None: float32; "auto": compute.training_precision of the windows' device). `head_inputs`: the teacher's
+    head inputs already known for some windows (corrective.TeacherTargets)."""
     from tqdm.auto import tqdm
 
     if input_ids.shape[0] < 2:
@@ -161,7 +163,7 @@ def tune_scales(model, teacher, input_ids: torch.Tensor, steps: int, lr: float |
     if shared:
         parametrize.register_parametrization(embedding, "weight", tunings[id(head)], unsafe=True)
     deltas = [p for t in tunings.values() for p in t.parameters()]
-    teacher = TeacherTargets(teacher)
+    teacher = TeacherTargets(teacher, head_inputs)
     try:
         with torch.no_grad():
             kl_before = float(kl_divergence(model, teacher, held))
