@@ -65,7 +65,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat, clip: bool 
             j = column // block
             values = w[:, column : column + block].clone()
             width = min(block, stop - column)
-            values[:, :width] = chunk[:, i : i + width]
+            values[:, :width] = chunk[i : i + width].T
             if fmt.float_zero and column + block > in_features:  # padding outside a min-max grid's range
                 values[:, in_features - column :] = values[:, in_features - column - 1 : in_features - column]
             _, s, z = fit_blocks(values.cpu().numpy()[:, None, :], fmt, clip, energy[column : column + block])
@@ -90,26 +90,30 @@ def _column_energy(diagonal: torch.Tensor, padded: int) -> np.ndarray:
 
 def _round_columns(w: torch.Tensor, hinv: torch.Tensor, in_features: int, lazy: int, top: float | torch.Tensor,
                    codes: torch.Tensor, grid_of_column) -> None:
-    """GPTQ's column loop over w[:, :in_features] (in place), in lazy batches of `lazy` columns: each column is
-    rounded on the grid `grid_of_column(column, chunk, i, stop)` gives (scale, zero point, scale safe to divide
-    by, per row; chunk = the batch's current values, i the column's index in it) and its error spread over the
-    columns not yet rounded through `hinv`; the codes, at most `top` (one per row, or one for all), go to
-    `codes[:, column]`."""
+    """GPTQ's column loop over w[:, :in_features] (read, not written), in lazy batches of `lazy` columns: each
+    column is rounded on the grid `grid_of_column(column, chunk, i, stop)` gives (scale, zero point, scale safe to
+    divide by, per row; chunk = the batch's current values, one row per column (columns x rows), i the column's
+    index in it) and its error spread over the columns not yet rounded through `hinv`; the codes, at most `top`
+    (one per row, or one for all), go to `codes[:, column]`. The loop runs on w transposed, so that each column's
+    values and updates are contiguous (2.5-2.8x faster on the pricing's stacked rows than on w's own layout)."""
     top = torch.as_tensor(top, dtype=w.dtype, device=w.device)
+    columns = w[:, :in_features].T.contiguous()
+    rounded = torch.empty((in_features, w.shape[0]), dtype=codes.dtype, device=codes.device)
     for start in range(0, in_features, lazy):
         stop = min(start + lazy, in_features)
-        chunk = w[:, start:stop].clone()
-        errors = torch.zeros_like(chunk)
+        chunk = columns[start:stop].clone()
+        errors = torch.empty_like(chunk)
         for i in range(stop - start):
             column = start + i
             s, z, safe = grid_of_column(column, chunk, i, stop)
-            x = chunk[:, i]
+            x = chunk[i]
             q = torch.minimum(torch.round(x / safe + z).clamp_min(0), top)  # grid.block_codes, in torch
-            codes[:, column] = q.to(codes.dtype)
+            rounded[column] = q.to(codes.dtype)
             error = (x - (q - z) * s) / hinv[column, column]
-            chunk[:, i:] -= error[:, None] * hinv[column, column:stop][None, :]
-            errors[:, i] = error
-        w[:, stop:in_features] -= errors @ hinv[start:stop, stop:in_features]
+            chunk[i:].addr_(hinv[column, column:stop], error, alpha=-1)
+            errors[i] = error
+        columns[stop:] -= hinv[start:stop, stop:in_features].T @ errors
+    codes[:, :in_features] = rounded.T
 
 
 def _pad_codes(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, in_features: int, fmt: QuantFormat) -> None:
