@@ -150,11 +150,12 @@ def measure_hardware() -> Hardware:
     )
 
 
-def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inputs=None, outputs=None):
+def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inputs=None, outputs=None,
+                  spinning: bool = True):
     """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] (or `inputs` and
     `outputs`, {name: size} each) for micro-benchmarks. `small` (name, array) pairs are stored in the graph;
     `large` {name: array} go to an external file in `folder` (much faster to write and load than a serialized
-    graph)."""
+    graph). `spinning` False: the session's threads wait without spinning (for sessions run in turn)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -182,6 +183,8 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inpu
         f.write(model.SerializeToString())
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -426,9 +429,15 @@ def _measure_decode_costs() -> dict[str, float]:
 FORMAT_GRAPH_CACHE_MULTIPLE = 4
 FORMAT_GRAPH_MAX_BYTES = 128 << 20
 FORMAT_GRAPH_MAX_NODES = 192  # SmolLM2-135M: 176
-FORMAT_COST_RUNS = 30
-FORMAT_COST_PASSES = 3  # in order, reversed, in order: drift on the machine falls on early and late formats alike
-FORMAT_COST_VERSION = 2  # part of the cached file's key: measure again where the method changes
+# Each format's ratio to the reference: the median of FORMAT_COST_PASSES passes (the order alternating, so that the
+# machine's state falls on early and late formats alike) of FORMAT_COST_PAIRS runs each, paired with a run of the
+# reference, neither session's threads spinning: run back to back, one session's spinning threads took a core from
+# the other's run (the reference at twice its time). So measured, three fresh processes put int4-b32-offset at
+# 1.069-1.075x and int8-b32 at 1.37-1.39x, where one run per format, threads spinning, had moved them by 0.1-0.2
+# between processes (benchmarks/RESULTS.md, "The format table in pairs").
+FORMAT_COST_PAIRS = 30
+FORMAT_COST_PASSES = 5
+FORMAT_COST_VERSION = 3  # part of the cached file's key: measure again where the method changes
 # What a row split adds to a unit (its second MatMulNBits and the reorder, exporter.graph.matmul_nbits), in
 # microseconds per split under cost_model.ROW_SPLIT_COST: each layer shape's unit split in half on the reference
 # format, timed beside the unsplit reference; added to a file kept before it without measuring its formats again.
@@ -483,45 +492,58 @@ def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int
 def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...],
                          reference: str = "int4-b32") -> dict[str, float]:
     """Nanoseconds per weight of each format on a decoder layer's MatMulNBits shapes `layer` ((in, out) each),
-    repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each the median
-    of FORMAT_COST_RUNS runs as a ratio to `reference` in the same pass, times the reference's own figure (about
-    1 s per format on this project's 2-core host); and, under ROW_SPLIT_COST, a row split's time beyond the unsplit
-    reference unit, in microseconds per split."""
+    repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each a ratio to
+    `reference`, timed in pairs (the reference's graph stays loaded and each run of a format's graph is paired with
+    one of it, the order alternating; neither session's threads spin), the median of FORMAT_COST_PAIRS pairs per
+    pass and of FORMAT_COST_PASSES passes, times the reference's own median figure (about 5 s per format on this
+    project's 2-core host); and, under ROW_SPLIT_COST, a row split's time beyond the unsplit reference unit, in
+    microseconds per split."""
     import numpy as np
 
-    names = tuple(dict.fromkeys((reference, *names, ROW_SPLIT)))
+    names = tuple(dict.fromkeys((*names, ROW_SPLIT)))
+    names = tuple(name for name in names if name != reference)
     layer_weights = sum(k * n for k, n in layer)
     graph_bytes = min(FORMAT_GRAPH_CACHE_MULTIPLE * last_level_cache_bytes(), FORMAT_GRAPH_MAX_BYTES)
     layers = min(math.ceil(graph_bytes / (layer_weights * 0.625)), FORMAT_GRAPH_MAX_NODES // len(layer))
     shapes = list(layer) * max(1, layers)  # int4-b32: 0.625 bytes per weight
     feed = {f"x{k}": np.ones((1, k), np.float32) for k in {k for k, _ in layer}}
-    outputs = {f"y{i}": n for i, (_, n) in enumerate(shapes)}
+    inputs, outputs = {x: a.shape[1] for x, a in feed.items()}, {f"y{i}": n for i, (_, n) in enumerate(shapes)}
     ratios: dict[str, list[float]] = {name: [] for name in names}
     seconds: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
+
+    def session(folder: str, name: str):
+        nodes, small, large = format_graph(name, shapes, reference)
+        loaded = probe_session(folder, nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs,
+                               spinning=False)  # one session's threads spinning would slow the other's run
+        for _ in range(3):
+            loaded.run(None, feed)
+        return loaded
+
+    def timed(loaded) -> float:
+        start = time.perf_counter()
+        loaded.run(None, feed)
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory(prefix="exporter-formats-") as kept, \
+            tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
+        base = session(kept, reference)
         for order in (names[::1 - 2 * (p % 2)] for p in range(FORMAT_COST_PASSES)):
-            timed = {}
             for name in order:
-                nodes, small, large = format_graph(name, shapes, reference)
-                session = probe_session(folder, nodes, 0, 0, tuple(small.items()), large,
-                                        inputs={x: a.shape[1] for x, a in feed.items()}, outputs=outputs)
-                del large
-                for _ in range(3):
-                    session.run(None, feed)
-                runs = []
-                for _ in range(FORMAT_COST_RUNS):
-                    t = time.perf_counter()
-                    session.run(None, feed)
-                    runs.append(time.perf_counter() - t)
-                timed[name] = float(np.median(runs))
-                del session
+                other, pairs = session(folder, name), []
+                for i in range(FORMAT_COST_PAIRS):  # the machine's drift falls on both graphs of a pair alike
+                    first, second = (base, other) if i % 2 == 0 else (other, base)
+                    a, b = timed(first), timed(second)
+                    base_s, other_s = (a, b) if i % 2 == 0 else (b, a)
+                    seconds.append(base_s)
+                    pairs.append(other_s / base_s)
+                ratios[name].append(float(np.median(pairs)))
+                del other
                 for file in os.listdir(folder):  # up to 2 x FORMAT_GRAPH_MAX_BYTES a graph (8 bits)
                     os.remove(os.path.join(folder, file))
-            seconds.append(timed[reference])
-            for name in names:
-                ratios[name].append(timed[name] / timed[reference])
+        del base
     reference_ns = float(np.median(seconds)) / (len(shapes) // len(layer) * layer_weights) * 1e9
-    costs = {name: round(float(np.mean(r)) * reference_ns, 6) for name, r in ratios.items()}
+    costs = {reference: round(reference_ns, 6)}
+    costs |= {name: round(float(np.median(r)) * reference_ns, 6) for name, r in ratios.items()}
     split_ns = costs.pop(ROW_SPLIT) - costs[reference]  # per weight of the graph: over its units, per split
     return costs | {ROW_SPLIT_COST: round(split_ns * layer_weights / len(layer) / 1e3, 4)}
 
