@@ -442,7 +442,8 @@ FORMAT_COST_VERSION = 3  # part of the cached file's key: measure again where th
 # microseconds per split under cost_model.ROW_SPLIT_COST: each layer shape's unit split in half on the reference
 # format, timed beside the unsplit reference; added to a file kept before it without measuring its formats again.
 # Five nodes at node_us priced a split at 8.7 us where SmolLM2's 52 MB graph took about 13-15 (benchmarks/RESULTS.md,
-# "A row split's own time").
+# "A row split's own time"); timed in pairs without spinning it comes out at 20-25 us, above a spinning decode's
+# ("The format table in pairs"): the low budgets' plans buy fewer splits than the decode could afford.
 ROW_SPLIT = "row-split"
 
 
@@ -500,8 +501,7 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     microseconds per split."""
     import numpy as np
 
-    names = tuple(dict.fromkeys((*names, ROW_SPLIT)))
-    names = tuple(name for name in names if name != reference)
+    names = tuple(name for name in dict.fromkeys((*names, ROW_SPLIT)) if name != reference)
     layer_weights = sum(k * n for k, n in layer)
     graph_bytes = min(FORMAT_GRAPH_CACHE_MULTIPLE * last_level_cache_bytes(), FORMAT_GRAPH_MAX_BYTES)
     layers = min(math.ceil(graph_bytes / (layer_weights * 0.625)), FORMAT_GRAPH_MAX_NODES // len(layer))
