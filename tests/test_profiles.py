@@ -293,7 +293,7 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
         calls.append(names)
         return {name: 0.01 * (i + 1) for i, name in enumerate(names)} | {ROW_SPLIT_COST: 0.01}
 
-    monkeypatch.setattr(host_probes, "measure_format_costs", measure)
+    monkeypatch.setattr(host_probes, "measure_format_costs_apart", measure)
     layer = ((64, 256), (256, 64))
     first = host_probes.format_costs(("int4-b32", "int8-b32"), layer, tmp_path)
     assert host_probes.format_costs(("int8-b32", "int4-b32"), layer[::-1], tmp_path) == first and len(calls) == 1
@@ -309,16 +309,24 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
 
 
 def test_format_costs_are_measured_per_weight(monkeypatch):
-    """A real measurement on small shapes: every format a positive time per weight, the reference's among them."""
+    """A real measurement on small shapes, in a fresh interpreter as exports take it: every format a positive time
+    per weight, the reference's among them."""
     from exporter.device import host_probes
-    from exporter.device.host_probes import measure_format_costs
 
     monkeypatch.setattr(host_probes, "FORMAT_COST_PASSES", 2)  # the method, not its precision
     monkeypatch.setattr(host_probes, "FORMAT_COST_PAIRS", 6)
-    costs = measure_format_costs(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
+    costs = host_probes.measure_format_costs_apart(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
     split_us = costs.pop(ROW_SPLIT_COST)  # a difference of two timings: finite, its sign the machine's
     assert set(costs) == {"int4-b32", "int4-b64-asym", "int8-b128"} and all(v > 0 for v in costs.values())
     assert math.isfinite(split_us)
+
+
+def test_format_costs_apart_say_why_they_failed():
+    """The fresh interpreter's error comes back as one line, not a traceback of the parent's."""
+    from exporter.device import host_probes
+
+    with pytest.raises(ProfileError, match="cannot time the weight formats.*5-bit"):
+        host_probes.measure_format_costs_apart(("int5-b32",), ((64, 64),))
 
 
 def test_format_times_benchmark_runs_each_format_in_the_models_graph(llama_dir, tmp_path):

@@ -151,11 +151,12 @@ def measure_hardware() -> Hardware:
 
 
 def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inputs=None, outputs=None,
-                  spinning: bool = True):
+                  in_turn: bool = False):
     """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] (or `inputs` and
     `outputs`, {name: size} each) for micro-benchmarks. `small` (name, array) pairs are stored in the graph;
     `large` {name: array} go to an external file in `folder` (much faster to write and load than a serialized
-    graph). `spinning` False: the session's threads wait without spinning (for sessions run in turn)."""
+    graph). `in_turn`: for sessions run in turn, the threads spin between a run's nodes, as a decode's do, and stop
+    at its end, so that they take no core from the next session's run."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -183,8 +184,8 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inpu
         f.write(model.SerializeToString())
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if in_turn:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -431,19 +432,19 @@ FORMAT_GRAPH_MAX_BYTES = 128 << 20
 FORMAT_GRAPH_MAX_NODES = 192  # SmolLM2-135M: 176
 # Each format's ratio to the reference: the median of FORMAT_COST_PASSES passes (the order alternating, so that the
 # machine's state falls on early and late formats alike) of FORMAT_COST_PAIRS runs each, paired with a run of the
-# reference, neither session's threads spinning: run back to back, one session's spinning threads took a core from
-# the other's run (the reference at twice its time). So measured, three fresh processes put int4-b32-offset at
-# 1.069-1.075x and int8-b32 at 1.37-1.39x, where one run per format, threads spinning, had moved them by 0.1-0.2
-# between processes (benchmarks/RESULTS.md, "The format table in pairs").
+# reference. Each session's threads spin between its run's nodes, as a decode's do, and stop at the run's end: left
+# spinning, one session's threads took a core from the other's run (the reference at twice its time), and not spinning
+# at all, every node paid the threads' wake-up (a row split at 20-25 us where a decode pays 13-15). So measured, three
+# fresh processes put int4-b32-offset at 1.08-1.09x, int8-b32 at 1.48-1.52x and a split at 10.7-11.6 us (benchmarks/
+# RESULTS.md, "The format table's threads spin within a run").
 FORMAT_COST_PAIRS = 30
 FORMAT_COST_PASSES = 5
-FORMAT_COST_VERSION = 3  # part of the cached file's key: measure again where the method changes
+FORMAT_COST_VERSION = 4  # part of the cached file's key: measure again where the method changes
 # What a row split adds to a unit (its second MatMulNBits and the reorder, exporter.graph.matmul_nbits), in
 # microseconds per split under cost_model.ROW_SPLIT_COST: each layer shape's unit split in half on the reference
 # format, timed beside the unsplit reference; added to a file kept before it without measuring its formats again.
 # Five nodes at node_us priced a split at 8.7 us where SmolLM2's 52 MB graph took about 13-15 (benchmarks/RESULTS.md,
-# "A row split's own time"); timed in pairs without spinning it comes out at 20-25 us, above a spinning decode's
-# ("The format table in pairs"): the low budgets' plans buy fewer splits than the decode could afford.
+# "A row split's own time").
 ROW_SPLIT = "row-split"
 
 
@@ -490,15 +491,15 @@ def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int
     return nodes, small, _distinct(large)
 
 
-def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...],
-                         reference: str = "int4-b32") -> dict[str, float]:
+def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], reference: str = "int4-b32",
+                         passes: int | None = None, pairs: int | None = None) -> dict[str, float]:
     """Nanoseconds per weight of each format on a decoder layer's MatMulNBits shapes `layer` ((in, out) each),
     repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each a ratio to
     `reference`, timed in pairs (the reference's graph stays loaded and each run of a format's graph is paired with
-    one of it, the order alternating; neither session's threads spin), the median of FORMAT_COST_PAIRS pairs per
-    pass and of FORMAT_COST_PASSES passes, times the reference's own median figure (about 5 s per format on this
-    project's 2-core host); and, under ROW_SPLIT_COST, a row split's time beyond the unsplit reference unit, in
-    microseconds per split."""
+    one of it, the order alternating; each session's threads stop spinning at the end of its run), the median of
+    `pairs` (FORMAT_COST_PAIRS) pairs per pass and of `passes` (FORMAT_COST_PASSES) passes, times the reference's own
+    median figure (about 3 s per format on this project's 2-core host); and, under ROW_SPLIT_COST, a row split's time
+    beyond the unsplit reference unit, in microseconds per split."""
     import numpy as np
 
     names = tuple(name for name in dict.fromkeys((*names, ROW_SPLIT)) if name != reference)
@@ -514,7 +515,7 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     def session(folder: str, name: str):
         nodes, small, large = format_graph(name, shapes, reference)
         loaded = probe_session(folder, nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs,
-                               spinning=False)  # one session's threads spinning would slow the other's run
+                               in_turn=True)
         for _ in range(3):
             loaded.run(None, feed)
         return loaded
@@ -527,16 +528,16 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     with tempfile.TemporaryDirectory(prefix="exporter-formats-") as kept, \
             tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
         base = session(kept, reference)
-        for order in (names[::1 - 2 * (p % 2)] for p in range(FORMAT_COST_PASSES)):
+        for order in (names[::1 - 2 * (p % 2)] for p in range(passes or FORMAT_COST_PASSES)):
             for name in order:
-                other, pairs = session(folder, name), []
-                for i in range(FORMAT_COST_PAIRS):  # the machine's drift falls on both graphs of a pair alike
+                other, paired = session(folder, name), []
+                for i in range(pairs or FORMAT_COST_PAIRS):  # the machine's drift falls on both graphs of a pair alike
                     first, second = (base, other) if i % 2 == 0 else (other, base)
                     a, b = timed(first), timed(second)
                     base_s, other_s = (a, b) if i % 2 == 0 else (b, a)
                     seconds.append(base_s)
-                    pairs.append(other_s / base_s)
-                ratios[name].append(float(np.median(pairs)))
+                    paired.append(other_s / base_s)
+                ratios[name].append(float(np.median(paired)))
                 del other
                 for file in os.listdir(folder):  # up to 2 x FORMAT_GRAPH_MAX_BYTES a graph (8 bits)
                     os.remove(os.path.join(folder, file))
@@ -548,10 +549,31 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     return costs | {ROW_SPLIT_COST: round(split_ns * layer_weights / len(layer) / 1e3, 4)}
 
 
+def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    """measure_format_costs in a fresh interpreter, as an app's decode runs: nothing of the calling process's state
+    in the timings. Measured inside three exports (after the model's load and pricing), the offset grid came out at
+    1.03-1.05x int4-b32 where fresh processes put it at 1.07-1.09x, and the 105.5 MB plan bought 78 offset grids
+    that decoded at 0.90x the builder (benchmarks/RESULTS.md, "The format table's threads spin within a run")."""
+    import json
+    import subprocess
+    import sys
+
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    request = {"names": list(names), "layer": [list(shape) for shape in layer], "passes": FORMAT_COST_PASSES,
+               "pairs": FORMAT_COST_PAIRS}
+    done = subprocess.run([sys.executable, "-m", "exporter.device.host_probes"], input=json.dumps(request),
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProfileError(f"cannot time the weight formats in ONNX Runtime: {last}")
+    return json.loads(done.stdout)
+
+
 def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
                  ) -> dict[str, float]:
-    """measure_format_costs, kept in `cache` (a folder) for this machine, ONNX Runtime release, set of formats and
-    layer shapes: measured once, the same figures give every later export the same plan."""
+    """measure_format_costs_apart, kept in `cache` (a folder) for this machine, ONNX Runtime release, set of formats
+    and layer shapes: measured once, the same figures give every later export the same plan."""
     import hashlib
     import json
     import platform
@@ -568,10 +590,10 @@ def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cac
             if set(names) <= set(kept) and ROW_SPLIT_COST in kept:
                 return kept
             if set(names) <= set(kept):  # kept before row splits were timed: their figure added, the formats kept
-                costs = kept | {ROW_SPLIT_COST: measure_format_costs((), layer)[ROW_SPLIT_COST]}
+                costs = kept | {ROW_SPLIT_COST: measure_format_costs_apart((), layer)[ROW_SPLIT_COST]}
         except (OSError, ValueError):
             pass
-    costs = costs or measure_format_costs(names, layer)
+    costs = costs or measure_format_costs_apart(names, layer)
     if path is not None:
         _keep(path, costs)
     return costs
@@ -586,3 +608,12 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return ""
+
+
+if __name__ == "__main__":  # measure_format_costs_apart's child: a request as JSON on stdin, the costs on stdout
+    import json
+    import sys
+
+    _request = json.load(sys.stdin)
+    print(json.dumps(measure_format_costs(tuple(_request["names"]), tuple(map(tuple, _request["layer"])),
+                                          passes=_request["passes"], pairs=_request["pairs"])))
