@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -115,14 +114,10 @@ def load_gauge():
 
 def measure(model_path: Path, prompt_tokens: int, new_tokens: int = DECODE_TOKENS) -> dict:
     """Run the probe below in a fresh process and return its figures."""
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "exporter.validate", str(model_path), str(prompt_tokens),
-                           str(new_tokens)], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ExporterError(f"cannot run {model_path.name} in ONNX Runtime: {last}")
-    return json.loads(done.stdout)
+    from exporter.device.host_probes import run_apart
+
+    return run_apart("exporter.validate", str(model_path), str(prompt_tokens), str(new_tokens),
+                     failure=f"cannot run {model_path.name} in ONNX Runtime")
 
 
 def _probe(model_path: str, prompt_tokens: int, new_tokens: int) -> dict:

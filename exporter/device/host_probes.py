@@ -17,7 +17,7 @@ from pathlib import Path
 
 from exporter.device.cost_model import ROW_SPLIT_COST
 from exporter.device.profiles import Hardware
-from exporter.errors import ProfileError
+from exporter.errors import ExporterError, ProfileError
 from exporter.settings import cache_dir
 
 
@@ -549,25 +549,34 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
     return costs | {ROW_SPLIT_COST: round(split_ns * layer_weights / len(layer) / 1e3, 4)}
 
 
-def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, int], ...]) -> dict[str, float]:
-    """measure_format_costs in a fresh interpreter, as an app's decode runs: nothing of the calling process's state
-    in the timings. Measured inside three exports (after the model's load and pricing), the offset grid came out at
-    1.03-1.05x int4-b32 where fresh processes put it at 1.07-1.09x, and the 105.5 MB plan bought 78 offset grids
-    that decoded at 0.90x the builder (benchmarks/RESULTS.md, "The format table's threads spin within a run")."""
+def run_apart(module: str, *args: str, stdin: str | None = None, failure: str,
+              error: type[ExporterError] = ExporterError):
+    """`python -m module args` in a fresh interpreter (this package importable), its stdout read as JSON; where it
+    fails, `error` says "`failure`: " and the last line of its stderr."""
     import json
     import subprocess
     import sys
 
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    request = {"names": list(names), "layer": [list(shape) for shape in layer], "passes": FORMAT_COST_PASSES,
-               "pairs": FORMAT_COST_PAIRS}
-    done = subprocess.run([sys.executable, "-m", "exporter.device.host_probes"], input=json.dumps(request),
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ProfileError(f"cannot time the weight formats in ONNX Runtime: {last}")
+        raise error(f"{failure}: {last}")
     return json.loads(done.stdout)
+
+
+def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, int], ...]) -> dict[str, float]:
+    """measure_format_costs in a fresh interpreter, as an app's decode runs: nothing of the calling process's state
+    in the timings. Measured inside three exports (after the model's load and pricing), the offset grid came out at
+    1.03-1.05x int4-b32 where fresh processes put it at 1.07-1.09x, and the 105.5 MB plan bought 78 offset grids
+    that decoded at 0.90x the builder (benchmarks/RESULTS.md, "The format table's threads spin within a run")."""
+    import json
+
+    request = {"names": list(names), "layer": [list(shape) for shape in layer], "passes": FORMAT_COST_PASSES,
+               "pairs": FORMAT_COST_PAIRS}
+    return run_apart("exporter.device.host_probes", stdin=json.dumps(request),
+                     failure="cannot time the weight formats in ONNX Runtime", error=ProfileError)
 
 
 def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
