@@ -73,7 +73,7 @@ def format_session(skeleton: bytes, matmuls: dict, name: str, fixed: set, folder
         x, y, k, n = matmuls[node.name]
         fmt, i = QuantFormat.parse(REFERENCE if node.name in fixed else name), len(nodes)
         if fmt.offset:  # the block sums as the exporter writes them
-            nodes += block_sums_nodes(proto.graph, x, fmt.block_size, f"sums{i}")
+            nodes += block_sums_nodes(x, fmt.block_size, f"sums{i}")
             x, k = f"sums{i}/output", k + k // fmt.block_size
         nodes.append(matmul_nbits_node(i, x, y, k, n, fmt.bits, fmt.block_size, not fmt.symmetric, large))
         large[f"b{i}"] = rng.integers(0, 256, large[f"b{i}"].shape, dtype=np.uint8)

@@ -58,12 +58,13 @@ from exporter.compress.quantize import METHODS as QUANTIZERS
 from exporter.compress.quantize import (grid_linears, model_grids, module_name, quantize_embedding, quantize_model,
                                        restore_grids)
 from exporter.console import say
-from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, MB, REFERENCE_FORMAT, ROW_SPLIT_COST,
+from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, HEAD_SPLIT_COST, MB, REFERENCE_FORMAT,
+                                        ROW_SPLIT_COST,
                                         decode_costs, format_costs, node_price, projection_budget, weight_budget)
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
-from exporter.graph.matmul_nbits import BLOCK_SUM_NODES, ROW_SPLIT_NODES
+from exporter.graph.matmul_nbits import BLOCK_SUM_NODES, ROW_SPLIT_NODES, TIED_SPLIT_NODES
 from exporter.graph.onnxruntime_releases import (
     EIGHT_BIT_MATMUL_RELEASE,
     TWO_BIT_MATMUL_RELEASE,
@@ -734,6 +735,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
             "reference_ms": round(timing["reference_ms"], 6), "limit_ms": round(limit, 6),
             "chosen_ms": round(chosen_ms, 6), "multiplier": multiplier if math.isfinite(multiplier) else None,
             "format_ns_per_weight": timing["costs"], "row_split_us": timing["row_split_us"],
+            "head_split_us": timing["head_split_us"],
             "source": timing["source"]}
         say(f"decode ceiling: the MatMulNBits' time {chosen_ms:.2f} ms per token of {limit:.2f} ms allowed "
             f"({options.decode_ceiling:g} x the same weights on {REFERENCE_FORMAT}, each format measured here)"
@@ -757,7 +759,7 @@ def choose_formats(plan: Plan, options: ExportOptions, prepared: Prepared, ids) 
 def format_times(plan: Plan, units) -> dict | None:
     """Each unit's options' decode time (ms per token: their MatMulNBits' weights at each format's measured time
     per weight, plus a row split's measured time or node_us for each node a factorization adds; an offset grid's
-    block sums are within its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None
+    block means per unit, from its format's time) and the reference's (every unit's weights on REFERENCE_FORMAT); None
     where the profile's device has no measured format costs."""
     from exporter.compress.format_allocation import WRITTEN_FORMATS, option_matrices
     from exporter.settings import cache_dir
@@ -770,25 +772,42 @@ def format_times(plan: Plan, units) -> dict | None:
     names = tuple(sorted({f.name for f in WRITTEN_FORMATS} | {name for per_unit in matrices for parts in per_unit
                                                              for _, name in parts}))
     layer = layer_shapes(units, widths, head)
+    head_shape = next(((k, u.weights // k) for u, k in zip(units, widths) if head in u.members), None)
     # measured by one process (data-parallel ranks would time each other's load) and sent to every rank
-    costs = distributed.from_rank_zero(lambda: format_costs(plan.profile, names, layer, cache_dir() / "host"))
+    costs = distributed.from_rank_zero(lambda: format_costs(plan.profile, names, layer, cache_dir() / "host",
+                                                            head_shape))
     if costs is None:
         say(f"decode ceiling: none ({plan.profile.name}: no format's decode time measured on its device)")
         return None
     costs = dict(costs)
     node_us = decode_costs(plan.profile)[0]["node_us"]
     split_ms = costs.pop(ROW_SPLIT_COST, ROW_SPLIT_NODES * node_us) / 1e3  # measured with the formats
+    # the head's split: its logits' reorder measured apart, and where the embedding is tied, the gather's selection
+    tied = bool(getattr(plan.model.config, "tie_word_embeddings", False))
+    head_split_ms = costs.pop(HEAD_SPLIT_COST, split_ms * 1e3) / 1e3 + tied * TIED_SPLIT_NODES * node_us / 1e3
     node_ms = node_us / 1e3
 
     def added_ms(unit, option: int) -> float:
         if unit.split(option):
-            return split_ms
+            return head_split_ms if head in unit.members else split_ms
         return 0.0 if unit.options[option].offset else option_nodes(unit, option) * node_ms
 
-    times = [[sum(weights * costs[name] for weights, name in parts) / 1e6 + added_ms(u, k)
-              for k, parts in enumerate(per_unit)] for u, per_unit in zip(units, matrices)]
+    # An offset grid's block means are two nodes per unit whatever its size: its time is its integer grid's over its
+    # K + K/block columns, plus what the table's figure adds beyond that, per unit of the layer it was measured on
+    # (at the figure per weight, a layer's small units were priced low and its large ones high)
+    per_unit = sum(k * n for k, n in layer) / len(layer)
+
+    def part_ns(weights: int, name: str) -> float:
+        fmt = QuantFormat.parse(name)
+        if not fmt.offset or fmt.integer.name not in costs:
+            return weights * costs[name]
+        columns = costs[fmt.integer.name] * (1 + 1 / fmt.block_size)
+        return weights * columns + max(0.0, costs[name] - columns) * per_unit
+
+    times = [[sum(part_ns(weights, name) for weights, name in parts) / 1e6 + added_ms(u, k)
+              for k, parts in enumerate(options)] for u, options in zip(units, matrices)]
     return {"times": times, "reference_ms": sum(u.weights for u in units) * costs[REFERENCE_FORMAT] / 1e6,
-            "costs": costs, "row_split_us": round(split_ms * 1e3, 4),
+            "costs": costs, "row_split_us": round(split_ms * 1e3, 4), "head_split_us": round(head_split_ms * 1e3, 4),
             "source": "measured on this machine (exporter.device.host_probes.format_costs)"}
 
 
@@ -804,7 +823,7 @@ def layer_shapes(units, widths: list[int], head: str) -> tuple[tuple[int, int], 
 
 
 def option_nodes(unit, option: int) -> int:
-    """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block sums (Reshape, ReduceSum,
+    """Graph nodes an option adds to a unit's one MatMulNBits: an offset grid's block means (AveragePool,
     Concat; a shared input's once, priced per unit), a factorization's second MatMulNBits, a row split's
     `ROW_SPLIT_NODES`."""
     if unit.split(option):

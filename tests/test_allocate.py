@@ -218,10 +218,24 @@ def test_time_limited_knapsack_keeps_both_limits_and_is_optimal_at_its_multiplie
             assert multiplier == math.inf and plan[3] == pytest.approx(fastest)  # the fastest, said so
         else:
             assert plan[3] <= limit + 1e-9 and 0.0 < multiplier < math.inf
+            weighted = [[loss + multiplier * t for loss, t in zip(ls, ts)] for ls, ts in zip(losses, times)]
+            lagrangian = next(p for p in within if p[0] == multiple_choice_knapsack(costs, weighted, budget))
             best = min(p[2] + multiplier * p[3] for p in within)
-            assert plan[2] + multiplier * plan[3] == pytest.approx(best, abs=1e-9)
+            assert lagrangian[2] + multiplier * lagrangian[3] == pytest.approx(best, abs=1e-9)
+            assert plan[2] <= lagrangian[2] + 1e-12  # the slack filled: never more loss than at its multiplier
             feasible = min(p[2] for p in within if p[3] <= limit)
             assert plan[2] >= feasible - 1e-12  # no better than the exact optimum under both limits
+
+
+def test_time_limited_knapsack_spends_the_time_one_large_option_leaves():
+    """One large option (lm_head's split) and one small: at every multiplier either both are taken (over the limit)
+    or neither; the slack they leave is spent on the large one, the exact optimum (brute force)."""
+    from exporter.compress.allocate import time_limited_knapsack
+
+    costs, losses, times = [[1, 1], [1, 1]], [[10.0, 0.0], [1.0, 0.0]], [[0.0, 10.0], [0.0, 1.0]]
+    choice, multiplier = time_limited_knapsack(costs, losses, times, 2, 10.5)
+    assert choice == [1, 0] and multiplier > 0
+    assert min((p for p in _plans(costs, losses, times) if p[3] <= 10.5), key=lambda p: p[2])[0] == choice
 
 
 def test_time_limited_knapsack_with_no_choice_in_the_bytes():

@@ -25,7 +25,7 @@ from exporter.compress.format_allocation import (
     price_units,
 )
 from exporter.compress.grid import QuantFormat
-from exporter.device.cost_model import ROW_SPLIT_COST
+from exporter.device.cost_model import HEAD_SPLIT_COST, ROW_SPLIT_COST
 from exporter.device.profiles import PROFILES_DIR
 
 
@@ -355,7 +355,7 @@ def test_a_block_size_that_is_not_a_power_of_two_is_one_line(tmp_path, llama_dir
 
 def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, tokenizer, calib_file):
     """A model whose projections sit on 4-bit min-max grids of 32 (as SmolLM2's Q4_1 GGUF does): the knapsack
-    prices its offset grids near zero and buys them, the graph reads block sums, follows PyTorch (the export's
+    prices its offset grids near zero and buys them, the graph reads block means, follows PyTorch (the export's
     parity check) and onnxruntime-genai runs it; priced latency-aware, the block sums' nodes buy fewer."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from exporter.compress.grid import round_to_nearest
@@ -388,7 +388,7 @@ def test_a_source_on_min_max_grids_buys_offset_grids(tmp_path, tiny_models, toke
                                                         if m["format"] == "int4-b32-asym") for u in offsets)
     assert manifest["onnx"]["quantization"]["matmul_nbits"].get("int4-b32-offset") == len(offsets)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    assert sum(n.op_type == "ReduceSum" and "/BlockSums/" in n.name for n in graph.node) >= len(offsets)
+    assert sum(n.op_type == "AveragePool" and "/BlockSums/" in n.name for n in graph.node) >= len(offsets)
     prompt = [5, 17, 42, 9, 33, 60, 12, 7]
     expected, _, _ = OrtDecoder(out / "model.onnx", threads=1).greedy(prompt, 8)
     generated = genai_greedy(og, out, prompt, 8)
@@ -661,12 +661,13 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
     from exporter.compress.format_allocation import WRITTEN_FORMATS
 
     costs = {f.name: 0.03 for f in WRITTEN_FORMATS} | {"int4-b32": 0.03, "int8-b32": 0.09, "int8-b128": 0.02}
-    layers = []
+    layers, heads = [], []
 
-    def measured(profile, names, layer, cache=None):
+    def measured(profile, names, layer, cache=None, head=None):
         layers.append(layer)
-        # as cost_model.format_costs: the reference too, and a row split's time
-        return {n: costs[n] for n in (*names, "int4-b32")} | {ROW_SPLIT_COST: 7.5}
+        heads.append(head)
+        # as cost_model.format_costs: the reference too, and a row split's time (the head's apart)
+        return {n: costs[n] for n in (*names, "int4-b32")} | {ROW_SPLIT_COST: 7.5, HEAD_SPLIT_COST: 30.0}
 
     monkeypatch.setattr(pipeline, "format_costs", measured)
 
@@ -682,6 +683,7 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
     assert ceiling["chosen_ms"] <= ceiling["limit_ms"] == pytest.approx(ceiling["reference_ms"])
     assert 0 < ceiling["multiplier"] and ceiling["format_ns_per_weight"]["int8-b32"] == 0.09
     assert ceiling["row_split_us"] == 7.5 and ROW_SPLIT_COST not in ceiling["format_ns_per_weight"]
+    assert ceiling["head_split_us"] >= 30.0 and HEAD_SPLIT_COST not in ceiling["format_ns_per_weight"]
     chosen = [u["format"] for u in formats["units"]]
     assert "int8-b128" in chosen and chosen.count("int8-b32") < len(chosen)
     weights = sum(u["weights"] for u in formats["units"])
@@ -691,6 +693,7 @@ def test_decode_ceiling_trades_slow_formats_for_fast_ones(llama_dir, calib_file,
     hidden, inner = config["hidden_size"], config["intermediate_size"]
     qkv = hidden + 2 * config["num_key_value_heads"] * hidden // config["num_attention_heads"]
     assert sorted(layers[-1]) == sorted([(hidden, qkv), (hidden, hidden), (hidden, 2 * inner), (inner, hidden)])
+    assert heads[-1] == (hidden, config["vocab_size"])  # its split timed apart
     half = plan("--decode-ceiling", "0.8")["decode_ceiling"]
     assert half["chosen_ms"] <= half["limit_ms"] == pytest.approx(0.8 * ceiling["reference_ms"], rel=1e-3)
 
@@ -710,5 +713,5 @@ def test_the_decode_ceiling_is_on_by_default_on_the_host(llama_dir, calib_file, 
     # menu lacks) the fastest plan, said by a multiplier of None
     assert ceiling["ceiling"] == 1.0 and (ceiling["chosen_ms"] <= ceiling["limit_ms"] or ceiling["multiplier"] is None)
     assert set(ceiling["format_ns_per_weight"]) >= {"int4-b32", "int8-b32", "int4-b32-offset", "int2-b64-asym"}
-    assert math.isfinite(ceiling["row_split_us"])  # measured with the formats
+    assert math.isfinite(ceiling["row_split_us"]) and math.isfinite(ceiling["head_split_us"])  # measured with them
     assert "decode_ceiling" not in plan("raspberry-pi-5")

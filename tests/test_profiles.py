@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.device.cost_model import DECODE_COST_KEYS, ROW_SPLIT_COST
+from exporter.device.cost_model import DECODE_COST_KEYS, HEAD_SPLIT_COST, ROW_SPLIT_COST
 from exporter.device.host_probes import (
     fp32_chain,
     int4_chain,
@@ -255,13 +255,15 @@ def test_format_chains_run_as_exported(tmp_path, name):
     import numpy as np
 
     from exporter.compress.grid import QuantFormat
-    from exporter.device.host_probes import format_graph, probe_session
+    from exporter.device.host_probes import format_graph, format_io, probe_session
 
-    nodes, small, large = format_graph(name, [(64, 256), (256, 64)])
-    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs={"x64": 64, "x256": 256},
-                            outputs={"y0": 256, "y1": 64})
-    ys = session.run(None, {"x64": np.ones((1, 64), np.float32), "x256": np.ones((1, 256), np.float32)})
-    assert [y.shape for y in ys] == [(1, 256), (1, 64)] and all(np.isfinite(y).all() for y in ys)
+    shapes = [(64, 256), (256, 64)]
+    nodes, small, large = format_graph(name, shapes)
+    inputs, outputs, feed = format_io(shapes)
+    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs,
+                            tokens=True)
+    ys = session.run(None, feed)
+    assert [y.shape for y in ys] == [(1, 1, 256), (1, 1, 64)] and all(np.isfinite(y).all() for y in ys)
     fmt = QuantFormat.parse(name)
     assert sum(a.nbytes for a in large.values()) == fmt.matrix_bytes(256, 64) + fmt.matrix_bytes(64, 256)
 
@@ -272,14 +274,16 @@ def test_a_row_split_is_timed_as_the_writer_splits(tmp_path):
     import numpy as np
 
     from exporter.compress.grid import QuantFormat
-    from exporter.device.host_probes import ROW_SPLIT, format_graph, probe_session
+    from exporter.device.host_probes import ROW_SPLIT, format_graph, format_io, probe_session
 
-    nodes, small, large = format_graph(ROW_SPLIT, [(64, 256), (256, 63)])
+    shapes = [(64, 256), (256, 63)]
+    nodes, small, large = format_graph(ROW_SPLIT, shapes)
     assert [n.op_type for n in nodes].count("MatMulNBits") == 4 and [n.op_type for n in nodes].count("GatherElements") == 2
-    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs={"x64": 64, "x256": 256},
-                            outputs={"y0": 256, "y1": 63})
-    ys = session.run(None, {"x64": np.ones((1, 64), np.float32), "x256": np.ones((1, 256), np.float32)})
-    assert [y.shape for y in ys] == [(1, 256), (1, 63)] and all(np.isfinite(y).all() for y in ys)
+    inputs, outputs, feed = format_io(shapes)
+    session = probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs,
+                            tokens=True)
+    ys = session.run(None, feed)
+    assert [y.shape for y in ys] == [(1, 1, 256), (1, 1, 63)] and all(np.isfinite(y).all() for y in ys)
     fmt = QuantFormat.parse("int4-b32")  # the reference's bytes: the split's rows are all of the unit's
     assert sum(a.nbytes for a in large.values()) == fmt.matrix_bytes(256, 64) + fmt.matrix_bytes(63, 256)
 
@@ -289,8 +293,8 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
 
     calls = []
 
-    def measure(names, layer):
-        calls.append(names)
+    def measure(names, layer, head=None):
+        calls.append((names, head))
         return {name: 0.01 * (i + 1) for i, name in enumerate(names)} | {ROW_SPLIT_COST: 0.01}
 
     monkeypatch.setattr(host_probes, "measure_format_costs_apart", measure)
@@ -299,12 +303,9 @@ def test_format_costs_are_measured_once_and_kept(tmp_path, monkeypatch):
     assert host_probes.format_costs(("int8-b32", "int4-b32"), layer[::-1], tmp_path) == first and len(calls) == 1
     assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path)["int4-b64"] > 0 and len(calls) == 2
     assert host_probes.format_costs(("int4-b32", "int8-b32"), ((64, 128),), tmp_path) and len(calls) == 3
-    # a file kept before row splits were timed: their figure measured and added, the formats' figures kept
-    (path,) = [p for p in tmp_path.glob("format-costs-*.json") if "int4-b64" in p.read_text()]
-    path.write_text(json.dumps({"int4-b32": 0.5, "int4-b64": 0.25}))
-    assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path) == {
-        "int4-b32": 0.5, "int4-b64": 0.25, ROW_SPLIT_COST: 0.01} and calls[-1] == ()
-    assert host_probes.format_costs(("int4-b32", "int4-b64"), layer, tmp_path)[ROW_SPLIT_COST] == 0.01
+    host_probes.format_costs(("int4-b32", "int8-b32"), layer, tmp_path, head=(64, 512))  # another head: measured
+    assert calls[-1][1] == (64, 512) and len(calls) == 4
+    host_probes.format_costs(("int4-b32", "int8-b32"), layer, tmp_path, head=(64, 512))
     assert len(calls) == 4
 
 
@@ -315,10 +316,12 @@ def test_format_costs_are_measured_per_weight(monkeypatch):
 
     monkeypatch.setattr(host_probes, "FORMAT_COST_PASSES", 2)  # the method, not its precision
     monkeypatch.setattr(host_probes, "FORMAT_COST_PAIRS", 6)
-    costs = host_probes.measure_format_costs_apart(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)))
-    split_us = costs.pop(ROW_SPLIT_COST)  # a difference of two timings: finite, its sign the machine's
+    costs = host_probes.measure_format_costs_apart(("int4-b64-asym", "int8-b128"), ((576, 1536), (1536, 576)),
+                                                   head=(576, 4096))
+    split_us = costs.pop(ROW_SPLIT_COST)  # differences of two timings: finite, their sign the machine's
+    head_split_us = costs.pop(HEAD_SPLIT_COST)
     assert set(costs) == {"int4-b32", "int4-b64-asym", "int8-b128"} and all(v > 0 for v in costs.values())
-    assert math.isfinite(split_us)
+    assert math.isfinite(split_us) and math.isfinite(head_split_us)
 
 
 def test_format_costs_apart_say_why_they_failed():
@@ -351,3 +354,24 @@ def test_format_times_benchmark_runs_each_format_in_the_models_graph(llama_dir, 
     config = json.loads((llama_dir / "config.json").read_text())
     assert result["decoder_weights"] > config["num_hidden_layers"] * config["hidden_size"] ** 2 and \
         result["reference_step_ms"] > 0
+
+
+@pytest.mark.parametrize("name", ["int4-b32-offset", "row-split"])
+def test_format_probes_keep_their_nodes_through_the_optimizer(tmp_path, name):
+    """Each probe unit pays its own nodes, as in a decode: ONNX Runtime's optimizer neither merges the offset grids'
+    block sums across units (they would read one input) nor folds a row split's Shape and Expand (static shapes)."""
+    import onnx
+    import onnxruntime as ort
+
+    from exporter.device.host_probes import format_graph, format_io, probe_session
+
+    shapes = [(64, 256), (256, 64)] * 2
+    nodes, small, large = format_graph(name, shapes)
+    inputs, outputs, _ = format_io(shapes)
+    probe_session(str(tmp_path), nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs, tokens=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "probe0.onnx"), options, providers=["CPUExecutionProvider"])
+    kept = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node]
+    written = [n.op_type for n in nodes]
+    assert sorted(kept) == sorted(written), (kept, written)

@@ -197,7 +197,7 @@ def test_2_bit_grids_search_their_range_weighted_by_the_inputs_energy(fmt, monke
 def test_offset_grid_holds_a_min_max_source_and_packs_as_block_sum_columns(block):
     """A weight on min-max grids (llama.cpp's Q4_1 at block 32) is on its offset grid again to the offsets' own
     rounding, far closer than the integer-zero-point grid; packed with its offsets as K columns, MatMulNBits on
-    [x, block sums of x] multiplies by exactly the grid's weights; its bytes are the format's."""
+    [x, block means of x] multiplies by exactly the grid's weights; its bytes are the format's."""
     fmt, k, n = QuantFormat(4, block, False, offset=True), 1536, 24
     rng = np.random.default_rng(7)
     source = round_to_nearest(rng.standard_normal((n, k)).astype(np.float32), fmt.minmax).dequantize()
@@ -212,8 +212,8 @@ def test_offset_grid_holds_a_min_max_source_and_packs_as_block_sum_columns(block
     assert arrays is not None
     assert sum(a.nbytes for a in arrays.values()) == fmt.matrix_bytes(n, k)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    sums = x.reshape(3, -1, block).sum(axis=-1)
-    y = _matmul_nbits(arrays, fmt.integer, k + k // block, n, np.concatenate([x, sums], axis=1))
+    means = x.reshape(3, -1, block).mean(axis=-1)
+    y = _matmul_nbits(arrays, fmt.integer, k + k // block, n, np.concatenate([x, means], axis=1))
     np.testing.assert_allclose(y, x @ grid.dequantize().T, rtol=1e-5, atol=1e-4)
     assert offset_inputs(source + 1e-3, fmt, GridRegistry([grid])) is None  # blocks not registered: no offsets
 
@@ -278,7 +278,7 @@ def test_int4_graph_follows_the_quantized_pytorch_model(tiny_models, calib_ids, 
     zero_points = [n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3]
     assert bool(zero_points) == asymmetric
     # every decoder MatMulNBits reads block sums (lm_head alone not): once per input its nodes share
-    block_sums = [n for n in graph.node if n.op_type == "ReduceSum" and "/BlockSums/" in n.name]
+    block_sums = [n for n in graph.node if n.op_type == "AveragePool" and "/BlockSums/" in n.name]
     assert len(block_sums) == (4 * model.config.num_hidden_layers if grids == "offset" else 0)
     _, logits, _ = OrtDecoder(path, threads=1).greedy(prompt, 8, forced_tokens=ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=0)

@@ -221,20 +221,22 @@ def node_price(profile, precision: str, factor_node_us: float | None = None) -> 
 # measured get no ceiling: their kernels' costs per format are not known (estimates by bytes would misrank them).
 REFERENCE_FORMAT = "int4-b32"
 DECODE_CEILING = 1.0
-# ... and a row split's time beyond its parts' weights, measured with the formats (microseconds per split)
+# ... and a row split's time beyond its parts' weights, measured with the formats (microseconds per split), the
+# output head's apart (its order put back over every logit)
 ROW_SPLIT_COST = "row-split-us"
+HEAD_SPLIT_COST = "head-split-us"
 
 
-def format_costs(profile, names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
-                 ) -> dict[str, float] | None:
+def format_costs(profile, names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None,
+                 head: tuple[int, int] | None = None) -> dict[str, float] | None:
     """Nanoseconds per weight of each format in `names` (and REFERENCE_FORMAT) decoding a decoder layer's MatMulNBits
-    of shapes `layer` ((in, out) each) on `profile`'s device: measured where the profile is (the host; kept in
-    `cache`), else None."""
+    of shapes `layer` ((in, out) each) on `profile`'s device, and a row split's time (of the output head of shape
+    `head` apart): measured where the profile is (the host; kept in `cache`), else None."""
     if not getattr(profile, "measured", False):
         return None
     from exporter.device.host_probes import format_costs as measured
 
-    return measured(tuple(dict.fromkeys((REFERENCE_FORMAT, *names))), layer, cache)
+    return measured(tuple(dict.fromkeys((REFERENCE_FORMAT, *names))), layer, cache, head)
 
 
 def decode_terms(bytes_per_token: float, nodes: int, quantized_params: dict[str, int],

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from exporter.device.cost_model import ROW_SPLIT_COST
+from exporter.device.cost_model import HEAD_SPLIT_COST, ROW_SPLIT_COST
 from exporter.device.profiles import Hardware
 from exporter.errors import ExporterError, ProfileError
 from exporter.settings import cache_dir
@@ -151,12 +151,13 @@ def measure_hardware() -> Hardware:
 
 
 def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inputs=None, outputs=None,
-                  in_turn: bool = False):
+                  in_turn: bool = False, tokens: bool = False):
     """An ONNX Runtime session (CPU, default threads) of a synthetic graph x [1, k] -> y [1, n] (or `inputs` and
     `outputs`, {name: size} each) for micro-benchmarks. `small` (name, array) pairs are stored in the graph;
     `large` {name: array} go to an external file in `folder` (much faster to write and load than a serialized
     graph). `in_turn`: for sessions run in turn, the threads spin between a run's nodes, as a decode's do, and stop
-    at its end, so that they take no core from the next session's run."""
+    at its end, so that they take no core from the next session's run. `tokens`: inputs and outputs of shape
+    [batch, sequence, size], as a decoder's activations (ONNX Runtime computes their shapes as it runs), not [1, size]."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -173,7 +174,7 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inpu
             offset += array.nbytes
             initializers.append(tensor)
     inputs, outputs = inputs or {"x": k}, outputs or {"y": n}
-    vectors = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, size])
+    vectors = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "sequence", size] if tokens else [1, size])
                for name, size in {**inputs, **outputs}.items()}
     graph = helper.make_graph(nodes, "probe", [vectors[x] for x in inputs], [vectors[y] for y in outputs],
                               initializers)
@@ -434,43 +435,51 @@ FORMAT_GRAPH_MAX_NODES = 192  # SmolLM2-135M: 176
 # machine's state falls on early and late formats alike) of FORMAT_COST_PAIRS runs each, paired with a run of the
 # reference. Each session's threads spin between its run's nodes, as a decode's do, and stop at the run's end: left
 # spinning, one session's threads took a core from the other's run (the reference at twice its time), and not spinning
-# at all, every node paid the threads' wake-up (a row split at 20-25 us where a decode pays 13-15). So measured, three
-# fresh processes put int4-b32-offset at 1.08-1.09x, int8-b32 at 1.48-1.52x and a split at 10.7-11.6 us (benchmarks/
-# RESULTS.md, "The format table's threads spin within a run").
+# at all, every node paid the threads' wake-up (a row split at 20-25 us where a decode pays 13-15). Each unit reads an
+# input of its own, [batch, sequence, size] (format_graph), bound once (format_io): read from one input, ONNX Runtime's
+# optimizer merged the offset grids' block sums of all units into one per input width, and from [1, size] inputs it
+# folded a split's shape nodes away, so the table put the offset grid at 1.08x and a split at 11 us where SmolLM2's
+# graphs paid more (plans at 1.0 raced 0.89-0.96x our int4-b32 graph). So measured: int4-b32-offset ~1.2-1.26x,
+# int8-b32 ~1.48x, a split ~15.5 us (benchmarks/RESULTS.md, "Each probe unit reads its own input").
 FORMAT_COST_PAIRS = 30
 FORMAT_COST_PASSES = 5
-FORMAT_COST_VERSION = 4  # part of the cached file's key: measure again where the method changes
+FORMAT_COST_VERSION = 7  # part of the cached file's key: measure again where the method changes
 # What a row split adds to a unit (its second MatMulNBits and the reorder, exporter.graph.matmul_nbits), in
 # microseconds per split under cost_model.ROW_SPLIT_COST: each layer shape's unit split in half on the reference
-# format, timed beside the unsplit reference; added to a file kept before it without measuring its formats again.
+# format, timed beside the unsplit reference.
 # Five nodes at node_us priced a split at 8.7 us where SmolLM2's 52 MB graph took about 13-15 (benchmarks/RESULTS.md,
 # "A row split's own time").
 ROW_SPLIT = "row-split"
+# The output head split the same way, timed in pairs with the head alone (cost_model.HEAD_SPLIT_COST): its parts'
+# order is put back over the whole vocabulary's logits each step (SmolLM2: 49152), not a layer unit's outputs.
+HEAD_SPLIT = "head-split"
 
 
 def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int4-b32") -> tuple[list, dict, dict]:
     """Nodes, small initializers and (distinct) weights of one MatMulNBits on format `name` per (in, out) of
-    `shapes`, each reading the graph input x<in> and writing its own output y<i>, as exported: packed codes,
-    float32 scales, packed zero points where asymmetric; an offset grid reads its input's block sums as more K
-    columns (Reshape, ReduceSum, Concat). ROW_SPLIT: each unit's rows in two halves on `reference`, put back in
-    row order as the writer does."""
+    `shapes`, each reading its own graph input x<i> and writing its own output y<i> ([batch, sequence, size] each,
+    see format_io), as exported: packed codes, float32 scales, packed zero points where asymmetric; an offset grid
+    reads its input's block sums as more K columns (the writer's nodes). ROW_SPLIT: each unit's rows in two halves
+    on `reference`, put back in row order as the writer does. Each unit reads an input of its own, as each of a
+    decode's units reads its own layer's activations: read from one input, ONNX Runtime's common subexpression
+    elimination left one offset grid's block sums per input width for all the units (176 of SmolLM2-135M's: 2 left
+    of 176), and the static shapes of [1, size] inputs folded away a row split's Shape and Expand."""
     import numpy as np
-    from onnx import helper
 
     from exporter.compress.grid import QuantFormat  # numpy only: the format names' one grammar
-    from exporter.graph.matmul_nbits import row_order_nodes
+    from exporter.graph.matmul_nbits import block_sums_nodes, row_order_nodes
 
     if name == ROW_SPLIT:
         fmt, nodes, small, large = QuantFormat.parse(reference), [], {}, {}
         for i, (rows, cols) in enumerate(shapes):
             half, parts = (cols + 1) // 2, [f"y{i}a", f"y{i}b"]  # the even rows, then the odd ones
-            nodes.append(matmul_nbits_node(2 * i, f"x{rows}", parts[0], rows, half, fmt.bits, fmt.block_size,
+            nodes.append(matmul_nbits_node(2 * i, f"x{i}", parts[0], rows, half, fmt.bits, fmt.block_size,
                                            not fmt.symmetric, large))
-            nodes.append(matmul_nbits_node(2 * i + 1, f"x{rows}", parts[1], rows, cols - half, fmt.bits,
+            nodes.append(matmul_nbits_node(2 * i + 1, f"x{i}", parts[1], rows, cols - half, fmt.bits,
                                            fmt.block_size, not fmt.symmetric, large))
             # each row's place in the halves' concatenation: every place moves, as a split's rows do
             order = np.concatenate([np.arange(0, cols, 2), np.arange(1, cols, 2)]).argsort(kind="stable")
-            small[f"order{i}"] = order.astype(np.int32).reshape(1, cols)
+            small[f"order{i}"] = order.astype(np.int32).reshape(1, 1, cols)
             nodes += row_order_nodes(parts, f"order{i}", f"y{i}", f"split{i}")
         return nodes, small, _distinct(large)
 
@@ -478,75 +487,104 @@ def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int
     block = fmt.block_size
     nodes, small, large = [], {}, {}
     for i, (rows, cols) in enumerate(shapes):
-        x, k = f"x{rows}", rows
+        x, k = f"x{i}", rows
         if fmt.offset:
-            if f"shape{block}" not in small:
-                small[f"shape{block}"] = np.array([0, -1, block], np.int64)
-                small["axes"] = np.array([-1], np.int64)
-            nodes += [helper.make_node("Reshape", [x, f"shape{block}"], [f"r{i}"]),
-                      helper.make_node("ReduceSum", [f"r{i}", "axes"], [f"u{i}"], keepdims=0),
-                      helper.make_node("Concat", [x, f"u{i}"], [f"c{i}"], axis=-1)]
-            x, k = f"c{i}", rows + rows // block
+            nodes += block_sums_nodes(x, block, f"sums{i}")
+            x, k = nodes[-1].output[0], rows + -(-rows // block)
         nodes.append(matmul_nbits_node(i, x, f"y{i}", k, cols, fmt.bits, block, not fmt.symmetric, large))
     return nodes, small, _distinct(large)
 
 
+def format_io(shapes: list[tuple[int, int]]) -> tuple[dict, dict, dict]:
+    """format_graph's inputs and outputs ({name: size} each, for probe_session) and a feed of one token's
+    activations for its inputs."""
+    import numpy as np
+
+    ones = {k: np.ones((1, 1, k), np.float32) for k in {k for k, _ in shapes}}
+    return ({f"x{i}": k for i, (k, _) in enumerate(shapes)}, {f"y{i}": n for i, (_, n) in enumerate(shapes)},
+            {f"x{i}": ones[k] for i, (k, _) in enumerate(shapes)})
+
+
 def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], reference: str = "int4-b32",
-                         passes: int | None = None, pairs: int | None = None) -> dict[str, float]:
+                         passes: int | None = None, pairs: int | None = None,
+                         head: tuple[int, int] | None = None) -> dict[str, float]:
     """Nanoseconds per weight of each format on a decoder layer's MatMulNBits shapes `layer` ((in, out) each),
     repeated to be read from memory as a decode step reads them (ONNX Runtime's default threads): each a ratio to
     `reference`, timed in pairs (the reference's graph stays loaded and each run of a format's graph is paired with
     one of it, the order alternating; each session's threads stop spinning at the end of its run), the median of
     `pairs` (FORMAT_COST_PAIRS) pairs per pass and of `passes` (FORMAT_COST_PASSES) passes, times the reference's own
-    median figure (about 3 s per format on this project's 2-core host); and, under ROW_SPLIT_COST, a row split's time
-    beyond the unsplit reference unit, in microseconds per split."""
+    median figure (about 3 s per format on this project's 2-core host); under ROW_SPLIT_COST, a row split's time
+    beyond the unsplit reference unit, in microseconds per split; and, with the output head's shape `head`, under
+    HEAD_SPLIT_COST the same for a split of the head (its logits put back in row order)."""
     import numpy as np
+    import onnxruntime as ort
 
     names = tuple(name for name in dict.fromkeys((*names, ROW_SPLIT)) if name != reference)
     layer_weights = sum(k * n for k, n in layer)
     graph_bytes = min(FORMAT_GRAPH_CACHE_MULTIPLE * last_level_cache_bytes(), FORMAT_GRAPH_MAX_BYTES)
     layers = min(math.ceil(graph_bytes / (layer_weights * 0.625)), FORMAT_GRAPH_MAX_NODES // len(layer))
     shapes = list(layer) * max(1, layers)  # int4-b32: 0.625 bytes per weight
-    feed = {f"x{k}": np.ones((1, k), np.float32) for k in {k for k, _ in layer}}
-    inputs, outputs = {x: a.shape[1] for x, a in feed.items()}, {f"y{i}": n for i, (_, n) in enumerate(shapes)}
     ratios: dict[str, list[float]] = {name: [] for name in names}
     seconds: list[float] = []
 
-    def session(folder: str, name: str):
-        nodes, small, large = format_graph(name, shapes, reference)
+    def session(folder: str, name: str, units: list[tuple[int, int]]):
+        """The format's session and its inputs and outputs bound once, as a decode's are between its nodes (fed
+        through `run`, converting 176 inputs and outputs took 15% of the reference's time)."""
+        nodes, small, large = format_graph(name, units, reference)
+        inputs, outputs, feed = format_io(units)
         loaded = probe_session(folder, nodes, 0, 0, tuple(small.items()), large, inputs=inputs, outputs=outputs,
-                               in_turn=True)
+                               in_turn=True, tokens=True)
+        bound = loaded.io_binding()
+        for x, array in feed.items():
+            bound.bind_ortvalue_input(x, ort.OrtValue.ortvalue_from_numpy(array))
+        for y, n in outputs.items():
+            bound.bind_ortvalue_output(y, ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, n), np.float32)))
         for _ in range(3):
-            loaded.run(None, feed)
-        return loaded
+            loaded.run_with_iobinding(bound)
+        return loaded, bound
 
     def timed(loaded) -> float:
         start = time.perf_counter()
-        loaded.run(None, feed)
+        loaded[0].run_with_iobinding(loaded[1])
         return time.perf_counter() - start
 
-    with tempfile.TemporaryDirectory(prefix="exporter-formats-") as kept, \
-            tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
-        base = session(kept, reference)
-        for order in (names[::1 - 2 * (p % 2)] for p in range(passes or FORMAT_COST_PASSES)):
-            for name in order:
-                other, paired = session(folder, name), []
+    def paired_passes(base, graphs: dict, folder: str, record: list[float]) -> None:
+        """Each of `graphs` ({name: (format, shapes)}) timed in pairs with `base`, passes in alternating order."""
+        order = tuple(graphs)
+        for names_in_turn in (order[::1 - 2 * (p % 2)] for p in range(passes or FORMAT_COST_PASSES)):
+            for name in names_in_turn:
+                other, paired = session(folder, *graphs[name]), []
                 for i in range(pairs or FORMAT_COST_PAIRS):  # the machine's drift falls on both graphs of a pair alike
                     first, second = (base, other) if i % 2 == 0 else (other, base)
                     a, b = timed(first), timed(second)
                     base_s, other_s = (a, b) if i % 2 == 0 else (b, a)
-                    seconds.append(base_s)
+                    record.append(base_s)
                     paired.append(other_s / base_s)
                 ratios[name].append(float(np.median(paired)))
                 del other
                 for file in os.listdir(folder):  # up to 2 x FORMAT_GRAPH_MAX_BYTES a graph (8 bits)
                     os.remove(os.path.join(folder, file))
+
+    head_seconds: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="exporter-formats-") as kept, \
+            tempfile.TemporaryDirectory(prefix="exporter-formats-") as folder:
+        base = session(kept, reference, shapes)
+        paired_passes(base, {name: (name, shapes) for name in names}, folder, seconds)
         del base
+        if head:  # the head split paired with the head alone: a difference of two ratios to the layer's graph
+            ratios[HEAD_SPLIT] = []  # would carry both ratios' noise (1% of that graph: ~40 us)
+            base = session(kept, reference, [tuple(head)])
+            paired_passes(base, {HEAD_SPLIT: (ROW_SPLIT, [tuple(head)])}, folder, head_seconds)
+            del base
     reference_ns = float(np.median(seconds)) / (len(shapes) // len(layer) * layer_weights) * 1e9
     costs = {reference: round(reference_ns, 6)}
-    costs |= {name: round(float(np.median(r)) * reference_ns, 6) for name, r in ratios.items()}
+    costs |= {name: round(float(np.median(ratios[name])) * reference_ns, 6) for name in names}
     split_ns = costs.pop(ROW_SPLIT) - costs[reference]  # per weight of the graph: over its units, per split
-    return costs | {ROW_SPLIT_COST: round(split_ns * layer_weights / len(layer) / 1e3, 4)}
+    costs[ROW_SPLIT_COST] = round(split_ns * layer_weights / len(layer) / 1e3, 4)
+    if head:
+        head_s = float(np.median(head_seconds))
+        costs[HEAD_SPLIT_COST] = round((float(np.median(ratios[HEAD_SPLIT])) - 1) * head_s * 1e6, 4)
+    return costs
 
 
 def run_apart(module: str, *args: str, stdin: str | None = None, failure: str,
@@ -566,7 +604,8 @@ def run_apart(module: str, *args: str, stdin: str | None = None, failure: str,
     return json.loads(done.stdout)
 
 
-def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, int], ...]) -> dict[str, float]:
+def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, int], ...],
+                               head: tuple[int, int] | None = None) -> dict[str, float]:
     """measure_format_costs in a fresh interpreter, as an app's decode runs: nothing of the calling process's state
     in the timings. Measured inside three exports (after the model's load and pricing), the offset grid came out at
     1.03-1.05x int4-b32 where fresh processes put it at 1.07-1.09x, and the 105.5 MB plan bought 78 offset grids
@@ -574,35 +613,30 @@ def measure_format_costs_apart(names: tuple[str, ...], layer: tuple[tuple[int, i
     import json
 
     request = {"names": list(names), "layer": [list(shape) for shape in layer], "passes": FORMAT_COST_PASSES,
-               "pairs": FORMAT_COST_PAIRS}
+               "pairs": FORMAT_COST_PAIRS, "head": list(head) if head else None}
     return run_apart("exporter.device.host_probes", stdin=json.dumps(request),
                      failure="cannot time the weight formats in ONNX Runtime", error=ProfileError)
 
 
-def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None
-                 ) -> dict[str, float]:
-    """measure_format_costs_apart, kept in `cache` (a folder) for this machine, ONNX Runtime release, set of formats
-    and layer shapes: measured once, the same figures give every later export the same plan."""
+def format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], ...], cache: Path | None = None,
+                 head: tuple[int, int] | None = None) -> dict[str, float]:
+    """measure_format_costs_apart, kept in `cache` (a folder) for this machine, ONNX Runtime release, set of formats,
+    layer shapes and head shape: measured once, the same figures give every later export the same plan."""
     import hashlib
     import json
     import platform
 
     import onnxruntime
 
-    key = json.dumps([FORMAT_COST_VERSION, sorted(names), sorted(layer), onnxruntime.__version__, platform.machine(),
-                      platform.processor(), _cpu_model(), os.cpu_count()])
+    key = json.dumps([FORMAT_COST_VERSION, sorted(names), sorted(layer), list(head) if head else None,
+                      onnxruntime.__version__, platform.machine(), platform.processor(), _cpu_model(), os.cpu_count()])
     path = cache / f"format-costs-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json" if cache else None
-    costs = None
     if path is not None and path.is_file():
         try:
-            kept = json.loads(path.read_text())
-            if set(names) <= set(kept) and ROW_SPLIT_COST in kept:
-                return kept
-            if set(names) <= set(kept):  # kept before row splits were timed: their figure added, the formats kept
-                costs = kept | {ROW_SPLIT_COST: measure_format_costs_apart((), layer)[ROW_SPLIT_COST]}
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-    costs = costs or measure_format_costs_apart(names, layer)
+    costs = measure_format_costs_apart(names, layer, head)
     if path is not None:
         _keep(path, costs)
     return costs
@@ -625,4 +659,5 @@ if __name__ == "__main__":  # measure_format_costs_apart's child: a request as J
 
     _request = json.load(sys.stdin)
     print(json.dumps(measure_format_costs(tuple(_request["names"]), tuple(map(tuple, _request["layer"])),
-                                          passes=_request["passes"], pairs=_request["pairs"])))
+                                          passes=_request["passes"], pairs=_request["pairs"],
+                                          head=tuple(_request["head"]) if _request.get("head") else None)))

@@ -224,8 +224,8 @@ def _packed(codes, scales, zeros, fmt: QuantFormat, scale_dtype) -> dict[str, np
 def offset_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry, scale_dtype=np.float32
                   ) -> dict[str, np.ndarray] | None:
     """The MatMulNBits inputs (at `fmt.integer`) of an out x in weight on offset grids, K = in + blocks: each row's
-    codes, then its blocks' offsets as more columns (multiplying the input's block sums); None unless the
-    registry holds every block."""
+    codes, then its blocks' offsets as more columns, their scales times the block size (multiplying the input's block
+    means: block_sums_nodes); None unless the registry holds every block."""
     size = fmt.block_size
     if weight.shape[1] % size:
         return None
@@ -240,7 +240,7 @@ def offset_inputs(weight: np.ndarray, fmt: QuantFormat, registry: GridRegistry, 
     tail = np.repeat(offset_zeros[:, ::size], size, axis=1)[:, : extra * size]  # padding: the code of 0
     tail[:, :count] = offset_codes
     codes = np.concatenate([codes, tail.reshape(n, extra, size)], axis=1)
-    scales = np.concatenate([scales, offset_scales[:, ::size]], axis=1)
+    scales = np.concatenate([scales, offset_scales[:, ::size] * np.float32(size)], axis=1)  # a power of two: exact
     zeros = np.concatenate([zeros, offset_zeros[:, ::size]], axis=1)
     return _packed(codes, scales, zeros, fmt.integer, scale_dtype)
 
@@ -262,8 +262,8 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
                      accuracy_level: int | None = None) -> dict:
     """Replace every MatMul by a constant 2-D float B with MatMulNBits (in place). Returns a summary:
     {"formats": {initializer: format name}, "blocks": total, "registered": blocks found in the registry}.
-    A MatMul on offset grids reads its input with the input's block sums appended (Reshape, ReduceSum, Concat;
-    once per input), the offsets being B's last columns. A MatMul whose rows sit on grids of several formats
+    A MatMul on offset grids reads its input with the input's block means appended (AveragePool, Concat; once per
+    input), the offsets (times the block size) being B's last columns. A MatMul whose rows sit on grids of several formats
     (`row_formats`) becomes one MatMulNBits per format, a Concat, and a GatherElements (axis -1; its indices
     expanded to the Concat's shape) into row order. Where its output is the graph's (the logits) and the rows off
     the format with the fewest bytes per row are few (exporter.compress.grid.scattered), one MatMulNBits of all its
@@ -284,7 +284,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
             consumers[name] = consumers.get(name, 0) + 1
     summary = {"formats": {}, "blocks": 0, "registered": 0}
     graph_outputs = {o.name for o in graph.output}
-    augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block sums
+    augmented: dict[tuple[str, int], str] = {}  # (input, block size) -> the input with its block means
     written = []
 
     def emit(x: str, k: int, arrays: dict, fmt: QuantFormat, stem: str, output: str, name: str) -> None:
@@ -318,7 +318,7 @@ def quantize_matmuls(proto, default: QuantFormat, registry: GridRegistry | None 
         if arrays is not None:
             found, key = weight.size // fmt.block_size, (x, fmt.block_size)
             if key not in augmented:
-                written.extend(block_sums_nodes(graph, x, fmt.block_size, f"{node.name}/BlockSums"))
+                written.extend(block_sums_nodes(x, fmt.block_size, f"{node.name}/BlockSums"))
                 augmented[key] = written[-1].output[0]
             emit(augmented[key], k + fmt.blocks(k), arrays, fmt, stem, node.output[0], f"{node.name}_Q{fmt.bits}")
             summary["formats"][stem] = fmt.name
@@ -395,10 +395,13 @@ def _scattered_split(graph, node, x: str, k: int, weight: np.ndarray, split, bas
 
 
 OFFSET_SUFFIX = "_offset"  # the MatMulNBits of offset grids (graph_formats reads it back)
-BLOCK_SUM_NODES = 3  # what block_sums_nodes adds per input read by offset grids (--latency-aware prices them)
+BLOCK_SUM_NODES = 2  # what block_sums_nodes adds per input read by offset grids (--latency-aware prices them)
 # what a row split adds: a second MatMulNBits, Concat, and Shape, Expand, GatherElements (lm_head's scatter form: a
 # second MatMulNBits, Shape, Expand, ScatterElements, and a tied embedding's selection)
 ROW_SPLIT_NODES = 5
+# what a tied embedding adds to gather from a two-part lm_head (exporter.graph.writer._select_reordered: the token's
+# place and, per part, its clamped index, a gather and its two reshapes beyond the first, and the selection)
+TIED_SPLIT_NODES = 14
 
 
 def row_order_nodes(parts: list[str], order: str, output: str, prefix: str) -> list:
@@ -414,18 +417,16 @@ def row_order_nodes(parts: list[str], order: str, output: str, prefix: str) -> l
             helper.make_node("GatherElements", [rows, f"{rows}/order"], [output], name=f"{prefix}/RowOrder", axis=-1)]
 
 
-def block_sums_nodes(graph, x: str, size: int, prefix: str) -> list:
-    """Nodes appending to x (batch x sequence x K) the sums of its blocks of `size` along K: [x, sums]."""
-    from onnx import helper, numpy_helper
+def block_sums_nodes(x: str, size: int, prefix: str) -> list:
+    """Nodes appending to x (batch x sequence x K) the means of its blocks of `size` along K: [x, means] (an
+    AveragePool over K, then a Concat; the offsets' scales carry the factor `size`, a power of two, so that means
+    times it are the sums exactly). Two nodes where a Reshape, a ReduceSum and a Concat took three: the offset grid at
+    1.20x int4-b32's decode time in the format table against 1.25x (benchmarks/RESULTS.md)."""
+    from onnx import helper
 
-    shape = f"{prefix}/shape"
-    if shape not in {t.name for t in graph.initializer}:
-        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1, size], np.int64), shape))
-        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/axes"))
-    return [helper.make_node("Reshape", [x, shape], [f"{prefix}/blocks"], name=f"{prefix}/Reshape"),
-            helper.make_node("ReduceSum", [f"{prefix}/blocks", f"{prefix}/axes"], [f"{prefix}/sums"],
-                             name=f"{prefix}/ReduceSum", keepdims=0),
-            helper.make_node("Concat", [x, f"{prefix}/sums"], [f"{prefix}/output"], name=f"{prefix}/Concat",
+    return [helper.make_node("AveragePool", [x], [f"{prefix}/means"], name=f"{prefix}/AveragePool",
+                             kernel_shape=[size], strides=[size]),
+            helper.make_node("Concat", [x, f"{prefix}/means"], [f"{prefix}/output"], name=f"{prefix}/Concat",
                              axis=-1)]
 
 
