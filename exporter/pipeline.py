@@ -59,8 +59,8 @@ from exporter.compress.quantize import (grid_linears, model_grids, module_name, 
                                        restore_grids)
 from exporter.console import say
 from exporter.device.cost_model import (BYTES_PER_PARAM, DECODE_CEILING, HEAD_SPLIT_COST, MB, REFERENCE_FORMAT,
-                                        ROW_SPLIT_COST,
-                                        decode_costs, format_costs, node_price, projection_budget, weight_budget)
+                                        ROW_SPLIT_COST, decode_costs, format_costs, node_price, projection_budget,
+                                        weight_budget)
 from exporter.device.profiles import load_profile
 from exporter.errors import BudgetError, ExporterError
 from exporter.graph.genai_config import write_genai_config
