@@ -174,7 +174,8 @@ def probe_session(folder: str, nodes, k: int, n: int, small=(), large=None, inpu
             offset += array.nbytes
             initializers.append(tensor)
     inputs, outputs = inputs or {"x": k}, outputs or {"y": n}
-    vectors = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "sequence", size] if tokens else [1, size])
+    dims = ["batch", "sequence"] if tokens else [1]
+    vectors = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [*dims, size])
                for name, size in {**inputs, **outputs}.items()}
     graph = helper.make_graph(nodes, "probe", [vectors[x] for x in inputs], [vectors[y] for y in outputs],
                               initializers)
@@ -460,10 +461,8 @@ def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int
     `shapes`, each reading its own graph input x<i> and writing its own output y<i> ([batch, sequence, size] each,
     see format_io), as exported: packed codes, float32 scales, packed zero points where asymmetric; an offset grid
     reads its input's block sums as more K columns (the writer's nodes). ROW_SPLIT: each unit's rows in two halves
-    on `reference`, put back in row order as the writer does. Each unit reads an input of its own, as each of a
-    decode's units reads its own layer's activations: read from one input, ONNX Runtime's common subexpression
-    elimination left one offset grid's block sums per input width for all the units (176 of SmolLM2-135M's: 2 left
-    of 176), and the static shapes of [1, size] inputs folded away a row split's Shape and Expand."""
+    on `reference`, put back in row order as the writer does (why each unit has its own input: the comment above
+    FORMAT_COST_PAIRS)."""
     import numpy as np
 
     from exporter.compress.grid import QuantFormat  # numpy only: the format names' one grammar
@@ -490,7 +489,7 @@ def format_graph(name: str, shapes: list[tuple[int, int]], reference: str = "int
         x, k = f"x{i}", rows
         if fmt.offset:
             nodes += block_sums_nodes(x, block, f"sums{i}")
-            x, k = nodes[-1].output[0], rows + -(-rows // block)
+            x, k = nodes[-1].output[0], rows + fmt.blocks(rows)  # K as the writer's offset_inputs
         nodes.append(matmul_nbits_node(i, x, f"y{i}", k, cols, fmt.bits, block, not fmt.symmetric, large))
     return nodes, small, _distinct(large)
 
@@ -571,8 +570,8 @@ def measure_format_costs(names: tuple[str, ...], layer: tuple[tuple[int, int], .
         base = session(kept, reference, shapes)
         paired_passes(base, {name: (name, shapes) for name in names}, folder, seconds)
         del base
-        if head:  # the head split paired with the head alone: a difference of two ratios to the layer's graph
-            ratios[HEAD_SPLIT] = []  # would carry both ratios' noise (1% of that graph: ~40 us)
+        if head:  # paired with the head alone (as a difference of two ratios to the layer's graph it would carry
+            ratios[HEAD_SPLIT] = []  # both ratios' noise, ~1% of that graph: ~40 us)
             base = session(kept, reference, [tuple(head)])
             paired_passes(base, {HEAD_SPLIT: (ROW_SPLIT, [tuple(head)])}, folder, head_seconds)
             del base
